@@ -1,0 +1,154 @@
+"""``qwen_jax.load`` and ``Model``: the high-level entry points over the pure functions."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qwen_jax import attention
+from qwen_jax.config import QwenConfig, read_config_json
+from qwen_jax.errors import CheckpointError, ConfigError, QwenJaxError
+from qwen_jax.generation import generate_ids, truncate_at_stop
+from qwen_jax.model import DEFAULT_PREFILL_CHUNK, abstract_params, param_shardings, prefill_logits
+from qwen_jax.sampling import Sampling
+from qwen_jax.tokenizer import Tokenizer
+
+DTYPES = {"bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16, "float32": jnp.float32, "f32": jnp.float32,
+          "float16": jnp.float16, "fp16": jnp.float16}
+_HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.jinja"]
+
+
+def _dtype(dtype) -> jnp.dtype:
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ConfigError(f"unknown dtype {dtype!r}; use bfloat16 or float32")
+        return jnp.dtype(DTYPES[dtype])
+    return jnp.dtype(dtype)
+
+
+class Model:
+    """A loaded Qwen2 model: ``config``, ``params`` (plain pytree), ``tokenizer``, plus ``logits`` and ``generate``."""
+
+    def __init__(self, config: QwenConfig, params: Any, tokenizer: Tokenizer | None = None, *, mesh=None,
+                 eos_token_ids: Sequence[int] = (), attn_implementation: str = attention.DEFAULT_IMPL,
+                 prefill_chunk_size: int = DEFAULT_PREFILL_CHUNK):
+        attention.get_impl(attn_implementation)
+        self.config, self.params, self.tokenizer, self.mesh = config, params, tokenizer, mesh
+        self.eos_token_ids = tuple(dict.fromkeys(int(e) for e in eos_token_ids))
+        self.attn_implementation = attn_implementation
+        self.prefill_chunk_size = prefill_chunk_size
+
+    def logits(self, tokens) -> np.ndarray:
+        """Full-sequence forward, through the chunked-prefill path: int tokens [B, T] -> float32 [B, T, V]."""
+        tokens = np.asarray(tokens)
+        if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
+            raise QwenJaxError(f"tokens must be an integer array [batch, length], got {tokens.dtype}{list(tokens.shape)}")
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
+            raise QwenJaxError(f"token ids must be in [0, {self.config.vocab_size})")
+        return prefill_logits(self.params, tokens, self.config, chunk_size=self.prefill_chunk_size,
+                              impl=self.attn_implementation)
+
+    def encode_prompts(self, prompts) -> list[list[int]]:
+        """A string, a chat (list of message dicts), or a list of either -> token-id lists."""
+        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], dict)):
+            prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise QwenJaxError("prompts must be a string, a list of chat messages, or a non-empty list of those")
+        if self.tokenizer is None:
+            raise CheckpointError("this checkpoint has no tokenizer.json, so text prompts cannot be encoded")
+        out = []
+        for prompt in prompts:
+            if isinstance(prompt, str):
+                text = prompt
+            elif isinstance(prompt, (list, tuple)):
+                text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
+            else:
+                raise QwenJaxError(f"unsupported prompt {type(prompt).__name__}: use a string or a list of messages")
+            ids = self.tokenizer.encode(text)
+            if not ids:
+                raise QwenJaxError("a prompt encodes to zero tokens")
+            out.append(ids)
+        return out
+
+    def generate(self, prompts, *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                 top_k: int = 0, seed: int = 0, stop: str | Sequence[str] | None = None,
+                 on_text: Callable[[int, str], None] | None = None) -> list[str]:
+        """Continue each prompt; returns one completion string per prompt (prompt and EOS excluded,
+        cut before the first stop string). ``on_text(row, text)`` receives text as it is produced."""
+        stop = [stop] if isinstance(stop, str) else list(stop or [])
+        ids = generate_ids(self.params, self.config, self.encode_prompts(prompts), max_new_tokens=max_new_tokens,
+                           sampling=Sampling(float(temperature), int(top_k), float(top_p)), seed=seed,
+                           eos_ids=self.eos_token_ids, stop=stop, decode=self.tokenizer.decode, on_text=on_text,
+                           impl=self.attn_implementation, prefill_chunk_size=self.prefill_chunk_size)
+        return [truncate_at_stop(self.tokenizer.decode(row), stop)[0] for row in ids]
+
+
+def load(path: str | os.PathLike, *, dtype="bfloat16", mesh=None, **config_overrides) -> Model:
+    """Load an HF checkpoint folder, a folder written by ``qwen-jax convert``, or (online) a hub repo id.
+
+    ``dtype``: parameter and compute dtype ("bfloat16" or "float32"). ``mesh``: a ``jax.sharding.Mesh``
+    or a string such as ``"seq=4,tensor=2"``; parameters are placed by their logical axes.
+    ``attn_implementation`` and ``prefill_chunk_size`` set the attention path and prefill chunk;
+    every other keyword replaces that field of config.json, as HF ``from_pretrained(**kwargs)`` does.
+    """
+    from convert import is_converted, read_hf_params, restore_params
+    from qwen_jax.sharding import make_mesh
+
+    impl = config_overrides.pop("attn_implementation", attention.DEFAULT_IMPL)
+    chunk = int(config_overrides.pop("prefill_chunk_size", DEFAULT_PREFILL_CHUNK))
+    folder = _resolve(str(path))
+    config = QwenConfig.from_hf_dict(read_config_json(folder, config_overrides))
+    dtype = _dtype(dtype)
+    mesh = make_mesh(mesh) if mesh is not None else None
+    if mesh is not None:
+        shardings = param_shardings(config, mesh)
+    else:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: device, abstract_params(config, dtype))
+    if is_converted(folder):
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, dtype, sharding=s),
+                              abstract_params(config, dtype), shardings)
+        params = restore_params(folder, target)
+    else:
+        def place(path, array):
+            node = shardings
+            for key in path:
+                node = node[key]
+            return jax.device_put(array, node)
+        params = read_hf_params(folder, config, dtype=dtype, place=place)
+    tokenizer = Tokenizer(folder) if os.path.isfile(os.path.join(folder, "tokenizer.json")) else None
+    return Model(config, params, tokenizer, mesh=mesh, eos_token_ids=_eos_ids(folder, config, tokenizer),
+                 attn_implementation=impl, prefill_chunk_size=chunk)
+
+
+def _eos_ids(folder: str, config: QwenConfig, tokenizer: Tokenizer | None) -> list[int]:
+    ids = list(config.eos_token_ids)
+    path = os.path.join(folder, "generation_config.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            eos = json.load(f).get("eos_token_id")
+        ids += eos if isinstance(eos, list) else ([eos] if eos is not None else [])
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def _resolve(path: str) -> str:
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path):
+        raise CheckpointError(f"{path}: not a folder (pass a checkpoint folder)")
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not path.startswith((".", "/")):
+        try:
+            from huggingface_hub import snapshot_download
+            return snapshot_download(path, allow_patterns=_HUB_FILES)
+        except Exception as e:  # offline, unknown repo, gated: all the same to the user
+            raise CheckpointError(f"{path}: not a local folder, and downloading it from the Hugging Face hub failed "
+                                  f"({type(e).__name__}); pass a local checkpoint folder") from None
+    raise CheckpointError(f"{path}: no such folder")

@@ -1,0 +1,50 @@
+"""Benchmark scripts (not tests): each times qwen-jax and its baseline in the same run, prints a table
+and writes JSON with the machine, versions and date."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import statistics
+import time
+from typing import Callable
+
+
+def environment() -> dict:
+    import jax
+    info = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "python": platform.python_version(),
+            "jax": jax.__version__, "backend": jax.default_backend(),
+            "device": jax.devices()[0].device_kind, "cpu": platform.processor() or platform.machine()}
+    try:
+        import os
+        info["cpu_count"] = os.cpu_count()
+    except Exception:  # pragma: no cover - informational only
+        pass
+    return info
+
+
+def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """Median wall time of ``fn`` (which must block until its work is done) after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def write_json(path: str | None, payload: dict) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(payload, f, indent=2)
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns]
+    print(" | ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    print("-|-".join("-" * w for w in widths))
+    for r in rows:
+        print(" | ".join(str(r.get(c, "")).ljust(w) for c, w in zip(columns, widths)))

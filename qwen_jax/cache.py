@@ -1,0 +1,50 @@
+"""The preallocated KV cache: static shapes, one buffer per layer, slot == token position.
+
+Per layer, ``k`` and ``v`` are [B, S, K, H]. Keys are stored already rotated (and, with DCA, rotated
+by their in-chunk positions), so attention never re-rotates the cache. One buffer per layer lets a
+jitted step donate the whole cache and update each layer in place; a stacked [L, ...] array would
+cost a per-layer copy when read inside a scan.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from qwen_jax.config import QwenConfig
+
+CACHE_AXES = ("batch", "seq", "kv_heads", "head_dim")
+
+
+class KVCache(NamedTuple):
+    k: tuple[jax.Array, ...]  # per layer [B, S, K, H]
+    v: tuple[jax.Array, ...]
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[1]
+
+    @property
+    def batch(self) -> int:
+        return self.k[0].shape[0]
+
+
+def init_cache(config: QwenConfig, batch: int, max_len: int, dtype=jnp.bfloat16, mesh=None) -> KVCache:
+    """Zeroed cache of ``max_len`` slots per row (sharded over ``mesh`` by ``CACHE_AXES`` when given)."""
+    shape = (batch, max_len, config.num_key_value_heads, config.head_dim)
+    if mesh is None:
+        make = lambda: jnp.zeros(shape, dtype)  # noqa: E731
+    else:
+        from qwen_jax.sharding import named_sharding
+        sharding = named_sharding(CACHE_AXES, shape, mesh)
+        make = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+    L = config.num_hidden_layers
+    return KVCache(tuple(make() for _ in range(L)), tuple(make() for _ in range(L)))
+
+
+def write(buffer: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:
+    """Write ``new`` [B, T, K, H] into ``buffer`` [B, S, K, H] at slots ``starts[b] + t``."""
+    return jax.vmap(lambda buf, x, s: jax.lax.dynamic_update_slice(buf, x.astype(buf.dtype), (s, 0, 0)))(
+        buffer, new, starts)

@@ -1,0 +1,111 @@
+"""The ``qwen-jax`` command line: convert, generate, demo. User errors print one line and exit 1."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate (default 256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not included in the output")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qwen-jax", description="Qwen2.5 inference in JAX.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("convert", help="convert a checkpoint: HF safetensors -> qwen-jax (orbax), or back with --to hf")
+    p.add_argument("src", help="source folder")
+    p.add_argument("dst", help="destination folder (must not exist)")
+    p.add_argument("--to", choices=("jax", "hf"), default="jax", help="target format (default jax)")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default=None, help="cast weights (default: keep)")
+
+    p = sub.add_parser("generate", help="generate text, streaming tokens as they come")
+    p.add_argument("--model", required=True, help="HF checkpoint folder, converted folder, or hub repo id")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text")
+    src.add_argument("--prompt-file", help="read the prompt from this file ('-' for stdin)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+    p.add_argument("--system", default=None, help="system message (with --chat)")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    p.add_argument("--mesh", default=None, help='device mesh, e.g. "seq=4,tensor=2"')
+    p.add_argument("--prefill-chunk", type=int, default=None, help="prefill chunk size in tokens (default 32768)")
+    p.add_argument("--attention", default=None, help="attention implementation (default: reference)")
+    _add_sampling(p)
+
+    p = sub.add_parser("demo", help="offline end-to-end demo on a small random-weight checkpoint")
+    p.add_argument("--prompt-tokens", type=int, default=4096, help="prompt length (default 4096)")
+    p.add_argument("--new-tokens", type=int, default=32, help="tokens to generate (default 32)")
+    p.add_argument("--workdir", default=None, help="keep the demo checkpoints in this folder")
+    return parser
+
+
+def _read_prompt(args) -> str:
+    if args.prompt is not None:
+        return args.prompt
+    if args.prompt_file == "-":
+        return sys.stdin.read()
+    with open(args.prompt_file, encoding="utf-8") as f:
+        return f.read()
+
+
+def cmd_convert(args) -> int:
+    from convert import convert_checkpoint
+    t0 = time.perf_counter()
+    convert_checkpoint(args.src, args.dst, to=args.to, dtype=args.dtype)
+    print(f"wrote {args.dst} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import qwen_jax
+    text = _read_prompt(args)
+    overrides = {}
+    if args.prefill_chunk:
+        overrides["prefill_chunk_size"] = args.prefill_chunk
+    if args.attention:
+        overrides["attn_implementation"] = args.attention
+    model = qwen_jax.load(args.model, dtype=args.dtype, mesh=args.mesh, **overrides)
+    prompt = text
+    if args.chat:
+        prompt = ([{"role": "system", "content": args.system}] if args.system else []) + \
+            [{"role": "user", "content": text}]
+    t0 = time.perf_counter()
+    model.generate(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                   top_k=args.top_k, seed=args.seed, stop=args.stop,
+                   on_text=lambda row, delta: (sys.stdout.write(delta), sys.stdout.flush()))
+    sys.stdout.write("\n")
+    print(f"[{time.perf_counter() - t0:.1f} s]", file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from qwen_jax.demo import run_demo
+    return run_demo(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, workdir=args.workdir)
+
+
+def main(argv=None) -> int:
+    from qwen_jax.errors import QwenJaxError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return {"convert": cmd_convert, "generate": cmd_generate, "demo": cmd_demo}[args.command](args)
+    except QwenJaxError as e:
+        print(f"qwen-jax: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # unreadable prompt file, full disk, permissions
+        print(f"qwen-jax: error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("qwen-jax: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

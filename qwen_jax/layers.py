@@ -1,0 +1,173 @@
+"""Flax modules of the Qwen2 decoder. Parameters are declared once, with logical axis names.
+
+Einsum letters (STYLE): B batch, T query length, S key length, D model width, N query heads,
+K kv heads, H head dim, F MLP width, V vocab. Parameter tree (plain dict once unboxed):
+
+    embed/embedding [V, D]
+    layers_{i}/input_norm/scale [D], post_norm/scale [D]
+    layers_{i}/attn/{q,k,v}_proj/kernel [D, N|K, H], bias [N|K, H]; o_proj/kernel [N, H, D]
+    layers_{i}/mlp/{gate,up}_proj/kernel [D, F]; down_proj/kernel [F, D]
+    norm/scale [D]
+    lm_head/kernel [V, D]            (only when tie_word_embeddings is false)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from qwen_jax import attention
+from qwen_jax.cache import KVCache, write
+from qwen_jax.config import QwenConfig
+from qwen_jax.rope import Rope
+
+Dtype = Any
+_normal = nn.initializers.normal(0.02)
+
+
+def _param(module: nn.Module, name: str, axes: tuple, shape: tuple, init=_normal):
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, module.dtype)
+
+
+def _precision(dtype):
+    # float32 means float32: without this, GPUs would run f32 matmuls in TF32.
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x):
+        scale = _param(self, "scale", ("embed",), (x.shape[-1],), nn.initializers.ones)
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return scale * xf.astype(self.dtype)  # HF order: cast, then scale
+
+
+class Projection(nn.Module):
+    """y = einsum(x, kernel) (+ bias): one linear layer with a declared logical layout."""
+
+    shape: tuple[int, ...]
+    axes: tuple[str, ...]
+    equation: str
+    dtype: Dtype
+    bias_dims: int = 0  # trailing kernel dims that carry a bias
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = _param(self, "kernel", self.axes, self.shape)
+        y = jnp.einsum(self.equation, x, kernel, precision=_precision(self.dtype))
+        if self.bias_dims:
+            y = y + _param(self, "bias", self.axes[-self.bias_dims:], self.shape[-self.bias_dims:], nn.initializers.zeros)
+        return y
+
+
+class Attention(nn.Module):
+    config: QwenConfig
+    dtype: Dtype
+    impl: str
+
+    @nn.compact
+    def __call__(self, x, positions, k_cache, v_cache):
+        c = self.config
+        D, N, K, H = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        q = Projection((D, N, H), ("embed", "heads", "head_dim"), "btd,dnh->btnh", self.dtype, 2, name="q_proj")(x)
+        k = Projection((D, K, H), ("embed", "kv_heads", "head_dim"), "btd,dkh->btkh", self.dtype, 2, name="k_proj")(x)
+        v = Projection((D, K, H), ("embed", "kv_heads", "head_dim"), "btd,dkh->btkh", self.dtype, 2, name="v_proj")(x)
+        rope = Rope.from_config(c)
+        k = rope.apply(k, attention.key_positions(positions, c))
+        starts = positions[:, 0]
+        k_cache = write(k_cache, k, starts)
+        v_cache = write(v_cache, v, starts)
+        kv_length = jnp.max(positions, axis=1).astype(jnp.int32) + 1
+        out, _ = attention.cached_attention(q, k_cache, v_cache, positions, kv_length, rope=rope, config=c,
+                                            impl=self.impl)
+        y = Projection((N, H, D), ("heads", "head_dim", "embed"), "btnh,nhd->btd", self.dtype, name="o_proj")(
+            out.astype(self.dtype))
+        return y, k_cache, v_cache
+
+
+class MLP(nn.Module):
+    config: QwenConfig
+    dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x):
+        D, F = self.config.hidden_size, self.config.intermediate_size
+        gate = Projection((D, F), ("embed", "mlp"), "btd,df->btf", self.dtype, name="gate_proj")(x)
+        up = Projection((D, F), ("embed", "mlp"), "btd,df->btf", self.dtype, name="up_proj")(x)
+        return Projection((F, D), ("mlp", "embed"), "btf,fd->btd", self.dtype, name="down_proj")(nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    config: QwenConfig
+    dtype: Dtype
+    impl: str
+
+    @nn.compact
+    def __call__(self, x, positions, k_cache, v_cache):
+        eps = self.config.rms_norm_eps
+        h, k_cache, v_cache = Attention(self.config, self.dtype, self.impl, name="attn")(
+            RMSNorm(eps, self.dtype, name="input_norm")(x), positions, k_cache, v_cache)
+        x = x + h
+        x = x + MLP(self.config, self.dtype, name="mlp")(RMSNorm(eps, self.dtype, name="post_norm")(x))
+        return x, k_cache, v_cache
+
+
+class Qwen2(nn.Module):
+    """Qwen2 causal LM. ``__call__`` returns final hidden states and the updated cache; ``unembed``
+    turns hidden states into float32 logits (kept apart so prefill unembeds only the rows it needs)."""
+
+    config: QwenConfig
+    dtype: Dtype = jnp.bfloat16
+    impl: str = attention.DEFAULT_IMPL
+
+    def setup(self):
+        c = self.config
+        self.embed = Embed(c.vocab_size, c.hidden_size, self.dtype, name="embed")
+        self.layers = [DecoderLayer(c, self.dtype, self.impl, name=f"layers_{i}") for i in range(c.num_hidden_layers)]
+        self.norm = RMSNorm(c.rms_norm_eps, self.dtype, name="norm")
+        if not c.tie_word_embeddings:
+            self.lm_head = Embed(c.vocab_size, c.hidden_size, self.dtype, name="lm_head", param_name="kernel")
+
+    def __call__(self, tokens, positions, cache: KVCache):
+        """tokens, positions [B, T] int32 (positions contiguous per row) -> (hidden [B, T, D], cache)."""
+        x = self.embed(tokens)
+        ks, vs = [], []
+        for layer, k_cache, v_cache in zip(self.layers, cache.k, cache.v):
+            x, k_cache, v_cache = layer(x, positions, k_cache, v_cache)
+            ks.append(k_cache)
+            vs.append(v_cache)
+        return self.norm(x), KVCache(tuple(ks), tuple(vs))
+
+    def logits(self, tokens, positions, cache: KVCache):
+        """Hidden states through ``unembed``: used to initialise every parameter, the head included."""
+        hidden, cache = self(tokens, positions, cache)
+        return self.unembed(hidden), cache
+
+    def unembed(self, hidden):
+        """hidden [..., D] -> logits [..., V] float32."""
+        head = self.embed if self.config.tie_word_embeddings else self.lm_head
+        return head.attend(hidden)
+
+
+class Embed(nn.Module):
+    num_embeddings: int
+    features: int
+    dtype: Dtype
+    param_name: str = "embedding"
+
+    def setup(self):
+        self.table = _param(self, self.param_name, ("vocab", "embed"), (self.num_embeddings, self.features))
+
+    def __call__(self, tokens):
+        return jnp.take(self.table, tokens, axis=0)
+
+    def attend(self, hidden):
+        return jnp.einsum("...d,vd->...v", hidden, self.table, precision=_precision(self.dtype),
+                          preferred_element_type=jnp.float32)

@@ -1,0 +1,170 @@
+"""The pure functions underneath ``qwen_jax.load``: init, forward, prefill and decode step.
+
+All take the parameters as a plain pytree (see ``qwen_jax.layers`` for its layout) and the static
+``QwenConfig``; the KV cache is donated to every jitted step and comes back updated. Logits are
+float32. Positions are explicit: a row's tokens sit at cache slots equal to their positions.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qwen_jax import attention
+from qwen_jax.cache import KVCache, init_cache
+from qwen_jax.config import QwenConfig
+from qwen_jax.errors import QwenJaxError
+from qwen_jax.layers import Qwen2
+
+DEFAULT_PREFILL_CHUNK = 32768
+
+
+def _module(config: QwenConfig, dtype, impl: str = attention.DEFAULT_IMPL) -> Qwen2:
+    return Qwen2(config, jnp.dtype(dtype), impl)
+
+
+def params_dtype(params) -> jnp.dtype:
+    return jnp.dtype(params["embed"]["embedding"].dtype)
+
+
+def _init_boxed(config: QwenConfig, dtype, rng):
+    # The smallest inputs that trace every layer; parameter shapes do not depend on them.
+    cache = init_cache(config, 1, 1, dtype)
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return _module(config, dtype).init(rng, tokens, tokens, cache, method=Qwen2.logits)["params"]
+
+
+def _boxed_abstract(config: QwenConfig, dtype):
+    return jax.eval_shape(functools.partial(_init_boxed, config, dtype), jax.random.key(0))
+
+
+def logical_axes(config: QwenConfig) -> Any:
+    """Pytree (same structure as the params) of logical axis-name tuples, e.g. ("embed", "heads", "head_dim")."""
+    boxed = _boxed_abstract(config, jnp.float32)
+    return jax.tree.map(lambda b: tuple(b.names), boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+
+def abstract_params(config: QwenConfig, dtype=jnp.bfloat16) -> Any:
+    """Pytree of ``jax.ShapeDtypeStruct``: every parameter's shape and dtype, nothing allocated."""
+    return nn.unbox(_boxed_abstract(config, jnp.dtype(dtype)))
+
+
+def param_shardings(config: QwenConfig, mesh) -> Any:
+    """Pytree of ``NamedSharding`` from the logical axes and ``qwen_jax.sharding.LOGICAL_RULES``."""
+    from qwen_jax.sharding import named_sharding
+    shapes = abstract_params(config, jnp.float32)
+    return jax.tree.map(lambda axes, s: named_sharding(axes, s.shape, mesh), logical_axes(config), shapes,
+                        is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(a, str) for a in x))
+
+
+def init_params(config: QwenConfig, rng: jax.Array, dtype=jnp.float32, mesh=None) -> Any:
+    """Random parameters (normal(0.02) weights, zero biases, unit norms), sharded over ``mesh`` if given."""
+    dtype = jnp.dtype(dtype)
+
+    def init(key):
+        return nn.unbox(_init_boxed(config, dtype, key))
+
+    out_shardings = None if mesh is None else param_shardings(config, mesh)
+    return jax.jit(init, out_shardings=out_shardings)(rng)
+
+
+# ---------------------------------------------------------------------------- forward passes
+
+
+def _hidden(params, tokens, positions, cache, config, impl):
+    return _module(config, params_dtype(params), impl).apply({"params": params}, tokens, positions, cache)
+
+
+def _unembed(params, hidden, config):
+    return _module(config, params_dtype(params)).apply({"params": params}, hidden, method=Qwen2.unembed)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "impl"), donate_argnames=("cache",))
+def forward(params, tokens, positions, cache: KVCache, config: QwenConfig, impl: str = attention.DEFAULT_IMPL):
+    """Full forward of ``tokens`` [B, T] at ``positions`` [B, T] (contiguous per row) over ``cache``.
+
+    Writes the new keys/values at their positions and returns ``(logits [B, T, V] float32, cache)``.
+    """
+    hidden, cache = _hidden(params, tokens, positions, cache, config, impl)
+    return _unembed(params, hidden, config), cache
+
+
+@functools.partial(jax.jit, static_argnames=("config", "impl"), donate_argnames=("cache",))
+def decode_step(params, tokens, positions, cache: KVCache, config: QwenConfig, impl: str = attention.DEFAULT_IMPL):
+    """One token per row: ``tokens``, ``positions`` [B] int32 -> ``(logits [B, V] float32, cache)``."""
+    hidden, cache = _hidden(params, tokens[:, None], positions[:, None], cache, config, impl)
+    return _unembed(params, hidden[:, 0], config), cache
+
+
+@functools.partial(jax.jit, static_argnames=("config", "impl", "all_logits"), donate_argnames=("cache",))
+def _prefill_chunk(params, tokens, start, last_positions, last_hidden, cache, config, impl, all_logits):
+    B, T = tokens.shape
+    positions = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
+    hidden, cache = _hidden(params, tokens, positions, cache, config, impl)
+    if all_logits:
+        return _unembed(params, hidden, config), cache
+    in_chunk = (last_positions >= start) & (last_positions < start + T)
+    at = hidden[jnp.arange(B), jnp.clip(last_positions - start, 0, T - 1)]
+    return jnp.where(in_chunk[:, None], at, last_hidden), cache
+
+
+def _chunks(total: int, chunk_size: int):
+    if chunk_size < 1:
+        raise QwenJaxError(f"prefill chunk size must be positive, got {chunk_size}")
+    for begin in range(0, total, chunk_size):
+        yield begin, min(begin + chunk_size, total)
+
+
+def prefill(params, tokens, lengths, cache: KVCache, config: QwenConfig, *, chunk_size: int = DEFAULT_PREFILL_CHUNK,
+            impl: str = attention.DEFAULT_IMPL, progress=None):
+    """Prefill right-padded prompts ``tokens`` [B, T] with ``lengths`` [B] in chunks of ``chunk_size`` tokens.
+
+    Each chunk's queries attend to the cache so far; the result equals a one-shot prefill.
+    Returns ``(logits [B, V] float32 at each row's last prompt token, cache)``. ``progress`` is
+    an optional callable receiving the number of tokens done after each chunk.
+    """
+    tokens = jnp.asarray(tokens, jnp.int32)
+    B, T = tokens.shape
+    _check_fits(T, cache)
+    lengths = jnp.asarray(lengths, jnp.int32)
+    last_hidden = jnp.zeros((B, config.hidden_size), params_dtype(params))
+    for begin, end in _chunks(T, chunk_size):
+        last_hidden, cache = _prefill_chunk(params, tokens[:, begin:end], jnp.int32(begin), lengths - 1, last_hidden,
+                                            cache, config, impl, False)
+        if progress is not None:
+            progress(end)
+    return _jit_unembed(params, last_hidden, config), cache
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _jit_unembed(params, hidden, config):
+    return _unembed(params, hidden, config)
+
+
+def prefill_logits(params, tokens, config: QwenConfig, *, chunk_size: int = DEFAULT_PREFILL_CHUNK,
+                   impl: str = attention.DEFAULT_IMPL) -> np.ndarray:
+    """Logits at every position, computed chunk by chunk through the prefill path: [B, T, V] float32."""
+    tokens = jnp.asarray(tokens, jnp.int32)
+    B, T = tokens.shape
+    cache = init_cache(config, B, _round_up(T, 128), params_dtype(params))
+    out = np.empty((B, T, config.vocab_size), np.float32)
+    for begin, end in _chunks(T, chunk_size):
+        logits, cache = _prefill_chunk(params, tokens[:, begin:end], jnp.int32(begin), None, None, cache, config,
+                                       impl, True)
+        out[:, begin:end] = np.asarray(logits)
+    return out
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return int(math.ceil(n / multiple) * multiple)
+
+
+def _check_fits(total: int, cache: KVCache):
+    if total > cache.max_len:
+        raise QwenJaxError(f"{total} tokens do not fit a KV cache of {cache.max_len} slots")

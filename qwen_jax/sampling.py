@@ -1,0 +1,45 @@
+"""Next-token choice from float32 logits: greedy, or seeded sampling with temperature, top-k and top-p."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from qwen_jax.errors import QwenJaxError
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """Static sampling settings. ``temperature == 0`` is greedy; ``top_k == 0`` and ``top_p == 1`` disable them."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise QwenJaxError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise QwenJaxError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise QwenJaxError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
+    """logits [B, V] float32 -> tokens [B] int32."""
+    if sampling.temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / sampling.temperature
+    if sampling.top_k:
+        kth = jax.lax.top_k(logits, min(sampling.top_k, logits.shape[-1]))[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if sampling.top_p < 1.0:
+        ordered = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(ordered, axis=-1)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        keep = (jnp.cumsum(probs, axis=-1) - probs) < sampling.top_p
+        threshold = jnp.take_along_axis(ordered, jnp.sum(keep, axis=-1, keepdims=True) - 1, axis=-1)
+        logits = jnp.where(logits < threshold, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)

@@ -1,0 +1,80 @@
+"""Shared fixtures: tiny HF checkpoints written by transformers (the oracle), and the real 0.5B model."""
+
+import os
+
+# 8 simulated CPU devices for mesh tests; must be set before jax initialises its backends.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import json  # noqa: E402
+import subprocess  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REAL_MODEL_ENV = "QWEN_JAX_REAL_MODEL"
+
+
+def hf_config(**overrides):
+    from transformers import Qwen2Config
+    base = dict(vocab_size=1024, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                max_position_embeddings=4096, eos_token_id=None, bos_token_id=None, pad_token_id=None)
+    base.update(overrides)
+    return Qwen2Config(**base)
+
+
+def make_hf_model(seed=0, **overrides):
+    """A float32 ``Qwen2ForCausalLM`` with random weights, random non-zero biases and norm scales."""
+    import torch
+    from transformers import Qwen2ForCausalLM
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(hf_config(**overrides)).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.2)
+            elif "norm" in name:
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0.0, 0.05)
+    return model
+
+
+def save_hf_checkpoint(model, folder, with_tokenizer=True, **save_kwargs):
+    """save_pretrained as safetensors, plus the demo tokenizer and chat template."""
+    from qwen_jax.demo import QWEN_CHAT_TEMPLATE, train_tokenizer
+    model.save_pretrained(folder, safe_serialization=True, **save_kwargs)
+    if with_tokenizer:
+        train_tokenizer(min(model.config.vocab_size, 1024)).save(os.path.join(folder, "tokenizer.json"))
+        with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+            json.dump({"eos_token": "<|im_end|>", "chat_template": QWEN_CHAT_TEMPLATE}, f)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """(folder, hf_model) of a small untied GQA model saved by transformers."""
+    model = make_hf_model(seed=1)
+    folder = save_hf_checkpoint(model, tmp_path_factory.mktemp("tiny") / "hf")
+    return folder, model
+
+
+@pytest.fixture(scope="session")
+def real_model_path(tmp_path_factory):
+    """The real Qwen2.5-Coder-0.5B-Instruct folder: $QWEN_JAX_REAL_MODEL, or built now from ../shared."""
+    path = os.environ.get(REAL_MODEL_ENV)
+    if path:
+        assert os.path.isfile(os.path.join(path, "model.safetensors")), f"{REAL_MODEL_ENV}={path} has no weights"
+        return path
+    build = os.path.join(ROOT, "..", "shared", "real_models", "build.sh")
+    assert os.path.isfile(build), f"set {REAL_MODEL_ENV} or provide {build}"
+    out = os.path.join(ROOT, ".cache", "real_models")
+    result = subprocess.run(["bash", build, out], capture_output=True, text=True, check=True)
+    return result.stdout.strip().splitlines()[-1]
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))

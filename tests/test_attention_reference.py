@@ -1,0 +1,51 @@
+"""The dense reference attention against a float64 numpy implementation written from the definition."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qwen_jax.attention import mha_reference
+
+
+def numpy_attention(q, k, v, q_pos, k_pos, kv_len, causal):
+    B, T, N, H = q.shape
+    K = k.shape[2]
+    out = np.zeros((B, T, N, H))
+    lse = np.full((B, T, N), -np.inf)
+    for b in range(B):
+        for n in range(N):
+            kh = n // (N // K)
+            logits = q[b, :, n].astype(np.float64) @ k[b, :, kh].astype(np.float64).T / np.sqrt(H)
+            for t in range(T):
+                ok = np.arange(k.shape[1]) < kv_len[b]
+                if causal:
+                    ok &= k_pos[b] <= q_pos[b, t]
+                if ok.any():
+                    row = logits[t, ok]
+                    m = row.max()
+                    p = np.exp(row - m)
+                    out[b, t, n] = p @ v[b, ok, kh] / p.sum()
+                    lse[b, t, n] = m + np.log(p.sum())
+    return out, lse
+
+
+@pytest.mark.parametrize("G", [1, 4, 7])
+@pytest.mark.parametrize("causal", [True, False])
+def test_reference_matches_float64_numpy(G, causal):
+    rng = np.random.default_rng(G + 10 * causal)
+    B, T, S, K, H = 2, 9, 21, 2, 16
+    q = rng.normal(size=(B, T, K * G, H)).astype(np.float32)
+    k = rng.normal(size=(B, S, K, H)).astype(np.float32)
+    v = rng.normal(size=(B, S, K, H)).astype(np.float32)
+    q_pos = np.stack([np.arange(T) + 5, np.arange(T) - 3])  # a chunk at an offset; row 1 starts before any key
+    k_pos = np.stack([np.arange(S), np.arange(S)])
+    kv_len = np.array([21, 13])
+    out, lse = mha_reference(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(q_pos), jnp.asarray(k_pos),
+                             jnp.asarray(kv_len), causal=causal)
+    ref_out, ref_lse = numpy_attention(q, k, v, q_pos, k_pos, kv_len, causal)
+    np.testing.assert_allclose(np.asarray(out), ref_out, atol=2e-6, rtol=1e-5)
+    assert np.array_equal(np.isinf(np.asarray(lse)), np.isinf(ref_lse))
+    finite = np.isfinite(ref_lse)
+    np.testing.assert_allclose(np.asarray(lse)[finite], ref_lse[finite], atol=2e-6, rtol=1e-6)
+    if causal:
+        assert np.isinf(ref_lse[1, :3]).all() and (np.asarray(out)[1, :3] == 0).all()  # rows that see no key

@@ -1,0 +1,91 @@
+"""config.json parsing for Qwen2 / Qwen2.5 sizes, overrides, and refusals."""
+
+import json
+
+import numpy as np
+import pytest
+
+import qwen_jax
+from qwen_jax.config import QwenConfig, read_config_json
+from qwen_jax.errors import ConfigError
+from qwen_jax.rope import Rope
+
+QWEN25_7B_1M = {
+    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944,
+    "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
+    "rope_theta": 10000000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "max_position_embeddings": 1010000,
+    "use_sliding_window": False, "sliding_window": 32768, "hidden_act": "silu", "eos_token_id": 151645,
+    "dual_chunk_attention_config": {"chunk_size": 262144, "local_size": 8192, "original_max_position_embeddings": 262144},
+}
+
+
+def test_qwen25_7b_1m_config():
+    c = QwenConfig.from_hf_dict(QWEN25_7B_1M)
+    assert (c.head_dim, c.num_groups, c.rope_theta, c.rms_norm_eps) == (128, 7, 1e7, 1e-5)
+    assert not c.tie_word_embeddings and c.eos_token_ids == (151645,)
+    dca = c.dual_chunk_attention_config
+    assert (dca.chunk_size, dca.local_size, dca.original_max_position_embeddings, dca.chunk_len) == \
+        (262144, 8192, 262144, 253952)
+    assert dca.sparse_attention_threshold == 32768 and dca.sparse_attention_last_q == 64
+    hash(c)  # static under jit
+
+
+def test_rope_theta_inside_rope_parameters_and_explicit_head_dim():
+    raw = dict(QWEN25_7B_1M, head_dim=64, rope_parameters={"rope_type": "default", "rope_theta": 5e5})
+    del raw["rope_theta"]
+    c = QwenConfig.from_hf_dict(raw)
+    assert c.rope_theta == 5e5 and c.head_dim == 64 and c.rope_scaling is None
+
+
+@pytest.mark.parametrize("where", ["rope_scaling", "rope_parameters"])
+def test_yarn_128k_recipe(where):
+    block = {"type" if where == "rope_scaling" else "rope_type": "yarn", "factor": 4.0,
+             "original_max_position_embeddings": 32768}
+    c = QwenConfig.from_hf_dict(dict(QWEN25_7B_1M, rope_theta=1e6, **{where: block}))
+    assert c.rope_scaling.factor == 4.0 and c.rope_scaling.original_max_position_embeddings == 32768
+    rope = Rope.from_config(c)
+    assert rope.attention_factor == pytest.approx(0.1 * np.log(4.0) + 1)
+    plain = Rope.from_config(c.replace(rope_scaling=None))
+    ratio = np.asarray(rope.inv_freq) / np.asarray(plain.inv_freq)
+    assert ratio[0] == pytest.approx(1.0) and ratio[-1] == pytest.approx(0.25)  # fast dims kept, slow dims / 4
+
+
+def test_sliding_window_is_refused_with_a_clear_message():
+    with pytest.raises(ConfigError, match="use_sliding_window: true is not supported"):
+        QwenConfig.from_hf_dict(dict(QWEN25_7B_1M, use_sliding_window=True))
+
+
+@pytest.mark.parametrize("bad,message", [
+    (dict(model_type="llama"), "model_type 'llama' is not supported"),
+    (dict(num_key_value_heads=5), "multiple of num_key_value_heads"),
+    (dict(rope_scaling={"type": "linear", "factor": 2.0}), "rope scaling type 'linear'"),
+    (dict(dual_chunk_attention_config={"chunk_size": 100, "local_size": 200}), "local_size < chunk_size"),
+    (dict(hidden_size=None), "malformed"),
+])
+def test_bad_configs_are_refused(bad, message):
+    with pytest.raises(ConfigError, match=message):
+        QwenConfig.from_hf_dict(dict(QWEN25_7B_1M, **bad))
+
+
+def test_overrides_replace_fields_like_from_pretrained(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(QWEN25_7B_1M))
+    raw = read_config_json(str(tmp_path), {"dual_chunk_attention_config": {"chunk_size": 2048, "local_size": 256},
+                                           "rope_theta": 1e6})
+    c = QwenConfig.from_hf_dict(raw)
+    assert c.dual_chunk_attention_config.chunk_size == 2048 and c.rope_theta == 1e6
+    with pytest.raises(ConfigError, match="unknown config field 'chunk_sise'"):
+        read_config_json(str(tmp_path), {"chunk_sise": 3})
+
+
+def test_sparse_attention_config_json_is_read_next_to_config(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(QWEN25_7B_1M))
+    (tmp_path / "sparse_attention_config.json").write_text(json.dumps([{"0": ["vertical_and_slash", 1000, 6096, 0.9]}]))
+    dca = QwenConfig.from_hf_dict(read_config_json(str(tmp_path))).dual_chunk_attention_config
+    assert dca.sparse_attention_enabled and dca.sparse_attention_config is not None
+
+
+def test_load_refuses_missing_folder_and_bad_dtype(tiny_checkpoint):
+    with pytest.raises(qwen_jax.CheckpointError, match="no such folder"):
+        qwen_jax.load("/nonexistent/qwen")
+    with pytest.raises(ConfigError, match="unknown dtype"):
+        qwen_jax.load(tiny_checkpoint[0], dtype="int3")

@@ -1,0 +1,188 @@
+"""Conversion: bit-exact round trip, strict key map, unsafe or broken checkpoints refused cleanly."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import qwen_jax
+from conftest import make_hf_model, save_hf_checkpoint
+from convert import convert_checkpoint, read_hf_params
+from convert.safetensors_io import SafetensorsFile
+from qwen_jax.cli import main
+from qwen_jax.config import QwenConfig, read_config_json
+from qwen_jax.errors import CheckpointError
+
+
+def _tensors(folder):
+    out = {}
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".safetensors"):
+            out.update(load_file(os.path.join(folder, name)))
+    return out
+
+
+def _assert_bit_exact(a, b):
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert a[key].dtype == b[key].dtype and a[key].shape == b[key].shape, key
+        assert torch.equal(a[key].view(torch.uint8) if a[key].dtype != torch.bool else a[key],
+                           b[key].view(torch.uint8) if b[key].dtype != torch.bool else b[key]), key
+
+
+@pytest.fixture(scope="module")
+def bf16_checkpoint(tmp_path_factory):
+    model = make_hf_model(seed=3, num_hidden_layers=3).to(torch.bfloat16)
+    return save_hf_checkpoint(model, tmp_path_factory.mktemp("bf16") / "hf")
+
+
+@pytest.mark.parametrize("sharded_in,sharded_out", [(False, False), (True, True)])
+def test_round_trip_is_bit_exact(tmp_path, bf16_checkpoint, sharded_in, sharded_out):
+    src = bf16_checkpoint
+    if sharded_in:
+        model = make_hf_model(seed=4, num_hidden_layers=3).to(torch.bfloat16)
+        src = save_hf_checkpoint(model, tmp_path / "sharded", max_shard_size="100KB")
+        assert os.path.isfile(os.path.join(src, "model.safetensors.index.json"))
+    assert main(["convert", src, str(tmp_path / "jax")]) == 0
+    assert os.path.isfile(tmp_path / "jax" / "qwen_jax.json")
+    assert os.path.isfile(tmp_path / "jax" / "tokenizer.json")
+    from convert import convert_checkpoint as conv
+    conv(str(tmp_path / "jax"), str(tmp_path / "back"), to="hf", max_shard_bytes=200_000 if sharded_out else 5 << 30)
+    assert os.path.isfile(tmp_path / "back" / "model.safetensors.index.json") == sharded_out
+    _assert_bit_exact(_tensors(src), _tensors(tmp_path / "back"))
+    # transformers reads what we wrote
+    from transformers import Qwen2ForCausalLM
+    Qwen2ForCausalLM.from_pretrained(str(tmp_path / "back"))
+
+
+def test_converted_and_hf_folders_load_to_identical_params(tmp_path, bf16_checkpoint):
+    convert_checkpoint(bf16_checkpoint, str(tmp_path / "jax"), progress=False)
+    a = qwen_jax.load(bf16_checkpoint, dtype="float32")
+    b = qwen_jax.load(str(tmp_path / "jax"), dtype="float32")
+    import jax
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+        assert x.dtype == y.dtype == np.float32
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_restore_directly_into_a_mesh_sharding(tmp_path, bf16_checkpoint):
+    import jax
+    convert_checkpoint(bf16_checkpoint, str(tmp_path / "jax"), progress=False)
+    model = qwen_jax.load(str(tmp_path / "jax"), dtype="float32", mesh="tensor=2")
+    q = model.params["layers_0"]["attn"]["q_proj"]["kernel"]  # [D, N, H], heads sharded over tensor
+    assert q.sharding.spec == jax.sharding.PartitionSpec(None, "tensor", None)
+    assert {s.data.shape for s in q.addressable_shards} == {(q.shape[0], q.shape[1] // 2, q.shape[2])}
+    single = qwen_jax.load(str(tmp_path / "jax"), dtype="float32")
+    tokens = np.random.default_rng(0).integers(0, 1000, (1, 40))
+    np.testing.assert_allclose(model.logits(tokens), single.logits(tokens), rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- refusals
+
+
+def _broken(tmp_path, bf16_checkpoint, how):
+    folder = tmp_path / f"broken_{how}"
+    shutil.copytree(bf16_checkpoint, folder)
+    weights = folder / "model.safetensors"
+    if how == "truncated":
+        data = weights.read_bytes()
+        weights.write_bytes(data[: len(data) - 1000])
+    elif how == "corrupt_header":
+        data = bytearray(weights.read_bytes())
+        data[8:20] = b"#not-json!!!"
+        weights.write_bytes(bytes(data))
+    elif how == "missing_shard":
+        model = make_hf_model(seed=5).to(torch.bfloat16)
+        shutil.rmtree(folder)
+        save_hf_checkpoint(model, folder, max_shard_size="100KB")
+        index = json.loads((folder / "model.safetensors.index.json").read_text())
+        os.remove(folder / sorted(set(index["weight_map"].values()))[-1])
+    elif how == "shape_mismatch":
+        tensors = load_file(str(weights))
+        tensors["model.layers.1.mlp.up_proj.weight"] = tensors["model.layers.1.mlp.up_proj.weight"][:-1].clone()
+        save_file(tensors, str(weights), metadata={"format": "pt"})
+    elif how == "pickle_only":
+        os.remove(weights)
+        (folder / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    elif how == "index_escape":
+        outside = tmp_path / "outside.safetensors"
+        shutil.copy(weights, outside)
+        os.remove(weights)
+        keys = list(load_file(str(outside)).keys())
+        (folder / "model.safetensors.index.json").write_text(
+            json.dumps({"weight_map": {k: "../outside.safetensors" for k in keys}}))
+    return str(folder)
+
+
+@pytest.mark.parametrize("how,message", [
+    ("truncated", "truncated file"),
+    ("corrupt_header", "corrupt header"),
+    ("missing_shard", "missing shard"),
+    ("shape_mismatch", "shape mismatch for 'model.layers.1.mlp.up_proj.weight'"),
+    ("pickle_only", "pickle checkpoints are refused"),
+    ("index_escape", "points outside the checkpoint folder"),
+])
+def test_bad_checkpoint_gives_one_line_error_and_no_output(tmp_path, bf16_checkpoint, how, message):
+    src = _broken(tmp_path, bf16_checkpoint, how)
+    dst = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "qwen_jax.cli", "convert", src, str(dst)], capture_output=True,
+                            text=True)
+    err = result.stderr.strip()
+    assert result.returncode == 1
+    assert len(err.splitlines()) == 1 and err.startswith("qwen-jax: error:") and message in err, err
+    assert not dst.exists()
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".out")]  # no temporary leftovers
+
+
+def _edited(tmp_path, bf16_checkpoint, edit):
+    folder = tmp_path / "edited"
+    shutil.copytree(bf16_checkpoint, folder)
+    tensors = load_file(str(folder / "model.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return str(folder)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda t: t.update({"model.layers.0.mlp.extra.weight": torch.zeros(2)}), "unmapped key 'model.layers.0.mlp.extra.weight'"),
+    (lambda t: t.pop("model.layers.2.self_attn.k_proj.bias"), "missing key 'model.layers.2.self_attn.k_proj.bias'"),
+    (lambda t: t.update({"model.layers.7.input_layernorm.weight": torch.zeros(64)}), "unmapped key 'model.layers.7"),
+])
+def test_strict_key_map_names_the_key(tmp_path, bf16_checkpoint, edit, message):
+    folder = _edited(tmp_path, bf16_checkpoint, edit)
+    config = QwenConfig.from_hf_dict(read_config_json(folder))
+    with pytest.raises(CheckpointError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        read_hf_params(folder, config, progress=False)
+
+
+def test_duplicated_key_across_files_is_refused(tmp_path, bf16_checkpoint):
+    folder = tmp_path / "dup"
+    shutil.copytree(bf16_checkpoint, folder)
+    tensors = load_file(str(folder / "model.safetensors"))
+    save_file({"model.norm.weight": tensors["model.norm.weight"]}, str(folder / "extra.safetensors"),
+              metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="duplicated key 'model.norm.weight'"):
+        read_hf_params(str(folder), QwenConfig.from_hf_dict(read_config_json(str(folder))), progress=False)
+
+
+def test_existing_destination_is_never_touched(tmp_path, bf16_checkpoint, capsys):
+    dst = tmp_path / "exists"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("mine")
+    assert main(["convert", bf16_checkpoint, str(dst)]) == 1
+    assert "already exists" in capsys.readouterr().err
+    assert os.listdir(dst) == ["keep.txt"]
+
+
+def test_reader_matches_the_safetensors_library(bf16_checkpoint):
+    ours = SafetensorsFile(os.path.join(bf16_checkpoint, "model.safetensors"))
+    theirs = load_file(os.path.join(bf16_checkpoint, "model.safetensors"))
+    assert sorted(ours.keys()) == sorted(theirs)
+    for key, value in theirs.items():
+        np.testing.assert_array_equal(ours.read(key).view(np.uint16), value.view(torch.int16).numpy().view(np.uint16))
