@@ -36,12 +36,11 @@ class Model:
     """A loaded Qwen2 model: ``config``, ``params`` (plain pytree), ``tokenizer``, plus ``logits`` and ``generate``."""
 
     def __init__(self, config: QwenConfig, params: Any, tokenizer: Tokenizer | None = None, *, mesh=None,
-                 eos_token_ids: Sequence[int] = (), attn_implementation: str = attention.DEFAULT_IMPL,
+                 eos_token_ids: Sequence[int] = (), attn_implementation: "attention.AttentionSpec | str | None" = None,
                  prefill_chunk_size: int = DEFAULT_PREFILL_CHUNK):
-        attention.get_impl(attn_implementation)
         self.config, self.params, self.tokenizer, self.mesh = config, params, tokenizer, mesh
         self.eos_token_ids = tuple(dict.fromkeys(int(e) for e in eos_token_ids))
-        self.attn_implementation = attn_implementation
+        self.attention = attention.AttentionSpec.of(attn_implementation)
         self.prefill_chunk_size = prefill_chunk_size
 
     def logits(self, tokens) -> np.ndarray:
@@ -52,7 +51,7 @@ class Model:
         if tokens.size and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
             raise QwenJaxError(f"token ids must be in [0, {self.config.vocab_size})")
         return prefill_logits(self.params, tokens, self.config, chunk_size=self.prefill_chunk_size,
-                              impl=self.attn_implementation)
+                              spec=self.attention)
 
     def encode_prompts(self, prompts) -> list[list[int]]:
         """A string, a chat (list of message dicts), or a list of either -> token-id lists."""
@@ -85,7 +84,7 @@ class Model:
         ids = generate_ids(self.params, self.config, self.encode_prompts(prompts), max_new_tokens=max_new_tokens,
                            sampling=Sampling(float(temperature), int(top_k), float(top_p)), seed=seed,
                            eos_ids=self.eos_token_ids, stop=stop, decode=self.tokenizer.decode, on_text=on_text,
-                           impl=self.attn_implementation, prefill_chunk_size=self.prefill_chunk_size)
+                           spec=self.attention, prefill_chunk_size=self.prefill_chunk_size)
         return [truncate_at_stop(self.tokenizer.decode(row), stop)[0] for row in ids]
 
 
@@ -100,7 +99,7 @@ def load(path: str | os.PathLike, *, dtype="bfloat16", mesh=None, **config_overr
     from convert import is_converted, read_hf_params, restore_params
     from qwen_jax.sharding import make_mesh
 
-    impl = config_overrides.pop("attn_implementation", attention.DEFAULT_IMPL)
+    impl = attention.AttentionSpec.of(config_overrides.pop("attn_implementation", None))
     chunk = int(config_overrides.pop("prefill_chunk_size", DEFAULT_PREFILL_CHUNK))
     folder = _resolve(str(path))
     config = QwenConfig.from_hf_dict(read_config_json(folder, config_overrides))

@@ -24,10 +24,11 @@ from qwen_jax.sampling import Sampling, sample
 CACHE_BUCKET = 128  # cache lengths are rounded up to this, so nearby prompt sizes share compilations
 
 
-@functools.partial(jax.jit, static_argnames=("config", "impl", "sampling"), donate_argnames=("cache",))
-def decode_and_sample(params, tokens, positions, cache, key, config: QwenConfig, impl: str, sampling: Sampling):
+@functools.partial(jax.jit, static_argnames=("config", "spec", "sampling"), donate_argnames=("cache",))
+def decode_and_sample(params, tokens, positions, cache, key, config: QwenConfig, spec: attention.AttentionSpec,
+                      sampling: Sampling):
     """Feed ``tokens`` [B] at ``positions`` [B]; return the next tokens [B] and the cache."""
-    hidden, cache = _hidden(params, tokens[:, None], positions[:, None], cache, config, impl)
+    hidden, cache = _hidden(params, tokens[:, None], positions[:, None], cache, positions + 1, config, spec)
     return sample(_unembed(params, hidden[:, 0], config), key, sampling), cache
 
 
@@ -85,7 +86,8 @@ class StopChecker:
 def generate_ids(params, config: QwenConfig, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                  sampling: Sampling = Sampling(), seed: int = 0, eos_ids: Sequence[int] = (),
                  stop: Sequence[str] = (), decode: Callable[[list[int]], str] | None = None,
-                 on_text: Callable[[int, str], None] | None = None, impl: str = attention.DEFAULT_IMPL,
+                 on_text: Callable[[int, str], None] | None = None,
+                 spec: attention.AttentionSpec = attention.DEFAULT_SPEC,
                  prefill_chunk_size: int = DEFAULT_PREFILL_CHUNK, cache_dtype=None) -> list[list[int]]:
     """Generate up to ``max_new_tokens`` per prompt (token-id lists). Stops a row at an EOS id or a stop string.
 
@@ -103,7 +105,7 @@ def generate_ids(params, config: QwenConfig, prompts: Sequence[Sequence[int]], *
         tokens[row, :len(p)] = p
     max_len = int(math.ceil((lengths.max() + max_new_tokens) / CACHE_BUCKET) * CACHE_BUCKET)
     cache = init_cache(config, B, max(max_len, T), cache_dtype or params_dtype(params))
-    logits, cache = prefill(params, tokens, lengths, cache, config, chunk_size=prefill_chunk_size, impl=impl)
+    logits, cache = prefill(params, tokens, lengths, cache, config, chunk_size=prefill_chunk_size, spec=spec)
     key = jax.random.key(seed)
     next_tokens = _first_sample(logits, jax.random.fold_in(key, 0), sampling)
     positions = jnp.asarray(lengths)
@@ -125,7 +127,7 @@ def generate_ids(params, config: QwenConfig, prompts: Sequence[Sequence[int]], *
         if done.all() or step == max_new_tokens - 1:
             break
         next_tokens, cache = decode_and_sample(params, next_tokens, positions, cache,
-                                               jax.random.fold_in(key, step + 1), config, impl, sampling)
+                                               jax.random.fold_in(key, step + 1), config, spec, sampling)
         positions = positions + 1
     if on_text is not None:
         for row, state in enumerate(rows):

@@ -70,10 +70,10 @@ class Projection(nn.Module):
 class Attention(nn.Module):
     config: QwenConfig
     dtype: Dtype
-    impl: str
+    spec: attention.AttentionSpec
 
     @nn.compact
-    def __call__(self, x, positions, k_cache, v_cache):
+    def __call__(self, x, positions, k_cache, v_cache, request_lengths):
         c = self.config
         D, N, K, H = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
         q = Projection((D, N, H), ("embed", "heads", "head_dim"), "btd,dnh->btnh", self.dtype, 2, name="q_proj")(x)
@@ -81,12 +81,13 @@ class Attention(nn.Module):
         v = Projection((D, K, H), ("embed", "kv_heads", "head_dim"), "btd,dkh->btkh", self.dtype, 2, name="v_proj")(x)
         rope = Rope.from_config(c)
         k = rope.apply(k, attention.key_positions(positions, c))
+        k = (k.astype(jnp.float32) * attention.key_scale(request_lengths, c)[:, None, None, None]).astype(k.dtype)
         starts = positions[:, 0]
         k_cache = write(k_cache, k, starts)
         v_cache = write(v_cache, v, starts)
         kv_length = jnp.max(positions, axis=1).astype(jnp.int32) + 1
-        out, _ = attention.cached_attention(q, k_cache, v_cache, positions, kv_length, rope=rope, config=c,
-                                            impl=self.impl)
+        out, _ = attention.cached_attention(q, k_cache, v_cache, positions, kv_length, request_lengths, rope=rope,
+                                            config=c, spec=self.spec)
         y = Projection((N, H, D), ("heads", "head_dim", "embed"), "btnh,nhd->btd", self.dtype, name="o_proj")(
             out.astype(self.dtype))
         return y, k_cache, v_cache
@@ -107,13 +108,13 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     config: QwenConfig
     dtype: Dtype
-    impl: str
+    spec: attention.AttentionSpec
 
     @nn.compact
-    def __call__(self, x, positions, k_cache, v_cache):
+    def __call__(self, x, positions, k_cache, v_cache, request_lengths):
         eps = self.config.rms_norm_eps
-        h, k_cache, v_cache = Attention(self.config, self.dtype, self.impl, name="attn")(
-            RMSNorm(eps, self.dtype, name="input_norm")(x), positions, k_cache, v_cache)
+        h, k_cache, v_cache = Attention(self.config, self.dtype, self.spec, name="attn")(
+            RMSNorm(eps, self.dtype, name="input_norm")(x), positions, k_cache, v_cache, request_lengths)
         x = x + h
         x = x + MLP(self.config, self.dtype, name="mlp")(RMSNorm(eps, self.dtype, name="post_norm")(x))
         return x, k_cache, v_cache
@@ -125,29 +126,31 @@ class Qwen2(nn.Module):
 
     config: QwenConfig
     dtype: Dtype = jnp.bfloat16
-    impl: str = attention.DEFAULT_IMPL
+    spec: attention.AttentionSpec = attention.DEFAULT_SPEC
 
     def setup(self):
         c = self.config
         self.embed = Embed(c.vocab_size, c.hidden_size, self.dtype, name="embed")
-        self.layers = [DecoderLayer(c, self.dtype, self.impl, name=f"layers_{i}") for i in range(c.num_hidden_layers)]
+        self.layers = [DecoderLayer(c, self.dtype, self.spec, name=f"layers_{i}") for i in range(c.num_hidden_layers)]
         self.norm = RMSNorm(c.rms_norm_eps, self.dtype, name="norm")
         if not c.tie_word_embeddings:
             self.lm_head = Embed(c.vocab_size, c.hidden_size, self.dtype, name="lm_head", param_name="kernel")
 
-    def __call__(self, tokens, positions, cache: KVCache):
-        """tokens, positions [B, T] int32 (positions contiguous per row) -> (hidden [B, T, D], cache)."""
+    def __call__(self, tokens, positions, cache: KVCache, request_lengths):
+        """tokens, positions [B, T] int32 (positions contiguous per row); request_lengths [B] int32: each
+        row's whole request length (prompt length at prefill, cache length at decode; DCA's scale uses it).
+        Returns (hidden [B, T, D], cache)."""
         x = self.embed(tokens)
         ks, vs = [], []
         for layer, k_cache, v_cache in zip(self.layers, cache.k, cache.v):
-            x, k_cache, v_cache = layer(x, positions, k_cache, v_cache)
+            x, k_cache, v_cache = layer(x, positions, k_cache, v_cache, request_lengths)
             ks.append(k_cache)
             vs.append(v_cache)
         return self.norm(x), KVCache(tuple(ks), tuple(vs))
 
-    def logits(self, tokens, positions, cache: KVCache):
+    def logits(self, tokens, positions, cache: KVCache, request_lengths):
         """Hidden states through ``unembed``: used to initialise every parameter, the head included."""
-        hidden, cache = self(tokens, positions, cache)
+        hidden, cache = self(tokens, positions, cache, request_lengths)
         return self.unembed(hidden), cache
 
     def unembed(self, hidden):

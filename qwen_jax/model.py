@@ -25,8 +25,8 @@ from qwen_jax.layers import Qwen2
 DEFAULT_PREFILL_CHUNK = 32768
 
 
-def _module(config: QwenConfig, dtype, impl: str = attention.DEFAULT_IMPL) -> Qwen2:
-    return Qwen2(config, jnp.dtype(dtype), impl)
+def _module(config: QwenConfig, dtype, spec: attention.AttentionSpec = attention.DEFAULT_SPEC) -> Qwen2:
+    return Qwen2(config, jnp.dtype(dtype), spec)
 
 
 def params_dtype(params) -> jnp.dtype:
@@ -37,7 +37,8 @@ def _init_boxed(config: QwenConfig, dtype, rng):
     # The smallest inputs that trace every layer; parameter shapes do not depend on them.
     cache = init_cache(config, 1, 1, dtype)
     tokens = jnp.zeros((1, 1), jnp.int32)
-    return _module(config, dtype).init(rng, tokens, tokens, cache, method=Qwen2.logits)["params"]
+    return _module(config, dtype).init(rng, tokens, tokens, cache, jnp.ones((1,), jnp.int32),
+                                       method=Qwen2.logits)["params"]
 
 
 def _boxed_abstract(config: QwenConfig, dtype):
@@ -77,38 +78,48 @@ def init_params(config: QwenConfig, rng: jax.Array, dtype=jnp.float32, mesh=None
 # ---------------------------------------------------------------------------- forward passes
 
 
-def _hidden(params, tokens, positions, cache, config, impl):
-    return _module(config, params_dtype(params), impl).apply({"params": params}, tokens, positions, cache)
+def _hidden(params, tokens, positions, cache, request_lengths, config, spec):
+    return _module(config, params_dtype(params), spec).apply({"params": params}, tokens, positions, cache,
+                                                             request_lengths)
 
 
 def _unembed(params, hidden, config):
     return _module(config, params_dtype(params)).apply({"params": params}, hidden, method=Qwen2.unembed)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "impl"), donate_argnames=("cache",))
-def forward(params, tokens, positions, cache: KVCache, config: QwenConfig, impl: str = attention.DEFAULT_IMPL):
+@functools.partial(jax.jit, static_argnames=("config", "spec"), donate_argnames=("cache",))
+def forward(params, tokens, positions, cache: KVCache, config: QwenConfig, request_lengths=None,
+            spec: attention.AttentionSpec = attention.DEFAULT_SPEC):
     """Full forward of ``tokens`` [B, T] at ``positions`` [B, T] (contiguous per row) over ``cache``.
 
-    Writes the new keys/values at their positions and returns ``(logits [B, T, V] float32, cache)``.
+    ``request_lengths`` [B] (default: last position + 1) is each row's whole request length, which
+    sets DCA's logit scale. Writes the new keys/values at their positions and returns
+    ``(logits [B, T, V] float32, cache)``.
     """
-    hidden, cache = _hidden(params, tokens, positions, cache, config, impl)
+    if request_lengths is None:
+        request_lengths = jnp.max(positions, axis=1).astype(jnp.int32) + 1
+    hidden, cache = _hidden(params, tokens, positions, cache, request_lengths, config, spec)
     return _unembed(params, hidden, config), cache
 
 
-@functools.partial(jax.jit, static_argnames=("config", "impl"), donate_argnames=("cache",))
-def decode_step(params, tokens, positions, cache: KVCache, config: QwenConfig, impl: str = attention.DEFAULT_IMPL):
-    """One token per row: ``tokens``, ``positions`` [B] int32 -> ``(logits [B, V] float32, cache)``."""
-    hidden, cache = _hidden(params, tokens[:, None], positions[:, None], cache, config, impl)
+@functools.partial(jax.jit, static_argnames=("config", "spec"), donate_argnames=("cache",))
+def decode_step(params, tokens, positions, cache: KVCache, config: QwenConfig,
+                spec: attention.AttentionSpec = attention.DEFAULT_SPEC):
+    """One token per row: ``tokens``, ``positions`` [B] int32 -> ``(logits [B, V] float32, cache)``.
+
+    The request length of each row is its cache length, ``positions + 1``."""
+    hidden, cache = _hidden(params, tokens[:, None], positions[:, None], cache, positions + 1, config, spec)
     return _unembed(params, hidden[:, 0], config), cache
 
 
-@functools.partial(jax.jit, static_argnames=("config", "impl", "all_logits"), donate_argnames=("cache",))
-def _prefill_chunk(params, tokens, start, last_positions, last_hidden, cache, config, impl, all_logits):
+@functools.partial(jax.jit, static_argnames=("config", "spec", "all_logits"), donate_argnames=("cache",))
+def _prefill_chunk(params, tokens, start, request_lengths, last_hidden, cache, config, spec, all_logits):
     B, T = tokens.shape
     positions = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
-    hidden, cache = _hidden(params, tokens, positions, cache, config, impl)
+    hidden, cache = _hidden(params, tokens, positions, cache, request_lengths, config, spec)
     if all_logits:
         return _unembed(params, hidden, config), cache
+    last_positions = request_lengths - 1
     in_chunk = (last_positions >= start) & (last_positions < start + T)
     at = hidden[jnp.arange(B), jnp.clip(last_positions - start, 0, T - 1)]
     return jnp.where(in_chunk[:, None], at, last_hidden), cache
@@ -122,7 +133,7 @@ def _chunks(total: int, chunk_size: int):
 
 
 def prefill(params, tokens, lengths, cache: KVCache, config: QwenConfig, *, chunk_size: int = DEFAULT_PREFILL_CHUNK,
-            impl: str = attention.DEFAULT_IMPL, progress=None):
+            spec: attention.AttentionSpec = attention.DEFAULT_SPEC, progress=None):
     """Prefill right-padded prompts ``tokens`` [B, T] with ``lengths`` [B] in chunks of ``chunk_size`` tokens.
 
     Each chunk's queries attend to the cache so far; the result equals a one-shot prefill.
@@ -135,8 +146,8 @@ def prefill(params, tokens, lengths, cache: KVCache, config: QwenConfig, *, chun
     lengths = jnp.asarray(lengths, jnp.int32)
     last_hidden = jnp.zeros((B, config.hidden_size), params_dtype(params))
     for begin, end in _chunks(T, chunk_size):
-        last_hidden, cache = _prefill_chunk(params, tokens[:, begin:end], jnp.int32(begin), lengths - 1, last_hidden,
-                                            cache, config, impl, False)
+        last_hidden, cache = _prefill_chunk(params, tokens[:, begin:end], jnp.int32(begin), lengths, last_hidden,
+                                            cache, config, spec, False)
         if progress is not None:
             progress(end)
     return _jit_unembed(params, last_hidden, config), cache
@@ -148,15 +159,16 @@ def _jit_unembed(params, hidden, config):
 
 
 def prefill_logits(params, tokens, config: QwenConfig, *, chunk_size: int = DEFAULT_PREFILL_CHUNK,
-                   impl: str = attention.DEFAULT_IMPL) -> np.ndarray:
+                   spec: attention.AttentionSpec = attention.DEFAULT_SPEC) -> np.ndarray:
     """Logits at every position, computed chunk by chunk through the prefill path: [B, T, V] float32."""
     tokens = jnp.asarray(tokens, jnp.int32)
     B, T = tokens.shape
     cache = init_cache(config, B, _round_up(T, 128), params_dtype(params))
     out = np.empty((B, T, config.vocab_size), np.float32)
+    request_lengths = jnp.full((B,), T, jnp.int32)
     for begin, end in _chunks(T, chunk_size):
-        logits, cache = _prefill_chunk(params, tokens[:, begin:end], jnp.int32(begin), None, None, cache, config,
-                                       impl, True)
+        logits, cache = _prefill_chunk(params, tokens[:, begin:end], jnp.int32(begin), request_lengths, None, cache,
+                                       config, spec, True)
         out[:, begin:end] = np.asarray(logits)
     return out
 

@@ -15,17 +15,19 @@ import jax.numpy as jnp
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
-def visible(q_positions, k_positions, kv_length, causal: bool):
+def visible(q_positions, k_positions, kv_length, causal: bool, window: int | None = None):
     """Mask [B, T, S]: key s is visible to query t (a function of positions, never stored)."""
     S = k_positions.shape[1]
     ok = jnp.arange(S)[None, None, :] < kv_length[:, None, None]
     if causal:
         ok = ok & (k_positions[:, None, :] <= q_positions[:, :, None])
+    if window is not None:
+        ok = ok & (q_positions[:, :, None] - k_positions[:, None, :] < window)
     return ok
 
 
 def mha_reference(q, k, v, q_positions, k_positions=None, kv_length=None, *, causal: bool = True,
-                  scale: float | None = None):
+                  scale: float | None = None, window: int | None = None):
     B, T, N, H = q.shape
     S, K = k.shape[1], k.shape[2]
     if N % K:
@@ -38,7 +40,7 @@ def mha_reference(q, k, v, q_positions, k_positions=None, kv_length=None, *, cau
     scale = H ** -0.5 if scale is None else scale
     qg = q.reshape(B, T, K, G, H).astype(jnp.float32)
     logits = jnp.einsum("btkgh,bskh->bkgts", qg, k.astype(jnp.float32), precision="highest") * scale
-    mask = visible(q_positions, k_positions, kv_length, causal)[:, None, None]  # [B, 1, 1, T, S]
+    mask = visible(q_positions, k_positions, kv_length, causal, window)[:, None, None]  # [B, 1, 1, T, S]
     logits = jnp.where(mask, logits, MASK_VALUE)
     m = jnp.max(logits, axis=-1, keepdims=True)
     p = jnp.where(mask, jnp.exp(logits - m), 0.0)
