@@ -7,6 +7,39 @@ import sys
 import time
 
 
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prefill-chunk", type=int, default=None, help="prefill chunk size in tokens (default 32768)")
+    p.add_argument("--attention", default=None, help="attention implementation: blockwise (default) or reference")
+    p.add_argument("--dca", default=None, metavar="K=V,...",
+                   help="dual chunk attention, e.g. chunk_size=32768,local_size=2048[,original_max_position_embeddings=N]")
+    p.add_argument("--window", type=int, default=None,
+                   help="sliding-window baseline: keys this many positions back or more are invisible")
+    p.add_argument("--block-q", type=int, default=None, help="query block of the blockwise attention (default 512)")
+    p.add_argument("--block-k", type=int, default=None, help="key block of the blockwise attention (default 512)")
+
+
+def _model_overrides(args) -> dict:
+    from qwen_jax.attention import AttentionSpec
+    from qwen_jax.errors import QwenJaxError
+    overrides = {}
+    if args.prefill_chunk:
+        overrides["prefill_chunk_size"] = args.prefill_chunk
+    if args.attention or args.window or args.block_q or args.block_k:
+        default = AttentionSpec()
+        overrides["attn_implementation"] = AttentionSpec(
+            impl=args.attention or default.impl, window=args.window, block_q=args.block_q or default.block_q,
+            block_k=args.block_k or default.block_k)
+    if args.dca:
+        block = {}
+        for part in args.dca.split(","):
+            key, _, value = part.partition("=")
+            if not value.strip().lstrip("-").isdigit():
+                raise QwenJaxError(f"bad --dca {args.dca!r}: expected key=integer pairs such as chunk_size=32768")
+            block[key.strip()] = int(value)
+        overrides["dual_chunk_attention_config"] = block
+    return overrides
+
+
 def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate (default 256)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
@@ -35,9 +68,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system message (with --chat)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     p.add_argument("--mesh", default=None, help='device mesh, e.g. "seq=4,tensor=2"')
-    p.add_argument("--prefill-chunk", type=int, default=None, help="prefill chunk size in tokens (default 32768)")
-    p.add_argument("--attention", default=None, help="attention implementation (default: reference)")
+    _add_model_options(p)
     _add_sampling(p)
+
+    p = sub.add_parser("passkey", help="passkey retrieval: a table of length x depth, and JSON")
+    p.add_argument("--model", required=True, help="HF checkpoint folder, converted folder, or hub repo id")
+    p.add_argument("--lengths", required=True, help="comma-separated prompt lengths in tokens, e.g. 32k,128k")
+    p.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9", help="comma-separated needle depths in [0, 1]")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    p.add_argument("--mesh", default=None, help='device mesh, e.g. "seq=4,tensor=2"')
+    p.add_argument("--seed", type=int, default=0, help="seed of the random 5-digit keys")
+    p.add_argument("--json", default=None, help="write the results here")
+    _add_model_options(p)
 
     p = sub.add_parser("demo", help="offline end-to-end demo on a small random-weight checkpoint")
     p.add_argument("--prompt-tokens", type=int, default=4096, help="prompt length (default 4096)")
@@ -66,12 +108,7 @@ def cmd_convert(args) -> int:
 def cmd_generate(args) -> int:
     import qwen_jax
     text = _read_prompt(args)
-    overrides = {}
-    if args.prefill_chunk:
-        overrides["prefill_chunk_size"] = args.prefill_chunk
-    if args.attention:
-        overrides["attn_implementation"] = args.attention
-    model = qwen_jax.load(args.model, dtype=args.dtype, mesh=args.mesh, **overrides)
+    model = qwen_jax.load(args.model, dtype=args.dtype, mesh=args.mesh, **_model_overrides(args))
     prompt = text
     if args.chat:
         prompt = ([{"role": "system", "content": args.system}] if args.system else []) + \
@@ -85,6 +122,37 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_passkey(args) -> int:
+    import qwen_jax
+    from qwen_jax import passkey
+    from qwen_jax.bench import environment
+    from qwen_jax.errors import QwenJaxError
+
+    lengths = [passkey.parse_length(x) for x in args.lengths.split(",")]
+    try:
+        depths = [float(x) for x in args.depths.split(",")]
+    except ValueError:
+        raise QwenJaxError(f"bad --depths {args.depths!r}: expected comma-separated numbers") from None
+    if any(not 0 <= d <= 1 for d in depths):
+        raise QwenJaxError("depths must lie in [0, 1]")
+    model = qwen_jax.load(args.model, dtype=args.dtype, mesh=args.mesh, **_model_overrides(args))
+
+    def show(r):
+        print(f"  {r['length']:>8} tokens, depth {r['depth']:.2f}: {'found' if r['found'] else 'MISSED'} "
+              f"{r['key']} in {r['answer']!r} ({r['seconds']:.1f} s)", file=sys.stderr, flush=True)
+
+    results = passkey.evaluate(model, lengths, depths, seed=args.seed, on_result=show)
+    print(passkey.table(results))
+    if args.json:
+        dca = model.config.dual_chunk_attention_config
+        passkey.write_json(args.json, results, env=environment(), model=args.model, dtype=args.dtype,
+                           dca=None if dca is None else {"chunk_size": dca.chunk_size, "local_size": dca.local_size,
+                                                         "original_max_position_embeddings":
+                                                             dca.original_max_position_embeddings},
+                           attention=model.attention.__dict__)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from qwen_jax.demo import run_demo
     return run_demo(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, workdir=args.workdir)
@@ -95,7 +163,8 @@ def main(argv=None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        return {"convert": cmd_convert, "generate": cmd_generate, "demo": cmd_demo}[args.command](args)
+        commands = {"convert": cmd_convert, "generate": cmd_generate, "passkey": cmd_passkey, "demo": cmd_demo}
+        return commands[args.command](args)
     except QwenJaxError as e:
         print(f"qwen-jax: error: {e}", file=sys.stderr)
         return 1

@@ -41,9 +41,9 @@ class RopeScaling:
 class DCAConfig:
     """Qwen2.5-1M ``dual_chunk_attention_config`` (semantics: docs in ``qwen_jax.attention.dca``)."""
 
-    chunk_size: int
-    local_size: int
-    original_max_position_embeddings: int
+    chunk_size: int = 8192
+    local_size: int = 1024
+    original_max_position_embeddings: int = 0  # 0: no length scaling (s = 1), as in Qwen's code
     sparse_attention_enabled: bool = False
     sparse_attention_threshold: int = 32768
     sparse_attention_last_q: int = 64
@@ -180,12 +180,13 @@ def _parse_dca(block: Mapping[str, Any] | None) -> DCAConfig | None:
         return None
     if not isinstance(block, Mapping):
         raise ConfigError("dual_chunk_attention_config must be a mapping with chunk_size and local_size")
-    try:
-        chunk_size = int(block["chunk_size"])
-        local_size = int(block["local_size"])
-    except KeyError as e:
-        raise ConfigError(f"dual_chunk_attention_config is missing {e.args[0]!r}") from None
-    orig = int(block.get("original_max_position_embeddings", chunk_size))
+    unknown = set(block) - {f.name for f in dataclasses.fields(DCAConfig)}
+    if unknown:
+        raise ConfigError(f"dual_chunk_attention_config has unknown keys {sorted(unknown)}")
+    # Defaults as in Qwen's inference code (vLLM's dual-chunk backend).
+    chunk_size = int(block.get("chunk_size", 8192))
+    local_size = int(block.get("local_size", 1024))
+    orig = int(block.get("original_max_position_embeddings", 0))
     if not 0 <= local_size < chunk_size:
         raise ConfigError(f"dual_chunk_attention_config needs 0 <= local_size < chunk_size, got {local_size}, {chunk_size}")
     sparse_cfg = block.get("sparse_attention_config")

@@ -38,3 +38,17 @@ def test_user_errors_are_one_line_and_non_zero(tiny_checkpoint, tmp_path):
         assert len(lines) == 1 and lines[0].startswith("qwen-jax: error:"), (args, result.stderr)
     usage = run("generate", "--model", tiny_checkpoint[0], "--prompt", "a", "--prompt-file", "b")
     assert usage.returncode == 2 and "not allowed with" in usage.stderr
+
+
+def test_passkey_command_prints_a_table_and_writes_json(tiny_checkpoint, tmp_path):
+    import json
+    out = tmp_path / "pk.json"
+    result = run("passkey", "--model", tiny_checkpoint[0], "--lengths", "300", "--depths", "0.2,0.8", "--dtype",
+                 "float32", "--dca", "chunk_size=96,local_size=32", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0].split()[:3] == ["length", "0.2", "0.8"]
+    data = json.loads(out.read_text())
+    assert data["dca"]["chunk_size"] == 96 and len(data["results"]) == 2
+    assert all(250 < r["tokens"] <= 300 and isinstance(r["found"], bool) for r in data["results"])
+    bad = run("passkey", "--model", tiny_checkpoint[0], "--lengths", "300", "--dca", "chunk_size=big")
+    assert bad.returncode == 1 and bad.stderr.strip().startswith("qwen-jax: error: bad --dca")

@@ -30,6 +30,15 @@ def test_qwen25_7b_1m_config():
     hash(c)  # static under jit
 
 
+def test_dca_defaults_follow_qwens_code():
+    dca = QwenConfig.from_hf_dict(dict(QWEN25_7B_1M, dual_chunk_attention_config={"local_size": 512})
+                                  ).dual_chunk_attention_config
+    assert (dca.chunk_size, dca.local_size, dca.original_max_position_embeddings) == (8192, 512, 0)
+    from qwen_jax.attention.dca import yarn_scale
+    import jax.numpy as jnp
+    assert float(yarn_scale(jnp.asarray([10 ** 6]), dca)[0]) == 1.0  # no original length: no scaling
+
+
 def test_rope_theta_inside_rope_parameters_and_explicit_head_dim():
     raw = dict(QWEN25_7B_1M, head_dim=64, rope_parameters={"rope_type": "default", "rope_theta": 5e5})
     del raw["rope_theta"]
@@ -60,6 +69,7 @@ def test_sliding_window_is_refused_with_a_clear_message():
     (dict(num_key_value_heads=5), "multiple of num_key_value_heads"),
     (dict(rope_scaling={"type": "linear", "factor": 2.0}), "rope scaling type 'linear'"),
     (dict(dual_chunk_attention_config={"chunk_size": 100, "local_size": 200}), "local_size < chunk_size"),
+    (dict(dual_chunk_attention_config={"chunk_sise": 100}), "unknown keys"),
     (dict(hidden_size=None), "malformed"),
 ])
 def test_bad_configs_are_refused(bad, message):

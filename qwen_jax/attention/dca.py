@@ -49,7 +49,10 @@ def query_positions(positions, dca: DCAConfig):
 
 
 def yarn_scale(request_lengths, dca: DCAConfig):
-    """``s = max(1, 0.1 ln(L / original_max_position_embeddings) + 1)`` per row, float32."""
+    """``s = max(1, 0.1 ln(L / original_max_position_embeddings) + 1)`` per row, float32 (1 when the
+    config sets no ``original_max_position_embeddings``)."""
+    if dca.original_max_position_embeddings <= 0:
+        return jnp.ones(request_lengths.shape, jnp.float32)
     ratio = request_lengths.astype(jnp.float32) / dca.original_max_position_embeddings
     return jnp.maximum(1.0, 0.1 * jnp.log(ratio) + 1.0)
 
