@@ -59,9 +59,18 @@ def write_hf_checkpoint(folder: str, config: dict, seed: int = 0, dtype="bfloat1
     cfg = QwenConfig.from_hf_dict(config)
     params = jax.tree.map(np.asarray, init_params(cfg, jax.random.key(seed)))
     rng = np.random.default_rng(seed)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-    leaves = [rng.normal(0, 0.05, a.shape).astype(a.dtype) if "bias" in jax.tree_util.keystr(p) else a for p, a in flat]
-    params = jax.tree_util.tree_unflatten(treedef, leaves)
+
+    def draw(path, a):
+        # Unit-scale activations (weights ~ 1/sqrt(fan-in)) so the random model's continuations vary.
+        name = jax.tree_util.keystr(path)
+        if "norm" in name:
+            return a
+        if "bias" in name:
+            return rng.normal(0, 0.05, a.shape).astype(a.dtype)
+        fan_in = a.shape[-1] if "embed" in name or "lm_head" in name else a.shape[0] * (a.shape[1] if "o_proj" in name else 1)
+        return rng.normal(0, 1 / np.sqrt(fan_in) if "embed" not in name else 1.0, a.shape).astype(a.dtype)
+
+    params = jax.tree_util.tree_map_with_path(draw, params)
     write_hf_safetensors(folder, params, cfg, dtype=np.dtype(jax.numpy.dtype(dtype)), progress=False)
     tok = train_tokenizer(min(cfg.vocab_size, 1024))
     tok.save(os.path.join(folder, "tokenizer.json"))
@@ -75,11 +84,49 @@ def write_hf_checkpoint(folder: str, config: dict, seed: int = 0, dtype="bfloat1
     return folder
 
 
+def _generate_and_check(model, prompt: list[int], new_tokens: int) -> bool:
+    """Generate greedily, time prefill and decode, and check the KV-cached path against a one-shot forward:
+    the logits of the chunked prefill and of every decode step against the full-sequence logits."""
+    import jax.numpy as jnp
+
+    import qwen_jax
+    from qwen_jax.generation import cache_length, generate_ids, padded_prompt_length
+
+    cfg, params = model.config, model.params
+    out = generate_ids(params, cfg, [prompt], max_new_tokens=new_tokens, spec=model.attention,
+                       prefill_chunk_size=model.prefill_chunk_size)[0]
+    tokens = np.asarray(prompt + out, np.int32)
+    padded = padded_prompt_length(len(prompt))
+    for _ in range(2):  # the first pass compiles, the second is timed
+        cache = qwen_jax.init_cache(cfg, 1, cache_length(padded, new_tokens), jnp.float32)
+        t0 = time.perf_counter()
+        first, cache = qwen_jax.prefill(params, np.pad(tokens[: len(prompt)], (0, padded - len(prompt)))[None],
+                                        np.asarray([len(prompt)]), cache, cfg, chunk_size=model.prefill_chunk_size,
+                                        spec=model.attention)
+        jax.block_until_ready(first)
+        t_prefill = time.perf_counter() - t0
+        steps, t0 = [first], time.perf_counter()
+        for i in range(len(out) - 1):
+            logits, cache = qwen_jax.decode_step(params, jnp.asarray(tokens[len(prompt) + i: len(prompt) + i + 1]),
+                                                 jnp.asarray([len(prompt) + i], jnp.int32), cache, cfg,
+                                                 spec=model.attention)
+            steps.append(logits)
+        jax.block_until_ready(steps[-1])
+        t_decode = time.perf_counter() - t0
+    cached = np.concatenate([np.asarray(x) for x in steps])
+    one_shot = model.logits(tokens[None])[0, len(prompt) - 1: len(tokens) - 1]
+    err = float(np.abs(cached - one_shot).max() / np.abs(one_shot).max())
+    ok = err <= 1e-5 and one_shot.argmax(-1).tolist() == out
+    print(f"      prefill {len(prompt) / t_prefill:,.0f} tokens/s, decode {max(len(out) - 1, 1) / t_decode:,.1f} "
+          f"tokens/s; continuation {model.tokenizer.decode(out)!r}")
+    print(f"      KV-cached logits vs one-shot forward: max error {err:.1e} of the logits' scale, greedy tokens "
+          f"{'identical' if ok else 'DIFFERENT'}: {'OK' if ok else 'MISMATCH'}")
+    return ok
+
+
 def run_demo(prompt_tokens: int = 4096, new_tokens: int = 32, workdir: str | None = None) -> int:
     import qwen_jax
     from convert import convert_checkpoint
-    from qwen_jax.generation import generate_ids
-    from qwen_jax.sampling import Sampling
 
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -90,37 +137,28 @@ def run_demo(prompt_tokens: int = 4096, new_tokens: int = 32, workdir: str | Non
               f"(random weights, seed 0) to {hf_dir}")
         if not os.path.isdir(hf_dir):
             write_hf_checkpoint(hf_dir, DEMO_CONFIG)
-        print(f"[2/5] converting to {jax_dir}")
+        print(f"[2/5] converting to {jax_dir}; loading both (float32)")
         if not os.path.isdir(jax_dir):
             convert_checkpoint(hf_dir, jax_dir, progress=False)
-        print("[3/5] loading (float32)")
         model = qwen_jax.load(jax_dir, dtype="float32", prefill_chunk_size=1024)
-        text = "There is an important info hidden inside a lot of irrelevant text.\n\n"
-        ids = model.tokenizer.encode(text + FILLER * (prompt_tokens // 8))
-        prompt = ids[:prompt_tokens]
-        print(f"[4/5] prefill {len(prompt)} tokens in chunks of {model.prefill_chunk_size}, then {new_tokens} greedy tokens")
-        out = generate_ids(model.params, model.config, [prompt], max_new_tokens=1, sampling=Sampling(),
-                           prefill_chunk_size=model.prefill_chunk_size)  # compile
-        t0 = time.perf_counter()
-        generate_ids(model.params, model.config, [prompt], max_new_tokens=1, sampling=Sampling(),
-                     prefill_chunk_size=model.prefill_chunk_size)
-        t_prefill = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        out = generate_ids(model.params, model.config, [prompt], max_new_tokens=new_tokens, sampling=Sampling(),
-                           prefill_chunk_size=model.prefill_chunk_size)[0]
-        t_total = time.perf_counter() - t0
-        decode_rate = max(len(out) - 1, 1) / max(t_total - t_prefill, 1e-9)
-        print(f"      prefill {len(prompt) / t_prefill:,.0f} tokens/s, decode {decode_rate:,.1f} tokens/s")
-        print(f"      continuation: {model.tokenizer.decode(out)!r}")
-        print("[5/5] check against the reference path (one-shot forward over prompt + continuation)")
-        full = np.asarray(prompt + out, np.int32)[None]
-        reference = model.logits(full)[0, len(prompt) - 1:-1].argmax(-1)
-        hf_model = qwen_jax.load(hf_dir, dtype="float32")
-        hf_logits = hf_model.logits(full[:, :256])
-        conv_logits = model.logits(full[:, :256])
-        ok_decode = reference.tolist() == out
-        ok_convert = np.array_equal(hf_logits, conv_logits)
-        print(f"      KV-cached greedy decode == one-shot forward argmax: {'OK' if ok_decode else 'MISMATCH'}")
+        probe = np.arange(256, dtype=np.int32)[None] % DEMO_CONFIG["vocab_size"]
+        ok_convert = np.array_equal(qwen_jax.load(hf_dir, dtype="float32").logits(probe), model.logits(probe))
         print(f"      converted checkpoint logits == HF-folder logits (bit-exact): {'OK' if ok_convert else 'MISMATCH'}")
+        text = "There is an important info hidden inside a lot of irrelevant text.\n\n"
+        prompt = model.tokenizer.encode(text + FILLER * (prompt_tokens // 8))[:prompt_tokens]
+        print(f"[3/5] plain attention: prefill {len(prompt)} tokens in chunks of {model.prefill_chunk_size}, "
+              f"then {new_tokens} greedy tokens")
+        ok_plain = _generate_and_check(model, prompt, new_tokens)
+        dca_block = {"chunk_size": 1024, "local_size": 128}
+        dca = qwen_jax.load(jax_dir, dtype="float32", prefill_chunk_size=1024, dual_chunk_attention_config=dca_block)
+        print(f"[4/5] dual chunk attention {dca_block}: the prompt spans "
+              f"{-(-len(prompt) // dca.config.dual_chunk_attention_config.chunk_len)} DCA chunks")
+        ok_dca = _generate_and_check(dca, prompt, new_tokens)
+        print("[5/5] blockwise DCA (memory-linear) against its dense twin, first 2048 tokens")
+        head = np.asarray(prompt[:2048], np.int32)[None]
+        dense = qwen_jax.Model(dca.config, dca.params, attn_implementation="reference").logits(head)
+        err = float(np.abs(dca.logits(head) - dense).max() / np.abs(dense).max())
+        ok_twin = err <= 1e-5
+        print(f"      max error relative to the logits' scale: {err:.1e} ({'OK' if ok_twin else 'MISMATCH'})")
     print(f"demo finished in {time.perf_counter() - t_start:.1f} s")
-    return 0 if ok_decode and ok_convert else 1
+    return 0 if ok_convert and ok_plain and ok_dca and ok_twin else 1

@@ -21,7 +21,18 @@ from qwen_jax.errors import QwenJaxError
 from qwen_jax.model import DEFAULT_PREFILL_CHUNK, _hidden, _unembed, params_dtype, prefill
 from qwen_jax.sampling import Sampling, sample
 
+GREEDY = Sampling()
 CACHE_BUCKET = 128  # cache lengths are rounded up to this, so nearby prompt sizes share compilations
+
+
+def padded_prompt_length(longest: int) -> int:
+    """Prompts are right-padded to a multiple of 64 tokens, so nearby lengths share compilations."""
+    return int(math.ceil(longest / 64) * 64)
+
+
+def cache_length(padded_prompt: int, max_new_tokens: int) -> int:
+    """KV-cache slots for a padded prompt plus ``max_new_tokens``, rounded up to ``CACHE_BUCKET``."""
+    return int(math.ceil((padded_prompt + max_new_tokens) / CACHE_BUCKET) * CACHE_BUCKET)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "spec", "sampling"), donate_argnames=("cache",))
@@ -84,7 +95,7 @@ class StopChecker:
 
 
 def generate_ids(params, config: QwenConfig, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-                 sampling: Sampling = Sampling(), seed: int = 0, eos_ids: Sequence[int] = (),
+                 sampling: Sampling = GREEDY, seed: int = 0, eos_ids: Sequence[int] = (),
                  stop: Sequence[str] = (), decode: Callable[[list[int]], str] | None = None,
                  on_text: Callable[[int, str], None] | None = None,
                  spec: attention.AttentionSpec = attention.DEFAULT_SPEC,
@@ -99,12 +110,11 @@ def generate_ids(params, config: QwenConfig, prompts: Sequence[Sequence[int]], *
         raise QwenJaxError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     B = len(prompts)
     lengths = np.array([len(p) for p in prompts], np.int32)
-    T = int(math.ceil(lengths.max() / 64) * 64)
+    T = padded_prompt_length(int(lengths.max()))
     tokens = np.full((B, T), config.pad_token_id or 0, np.int32)
     for row, p in enumerate(prompts):
         tokens[row, :len(p)] = p
-    max_len = int(math.ceil((lengths.max() + max_new_tokens) / CACHE_BUCKET) * CACHE_BUCKET)
-    cache = init_cache(config, B, max(max_len, T), cache_dtype or params_dtype(params))
+    cache = init_cache(config, B, cache_length(T, max_new_tokens), cache_dtype or params_dtype(params))
     logits, cache = prefill(params, tokens, lengths, cache, config, chunk_size=prefill_chunk_size, spec=spec)
     key = jax.random.key(seed)
     next_tokens = _first_sample(logits, jax.random.fold_in(key, 0), sampling)
