@@ -21,14 +21,14 @@ def bench_qwen_jax(path, dtype, prompt, new_tokens, repeats):
 
     import qwen_jax
     from qwen_jax.bench import median_time
-    from qwen_jax.generation import decode_and_sample
+    from qwen_jax.generation import cache_length, decode_and_sample
     from qwen_jax.sampling import Sampling
 
     model = qwen_jax.load(path, dtype=dtype)
     cfg, params = model.config, model.params
     tokens = jnp.asarray(prompt)[None]
     lengths = jnp.asarray([prompt.size], jnp.int32)
-    max_len = int(np.ceil((prompt.size + new_tokens + 1) / 128) * 128)
+    max_len = cache_length(prompt.size, new_tokens + 1)
 
     def run_prefill():
         cache = qwen_jax.init_cache(cfg, 1, max_len, jnp.dtype(dtype))
