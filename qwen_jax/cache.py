@@ -1,6 +1,7 @@
 """The preallocated KV cache: static shapes, one buffer per layer, slot == token position.
 
-Per layer, ``k`` and ``v`` are [B, S, K, H]. Keys are stored already rotated (and, with DCA, rotated
+Per layer, ``k`` and ``v`` are [B, K, S, H] (heads-major: each head's keys are one contiguous [S, H]
+slab, the layout TPU and GPU kernels tile). Keys are stored already rotated (and, with DCA, rotated
 by their in-chunk positions), so attention never re-rotates the cache. One buffer per layer lets a
 jitted step donate the whole cache and update each layer in place; a stacked [L, ...] array would
 cost a per-layer copy when read inside a scan.
@@ -15,16 +16,16 @@ import jax.numpy as jnp
 
 from qwen_jax.config import QwenConfig
 
-CACHE_AXES = ("batch", "seq", "kv_heads", "head_dim")
+CACHE_AXES = ("batch", "kv_heads", "seq", "head_dim")
 
 
 class KVCache(NamedTuple):
-    k: tuple[jax.Array, ...]  # per layer [B, S, K, H]
+    k: tuple[jax.Array, ...]  # per layer [B, K, S, H]
     v: tuple[jax.Array, ...]
 
     @property
     def max_len(self) -> int:
-        return self.k[0].shape[1]
+        return self.k[0].shape[2]
 
     @property
     def batch(self) -> int:
@@ -33,7 +34,7 @@ class KVCache(NamedTuple):
 
 def init_cache(config: QwenConfig, batch: int, max_len: int, dtype=jnp.bfloat16, mesh=None) -> KVCache:
     """Zeroed cache of ``max_len`` slots per row (sharded over ``mesh`` by ``CACHE_AXES`` when given)."""
-    shape = (batch, max_len, config.num_key_value_heads, config.head_dim)
+    shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
     if mesh is None:
         make = lambda: jnp.zeros(shape, dtype)  # noqa: E731
     else:
@@ -45,6 +46,6 @@ def init_cache(config: QwenConfig, batch: int, max_len: int, dtype=jnp.bfloat16,
 
 
 def write(buffer: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:
-    """Write ``new`` [B, T, K, H] into ``buffer`` [B, S, K, H] at slots ``starts[b] + t``."""
-    return jax.vmap(lambda buf, x, s: jax.lax.dynamic_update_slice(buf, x.astype(buf.dtype), (s, 0, 0)))(
-        buffer, new, starts)
+    """Write ``new`` [B, T, K, H] into ``buffer`` [B, K, S, H] at slots ``starts[b] + t``."""
+    new = new.swapaxes(1, 2).astype(buffer.dtype)
+    return jax.vmap(lambda buf, x, s: jax.lax.dynamic_update_slice(buf, x, (0, s, 0)))(buffer, new, starts)

@@ -9,22 +9,22 @@ from qwen_jax.attention import mha_reference
 
 def numpy_attention(q, k, v, q_pos, k_pos, kv_len, causal):
     B, T, N, H = q.shape
-    K = k.shape[2]
+    K = k.shape[1]
     out = np.zeros((B, T, N, H))
     lse = np.full((B, T, N), -np.inf)
     for b in range(B):
         for n in range(N):
             kh = n // (N // K)
-            logits = q[b, :, n].astype(np.float64) @ k[b, :, kh].astype(np.float64).T / np.sqrt(H)
+            logits = q[b, :, n].astype(np.float64) @ k[b, kh].astype(np.float64).T / np.sqrt(H)
             for t in range(T):
-                ok = np.arange(k.shape[1]) < kv_len[b]
+                ok = np.arange(k.shape[2]) < kv_len[b]
                 if causal:
                     ok &= k_pos[b] <= q_pos[b, t]
                 if ok.any():
                     row = logits[t, ok]
                     m = row.max()
                     p = np.exp(row - m)
-                    out[b, t, n] = p @ v[b, ok, kh] / p.sum()
+                    out[b, t, n] = p @ v[b, kh, ok] / p.sum()
                     lse[b, t, n] = m + np.log(p.sum())
     return out, lse
 
@@ -35,8 +35,8 @@ def test_reference_matches_float64_numpy(G, causal):
     rng = np.random.default_rng(G + 10 * causal)
     B, T, S, K, H = 2, 9, 21, 2, 16
     q = rng.normal(size=(B, T, K * G, H)).astype(np.float32)
-    k = rng.normal(size=(B, S, K, H)).astype(np.float32)
-    v = rng.normal(size=(B, S, K, H)).astype(np.float32)
+    k = rng.normal(size=(B, K, S, H)).astype(np.float32)
+    v = rng.normal(size=(B, K, S, H)).astype(np.float32)
     q_pos = np.stack([np.arange(T) + 5, np.arange(T) - 3])  # a chunk at an offset; row 1 starts before any key
     k_pos = np.stack([np.arange(S), np.arange(S)])
     kv_len = np.array([21, 13])

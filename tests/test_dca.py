@@ -65,7 +65,7 @@ def run_dca(q, k, v, dca, L, impl, **blocks):
     Lj = jnp.asarray(L, jnp.int32)
     kr = rope.apply(jnp.asarray(k), key_positions(pos, dca)) * yarn_scale(Lj, dca)[:, None, None, None]
     fn = dca_attention if impl == "blockwise" else dca_reference
-    args = (jnp.asarray(q), kr, jnp.asarray(v), pos, jnp.full((B,), T, jnp.int32), Lj)
+    args = (jnp.asarray(q), kr.swapaxes(1, 2), jnp.asarray(v).swapaxes(1, 2), pos, jnp.full((B,), T, jnp.int32), Lj)
     return fn(*args, dca=dca, rope=rope, **blocks)
 
 
@@ -107,8 +107,8 @@ def test_dca_equals_plain_rope_within_one_chunk(T):
     out, lse = run_dca(q, k, v, dca, [T, T], "blockwise", block_q=8, block_k=8)
     rope = rope_for(H)
     pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    ref_out, ref_lse = mha_reference(rope.apply(jnp.asarray(q), pos), rope.apply(jnp.asarray(k), pos), jnp.asarray(v),
-                                     pos)
+    ref_out, ref_lse = mha_reference(rope.apply(jnp.asarray(q), pos), rope.apply(jnp.asarray(k), pos).swapaxes(1, 2),
+                                     jnp.asarray(v).swapaxes(1, 2), pos)
     assert np.max(np.abs(np.asarray(out) - np.asarray(ref_out))) <= 1e-6
     assert np.max(np.abs(np.asarray(lse) - np.asarray(ref_lse))) <= 1e-6
 

@@ -70,7 +70,7 @@ def cached_attention(q, k_cache, v_cache, q_positions, kv_length, request_length
                      config: QwenConfig, spec: AttentionSpec = DEFAULT_SPEC):
     """Causal attention of new queries over the KV cache, with DCA when the config has it.
 
-    q [B, T, N, H] (not yet rotated); k_cache, v_cache [B, S, K, H] with keys rotated by
+    q [B, T, N, H] (not yet rotated); k_cache, v_cache [B, K, S, H] with keys rotated by
     ``key_positions`` and scaled by ``key_scale``, stored at slot == position; q_positions [B, T]
     int32; kv_length [B] int32 (slots >= kv_length are never read); request_lengths [B] int32 (the
     whole request's length, for DCA's scale). Returns ``(out [B, T, N, H] q.dtype, lse [B, T, N] f32)``.

@@ -5,7 +5,7 @@ length the cache holds. Masks are functions of positions: ``visible(q_pos, k_slo
 slots a query sees and ``key_range(first_q, last_q)`` bounds the slots a query block can see, so the
 loop visits only those key blocks (causal attention does about half the work of dense).
 
-Shapes: q [B, T, N, H] (already rotated); k, v [B, S, K, H]; q_positions [B, T] int32 (-1: padding);
+Shapes: q [B, T, N, H] (already rotated); k, v [B, K, S, H]; q_positions [B, T] int32 (-1: padding);
 kv_length [B]; scale [B] float32 (per-row logit multiplier). Returns ``(out [B, T, N, H] float32,
 lse [B, T, N] float32)``; a query that sees no key gets ``out = 0``, ``lse = -inf``.
 """
@@ -30,7 +30,7 @@ def _precision(dtype):
 def blockwise_attention(q, k, v, q_positions, kv_length, scale, *, visible: Visible, key_range: KeyRange,
                         block_q: int = 512, block_k: int = 512):
     B, T, N, H = q.shape
-    S, K = k.shape[1], k.shape[2]
+    K, S = k.shape[1], k.shape[2]
     G = N // K
     bq, bk = min(block_q, T), min(block_k, S)
     nq = -(-T // bq)
@@ -56,20 +56,20 @@ def blockwise_attention(q, k, v, q_positions, kv_length, scale, *, visible: Visi
             m, l, acc = carry
             # The last block may start early to stay in bounds; slots already visited are masked out.
             start = jnp.minimum(j * bk, S - bk)
-            k_blk = jax.lax.dynamic_slice_in_dim(k, start, bk, axis=1)
-            v_blk = jax.lax.dynamic_slice_in_dim(v, start, bk, axis=1)
+            k_blk = jax.lax.dynamic_slice_in_dim(k, start, bk, axis=2)
+            v_blk = jax.lax.dynamic_slice_in_dim(v, start, bk, axis=2)
             slots = start + jnp.arange(bk, dtype=jnp.int32)
             mask = visible(pos, slots) & real[:, :, None] & (slots >= j * bk)[None, None, :] \
                 & (slots[None, None, :] < kv_length[:, None, None])
             mask = mask[:, None, None]                        # [B, 1, 1, bq, bk]
-            s = jnp.einsum("bqkgh,bskh->bkgqs", q_blk, k_blk, precision=precision,
+            s = jnp.einsum("bqkgh,bksh->bkgqs", q_blk, k_blk, precision=precision,
                            preferred_element_type=jnp.float32) * scale
             s = jnp.where(mask, s, MASK_VALUE)
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
             p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
             correction = jnp.exp(m - m_new)
             l = l * correction + jnp.sum(p, axis=-1)
-            pv = jnp.einsum("bkgqs,bskh->bkgqh", p.astype(v.dtype), v_blk, precision=precision,
+            pv = jnp.einsum("bkgqs,bksh->bkgqh", p.astype(v.dtype), v_blk, precision=precision,
                             preferred_element_type=jnp.float32)
             return m_new, l, acc * correction[..., None] + pv
 

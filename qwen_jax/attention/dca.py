@@ -16,7 +16,7 @@ cache length at decode).
 
 ``dca_attention`` is the memory-linear op (three blockwise passes over disjoint key ranges, merged);
 ``dca_reference`` materialises [T, S] logits with the three position rules in one softmax, for tests.
-Shapes: q [B, T, N, H] (NOT rotated); k, v [B, S_cache, K, H] (rotated with ``p mod S`` and scaled);
+Shapes: q [B, T, N, H] (NOT rotated); k, v [B, K, S_cache, H] (rotated with ``p mod S`` and scaled);
 q_positions [B, T]; kv_length [B]; request_lengths [B]. Returns ``(out [B, T, N, H] float32,
 lse [B, T, N] float32 natural log)``.
 """
@@ -94,11 +94,11 @@ def dca_attention(q, k, v, q_positions, kv_length, request_lengths, *, dca: DCAC
 def dca_reference(q, k, v, q_positions, kv_length, request_lengths, *, dca: DCAConfig, rope: Rope):
     """Dense twin of ``dca_attention``: full [T, S] logits with the three position rules, one softmax."""
     B, T, N, H = q.shape
-    S_cache, K = k.shape[1], k.shape[2]
+    K, S_cache = k.shape[1], k.shape[2]
     G = N // K
     scale = (yarn_scale(request_lengths, dca) * H ** -0.5)[:, None, None, None, None]
     kf = k.astype(jnp.float32)
-    logits = [jnp.einsum("btkgh,bskh->bkgts", rope.apply(q, p).reshape(B, T, K, G, H).astype(jnp.float32), kf,
+    logits = [jnp.einsum("btkgh,bksh->bkgts", rope.apply(q, p).reshape(B, T, K, G, H).astype(jnp.float32), kf,
                          precision="highest") * scale for p in query_positions(q_positions, dca)]
     slots = jnp.broadcast_to(jnp.arange(S_cache, dtype=jnp.int32), (B, S_cache))
     rel = relation(q_positions, slots, dca)
@@ -108,6 +108,6 @@ def dca_reference(q, k, v, q_positions, kv_length, request_lengths, *, dca: DCAC
     m = jnp.max(s, axis=-1, keepdims=True)
     p = jnp.where(rel >= 0, jnp.exp(s - m), 0.0)
     denom = jnp.sum(p, axis=-1, keepdims=True)
-    out = jnp.einsum("bkgts,bskh->btkgh", p / jnp.maximum(denom, 1e-30), v.astype(jnp.float32), precision="highest")
+    out = jnp.einsum("bkgts,bksh->btkgh", p / jnp.maximum(denom, 1e-30), v.astype(jnp.float32), precision="highest")
     lse = jnp.where(denom[..., 0] > 0, m[..., 0] + jnp.log(jnp.maximum(denom[..., 0], 1e-30)), -jnp.inf)
     return out.reshape(B, T, N, H), lse.transpose(0, 3, 1, 2).reshape(B, T, N)
