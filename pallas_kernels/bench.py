@@ -1,0 +1,95 @@
+"""Attention kernel benchmark: qwen-jax kernels against cuDNN, same run, same card.
+
+    python -m pallas_kernels.bench [--lengths 8k,32k,128k] [--heads 28 --kv-heads 4 --head-dim 128]
+                                   [--dca 262144,8192] [--block-q 64 --block-k 64] [--json out.json]
+
+Causal prefill of T queries over T keys, batch 1, bf16. FLOPs counted as 2 * 2 * T^2 / 2 * N * H
+(the causal half). Times are medians of GPU-synchronised runs after warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+import time
+
+import numpy as np
+
+
+def _median_ms(fn, *args, repeats: int, warmup: int = 2) -> float:
+    import jax
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times) * 1e3)
+
+
+def main(argv=None) -> int:
+    import jax
+    import jax.numpy as jnp
+
+    from pallas_kernels.flash_gpu import flash_attention_gpu
+    from pallas_kernels.masks import MaskSpec
+    from qwen_jax.bench import environment, print_table, write_json
+    from qwen_jax.passkey import parse_length
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lengths", default="8k,32k,128k")
+    p.add_argument("--heads", type=int, default=28)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--block-q", type=int, default=64)
+    p.add_argument("--block-k", type=int, default=64)
+    p.add_argument("--num-warps", type=int, default=None)
+    p.add_argument("--num-stages", type=int, default=2)
+    p.add_argument("--dca", default=None, help="chunk_size,local_size: also time DCA through the kernel")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--no-cudnn", action="store_true")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+
+    N, K, H = args.heads, args.kv_heads, args.head_dim
+    rows = []
+    for T in (parse_length(x) for x in args.lengths.split(",")):
+        key = jax.random.key(T)
+        kq, kk, kv = jax.random.split(key, 3)
+        q = jax.random.normal(kq, (1, T, N, H), jnp.bfloat16)
+        k = jax.random.normal(kk, (1, K, T, H), jnp.bfloat16)
+        v = jax.random.normal(kv, (1, K, T, H), jnp.bfloat16)
+        flops = 2 * 2 * T * T / 2 * N * H
+        zero, length, scale = jnp.zeros((1,), jnp.int32), jnp.full((1,), T, jnp.int32), jnp.full((1,), H ** -0.5)
+        cases = []
+        if not args.no_cudnn:
+            kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+            cudnn = jax.jit(functools.partial(jax.nn.dot_product_attention, is_causal=True, implementation="cudnn"))
+            cases.append(("cudnn", cudnn, (q, kt, vt), flops))
+        kernel = functools.partial(flash_attention_gpu, block_q=args.block_q, block_k=args.block_k,
+                                   num_warps=args.num_warps, num_stages=args.num_stages)
+        cases.append(("pallas-triton causal", functools.partial(kernel, mask=MaskSpec()), ((q,), k, v, zero, length,
+                                                                                           scale), flops))
+        if args.dca:
+            C, W = (int(x) for x in args.dca.split(","))
+            cases.append((f"pallas-triton DCA {C}/{W}", functools.partial(kernel, mask=MaskSpec(chunk_len=C - W)),
+                          ((q, q, q), k, v, zero, length, scale), flops))
+        base = None
+        for name, fn, fargs, fl in cases:
+            ms = _median_ms(jax.jit(fn), *fargs, repeats=args.repeats)
+            base = base or ms
+            rows.append({"T": T, "impl": name, "ms": f"{ms:.2f}", "TFLOP/s": f"{fl / ms / 1e9:.0f}",
+                         "vs first": f"{base / ms:.2f}x"})
+            print(rows[-1], flush=True)
+    env = environment()
+    print(json.dumps(env))
+    print_table(rows, ["T", "impl", "ms", "TFLOP/s", "vs first"])
+    write_json(args.json, {"env": env, "args": vars(args), "rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

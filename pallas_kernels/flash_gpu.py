@@ -1,0 +1,102 @@
+"""Flash attention forward for GPUs in Pallas (Triton lowering), position-aware, GQA, DCA in one pass.
+
+Grid ``(B, N, T / block_q)``: one program per batch row, query head and query block. The program keeps
+its query block in registers and walks the key blocks of each mask phase (see ``masks``) with one
+online softmax, so DCA's three partial attentions need no merge. K/V are read in place from the
+heads-major cache ``[B, K, S, H]`` (kv head = query head // G, never repeated in memory). Query
+positions are ``q_offset[b] + t``; keys sit at slot == position, valid below ``kv_length[b]``.
+Accumulation is float32 whatever the input dtype; lse is natural-log float32.
+
+The same kernel runs on the CPU with ``interpret=True`` (the tests) and lowers to Triton for CUDA.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels.masks import MaskSpec
+
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def _kernel(qoff_ref, kvlen_ref, scale_ref, *refs, mask: MaskSpec, block_q: int, block_k: int):
+    n_phases = len(mask.phases)
+    q_refs, (k_ref, v_ref, o_ref, lse_ref) = refs[:n_phases], refs[n_phases:]
+    qi = pl.program_id(2)
+    kv_length, scale = kvlen_ref[()], scale_ref[()]
+    first = qoff_ref[()] + qi * block_q
+    q_pos = (first + lax.broadcasted_iota(jnp.int32, (block_q, 1), 0))
+    H = o_ref.shape[-1]
+    m = jnp.full((block_q,), MASK_VALUE, jnp.float32)
+    l = jnp.zeros((block_q,), jnp.float32)
+    acc = jnp.zeros((block_q, H), jnp.float32)
+
+    for phase, q_ref in zip(mask.phases, q_refs):
+        q = q_ref[...]
+        lo, hi = mask.key_range(phase, first, first + block_q - 1, kv_length)
+
+        def body(j, carry, q=q, phase=phase):
+            m, l, acc = carry
+            start = pl.multiple_of(j * block_k, block_k)
+            k = k_ref[pl.ds(start, block_k), :]
+            v = v_ref[pl.ds(start, block_k), :]
+            s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
+            k_pos = start + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
+            ok = mask.visible(phase, q_pos, k_pos, kv_length)
+            s = jnp.where(ok, s, MASK_VALUE)
+            m_new = jnp.maximum(m, jnp.max(s, axis=1))
+            p = jnp.where(ok, jnp.exp(s - m_new[:, None]), 0.0)
+            correction = jnp.exp(m - m_new)
+            l = l * correction + jnp.sum(p, axis=1)
+            acc = acc * correction[:, None] + lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                                                              preferred_element_type=jnp.float32)
+            return m_new, l, acc
+
+        m, l, acc = lax.fori_loop(lo // block_k, pl.cdiv(hi, block_k), body, (m, l, acc))
+
+    o_ref[...] = (acc / jnp.maximum(l, 1e-30)[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = jnp.where(l > 0, m + jnp.log(jnp.maximum(l, 1e-30)), -jnp.inf)
+
+
+@functools.partial(jax.jit, static_argnames=("mask", "block_q", "block_k", "num_warps", "num_stages", "interpret"))
+def flash_attention_gpu(queries: tuple, k, v, q_offset, kv_length, scale, *, mask: MaskSpec, block_q: int = 64,
+                        block_k: int = 64, num_warps: int | None = None, num_stages: int = 2,
+                        interpret: bool = False):
+    """``queries``: one q [B, T, N, H] per mask phase (already rotated); k, v [B, K, S, H];
+    q_offset, kv_length [B] int32; scale [B] float32. Returns ``(out [B, T, N, H], lse [B, T, N] f32)``."""
+    from jax.experimental.pallas import triton as pl_triton
+
+    B, T, N, H = queries[0].shape
+    K, S = k.shape[1], k.shape[2]
+    if len(queries) != len(mask.phases):
+        raise ValueError(f"{len(mask.phases)} query copies needed for {mask}, got {len(queries)}")
+    if N % K:
+        raise ValueError(f"query heads ({N}) must be a multiple of kv heads ({K})")
+    if S % block_k:
+        raise ValueError(f"cache length {S} must be a multiple of block_k {block_k}")
+    G = N // K
+    bq = min(block_q, pl.next_power_of_2(T))
+    nq = pl.cdiv(T, bq)
+    pad = nq * bq - T
+    queries = tuple(jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))) for q in queries)
+    scalar = pl.BlockSpec((None,), lambda b, n, i: (b,))
+    q_spec = pl.BlockSpec((None, bq, None, H), lambda b, n, i: (b, i, n, 0))
+    kv_spec = pl.BlockSpec((None, None, S, H), lambda b, n, i: (b, n // G, 0, 0))
+    out, lse = pl.pallas_call(
+        functools.partial(_kernel, mask=mask, block_q=bq, block_k=block_k),
+        grid=(B, N, nq),
+        in_specs=[scalar, scalar, scalar] + [q_spec] * len(queries) + [kv_spec, kv_spec],
+        out_specs=[q_spec, pl.BlockSpec((None, None, bq), lambda b, n, i: (b, n, i))],
+        out_shape=[jax.ShapeDtypeStruct((B, nq * bq, N, H), queries[0].dtype),
+                   jax.ShapeDtypeStruct((B, N, nq * bq), jnp.float32)],
+        compiler_params=pl_triton.CompilerParams(num_warps=num_warps or (4 if H <= 64 else 8),
+                                                 num_stages=num_stages),
+        interpret=interpret,
+        name="qwen_jax_flash_attention",
+    )(q_offset.astype(jnp.int32), kv_length.astype(jnp.int32), scale.astype(jnp.float32), *queries, k, v)
+    return out[:, :T], lse[:, :, :T].transpose(0, 2, 1)

@@ -1,0 +1,79 @@
+"""Attention masks as functions of positions, shared by every kernel (and usable in index maps).
+
+A query block is a run of contiguous positions ``[first, last]`` (a query chunk at an offset); keys
+sit at slot == position in a cache filled up to ``kv_length``. Attention is one or three *phases*,
+each a contiguous range of key slots visited with one copy of the query:
+
+    plain causal   one phase: keys ``[first - window + 1, last]`` (no window: from 0)
+    plain full     one phase: keys ``[0, kv_length)``
+    DCA            inter, successive, intra: keys of chunks two or more back, of the previous
+                   chunk, and of the same chunk (causal), each with its own query rotation
+
+Phases are visited in that order inside one online softmax, so DCA needs no merge. Per element,
+``visible`` decides exactly; the ranges only bound the key blocks a query block visits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+PLAIN, INTER, SUCCESSIVE, INTRA = "plain", "inter", "successive", "intra"
+DCA_PHASES = (INTER, SUCCESSIVE, INTRA)
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskSpec:
+    """Static mask description. ``chunk_len`` (DCA's S = chunk_size - local_size) switches DCA on."""
+
+    causal: bool = True
+    window: int | None = None
+    chunk_len: int | None = None
+
+    def __post_init__(self):
+        if self.chunk_len is not None and (not self.causal or self.window is not None):
+            raise ValueError("dual chunk attention is causal and has no sliding window")
+
+    @property
+    def phases(self) -> tuple[str, ...]:
+        return DCA_PHASES if self.chunk_len is not None else (PLAIN,)
+
+    def key_range(self, phase: str, first, last, kv_length):
+        """Key slots ``[lo, hi)`` that queries at positions ``first..last`` may see in ``phase``."""
+        zero = jnp.zeros_like(first)
+        if phase == PLAIN:
+            if not self.causal:
+                lo, hi = zero, kv_length
+            else:
+                lo = zero if self.window is None else first - self.window + 1
+                hi = last + 1
+        else:
+            S = self.chunk_len
+            c_first, c_last = first // S, last // S
+            lo, hi = {INTER: (zero, (c_last - 1) * S),
+                      SUCCESSIVE: ((c_first - 1) * S, c_last * S),
+                      INTRA: (c_first * S, last + 1)}[phase]
+        lo = jnp.maximum(lo, 0)
+        hi = jnp.minimum(hi, kv_length)
+        return lo, jnp.maximum(hi, lo)
+
+    def visible(self, phase: str, q_pos, k_pos, kv_length):
+        """bool [bq, bk] for query positions ``q_pos`` [bq, 1] and key slots ``k_pos`` [1, bk]."""
+        ok = k_pos < kv_length
+        if self.causal:
+            ok &= k_pos <= q_pos
+        if self.window is not None:
+            ok &= q_pos - k_pos < self.window
+        if phase != PLAIN:
+            S = self.chunk_len
+            gap = q_pos // S - k_pos // S
+            ok &= {INTER: gap >= 2, SUCCESSIVE: gap == 1, INTRA: gap == 0}[phase]
+        return ok
+
+
+def dca_query_positions(positions, chunk_size: int, chunk_len: int) -> dict[str, object]:
+    """Rotary positions of queries for each DCA phase (Qwen's rules; see ``qwen_jax.attention.dca``)."""
+    intra = positions % chunk_len
+    return {INTRA: intra, SUCCESSIVE: jnp.minimum(intra + chunk_len, chunk_size),
+            INTER: jnp.full_like(positions, min(2 * chunk_len - 1, chunk_size))}
