@@ -19,9 +19,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.masks import MaskSpec
-
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+from pallas_kernels.masks import MASK_VALUE, MaskSpec
 
 
 def _kernel(qoff_ref, kvlen_ref, scale_ref, *refs, mask: MaskSpec, block_q: int, block_k: int):

@@ -20,6 +20,8 @@ import dataclasses
 import jax.numpy as jnp
 
 PLAIN, INTER, SUCCESSIVE, INTRA = "plain", "inter", "successive", "intra"
+# Finite: a fully masked row must not produce NaN through exp(-inf - -inf).
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 DCA_PHASES = (INTER, SUCCESSIVE, INTRA)
 
 

@@ -40,8 +40,8 @@ def test_reference_matches_float64_numpy(G, causal):
     q_pos = np.stack([np.arange(T) + 5, np.arange(T) - 3])  # a chunk at an offset; row 1 starts before any key
     k_pos = np.stack([np.arange(S), np.arange(S)])
     kv_len = np.array([21, 13])
-    out, lse = mha_reference(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(q_pos), jnp.asarray(k_pos),
-                             jnp.asarray(kv_len), causal=causal)
+    out, lse = mha_reference(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(q_pos), jnp.asarray(kv_len),
+                             causal=causal)
     ref_out, ref_lse = numpy_attention(q, k, v, q_pos, k_pos, kv_len, causal)
     np.testing.assert_allclose(np.asarray(out), ref_out, atol=2e-6, rtol=1e-5)
     assert np.array_equal(np.isinf(np.asarray(lse)), np.isinf(ref_lse))
@@ -49,3 +49,22 @@ def test_reference_matches_float64_numpy(G, causal):
     np.testing.assert_allclose(np.asarray(lse)[finite], ref_lse[finite], atol=2e-6, rtol=1e-6)
     if causal:
         assert np.isinf(ref_lse[1, :3]).all() and (np.asarray(out)[1, :3] == 0).all()  # rows that see no key
+
+
+def test_lse_merge_of_disjoint_key_sets_equals_one_softmax():
+    """merge_partials: the exact log-sum-exp merge used to combine partial attentions (an empty one included)."""
+    from qwen_jax.attention import merge_partials
+    rng = np.random.default_rng(3)
+    B, T, N, K, H, S = 2, 7, 4, 2, 16, 30
+    q = jnp.asarray(rng.normal(size=(B, T, N, H)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(B, K, S, H)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(B, K, S, H)), jnp.float32)
+    pos = jnp.full((B, T), S, jnp.int32)
+    full = mha_reference(q, k, v, pos)
+    cuts = [(0, 11), (11, 11), (11, 30)]  # the middle partial sees nothing
+    parts = [mha_reference(q, k[:, :, a:b] if b > a else k[:, :, :1], v[:, :, a:b] if b > a else v[:, :, :1], pos,
+                           jnp.full((B,), b - a, jnp.int32)) for a, b in cuts]
+    assert np.isinf(np.asarray(parts[1][1])).all()
+    out, lse = merge_partials(parts)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(full[0]), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(lse), np.asarray(full[1]), atol=1e-6)

@@ -15,10 +15,11 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from pallas_kernels.masks import MaskSpec
 from qwen_jax.attention import dca as dca_ops
-from qwen_jax.attention.blockwise import blockwise_attention, causal_visible
+from qwen_jax.attention.blockwise import blockwise_attention
 from qwen_jax.attention.merge import merge_partials
-from qwen_jax.attention.reference import MASK_VALUE, mha_reference, visible
+from qwen_jax.attention.reference import MASK_VALUE, mha_reference
 from qwen_jax.config import QwenConfig
 from qwen_jax.errors import ConfigError
 from qwen_jax.rope import Rope
@@ -87,14 +88,13 @@ def cached_attention(q, k_cache, v_cache, q_positions, kv_length, request_length
         return out.astype(q.dtype), lse
     q = rope.apply(q, q_positions)
     if spec.impl == "reference":
-        out, lse = mha_reference(q, k_cache, v_cache, q_positions, None, kv_length, causal=True, window=spec.window)
+        out, lse = mha_reference(q, k_cache, v_cache, q_positions, kv_length, causal=True, window=spec.window)
     else:
-        vis, key_range = causal_visible(spec.window)
         scale = jnp.full(q.shape[:1], q.shape[-1] ** -0.5, jnp.float32)
-        out, lse = blockwise_attention(q, k_cache, v_cache, q_positions, kv_length, scale, visible=vis,
-                                       key_range=key_range, block_q=spec.block_q, block_k=spec.block_k)
+        out, lse = blockwise_attention((q,), k_cache, v_cache, q_positions, kv_length, scale,
+                                       mask=MaskSpec(window=spec.window), block_q=spec.block_q, block_k=spec.block_k)
     return out.astype(q.dtype), lse
 
 
 __all__ = ["AttentionSpec", "DEFAULT_SPEC", "IMPLEMENTATIONS", "cached_attention", "key_positions", "key_scale",
-           "mha_reference", "blockwise_attention", "merge_partials", "visible", "MASK_VALUE"]
+           "mha_reference", "blockwise_attention", "merge_partials", "MASK_VALUE"]

@@ -1,0 +1,40 @@
+"""Dense masked attention in plain jnp: the reference twin of every kernel (and of the blockwise op).
+
+Materialises [B, N, T, S] logits: for tests and short sequences. One softmax over the union of the
+mask's phases, each phase with its own copy of the query, exactly what the kernels compute with
+their online softmax. Shapes: ``queries`` one q [B, T, N, H] per phase; k, v [B, K, S, H];
+q_positions [B, T] int32; kv_length [B]; scale [B] float32. Returns ``(out [B, T, N, H] float32,
+lse [B, T, N] float32)``; a query that sees no key gets ``out = 0``, ``lse = -inf``.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from pallas_kernels.masks import MASK_VALUE, MaskSpec
+
+
+def masked_attention(queries: tuple, k, v, q_positions, kv_length, scale, *, mask: MaskSpec):
+    if len(queries) != len(mask.phases):
+        raise ValueError(f"{len(mask.phases)} query copies needed for {mask}, got {len(queries)}")
+    B, T, N, H = queries[0].shape
+    K, S = k.shape[1], k.shape[2]
+    if N % K:
+        raise ValueError(f"query heads ({N}) must be a multiple of kv heads ({K})")
+    G = N // K
+    scale = scale.astype(jnp.float32)[:, None, None, None, None]
+    slots = jnp.arange(S, dtype=jnp.int32)[None, None, :]
+    s = jnp.full((B, K, G, T, S), MASK_VALUE, jnp.float32)
+    seen = jnp.zeros((B, 1, 1, T, S), bool)
+    for phase, q in zip(mask.phases, queries):
+        logits = jnp.einsum("btkgh,bksh->bkgts", q.reshape(B, T, K, G, H).astype(jnp.float32),
+                            k.astype(jnp.float32), precision="highest") * scale
+        ok = mask.visible(phase, q_positions[:, :, None], slots, kv_length[:, None, None])[:, None, None]
+        s = jnp.where(ok, logits, s)
+        seen = seen | ok
+    m = jnp.max(s, axis=-1, keepdims=True)
+    p = jnp.where(seen, jnp.exp(s - m), 0.0)
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    out = jnp.einsum("bkgts,bksh->btkgh", p / jnp.maximum(denom, 1e-30), v.astype(jnp.float32), precision="highest")
+    lse = jnp.where(denom[..., 0] > 0, m[..., 0] + jnp.log(jnp.maximum(denom[..., 0], 1e-30)), -jnp.inf)
+    return out.reshape(B, T, N, H), lse.transpose(0, 3, 1, 2).reshape(B, T, N)
