@@ -1,0 +1,84 @@
+"""qwen-jax's Pallas kernels: flash attention with position masks, GQA and DCA, for GPU and TPU.
+
+One public op, ``flash_attention``, picks the backend's kernel (``impl="auto"``) or the one named:
+
+    ``triton``      Pallas with the Triton lowering: GPUs (and the CPU in interpret mode)
+    ``mosaic_tpu``  Pallas Mosaic TPU with scalar-prefetched block schedules (CPU: interpret mode)
+    ``reference``   dense masked attention in jnp (any backend; materialises [T, S] logits)
+
+Every kernel returns ``(out, lse)``: out [B, T, N, H] in the input dtype, lse [B, T, N] float32
+natural log; a query that sees no key gets out 0 and lse -inf. Unsupported combinations raise.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.masks import MASK_VALUE, MaskSpec
+from pallas_kernels.reference import masked_attention
+
+IMPLS = ("auto", "triton", "mosaic_tpu", "reference")
+_NATIVE = {"gpu": "triton", "cuda": "triton", "tpu": "mosaic_tpu"}
+DEFAULT_BLOCKS = {"triton": (128, 64), "mosaic_tpu": (256, 512)}  # (block_q, block_k)
+
+
+def resolve_impl(impl: str, interpret: bool = False, backend: str | None = None) -> str:
+    """The kernel that ``impl`` means on ``backend`` (default: JAX's), or a clear error."""
+    if impl not in IMPLS:
+        raise ValueError(f"unknown attention kernel {impl!r}; choose one of {list(IMPLS)}")
+    backend = backend or jax.default_backend()
+    if impl == "auto":
+        if backend not in _NATIVE:
+            raise ValueError(f"no Pallas attention kernel runs natively on {backend!r}; pass impl='reference', or "
+                             "impl='triton' / 'mosaic_tpu' with interpret=True")
+        impl = _NATIVE[backend]
+    if impl in ("triton", "mosaic_tpu") and not interpret and _NATIVE.get(backend) != impl:
+        raise ValueError(f"the {impl} kernel does not run on {backend!r} (use interpret=True to emulate it)")
+    return impl
+
+
+def _fit(block: int, length: int, minimum: int) -> int:
+    """The largest power-of-two block <= ``block`` that divides ``length``."""
+    b = block
+    while b >= minimum and length % b:
+        b //= 2
+    if b < minimum:
+        raise ValueError(f"no key block of at least {minimum} divides the cache length {length}; "
+                         f"allocate the cache in multiples of {block}")
+    return b
+
+
+def flash_attention(q, k, v, *, q_offset, kv_length, scale=None, mask: MaskSpec = MaskSpec(), impl: str = "auto",
+                    block_q: int | None = None, block_k: int | None = None, interpret: bool = False):
+    """Attention of queries at positions ``q_offset[b] + t`` over keys at slots ``0..kv_length[b]-1``.
+
+    q: [B, T, N, H], or a tuple with one (differently rotated) copy per ``mask.phases`` (DCA: inter,
+    successive, intra); k, v: [B, K, S, H] with N a multiple of K; q_offset, kv_length: [B] int32;
+    scale: [B] float32 logit multiplier (default 1/sqrt(H)). Returns ``(out, lse)``.
+    """
+    queries = tuple(q) if isinstance(q, (tuple, list)) else (q,)
+    B, T, N, H = queries[0].shape
+    impl = resolve_impl(impl, interpret)
+    q_offset = jnp.broadcast_to(jnp.asarray(q_offset, jnp.int32), (B,))
+    kv_length = jnp.broadcast_to(jnp.asarray(kv_length, jnp.int32), (B,))
+    scale = jnp.broadcast_to(jnp.asarray(H ** -0.5 if scale is None else scale, jnp.float32), (B,))
+    if impl == "reference":
+        positions = q_offset[:, None] + jnp.arange(T, dtype=jnp.int32)[None]
+        out, lse = masked_attention(queries, k, v, positions, kv_length, scale, mask=mask)
+        return out.astype(queries[0].dtype), lse
+    default_q, default_k = DEFAULT_BLOCKS[impl]
+    if impl == "triton":
+        from pallas_kernels.flash_gpu import flash_attention_gpu
+        bk = _fit(block_k or default_k, k.shape[2], 16)
+        return flash_attention_gpu(queries, k, v, q_offset, kv_length, scale, mask=mask, block_q=block_q or default_q,
+                                   block_k=bk, interpret=interpret)
+    from jax.experimental.pallas import tpu as pltpu
+
+    from pallas_kernels.flash_tpu import flash_attention_tpu
+    bk = _fit(block_k or default_k, k.shape[2], 8)
+    return flash_attention_tpu(queries, k, v, q_offset, kv_length, scale, mask=mask, block_q=block_q or default_q,
+                               block_k=bk, interpret=pltpu.InterpretParams() if interpret else None)
+
+
+__all__ = ["flash_attention", "resolve_impl", "MaskSpec", "MASK_VALUE", "masked_attention", "IMPLS"]

@@ -30,6 +30,8 @@ def _kernel(qoff_ref, kvlen_ref, scale_ref, *refs, mask: MaskSpec, block_q: int,
     first = qoff_ref[()] + qi * block_q
     q_pos = (first + lax.broadcasted_iota(jnp.int32, (block_q, 1), 0))
     H = o_ref.shape[-1]
+    # float32 means float32: Triton would otherwise run a float32 dot in TF32.
+    precision = lax.Precision.HIGHEST if k_ref.dtype == jnp.float32 else lax.Precision.DEFAULT
     m = jnp.full((block_q,), MASK_VALUE, jnp.float32)
     l = jnp.zeros((block_q,), jnp.float32)
     acc = jnp.zeros((block_q, H), jnp.float32)
@@ -43,7 +45,8 @@ def _kernel(qoff_ref, kvlen_ref, scale_ref, *refs, mask: MaskSpec, block_q: int,
             start = pl.multiple_of(j * block_k, block_k)
             k = k_ref[pl.ds(start, block_k), :]
             v = v_ref[pl.ds(start, block_k), :]
-            s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
+            s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
+                                preferred_element_type=jnp.float32) * scale
             k_pos = start + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
             ok = mask.visible(phase, q_pos, k_pos, kv_length)
             s = jnp.where(ok, s, MASK_VALUE)
@@ -52,10 +55,10 @@ def _kernel(qoff_ref, kvlen_ref, scale_ref, *refs, mask: MaskSpec, block_q: int,
             correction = jnp.exp(m - m_new)
             l = l * correction + jnp.sum(p, axis=1)
             acc = acc * correction[:, None] + lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
-                                                              preferred_element_type=jnp.float32)
+                                                              precision=precision, preferred_element_type=jnp.float32)
             return m_new, l, acc
 
-        m, l, acc = lax.fori_loop(lo // block_k, pl.cdiv(hi, block_k), body, (m, l, acc))
+        m, l, acc = lax.fori_loop(lax.div(lo, block_k), lax.div(hi + block_k - 1, block_k), body, (m, l, acc))
 
     o_ref[...] = (acc / jnp.maximum(l, 1e-30)[:, None]).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(l > 0, m + jnp.log(jnp.maximum(l, 1e-30)), -jnp.inf)
@@ -84,7 +87,7 @@ def flash_attention_gpu(queries: tuple, k, v, q_offset, kv_length, scale, *, mas
     queries = tuple(jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))) for q in queries)
     scalar = pl.BlockSpec((None,), lambda b, n, i: (b,))
     q_spec = pl.BlockSpec((None, bq, None, H), lambda b, n, i: (b, i, n, 0))
-    kv_spec = pl.BlockSpec((None, None, S, H), lambda b, n, i: (b, n // G, 0, 0))
+    kv_spec = pl.BlockSpec((None, None, S, H), lambda b, n, i: (b, lax.div(n, G), 0, 0))
     out, lse = pl.pallas_call(
         functools.partial(_kernel, mask=mask, block_q=bq, block_k=block_k),
         grid=(B, N, nq),

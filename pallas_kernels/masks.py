@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax.numpy as jnp
+from jax import lax
 
 PLAIN, INTER, SUCCESSIVE, INTRA = "plain", "inter", "successive", "intra"
 # Finite: a fully masked row must not produce NaN through exp(-inf - -inf).
@@ -52,7 +53,7 @@ class MaskSpec:
                 hi = last + 1
         else:
             S = self.chunk_len
-            c_first, c_last = first // S, last // S
+            c_first, c_last = _div(first, S), _div(last, S)
             lo, hi = {INTER: (zero, (c_last - 1) * S),
                       SUCCESSIVE: ((c_first - 1) * S, c_last * S),
                       INTRA: (c_first * S, last + 1)}[phase]
@@ -69,9 +70,33 @@ class MaskSpec:
             ok &= q_pos - k_pos < self.window
         if phase != PLAIN:
             S = self.chunk_len
-            gap = q_pos // S - k_pos // S
+            gap = _div(jnp.maximum(q_pos, 0), S) - _div(k_pos, S)
             ok &= {INTER: gap >= 2, SUCCESSIVE: gap == 1, INTRA: gap == 0}[phase]
         return ok
+
+
+def _div(a, b):
+    """Integer division of a non-negative ``a``: truncating ``lax.div`` lowers on every backend (jnp's
+    floor division needs ``sign``, which Mosaic TPU cannot lower without a TPU attached)."""
+    return lax.div(a, jnp.asarray(b, jnp.asarray(a).dtype))
+
+
+def block_span(mask: MaskSpec, first, last, kv_length, block_k: int):
+    """Key blocks ``[lo, hi)`` (block indices) that queries at ``first..last`` see in any phase, as scalars."""
+    lo_blk, hi_blk = None, None
+    for phase in mask.phases:
+        lo, hi = mask.key_range(phase, first, last, kv_length)
+        lo_p = jnp.where(hi > lo, _div(lo, block_k), jnp.iinfo(jnp.int32).max)
+        hi_p = jnp.where(hi > lo, _div(hi + block_k - 1, block_k), 0)
+        lo_blk = lo_p if lo_blk is None else jnp.minimum(lo_blk, lo_p)
+        hi_blk = hi_p if hi_blk is None else jnp.maximum(hi_blk, hi_p)
+    return jnp.minimum(lo_blk, hi_blk), hi_blk
+
+
+def phase_touches(mask: MaskSpec, phase: str, first, last, kv_length, block: int, block_k: int):
+    """Whether key block ``block`` intersects ``phase``'s key range for queries at ``first..last``."""
+    lo, hi = mask.key_range(phase, first, last, kv_length)
+    return (hi > lo) & (block * block_k < hi) & ((block + 1) * block_k > lo)
 
 
 def dca_query_positions(positions, chunk_size: int, chunk_len: int) -> dict[str, object]:

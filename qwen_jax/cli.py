@@ -9,13 +9,14 @@ import time
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-chunk", type=int, default=None, help="prefill chunk size in tokens (default 32768)")
-    p.add_argument("--attention", default=None, help="attention implementation: blockwise (default) or reference")
+    p.add_argument("--attention", default=None,
+                   help="attention implementation: blockwise (default), pallas (the GPU/TPU kernels) or reference")
     p.add_argument("--dca", default=None, metavar="K=V,...",
                    help="dual chunk attention, e.g. chunk_size=32768,local_size=2048[,original_max_position_embeddings=N]")
     p.add_argument("--window", type=int, default=None,
                    help="sliding-window baseline: keys this many positions back or more are invisible")
-    p.add_argument("--block-q", type=int, default=None, help="query block of the blockwise attention (default 512)")
-    p.add_argument("--block-k", type=int, default=None, help="key block of the blockwise attention (default 512)")
+    p.add_argument("--block-q", type=int, default=None, help="query tile of the attention (default: per implementation)")
+    p.add_argument("--block-k", type=int, default=None, help="key tile of the attention (default: per implementation)")
 
 
 def _model_overrides(args) -> dict:
@@ -25,10 +26,8 @@ def _model_overrides(args) -> dict:
     if args.prefill_chunk:
         overrides["prefill_chunk_size"] = args.prefill_chunk
     if args.attention or args.window or args.block_q or args.block_k:
-        default = AttentionSpec()
         overrides["attn_implementation"] = AttentionSpec(
-            impl=args.attention or default.impl, window=args.window, block_q=args.block_q or default.block_q,
-            block_k=args.block_k or default.block_k)
+            impl=args.attention or AttentionSpec.impl, window=args.window, block_q=args.block_q, block_k=args.block_k)
     if args.dca:
         block = {}
         for part in args.dca.split(","):

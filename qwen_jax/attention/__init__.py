@@ -4,9 +4,10 @@ Every implementation returns ``(out, lse)`` (lse natural-log float32) so DCA, sp
 sequence-sharded paths compose by log-sum-exp merging. Which one runs is a static ``AttentionSpec``;
 an unknown or unsupported choice raises instead of silently falling back.
 
-Implementations:
+Implementations (every one computes the same masks, ``pallas_kernels.masks``):
     ``blockwise``  memory-linear jnp (online softmax over key blocks; the default)
     ``reference``  dense jnp that materialises [T, S] logits (the twin tests compare against)
+    ``pallas``     the Pallas flash kernels of ``pallas_kernels`` (GPU: Triton; TPU: Mosaic)
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import dataclasses
 
 import jax.numpy as jnp
 
+import pallas_kernels
 from pallas_kernels.masks import MaskSpec
+from pallas_kernels.reference import masked_attention
 from qwen_jax.attention import dca as dca_ops
 from qwen_jax.attention.blockwise import blockwise_attention
 from qwen_jax.attention.merge import merge_partials
@@ -24,24 +27,34 @@ from qwen_jax.config import QwenConfig
 from qwen_jax.errors import ConfigError
 from qwen_jax.rope import Rope
 
-IMPLEMENTATIONS = ("blockwise", "reference")
+IMPLEMENTATIONS = ("blockwise", "reference", "pallas")
 
 
 @dataclasses.dataclass(frozen=True)
 class AttentionSpec:
-    """Static choice of attention path. ``window`` (plain attention only) hides keys ``window`` or more
-    positions back: a sliding-window baseline, not a Qwen2.5 feature."""
+    """Static choice of attention path.
+
+    ``impl``: ``blockwise`` (memory-linear jnp, the default), ``reference`` (dense jnp) or ``pallas``
+    (the ``pallas_kernels`` flash kernels; ``kernel`` picks one, ``auto`` by backend, and
+    ``interpret`` emulates it on the CPU). ``block_q`` / ``block_k``: tile sizes (None: the
+    implementation's default). ``window`` (plain attention only) hides keys ``window`` or more
+    positions back: a sliding-window baseline, not a Qwen2.5 feature.
+    """
 
     impl: str = "blockwise"
-    block_q: int = 512
-    block_k: int = 512
+    block_q: int | None = None
+    block_k: int | None = None
     window: int | None = None
+    kernel: str = "auto"
+    interpret: bool = False
 
     def __post_init__(self):
         if self.impl not in IMPLEMENTATIONS:
             raise ConfigError(f"unknown attention implementation {self.impl!r}; choose one of {list(IMPLEMENTATIONS)}")
-        if self.block_q < 1 or self.block_k < 1:
+        if (self.block_q is not None and self.block_q < 1) or (self.block_k is not None and self.block_k < 1):
             raise ConfigError("attention block sizes must be positive")
+        if self.kernel not in pallas_kernels.IMPLS:
+            raise ConfigError(f"unknown attention kernel {self.kernel!r}; choose one of {list(pallas_kernels.IMPLS)}")
 
     @classmethod
     def of(cls, value: "AttentionSpec | str | None") -> "AttentionSpec":
@@ -73,26 +86,32 @@ def cached_attention(q, k_cache, v_cache, q_positions, kv_length, request_length
 
     q [B, T, N, H] (not yet rotated); k_cache, v_cache [B, K, S, H] with keys rotated by
     ``key_positions`` and scaled by ``key_scale``, stored at slot == position; q_positions [B, T]
-    int32; kv_length [B] int32 (slots >= kv_length are never read); request_lengths [B] int32 (the
-    whole request's length, for DCA's scale). Returns ``(out [B, T, N, H] q.dtype, lse [B, T, N] f32)``.
+    int32, contiguous per row; kv_length [B] int32 (slots >= kv_length are never read);
+    request_lengths [B] int32 (the whole request's length, for DCA's scale). Returns
+    ``(out [B, T, N, H] q.dtype, lse [B, T, N] f32)``.
     """
     dca = config.dual_chunk_attention_config
+    H = q.shape[-1]
     if dca is not None:
         if spec.window is not None:
             raise ConfigError("a sliding window cannot be combined with dual chunk attention")
-        args = (q, k_cache, v_cache, q_positions, kv_length, request_lengths)
-        if spec.impl == "reference":
-            out, lse = dca_ops.dca_reference(*args, dca=dca, rope=rope)
-        else:
-            out, lse = dca_ops.dca_attention(*args, dca=dca, rope=rope, block_q=spec.block_q, block_k=spec.block_k)
-        return out.astype(q.dtype), lse
-    q = rope.apply(q, q_positions)
-    if spec.impl == "reference":
-        out, lse = mha_reference(q, k_cache, v_cache, q_positions, kv_length, causal=True, window=spec.window)
+        queries = dca_ops.rotated_queries(q, q_positions, dca, rope)
+        mask, scale = dca_ops.mask_spec(dca), dca_ops.softmax_scale(request_lengths, dca, H)
     else:
-        scale = jnp.full(q.shape[:1], q.shape[-1] ** -0.5, jnp.float32)
-        out, lse = blockwise_attention((q,), k_cache, v_cache, q_positions, kv_length, scale,
-                                       mask=MaskSpec(window=spec.window), block_q=spec.block_q, block_k=spec.block_k)
+        queries = (rope.apply(q, q_positions),)
+        mask, scale = MaskSpec(window=spec.window), jnp.full(q.shape[:1], H ** -0.5, jnp.float32)
+    if spec.impl == "reference":
+        out, lse = masked_attention(queries, k_cache, v_cache, q_positions, kv_length, scale, mask=mask)
+    elif spec.impl == "blockwise":
+        out, lse = blockwise_attention(queries, k_cache, v_cache, q_positions, kv_length, scale, mask=mask,
+                                       block_q=spec.block_q or 512, block_k=spec.block_k or 512)
+    else:
+        try:
+            out, lse = pallas_kernels.flash_attention(
+                queries, k_cache, v_cache, q_offset=q_positions[:, 0], kv_length=kv_length, scale=scale, mask=mask,
+                impl=spec.kernel, block_q=spec.block_q, block_k=spec.block_k, interpret=spec.interpret)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     return out.astype(q.dtype), lse
 
 

@@ -1,0 +1,135 @@
+"""Pallas flash-attention kernels on the CPU: interpret mode against the masked dense reference,
+lowering to TPU and CUDA proved with jax.export, and the dispatch rules."""
+
+import functools
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export
+
+import pallas_kernels
+from pallas_kernels import MaskSpec, flash_attention, masked_attention, resolve_impl
+
+KERNELS = ["triton", "mosaic_tpu"]
+MASKS = {
+    "causal": MaskSpec(),
+    "full": MaskSpec(causal=False),
+    "window": MaskSpec(window=20),
+    "dca": MaskSpec(chunk_len=24),  # 24 is not a multiple of the 32-key tiles: tiles straddle chunks
+}
+CASES = [("causal", 1), ("causal", 4), ("causal", 7), ("full", 4), ("window", 7), ("dca", 1), ("dca", 4), ("dca", 7)]
+
+
+def inputs(seed, G, phases, dtype=jnp.float32, T=37, S=128, H=32):
+    rng = np.random.default_rng(seed)
+    K = 1 if G == 7 else 2
+    B = 3
+    qs = tuple(jnp.asarray(rng.normal(size=(B, T, K * G, H)), dtype) for _ in range(phases))
+    k = jnp.asarray(rng.normal(size=(B, K, S, H)), dtype)
+    v = jnp.asarray(rng.normal(size=(B, K, S, H)), dtype)
+    # row 0: a chunk of queries at offset 75 (DCA chunks 3 and 4); row 1: kv shorter than the queries;
+    # row 2: an empty cache, so no query sees anything.
+    q_offset = jnp.array([75, 0, 10], jnp.int32)
+    kv_length = jnp.array([112, 20, 0], jnp.int32)
+    scale = jnp.asarray(rng.uniform(0.1, 0.3, B), jnp.float32)
+    return qs, k, v, q_offset, kv_length, scale
+
+
+def expected(qs, k, v, q_offset, kv_length, scale, mask):
+    T = qs[0].shape[1]
+    positions = q_offset[:, None] + jnp.arange(T)[None]
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    return masked_attention(tuple(map(f32, qs)), f32(k), f32(v), positions, kv_length, scale, mask=mask)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("mask_name,G", CASES)
+def test_kernel_matches_masked_dense_reference(kernel, mask_name, G):
+    mask = MASKS[mask_name]
+    args = inputs(zlib.crc32(f"{mask_name}{G}".encode()), G, len(mask.phases))
+    out, lse = flash_attention(*args[:3], q_offset=args[3], kv_length=args[4], scale=args[5], mask=mask,
+                               impl=kernel, block_q=16, block_k=32, interpret=True)
+    ref_out, ref_lse = expected(*args, mask)
+    out, lse, ref_out, ref_lse = map(np.asarray, (out, lse, ref_out, ref_lse))
+    assert out.shape == ref_out.shape and lse.shape == ref_lse.shape
+    assert not np.isnan(out).any() and not np.isnan(lse).any()  # every element written
+    np.testing.assert_allclose(out, ref_out, atol=2e-6, rtol=1e-5)
+    assert np.array_equal(np.isneginf(lse), np.isneginf(ref_lse))
+    assert np.isneginf(ref_lse[2]).all() and (out[2] == 0).all()  # the empty cache
+    finite = np.isfinite(ref_lse)
+    np.testing.assert_allclose(lse[finite], ref_lse[finite], atol=2e-6, rtol=1e-6)
+    if mask_name in ("window", "dca"):  # rows whose first tiles see nothing: the window / chunk starts later
+        assert ref_lse[0].min() > -np.inf
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_dca_through_the_kernel_in_bfloat16_is_within_bf16_noise(kernel):
+    mask = MASKS["dca"]
+    args = inputs(11, 4, 3, dtype=jnp.bfloat16)
+    out, lse = flash_attention(*args[:3], q_offset=args[3], kv_length=args[4], scale=args[5], mask=mask,
+                               impl=kernel, block_q=16, block_k=32, interpret=True)
+    ref_out, ref_lse = expected(*args, mask)
+    assert out.dtype == jnp.bfloat16
+    err = np.abs(np.asarray(out, np.float32) - np.asarray(ref_out))[:2].max() / np.abs(np.asarray(ref_out)).max()
+    assert err < 2e-2
+    finite = np.isfinite(np.asarray(ref_lse))
+    np.testing.assert_allclose(np.asarray(lse)[finite], np.asarray(ref_lse)[finite], atol=2e-2)
+
+
+def test_dca_model_through_the_kernels_equals_the_blockwise_op(tiny_checkpoint):
+    import qwen_jax
+    from qwen_jax.attention import AttentionSpec
+    dca = {"chunk_size": 48, "local_size": 16, "original_max_position_embeddings": 32}  # S = 32, s > 1 at 150
+    tokens = np.random.default_rng(0).integers(0, 1000, (2, 150))
+    blockwise = qwen_jax.load(tiny_checkpoint[0], dtype="float32", dual_chunk_attention_config=dca)
+    ref = blockwise.logits(tokens)
+    for kernel in KERNELS:
+        spec = AttentionSpec(impl="pallas", kernel=kernel, interpret=True, block_q=16, block_k=32)
+        via_kernel = qwen_jax.Model(blockwise.config, blockwise.params, attn_implementation=spec,
+                                    prefill_chunk_size=64).logits(tokens)
+        assert np.abs(via_kernel - ref).max() <= 1e-5 * np.abs(ref).max(), kernel
+
+
+@pytest.mark.parametrize("kernel,platform", [("triton", "cuda"), ("mosaic_tpu", "tpu")])
+@pytest.mark.parametrize("mask_name", ["causal", "dca"])
+def test_kernels_lower_for_their_hardware(kernel, platform, mask_name):
+    """Lowering proved without the hardware: Qwen2.5-7B heads (28 / 4, head_dim 128), bf16."""
+    mask = MaskSpec(chunk_len=1024) if mask_name == "dca" else MaskSpec()
+    sd = jax.ShapeDtypeStruct
+    B, T, N, K, H, S = 1, 1024, 28, 4, 128, 4096
+    if kernel == "triton":
+        from pallas_kernels.flash_gpu import flash_attention_gpu as fn
+        fn = functools.partial(fn, mask=mask, block_q=128, block_k=64)
+        checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+        marker = "triton"
+    else:
+        from pallas_kernels.flash_tpu import flash_attention_tpu as fn
+        fn = functools.partial(fn, mask=mask, block_q=256, block_k=512)
+        checks, marker = [], "tpu_custom_call"
+    exported = export.export(jax.jit(fn), platforms=[platform], disabled_checks=checks)(
+        tuple(sd((B, T, N, H), jnp.bfloat16) for _ in mask.phases), sd((B, K, S, H), jnp.bfloat16),
+        sd((B, K, S, H), jnp.bfloat16), sd((B,), jnp.int32), sd((B,), jnp.int32), sd((B,), jnp.float32))
+    assert exported.platforms == (platform,) and marker in exported.mlir_module()
+
+
+def test_dispatch_picks_or_refuses_loudly():
+    assert resolve_impl("auto", backend="gpu") == "triton"
+    assert resolve_impl("auto", backend="tpu") == "mosaic_tpu"
+    with pytest.raises(ValueError, match="no Pallas attention kernel runs natively on 'cpu'"):
+        resolve_impl("auto", backend="cpu")
+    with pytest.raises(ValueError, match="does not run on 'tpu'"):
+        resolve_impl("triton", backend="tpu")
+    with pytest.raises(ValueError, match="unknown attention kernel"):
+        resolve_impl("cutlass")
+    assert resolve_impl("mosaic_tpu", interpret=True, backend="cpu") == "mosaic_tpu"
+    qs, k, v, q_offset, kv_length, scale = inputs(0, 1, 1)
+    out, lse = flash_attention(qs[0], k, v, q_offset=q_offset, kv_length=kv_length, scale=scale, impl="reference")
+    ref = expected(qs, k, v, q_offset, kv_length, scale, MaskSpec())
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref[0]), atol=1e-6)
+    with pytest.raises(ValueError, match="no key block of at least 16 divides"):
+        flash_attention(qs[0], k[:, :, :100], v[:, :, :100], q_offset=q_offset, kv_length=kv_length, impl="triton",
+                        interpret=True)
+    assert pallas_kernels.DEFAULT_BLOCKS["triton"] == (128, 64)
