@@ -49,7 +49,10 @@ def _fit(block: int, length: int, minimum: int) -> int:
     return b
 
 
-def flash_attention(q, k, v, *, q_offset, kv_length, scale=None, mask: MaskSpec = MaskSpec(), impl: str = "auto",
+CAUSAL = MaskSpec()
+
+
+def flash_attention(q, k, v, *, q_offset, kv_length, scale=None, mask: MaskSpec = CAUSAL, impl: str = "auto",
                     block_q: int | None = None, block_k: int | None = None, interpret: bool = False):
     """Attention of queries at positions ``q_offset[b] + t`` over keys at slots ``0..kv_length[b]-1``.
 
