@@ -39,26 +39,36 @@ def _kernel(qoff_ref, kvlen_ref, scale_ref, *refs, mask: MaskSpec, block_q: int,
     for phase, q_ref in zip(mask.phases, q_refs):
         q = q_ref[...]
         lo, hi = mask.key_range(phase, first, first + block_q - 1, kv_length)
+        j0, j1 = lax.div(lo, block_k), lax.div(hi + block_k - 1, block_k)
+        # Interior blocks are visible whole: no mask there, only on the ragged edges.
+        u0, u1 = mask.interior(phase, first, first + block_q - 1, kv_length, block_k)
+        u0 = jnp.clip(u0, j0, j1)
+        u1 = jnp.clip(u1, u0, j1)
 
-        def body(j, carry, q=q, phase=phase):
+        def body(j, carry, q=q, phase=phase, masked=True):
             m, l, acc = carry
             start = pl.multiple_of(j * block_k, block_k)
             k = k_ref[pl.ds(start, block_k), :]
             v = v_ref[pl.ds(start, block_k), :]
             s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
                                 preferred_element_type=jnp.float32) * scale
-            k_pos = start + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
-            ok = mask.visible(phase, q_pos, k_pos, kv_length)
-            s = jnp.where(ok, s, MASK_VALUE)
+            if masked:
+                k_pos = start + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
+                ok = mask.visible(phase, q_pos, k_pos, kv_length)
+                s = jnp.where(ok, s, MASK_VALUE)
             m_new = jnp.maximum(m, jnp.max(s, axis=1))
-            p = jnp.where(ok, jnp.exp(s - m_new[:, None]), 0.0)
+            p = jnp.exp(s - m_new[:, None])
+            if masked:
+                p = jnp.where(ok, p, 0.0)
             correction = jnp.exp(m - m_new)
             l = l * correction + jnp.sum(p, axis=1)
             acc = acc * correction[:, None] + lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
                                                               precision=precision, preferred_element_type=jnp.float32)
             return m_new, l, acc
 
-        m, l, acc = lax.fori_loop(lax.div(lo, block_k), lax.div(hi + block_k - 1, block_k), body, (m, l, acc))
+        carry = lax.fori_loop(j0, u0, body, (m, l, acc))
+        carry = lax.fori_loop(u0, u1, functools.partial(body, masked=False), carry)
+        m, l, acc = lax.fori_loop(u1, j1, body, carry)
 
     o_ref[...] = (acc / jnp.maximum(l, 1e-30)[:, None]).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(l > 0, m + jnp.log(jnp.maximum(l, 1e-30)), -jnp.inf)
@@ -66,7 +76,7 @@ def _kernel(qoff_ref, kvlen_ref, scale_ref, *refs, mask: MaskSpec, block_q: int,
 
 @functools.partial(jax.jit, static_argnames=("mask", "block_q", "block_k", "num_warps", "num_stages", "interpret"))
 def flash_attention_gpu(queries: tuple, k, v, q_offset, kv_length, scale, *, mask: MaskSpec, block_q: int = 64,
-                        block_k: int = 64, num_warps: int | None = None, num_stages: int = 2,
+                        block_k: int = 64, num_warps: int | None = None, num_stages: int = 3,
                         interpret: bool = False):
     """``queries``: one q [B, T, N, H] per mask phase (already rotated); k, v [B, K, S, H];
     q_offset, kv_length [B] int32; scale [B] float32. Returns ``(out [B, T, N, H], lse [B, T, N] f32)``."""

@@ -61,6 +61,30 @@ class MaskSpec:
         hi = jnp.minimum(hi, kv_length)
         return lo, jnp.maximum(hi, lo)
 
+    def interior(self, phase: str, first, last, kv_length, block_k: int):
+        """Key blocks ``[u0, u1)`` every query at ``first..last`` sees whole in ``phase`` (no mask needed).
+
+        Conservative: a block outside it may still be fully visible; the caller masks those."""
+        hi = _div(kv_length, block_k)                          # blocks wholly below kv_length
+        lo = jnp.zeros_like(hi)
+        if self.causal:
+            hi = jnp.minimum(hi, _div(first + 1, block_k))     # every key <= the first query
+        if self.window is not None:
+            lo = jnp.maximum(lo, _div(jnp.maximum(last - self.window + block_k, 0), block_k))
+        if phase != PLAIN:
+            S = self.chunk_len
+            c_first, c_last = _div(first, S), _div(last, S)
+            one_chunk = c_first == c_last
+            if phase == INTER:
+                hi = jnp.minimum(hi, _div(jnp.maximum((c_first - 1) * S, 0), block_k))
+            elif phase == SUCCESSIVE:
+                lo = jnp.maximum(lo, _div(jnp.maximum((c_first - 1) * S + block_k - 1, 0), block_k))
+                hi = jnp.where(one_chunk, jnp.minimum(hi, _div(c_first * S, block_k)), 0)
+            else:
+                lo = jnp.maximum(lo, _div(c_first * S + block_k - 1, block_k))
+                hi = jnp.where(one_chunk, hi, 0)
+        return lo, jnp.maximum(hi, lo)
+
     def visible(self, phase: str, q_pos, k_pos, kv_length):
         """bool [bq, bk] for query positions ``q_pos`` [bq, 1] and key slots ``k_pos`` [1, bk]."""
         ok = k_pos < kv_length

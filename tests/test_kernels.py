@@ -133,3 +133,23 @@ def test_dispatch_picks_or_refuses_loudly():
         flash_attention(qs[0], k[:, :, :100], v[:, :, :100], q_offset=q_offset, kv_length=kv_length, impl="triton",
                         interpret=True)
     assert pallas_kernels.DEFAULT_BLOCKS["triton"] == (128, 64)
+
+
+@pytest.mark.parametrize("mask_name", sorted(MASKS))
+def test_interior_blocks_are_wholly_visible(mask_name):
+    """MaskSpec.interior (where kernels skip the mask) never claims a block with an invisible element."""
+    mask, bk = MASKS[mask_name], 8
+    rng = np.random.default_rng(0)
+    claimed = dict.fromkeys(mask.phases, 0)
+    for _ in range(300):
+        first = int(rng.integers(0, 200))
+        last = first + int(rng.integers(0, 40))
+        kv_length = int(rng.integers(0, 260))
+        q_pos = jnp.arange(first, last + 1)[:, None]
+        for phase in mask.phases:
+            u0, u1 = (int(x) for x in mask.interior(phase, jnp.int32(first), jnp.int32(last), jnp.int32(kv_length), bk))
+            claimed[phase] += u1 - u0
+            for j in range(u0, u1):
+                k_pos = jnp.arange(j * bk, (j + 1) * bk)[None, :]
+                assert np.asarray(mask.visible(phase, q_pos, k_pos, kv_length)).all(), (phase, first, last, j)
+    assert all(n > 0 for n in claimed.values()), claimed  # the shortcut is really taken
