@@ -11,12 +11,26 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import math
+
 import jax
 import jax.numpy as jnp
 
 from qwen_jax.config import QwenConfig
 
 CACHE_AXES = ("batch", "kv_heads", "seq", "head_dim")
+CACHE_BUCKET = 128   # cache lengths are rounded up to this, so nearby sizes share compilations
+PROMPT_BUCKET = 64   # prompts are right-padded to a multiple of this, likewise
+
+
+def padded_prompt_length(longest: int) -> int:
+    """Length to which a batch of prompts is right-padded."""
+    return int(math.ceil(longest / PROMPT_BUCKET) * PROMPT_BUCKET)
+
+
+def cache_length(tokens: int, max_new_tokens: int = 0) -> int:
+    """KV-cache slots for ``tokens`` plus ``max_new_tokens``, rounded up to ``CACHE_BUCKET``."""
+    return int(math.ceil((tokens + max_new_tokens) / CACHE_BUCKET) * CACHE_BUCKET)
 
 
 class KVCache(NamedTuple):

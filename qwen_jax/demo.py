@@ -61,14 +61,21 @@ def write_hf_checkpoint(folder: str, config: dict, seed: int = 0, dtype="bfloat1
     rng = np.random.default_rng(seed)
 
     def draw(path, a):
-        # Unit-scale activations (weights ~ 1/sqrt(fan-in)) so the random model's continuations vary.
+        # Unit-scale activations: embeddings ~ N(0, 1), matrices ~ N(0, 1/fan_in), small biases.
         name = jax.tree_util.keystr(path)
         if "norm" in name:
             return a
         if "bias" in name:
-            return rng.normal(0, 0.05, a.shape).astype(a.dtype)
-        fan_in = a.shape[-1] if "embed" in name or "lm_head" in name else a.shape[0] * (a.shape[1] if "o_proj" in name else 1)
-        return rng.normal(0, 1 / np.sqrt(fan_in) if "embed" not in name else 1.0, a.shape).astype(a.dtype)
+            std = 0.05
+        elif "embed" in name:
+            std = 1.0
+        elif "lm_head" in name:               # [V, D]
+            std = a.shape[1] ** -0.5
+        elif "o_proj" in name:                # [N, H, D]
+            std = (a.shape[0] * a.shape[1]) ** -0.5
+        else:                                 # [D, ...] and [F, D]: input dimension first
+            std = a.shape[0] ** -0.5
+        return rng.normal(0, std, a.shape).astype(a.dtype)
 
     params = jax.tree_util.tree_map_with_path(draw, params)
     write_hf_safetensors(folder, params, cfg, dtype=np.dtype(jax.numpy.dtype(dtype)), progress=False)
@@ -90,7 +97,8 @@ def _generate_and_check(model, prompt: list[int], new_tokens: int) -> bool:
     import jax.numpy as jnp
 
     import qwen_jax
-    from qwen_jax.generation import cache_length, generate_ids, padded_prompt_length
+    from qwen_jax.cache import cache_length, padded_prompt_length
+    from qwen_jax.generation import generate_ids
 
     cfg, params = model.config, model.params
     out = generate_ids(params, cfg, [prompt], max_new_tokens=new_tokens, spec=model.attention,

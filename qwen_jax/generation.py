@@ -7,7 +7,6 @@ positions, so every row decodes at its own position in one static-shape step.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Callable, Sequence
 
 import jax
@@ -15,24 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from qwen_jax import attention
-from qwen_jax.cache import init_cache
+from qwen_jax.cache import cache_length, init_cache, padded_prompt_length
 from qwen_jax.config import QwenConfig
 from qwen_jax.errors import QwenJaxError
 from qwen_jax.model import DEFAULT_PREFILL_CHUNK, _hidden, _unembed, params_dtype, prefill
 from qwen_jax.sampling import Sampling, sample
 
 GREEDY = Sampling()
-CACHE_BUCKET = 128  # cache lengths are rounded up to this, so nearby prompt sizes share compilations
-
-
-def padded_prompt_length(longest: int) -> int:
-    """Prompts are right-padded to a multiple of 64 tokens, so nearby lengths share compilations."""
-    return int(math.ceil(longest / 64) * 64)
-
-
-def cache_length(padded_prompt: int, max_new_tokens: int) -> int:
-    """KV-cache slots for a padded prompt plus ``max_new_tokens``, rounded up to ``CACHE_BUCKET``."""
-    return int(math.ceil((padded_prompt + max_new_tokens) / CACHE_BUCKET) * CACHE_BUCKET)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "spec", "sampling"), donate_argnames=("cache",))

@@ -8,7 +8,6 @@ float32. Positions are explicit: a row's tokens sit at cache slots equal to thei
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any
 
 import flax.linen as nn
@@ -17,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qwen_jax import attention
-from qwen_jax.cache import KVCache, init_cache
+from qwen_jax.cache import KVCache, cache_length, init_cache
 from qwen_jax.config import QwenConfig
 from qwen_jax.errors import QwenJaxError
 from qwen_jax.layers import Qwen2
@@ -163,7 +162,7 @@ def prefill_logits(params, tokens, config: QwenConfig, *, chunk_size: int = DEFA
     """Logits at every position, computed chunk by chunk through the prefill path: [B, T, V] float32."""
     tokens = jnp.asarray(tokens, jnp.int32)
     B, T = tokens.shape
-    cache = init_cache(config, B, _round_up(T, 128), params_dtype(params))
+    cache = init_cache(config, B, cache_length(T), params_dtype(params))
     out = np.empty((B, T, config.vocab_size), np.float32)
     request_lengths = jnp.full((B,), T, jnp.int32)
     for begin, end in _chunks(T, chunk_size):
@@ -171,10 +170,6 @@ def prefill_logits(params, tokens, config: QwenConfig, *, chunk_size: int = DEFA
                                        config, spec, True)
         out[:, begin:end] = np.asarray(logits)
     return out
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return int(math.ceil(n / multiple) * multiple)
 
 
 def _check_fits(total: int, cache: KVCache):

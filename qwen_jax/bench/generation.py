@@ -21,7 +21,8 @@ def bench_qwen_jax(path, dtype, prompt, new_tokens, repeats):
 
     import qwen_jax
     from qwen_jax.bench import median_time
-    from qwen_jax.generation import cache_length, decode_and_sample
+    from qwen_jax.cache import cache_length
+    from qwen_jax.generation import decode_and_sample
     from qwen_jax.sampling import Sampling
 
     model = qwen_jax.load(path, dtype=dtype)
