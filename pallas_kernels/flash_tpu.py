@@ -5,7 +5,8 @@ Grid ``(B, N, T / block_q, S / block_k)``; the last axis walks the key blocks a 
 scalar-prefetched query offsets and kv lengths, and steps past the end repeat the last block, so
 skipped tiles are never copied. Each step computes the logits of every phase whose key range
 touches the block (one matmul, or two or three on a block that straddles a DCA chunk boundary) and
-merges them per element, so DCA runs in one online softmax with no merge of partial outputs. Running max, denominator and accumulator live in VMEM scratch
+merges them per element, so DCA runs in one online softmax with no merge of partial outputs; a block
+inside a phase's interior (``MaskSpec.interior``) skips the mask altogether. Running max, denominator and accumulator live in VMEM scratch
 across steps; the output is written at the last step. Queries are heads-major [B, N, T, H] inside
 (transposed by the wrapper), K/V are read in place from the [B, K, S, H] cache (kv head = query head
 // G). Runs on the CPU with ``interpret=pltpu.InterpretParams()``; lowers to Mosaic for TPU.
@@ -49,9 +50,41 @@ def _kernel(qoff_ref, kvlen_ref, scale_ref, *refs, mask: MaskSpec, block_q: int,
         l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
         acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
 
-    @pl.when(active)
-    def _step():
-        k = k_ref[...]
+    def logits(q_ref):
+        return lax.dot_general(q_ref[...], k_ref[...], (((1,), (1,)), ((), ())), precision=precision,
+                               preferred_element_type=jnp.float32) * scale
+
+    def accumulate(s, ok):
+        """One online-softmax step; ``ok`` None means every element of the tile is visible."""
+        m_prev, l_prev = m_scr[...], l_scr[...]                       # [bq, LANES], lane-replicated
+        m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+        p = jnp.exp(s - m_new[:, :1])
+        if ok is not None:
+            p = jnp.where(ok, p, 0.0)
+        correction = jnp.exp(m_prev - m_new)
+        l_scr[...] = l_prev * correction + jnp.sum(p, axis=1, keepdims=True)
+        m_scr[...] = m_new
+        pv = lax.dot_general(p.astype(v_ref.dtype), v_ref[...], (((1,), (0,)), ((), ())), precision=precision,
+                             preferred_element_type=jnp.float32)
+        acc_scr[...] = acc_scr[...] * correction[:, :1] + pv
+
+    # A block inside one phase's interior is visible whole (and, phases being disjoint, to that phase only).
+    last = first + block_q - 1
+    interior = []
+    for phase in mask.phases:
+        u0, u1 = mask.interior(phase, first, last, kv_length, block_k)
+        interior.append((u0 <= block) & (block < u1))
+    whole = functools.reduce(jnp.logical_or, interior)
+
+    @pl.when(active & whole)
+    def _interior_step():
+        s = logits(q_refs[0])
+        for i in range(1, n_phases):
+            s = lax.cond(interior[i], functools.partial(logits, q_refs[i]), lambda s=s: s)
+        accumulate(s, None)
+
+    @pl.when(active & jnp.logical_not(whole))
+    def _edge_step():
         shape = (block_q, block_k)
         q_pos = first + lax.broadcasted_iota(jnp.int32, shape, 0)
         k_pos = block * block_k + lax.broadcasted_iota(jnp.int32, shape, 1)
@@ -60,22 +93,12 @@ def _kernel(qoff_ref, kvlen_ref, scale_ref, *refs, mask: MaskSpec, block_q: int,
         for phase, q_ref in zip(mask.phases, q_refs):
             def add_phase(s_ok, phase=phase, q_ref=q_ref):
                 s, ok = s_ok
-                logits = lax.dot_general(q_ref[...], k, (((1,), (1,)), ((), ())), precision=precision,
-                                         preferred_element_type=jnp.float32) * scale
                 vis = mask.visible(phase, q_pos, k_pos, kv_length)
-                return jnp.where(vis, logits, s), ok | vis
+                return jnp.where(vis, logits(q_ref), s), ok | vis
 
-            touches = phase_touches(mask, phase, first, first + block_q - 1, kv_length, block, block_k)
+            touches = phase_touches(mask, phase, first, last, kv_length, block, block_k)
             s, ok = add_phase((s, ok)) if n_phases == 1 else lax.cond(touches, add_phase, lambda x: x, (s, ok))
-        m_prev, l_prev = m_scr[...], l_scr[...]                       # [bq, LANES], lane-replicated
-        m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
-        p = jnp.where(ok, jnp.exp(s - m_new[:, :1]), 0.0)
-        correction = jnp.exp(m_prev - m_new)
-        l_scr[...] = l_prev * correction + jnp.sum(p, axis=1, keepdims=True)
-        m_scr[...] = m_new
-        pv = lax.dot_general(p.astype(v_ref.dtype), v_ref[...], (((1,), (0,)), ((), ())), precision=precision,
-                             preferred_element_type=jnp.float32)
-        acc_scr[...] = acc_scr[...] * correction[:, :1] + pv
+        accumulate(s, ok)
 
     @pl.when(j == steps - 1)
     def _finish():
