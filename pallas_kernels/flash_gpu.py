@@ -91,7 +91,7 @@ def flash_attention_gpu(queries: tuple, k, v, q_offset, kv_length, scale, *, mas
     if S % block_k:
         raise ValueError(f"cache length {S} must be a multiple of block_k {block_k}")
     G = N // K
-    bq = min(block_q, pl.next_power_of_2(T))
+    bq = min(block_q, max(16, pl.next_power_of_2(T)))  # Triton's dot needs at least 16 rows (decode pads)
     nq = pl.cdiv(T, bq)
     pad = nq * bq - T
     queries = tuple(jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))) for q in queries)

@@ -86,11 +86,16 @@ def test_dca_model_through_the_kernels_equals_the_blockwise_op(tiny_checkpoint):
     tokens = np.random.default_rng(0).integers(0, 1000, (2, 150))
     blockwise = qwen_jax.load(tiny_checkpoint[0], dtype="float32", dual_chunk_attention_config=dca)
     ref = blockwise.logits(tokens)
+    from qwen_jax.generation import generate_ids
+    prompts = [tokens[0, :70].tolist(), tokens[1, :45].tolist()]
+    expected_ids = generate_ids(blockwise.params, blockwise.config, prompts, max_new_tokens=6)
     for kernel in KERNELS:
         spec = AttentionSpec(impl="pallas", kernel=kernel, interpret=True, block_q=16, block_k=32)
         via_kernel = qwen_jax.Model(blockwise.config, blockwise.params, attn_implementation=spec,
                                     prefill_chunk_size=64).logits(tokens)
         assert np.abs(via_kernel - ref).max() <= 1e-5 * np.abs(ref).max(), kernel
+        # decode steps (one query row per sequence) through the kernel too
+        assert generate_ids(blockwise.params, blockwise.config, prompts, max_new_tokens=6, spec=spec) == expected_ids
 
 
 @pytest.mark.parametrize("kernel,platform", [("triton", "cuda"), ("mosaic_tpu", "tpu")])
