@@ -20,6 +20,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.masks import MASK_VALUE, MaskSpec
+from pallas_kernels.shapes import attention_dims, pad_queries
 
 
 def _kernel(qoff_ref, kvlen_ref, scale_ref, *refs, mask: MaskSpec, block_q: int, block_k: int):
@@ -82,19 +83,10 @@ def flash_attention_gpu(queries: tuple, k, v, q_offset, kv_length, scale, *, mas
     q_offset, kv_length [B] int32; scale [B] float32. Returns ``(out [B, T, N, H], lse [B, T, N] f32)``."""
     from jax.experimental.pallas import triton as pl_triton
 
-    B, T, N, H = queries[0].shape
-    K, S = k.shape[1], k.shape[2]
-    if len(queries) != len(mask.phases):
-        raise ValueError(f"{len(mask.phases)} query copies needed for {mask}, got {len(queries)}")
-    if N % K:
-        raise ValueError(f"query heads ({N}) must be a multiple of kv heads ({K})")
-    if S % block_k:
-        raise ValueError(f"cache length {S} must be a multiple of block_k {block_k}")
-    G = N // K
+    d = attention_dims(queries, k, mask, block_k)
+    B, T, N, H, S, G = d.B, d.T, d.N, d.H, d.S, d.G
     bq = min(block_q, max(16, pl.next_power_of_2(T)))  # Triton's dot needs at least 16 rows (decode pads)
-    nq = pl.cdiv(T, bq)
-    pad = nq * bq - T
-    queries = tuple(jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))) for q in queries)
+    queries, nq = pad_queries(queries, bq)
     scalar = pl.BlockSpec((None,), lambda b, n, i: (b,))
     q_spec = pl.BlockSpec((None, bq, None, H), lambda b, n, i: (b, i, n, 0))
     kv_spec = pl.BlockSpec((None, None, S, H), lambda b, n, i: (b, lax.div(n, G), 0, 0))

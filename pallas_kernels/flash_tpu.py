@@ -23,6 +23,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.masks import MASK_VALUE, MaskSpec, block_span, phase_touches
+from pallas_kernels.shapes import attention_dims, pad_queries
 
 LANES = 128
 
@@ -113,19 +114,11 @@ def flash_attention_tpu(queries: tuple, k, v, q_offset, kv_length, scale, *, mas
     """``queries``: one q [B, T, N, H] per mask phase (already rotated); k, v [B, K, S, H];
     q_offset, kv_length [B] int32; scale [B] float32. Returns ``(out [B, T, N, H], lse [B, T, N] f32)``.
     ``interpret``: ``pltpu.InterpretParams()`` to run on the CPU."""
-    B, T, N, H = queries[0].shape
-    K, S = k.shape[1], k.shape[2]
-    if len(queries) != len(mask.phases):
-        raise ValueError(f"{len(mask.phases)} query copies needed for {mask}, got {len(queries)}")
-    if N % K:
-        raise ValueError(f"query heads ({N}) must be a multiple of kv heads ({K})")
-    if S % block_k:
-        raise ValueError(f"cache length {S} must be a multiple of block_k {block_k}")
-    G = N // K
+    d = attention_dims(queries, k, mask, block_k)
+    B, T, N, H, S, G = d.B, d.T, d.N, d.H, d.S, d.G
     bq = min(block_q, -(-T // 8) * 8)
-    nq = -(-T // bq)
-    pad = nq * bq - T
-    queries = tuple(jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).transpose(0, 2, 1, 3) for q in queries)
+    queries, nq = pad_queries(queries, bq)
+    queries = tuple(q.transpose(0, 2, 1, 3) for q in queries)   # heads-major inside the kernel
     steps = S // block_k
 
     def kv_index(b, n, i, j, qoff_ref, kvlen_ref, scale_ref):

@@ -12,16 +12,12 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from pallas_kernels.masks import MASK_VALUE, MaskSpec
+from pallas_kernels.shapes import attention_dims
 
 
 def masked_attention(queries: tuple, k, v, q_positions, kv_length, scale, *, mask: MaskSpec):
-    if len(queries) != len(mask.phases):
-        raise ValueError(f"{len(mask.phases)} query copies needed for {mask}, got {len(queries)}")
-    B, T, N, H = queries[0].shape
-    K, S = k.shape[1], k.shape[2]
-    if N % K:
-        raise ValueError(f"query heads ({N}) must be a multiple of kv heads ({K})")
-    G = N // K
+    d = attention_dims(queries, k, mask)
+    B, T, N, H, K, S, G = d.B, d.T, d.N, d.H, d.K, d.S, d.G
     scale = scale.astype(jnp.float32)[:, None, None, None, None]
     slots = jnp.arange(S, dtype=jnp.int32)[None, None, :]
     s = jnp.full((B, K, G, T, S), MASK_VALUE, jnp.float32)

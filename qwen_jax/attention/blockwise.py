@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.masks import MASK_VALUE, MaskSpec
+from pallas_kernels.shapes import attention_dims, pad_queries
 
 
 def _precision(dtype):
@@ -25,16 +26,13 @@ def _precision(dtype):
 
 def blockwise_attention(queries: tuple, k, v, q_positions, kv_length, scale, *, mask: MaskSpec,
                         block_q: int = 512, block_k: int = 512):
-    if len(queries) != len(mask.phases):
-        raise ValueError(f"{len(mask.phases)} query copies needed for {mask}, got {len(queries)}")
-    B, T, N, H = queries[0].shape
-    K, S = k.shape[1], k.shape[2]
-    G = N // K
+    d = attention_dims(queries, k, mask)
+    B, T, N, H, K, S, G = d.B, d.T, d.N, d.H, d.K, d.S, d.G
     bq, bk = min(block_q, T), min(block_k, S)
-    nq = -(-T // bq)
+    queries, nq = pad_queries(queries, bq)
     pad = nq * bq - T
-    q_blocks = jnp.stack([jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(B, nq, bq, K, G, H)
-                          for q in queries], axis=2).transpose(1, 2, 0, 3, 4, 5, 6)  # [nq, phases, B, bq, K, G, H]
+    q_blocks = jnp.stack([q.reshape(B, nq, bq, K, G, H) for q in queries],
+                         axis=2).transpose(1, 2, 0, 3, 4, 5, 6)  # [nq, phases, B, bq, K, G, H]
     q_positions = jnp.pad(q_positions.astype(jnp.int32), ((0, 0), (0, pad)), constant_values=-1)
     pos_blocks = q_positions.reshape(B, nq, bq).transpose(1, 0, 2)
     precision = _precision(queries[0].dtype)

@@ -1,0 +1,44 @@
+"""Shape checks and query padding shared by the kernels and the reference."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from pallas_kernels.masks import MaskSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class Dims:
+    B: int
+    T: int
+    N: int
+    H: int
+    K: int
+    S: int
+
+    @property
+    def G(self) -> int:
+        return self.N // self.K
+
+
+def attention_dims(queries: tuple, k, mask: MaskSpec, block_k: int | None = None) -> Dims:
+    """Validate ``queries`` (one [B, T, N, H] per mask phase) against k [B, K, S, H]; a clear error otherwise."""
+    if len(queries) != len(mask.phases):
+        raise ValueError(f"{len(mask.phases)} query copies needed for {mask}, got {len(queries)}")
+    B, T, N, H = queries[0].shape
+    K, S = k.shape[1], k.shape[2]
+    if N % K:
+        raise ValueError(f"query heads ({N}) must be a multiple of kv heads ({K})")
+    if block_k is not None and S % block_k:
+        raise ValueError(f"cache length {S} must be a multiple of block_k {block_k}")
+    return Dims(B, T, N, H, K, S)
+
+
+def pad_queries(queries: tuple, block_q: int) -> tuple[tuple, int]:
+    """Right-pad the query axis to a multiple of ``block_q``; returns the padded copies and the block count."""
+    T = queries[0].shape[1]
+    nq = -(-T // block_q)
+    pad = nq * block_q - T
+    return tuple(jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))) for q in queries), nq
