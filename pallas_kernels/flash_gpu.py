@@ -20,7 +20,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.masks import MASK_VALUE, MaskSpec
-from pallas_kernels.shapes import attention_dims, pad_queries
+from pallas_kernels.shapes import attention_dims, matmul_precision, pad_queries
 
 
 def _kernel(qoff_ref, kvlen_ref, scale_ref, *refs, mask: MaskSpec, block_q: int, block_k: int):
@@ -31,8 +31,7 @@ def _kernel(qoff_ref, kvlen_ref, scale_ref, *refs, mask: MaskSpec, block_q: int,
     first = qoff_ref[()] + qi * block_q
     q_pos = (first + lax.broadcasted_iota(jnp.int32, (block_q, 1), 0))
     H = o_ref.shape[-1]
-    # float32 means float32: Triton would otherwise run a float32 dot in TF32.
-    precision = lax.Precision.HIGHEST if k_ref.dtype == jnp.float32 else lax.Precision.DEFAULT
+    precision = matmul_precision(k_ref.dtype)
     m = jnp.full((block_q,), MASK_VALUE, jnp.float32)
     l = jnp.zeros((block_q,), jnp.float32)
     acc = jnp.zeros((block_q, H), jnp.float32)

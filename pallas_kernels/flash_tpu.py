@@ -23,7 +23,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.masks import MASK_VALUE, MaskSpec, block_span, phase_touches
-from pallas_kernels.shapes import attention_dims, pad_queries
+from pallas_kernels.shapes import attention_dims, matmul_precision, pad_queries
 
 LANES = 128
 
@@ -43,7 +43,7 @@ def _kernel(qoff_ref, kvlen_ref, scale_ref, *refs, mask: MaskSpec, block_q: int,
     kv_length, scale = kvlen_ref[b], scale_ref[b]
     first = qoff_ref[b] + qi * block_q
     block, active = _block(mask, qoff_ref, kvlen_ref, b, qi, j, block_q, block_k)
-    precision = lax.Precision.HIGHEST if k_ref.dtype == jnp.float32 else lax.Precision.DEFAULT
+    precision = matmul_precision(k_ref.dtype)
 
     @pl.when(j == 0)
     def _init():

@@ -1,12 +1,18 @@
-"""Shape checks and query padding shared by the kernels and the reference."""
+"""Shape checks, query padding and matmul precision shared by the kernels, the reference and the model."""
 
 from __future__ import annotations
 
 import dataclasses
 
 import jax.numpy as jnp
+from jax import lax
 
 from pallas_kernels.masks import MaskSpec
+
+
+def matmul_precision(dtype) -> lax.Precision:
+    """float32 means float32: without HIGHEST, GPUs (XLA and Triton) run float32 dots in TF32."""
+    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else lax.Precision.DEFAULT
 
 
 @dataclasses.dataclass(frozen=True)

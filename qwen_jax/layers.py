@@ -19,6 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.shapes import matmul_precision
 from qwen_jax import attention
 from qwen_jax.cache import KVCache, write
 from qwen_jax.config import QwenConfig
@@ -30,11 +31,6 @@ _normal = nn.initializers.normal(0.02)
 
 def _param(module: nn.Module, name: str, axes: tuple, shape: tuple, init=_normal):
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, module.dtype)
-
-
-def _precision(dtype):
-    # float32 means float32: without this, GPUs would run f32 matmuls in TF32.
-    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
 
 
 class RMSNorm(nn.Module):
@@ -61,7 +57,7 @@ class Projection(nn.Module):
     @nn.compact
     def __call__(self, x):
         kernel = _param(self, "kernel", self.axes, self.shape)
-        y = jnp.einsum(self.equation, x, kernel, precision=_precision(self.dtype))
+        y = jnp.einsum(self.equation, x, kernel, precision=matmul_precision(self.dtype))
         if self.bias_dims:
             y = y + _param(self, "bias", self.axes[-self.bias_dims:], self.shape[-self.bias_dims:], nn.initializers.zeros)
         return y
@@ -172,5 +168,5 @@ class Embed(nn.Module):
         return jnp.take(self.table, tokens, axis=0)
 
     def attend(self, hidden):
-        return jnp.einsum("...d,vd->...v", hidden, self.table, precision=_precision(self.dtype),
+        return jnp.einsum("...d,vd->...v", hidden, self.table, precision=matmul_precision(self.dtype),
                           preferred_element_type=jnp.float32)

@@ -17,11 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.masks import MASK_VALUE, MaskSpec
-from pallas_kernels.shapes import attention_dims, pad_queries
-
-
-def _precision(dtype):
-    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
+from pallas_kernels.shapes import attention_dims, matmul_precision, pad_queries
 
 
 def blockwise_attention(queries: tuple, k, v, q_positions, kv_length, scale, *, mask: MaskSpec,
@@ -35,7 +31,7 @@ def blockwise_attention(queries: tuple, k, v, q_positions, kv_length, scale, *, 
                          axis=2).transpose(1, 2, 0, 3, 4, 5, 6)  # [nq, phases, B, bq, K, G, H]
     q_positions = jnp.pad(q_positions.astype(jnp.int32), ((0, 0), (0, pad)), constant_values=-1)
     pos_blocks = q_positions.reshape(B, nq, bq).transpose(1, 0, 2)
-    precision = _precision(queries[0].dtype)
+    precision = matmul_precision(queries[0].dtype)
     kv_length = kv_length.astype(jnp.int32)
     max_len = jnp.max(kv_length)
     scale = scale.astype(jnp.float32)[:, None, None, None, None]
