@@ -17,7 +17,7 @@ from qwen_jax import attention
 from qwen_jax.cache import cache_length, init_cache, padded_prompt_length
 from qwen_jax.config import QwenConfig
 from qwen_jax.errors import QwenJaxError
-from qwen_jax.model import DEFAULT_PREFILL_CHUNK, _hidden, _unembed, params_dtype, prefill
+from qwen_jax.model import DEFAULT_PREFILL_CHUNK, decode_logits, params_dtype, prefill
 from qwen_jax.sampling import Sampling, sample
 
 GREEDY = Sampling()
@@ -27,8 +27,8 @@ GREEDY = Sampling()
 def decode_and_sample(params, tokens, positions, cache, key, config: QwenConfig, spec: attention.AttentionSpec,
                       sampling: Sampling):
     """Feed ``tokens`` [B] at ``positions`` [B]; return the next tokens [B] and the cache."""
-    hidden, cache = _hidden(params, tokens[:, None], positions[:, None], cache, positions + 1, config, spec)
-    return sample(_unembed(params, hidden[:, 0], config), key, sampling), cache
+    logits, cache = decode_logits(params, tokens, positions, cache, config, spec)
+    return sample(logits, key, sampling), cache
 
 
 @functools.partial(jax.jit, static_argnames=("sampling",))

@@ -104,9 +104,13 @@ def forward(params, tokens, positions, cache: KVCache, config: QwenConfig, reque
 @functools.partial(jax.jit, static_argnames=("config", "spec"), donate_argnames=("cache",))
 def decode_step(params, tokens, positions, cache: KVCache, config: QwenConfig,
                 spec: attention.AttentionSpec = attention.DEFAULT_SPEC):
-    """One token per row: ``tokens``, ``positions`` [B] int32 -> ``(logits [B, V] float32, cache)``.
+    """One token per row: ``tokens``, ``positions`` [B] int32 -> ``(logits [B, V] float32, cache)``."""
+    return decode_logits(params, tokens, positions, cache, config, spec)
 
-    The request length of each row is its cache length, ``positions + 1``."""
+
+def decode_logits(params, tokens, positions, cache, config, spec):
+    """The body of ``decode_step``, unjitted so fused steps (decode + sample) can reuse it. The request
+    length of each row is its cache length, ``positions + 1``."""
     hidden, cache = _hidden(params, tokens[:, None], positions[:, None], cache, positions + 1, config, spec)
     return _unembed(params, hidden[:, 0], config), cache
 

@@ -95,8 +95,7 @@ def cached_attention(q, k_cache, v_cache, q_positions, kv_length, request_length
     if dca is not None:
         if spec.window is not None:
             raise ConfigError("a sliding window cannot be combined with dual chunk attention")
-        queries = dca_ops.rotated_queries(q, q_positions, dca, rope)
-        mask, scale = dca_ops.mask_spec(dca), dca_ops.softmax_scale(request_lengths, dca, H)
+        queries, mask, scale = dca_ops.attention_inputs(q, q_positions, request_lengths, dca, rope)
     else:
         queries = (rope.apply(q, q_positions),)
         mask, scale = MaskSpec(window=spec.window), jnp.full(q.shape[:1], H ** -0.5, jnp.float32)

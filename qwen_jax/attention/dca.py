@@ -61,15 +61,21 @@ def softmax_scale(request_lengths, dca: DCAConfig, head_dim: int):
     return yarn_scale(request_lengths, dca) * head_dim ** -0.5
 
 
+def attention_inputs(q, q_positions, request_lengths, dca: DCAConfig, rope: Rope):
+    """What every attention implementation needs for DCA: ``(queries per phase, mask, scale [B])``."""
+    return (rotated_queries(q, q_positions, dca, rope), mask_spec(dca),
+            softmax_scale(request_lengths, dca, q.shape[-1]))
+
+
 def dca_attention(q, k, v, q_positions, kv_length, request_lengths, *, dca: DCAConfig, rope: Rope,
                   block_q: int = 512, block_k: int = 512):
     """DCA over a cache, memory linear in the sequence length (see module docstring for shapes)."""
-    return blockwise_attention(rotated_queries(q, q_positions, dca, rope), k, v, q_positions, kv_length,
-                               softmax_scale(request_lengths, dca, q.shape[-1]), mask=mask_spec(dca),
-                               block_q=block_q, block_k=block_k)
+    queries, mask, scale = attention_inputs(q, q_positions, request_lengths, dca, rope)
+    return blockwise_attention(queries, k, v, q_positions, kv_length, scale, mask=mask, block_q=block_q,
+                               block_k=block_k)
 
 
 def dca_reference(q, k, v, q_positions, kv_length, request_lengths, *, dca: DCAConfig, rope: Rope):
     """Dense twin of ``dca_attention``: full [T, S] logits with the three position rules, one softmax."""
-    return masked_attention(rotated_queries(q, q_positions, dca, rope), k, v, q_positions, kv_length,
-                            softmax_scale(request_lengths, dca, q.shape[-1]), mask=mask_spec(dca))
+    queries, mask, scale = attention_inputs(q, q_positions, request_lengths, dca, rope)
+    return masked_attention(queries, k, v, q_positions, kv_length, scale, mask=mask)
