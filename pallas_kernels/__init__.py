@@ -2,7 +2,10 @@
 
 One public op, ``flash_attention``, picks the backend's kernel (``impl="auto"``) or the one named:
 
-    ``triton``      Pallas with the Triton lowering: GPUs (and the CPU in interpret mode)
+    ``mosaic_gpu``  Pallas Mosaic GPU (Hopper: TMA, wgmma, warp specialisation); bf16/f16, head_dim % 64 == 0;
+                    no CPU interpreter (its lowering is proved with ``jax.export``)
+    ``triton``      Pallas with the Triton lowering: any dtype, decode-sized query blocks (and the CPU in
+                    interpret mode)
     ``mosaic_tpu``  Pallas Mosaic TPU with scalar-prefetched block schedules (CPU: interpret mode)
     ``reference``   dense masked attention in jnp (any backend; materialises [T, S] logits)
 
@@ -18,9 +21,11 @@ import jax.numpy as jnp
 from pallas_kernels.masks import MASK_VALUE, MaskSpec
 from pallas_kernels.reference import masked_attention
 
-IMPLS = ("auto", "triton", "mosaic_tpu", "reference")
-_NATIVE = {"gpu": "triton", "cuda": "triton", "tpu": "mosaic_tpu"}
-DEFAULT_BLOCKS = {"triton": (128, 64), "mosaic_tpu": (256, 512)}  # (block_q, block_k)
+IMPLS = ("auto", "mosaic_gpu", "triton", "mosaic_tpu", "reference")
+_NATIVE = {"gpu": ("mosaic_gpu", "triton"), "cuda": ("mosaic_gpu", "triton"), "tpu": ("mosaic_tpu",)}
+# (block_q, block_k); mosaic_gpu's block_q is per consumer warpgroup (a program covers two)
+DEFAULT_BLOCKS = {"mosaic_gpu": (64, 128), "triton": (128, 64), "mosaic_tpu": (256, 512)}
+MGPU_MIN_QUERIES = 128  # below this (decode, short chunks) auto takes the Triton kernel: no 128-row padding
 
 
 def resolve_impl(impl: str, interpret: bool = False, backend: str | None = None) -> str:
@@ -32,8 +37,10 @@ def resolve_impl(impl: str, interpret: bool = False, backend: str | None = None)
         if backend not in _NATIVE:
             raise ValueError(f"no Pallas attention kernel runs natively on {backend!r}; pass impl='reference', or "
                              "impl='triton' / 'mosaic_tpu' with interpret=True")
-        impl = _NATIVE[backend]
-    if impl in ("triton", "mosaic_tpu") and not interpret and _NATIVE.get(backend) != impl:
+        impl = _NATIVE[backend][0]
+    if impl == "mosaic_gpu" and interpret:
+        raise ValueError("the mosaic_gpu kernel has no CPU interpreter; use impl='triton' with interpret=True")
+    if impl != "reference" and not interpret and impl not in _NATIVE.get(backend, ()):
         raise ValueError(f"the {impl} kernel does not run on {backend!r} (use interpret=True to emulate it)")
     return impl
 
@@ -62,7 +69,7 @@ def flash_attention(q, k, v, *, q_offset, kv_length, scale=None, mask: MaskSpec 
     """
     queries = tuple(q) if isinstance(q, (tuple, list)) else (q,)
     B, T, N, H = queries[0].shape
-    impl = resolve_impl(impl, interpret)
+    requested, impl = impl, resolve_impl(impl, interpret)
     q_offset = jnp.broadcast_to(jnp.asarray(q_offset, jnp.int32), (B,))
     kv_length = jnp.broadcast_to(jnp.asarray(kv_length, jnp.int32), (B,))
     scale = jnp.broadcast_to(jnp.asarray(H ** -0.5 if scale is None else scale, jnp.float32), (B,))
@@ -70,6 +77,20 @@ def flash_attention(q, k, v, *, q_offset, kv_length, scale=None, mask: MaskSpec 
         positions = q_offset[:, None] + jnp.arange(T, dtype=jnp.int32)[None]
         out, lse = masked_attention(queries, k, v, positions, kv_length, scale, mask=mask)
         return out.astype(queries[0].dtype), lse
+    if impl == "mosaic_gpu":
+        from pallas_kernels.flash_mgpu import check_supported, flash_attention_mgpu
+        bq = block_q or DEFAULT_BLOCKS[impl][0]
+        try:
+            bk = _fit(block_k or DEFAULT_BLOCKS[impl][1], k.shape[2], 64)
+            check_supported(queries, k, v, bq, bk, 2)
+            if requested == "auto" and T < MGPU_MIN_QUERIES:
+                raise ValueError("short query chunk")
+        except ValueError:
+            if requested != "auto":
+                raise
+            impl = "triton"  # auto: what Mosaic GPU does not cover (float32, decode) goes to Triton
+        else:
+            return flash_attention_mgpu(queries, k, v, q_offset, kv_length, scale, mask=mask, block_q=bq, block_k=bk)
     default_q, default_k = DEFAULT_BLOCKS[impl]
     if impl == "triton":
         from pallas_kernels.flash_gpu import flash_attention_gpu

@@ -1,7 +1,11 @@
 """Attention kernel benchmark: qwen-jax kernels against cuDNN, same run, same card.
 
     python -m pallas_kernels.bench [--lengths 8k,32k,128k] [--heads 28 --kv-heads 4 --head-dim 128]
-                                   [--dca 262144,8192] [--block-q 64 --block-k 64] [--json out.json]
+                                   [--kernels mosaic_gpu:64:128:2,triton:128:64:3] [--dca 262144,8192]
+                                   [--json out.json]
+
+``--kernels`` lists ``impl:block_q:block_k:stages`` (Triton: stages = num_stages, with 8 warps at
+head_dim 128); each is timed causal, and with ``--dca`` also through DCA.
 
 Causal prefill of T queries over T keys, batch 1, bf16. FLOPs counted as 2 * 2 * T^2 / 2 * N * H
 (the causal half). Times are medians of GPU-synchronised runs after warm-up.
@@ -35,6 +39,7 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
 
     from pallas_kernels.flash_gpu import flash_attention_gpu
+    from pallas_kernels.flash_mgpu import flash_attention_mgpu
     from pallas_kernels.masks import MaskSpec
     from qwen_jax.bench import environment, print_table, write_json
     from qwen_jax.passkey import parse_length
@@ -44,10 +49,7 @@ def main(argv=None) -> int:
     p.add_argument("--heads", type=int, default=28)
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--block-q", type=int, default=128)
-    p.add_argument("--block-k", type=int, default=64)
-    p.add_argument("--num-warps", type=int, default=None)
-    p.add_argument("--num-stages", type=int, default=3)
+    p.add_argument("--kernels", default="mosaic_gpu:64:128:2,triton:128:64:3")
     p.add_argument("--dca", default=None, help="chunk_size,local_size: also time DCA through the kernel")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-cudnn", action="store_true")
@@ -69,17 +71,29 @@ def main(argv=None) -> int:
             kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
             cudnn = jax.jit(functools.partial(jax.nn.dot_product_attention, is_causal=True, implementation="cudnn"))
             cases.append(("cudnn", cudnn, (q, kt, vt), flops))
-        kernel = functools.partial(flash_attention_gpu, block_q=args.block_q, block_k=args.block_k,
-                                   num_warps=args.num_warps, num_stages=args.num_stages)
-        cases.append(("pallas-triton causal", functools.partial(kernel, mask=MaskSpec()), ((q,), k, v, zero, length,
-                                                                                           scale), flops))
-        if args.dca:
-            C, W = (int(x) for x in args.dca.split(","))
-            cases.append((f"pallas-triton DCA {C}/{W}", functools.partial(kernel, mask=MaskSpec(chunk_len=C - W)),
-                          ((q, q, q), k, v, zero, length, scale), flops))
+        for spec in args.kernels.split(","):
+            impl, bq, bk, stages = spec.split(":")
+            if impl == "mosaic_gpu":
+                kernel = functools.partial(flash_attention_mgpu, block_q=int(bq), block_k=int(bk), stages=int(stages))
+            elif impl == "triton":
+                kernel = functools.partial(flash_attention_gpu, block_q=int(bq), block_k=int(bk),
+                                           num_stages=int(stages))
+            else:
+                raise SystemExit(f"unknown kernel {impl!r} in --kernels (mosaic_gpu or triton)")
+            cases.append((f"{spec} causal", functools.partial(kernel, mask=MaskSpec()),
+                          ((q,), k, v, zero, length, scale), flops))
+            if args.dca:
+                C, W = (int(x) for x in args.dca.split(","))
+                cases.append((f"{spec} DCA {C}/{W}", functools.partial(kernel, mask=MaskSpec(chunk_len=C - W)),
+                              ((q, q, q), k, v, zero, length, scale), flops))
         base = None
         for name, fn, fargs, fl in cases:
-            ms = _median_ms(jax.jit(fn), *fargs, repeats=args.repeats)
+            try:
+                ms = _median_ms(jax.jit(fn), *fargs, repeats=args.repeats)
+            except Exception as e:  # a config that does not fit (shared memory) must not end the sweep
+                rows.append({"T": T, "impl": name, "ms": "-", "TFLOP/s": "-", "vs first": f"error: {e}"[:300]})
+                print(rows[-1], flush=True)
+                continue
             base = base or ms
             rows.append({"T": T, "impl": name, "ms": f"{ms:.2f}", "TFLOP/s": f"{fl / ms / 1e9:.0f}",
                          "vs first": f"{base / ms:.2f}x"})

@@ -98,14 +98,18 @@ def test_dca_model_through_the_kernels_equals_the_blockwise_op(tiny_checkpoint):
         assert generate_ids(blockwise.params, blockwise.config, prompts, max_new_tokens=6, spec=spec) == expected_ids
 
 
-@pytest.mark.parametrize("kernel,platform", [("triton", "cuda"), ("mosaic_tpu", "tpu")])
+@pytest.mark.parametrize("kernel,platform", [("mosaic_gpu", "cuda"), ("triton", "cuda"), ("mosaic_tpu", "tpu")])
 @pytest.mark.parametrize("mask_name", ["causal", "dca"])
 def test_kernels_lower_for_their_hardware(kernel, platform, mask_name):
     """Lowering proved without the hardware: Qwen2.5-7B heads (28 / 4, head_dim 128), bf16."""
     mask = MaskSpec(chunk_len=1024) if mask_name == "dca" else MaskSpec()
     sd = jax.ShapeDtypeStruct
     B, T, N, K, H, S = 1, 1024, 28, 4, 128, 4096
-    if kernel == "triton":
+    if kernel == "mosaic_gpu":
+        from pallas_kernels.flash_mgpu import flash_attention_mgpu as fn
+        fn = functools.partial(fn, mask=mask, block_q=64, block_k=128)
+        checks, marker = [], "mosaic_gpu"
+    elif kernel == "triton":
         from pallas_kernels.flash_gpu import flash_attention_gpu as fn
         fn = functools.partial(fn, mask=mask, block_q=128, block_k=64)
         checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
@@ -121,7 +125,12 @@ def test_kernels_lower_for_their_hardware(kernel, platform, mask_name):
 
 
 def test_dispatch_picks_or_refuses_loudly():
-    assert resolve_impl("auto", backend="gpu") == "triton"
+    assert resolve_impl("auto", backend="gpu") == "mosaic_gpu"
+    assert resolve_impl("triton", backend="gpu") == "triton"
+    with pytest.raises(ValueError, match="mosaic_gpu kernel has no CPU interpreter"):
+        resolve_impl("mosaic_gpu", interpret=True, backend="cpu")
+    with pytest.raises(ValueError, match="does not run on 'cpu'"):
+        resolve_impl("mosaic_gpu", backend="cpu")
     assert resolve_impl("auto", backend="tpu") == "mosaic_tpu"
     with pytest.raises(ValueError, match="no Pallas attention kernel runs natively on 'cpu'"):
         resolve_impl("auto", backend="cpu")

@@ -1,0 +1,254 @@
+"""Flash attention forward for Hopper GPUs in Pallas Mosaic GPU: TMA loads, wgmma, warp specialisation.
+
+The FlashAttention-3 structure, made position-aware: each program (grid ``(N, T / 2 block_q, B)``) has
+three warpgroups. Warpgroup 2 is the producer: it streams the K/V blocks the two query blocks need,
+phase after phase (see ``masks``), into a ring of ``stages`` shared-memory slots with TMA. Warpgroups
+0 and 1 each own ``block_q`` query rows, run QK^T and PV on the tensor cores (wgmma) and the online
+softmax in registers, taking turns on the tensor cores (a schedule barrier) so one's softmax hides
+behind the other's matmuls.
+
+Both consumers walk the same step list (the producer's), so every barrier sees the same arrivals; a
+step outside a consumer's own key range only waits for its data and hands the slot back. The mask is
+applied only on edge blocks (``MaskSpec.interior`` tells which blocks every query sees whole). DCA
+needs one query copy per phase: a consumer reloads its query tile between phases, and the phases run
+in one online softmax with no merge.
+
+Queries [B, T, N, H] (padded to 2 block_q rows), K/V heads-major [B, K, S, H] read in place (kv head =
+query head // G), bf16 or f16, float32 accumulation, lse natural-log float32. GPUs only: Mosaic GPU
+has no CPU interpreter here; ``jax.export(..., platforms=["cuda"])`` proves the lowering on a CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels.masks import MASK_VALUE, MaskSpec
+from pallas_kernels.shapes import attention_dims, pad_queries
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+def check_supported(queries: tuple, k, v, block_q: int, block_k: int, stages: int) -> None:
+    """A clear error for what this kernel cannot do (callers may fall back to the Triton kernel)."""
+    dtype = queries[0].dtype
+    if dtype not in [jnp.dtype(d) for d in SUPPORTED_DTYPES]:
+        raise ValueError(f"the mosaic_gpu kernel takes bfloat16 or float16 inputs, got {dtype}; use impl='triton'")
+    if any(x.dtype != dtype for x in (*queries, k, v)):
+        raise ValueError("the mosaic_gpu kernel needs queries, keys and values of one dtype")
+    H = queries[0].shape[-1]
+    if H % 64:
+        raise ValueError(f"the mosaic_gpu kernel needs head_dim a multiple of 64, got {H}")
+    if block_q % 64 or block_k % 64:
+        raise ValueError(f"mosaic_gpu blocks must be multiples of 64, got block_q={block_q} block_k={block_k}")
+    if stages < 2:
+        raise ValueError(f"mosaic_gpu needs at least 2 pipeline stages, got {stages}")
+
+
+def _blocks(lo, hi, block_k: int):
+    """Block indices ``[j0, j1)`` covering key slots ``[lo, hi)`` (empty when the range is)."""
+    j0 = lax.div(lo, block_k)
+    return j0, jnp.where(hi > lo, lax.div(hi + block_k - 1, block_k), j0)
+
+
+def _kernel(meta_ref, scale_ref, *refs, mask: MaskSpec, G: int, block_q: int, block_k: int, stages: int):
+    import jax.experimental.pallas as pl
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    n_phases = len(mask.phases)
+    q_refs = refs[:n_phases]
+    k_ref, v_ref, out_ref, lse_ref, scoped = refs[n_phases:]
+    (qo_smem2, k_smem, v_smem, lse_smem2), (k_bar, v_bar, q_bar), (k_free, v_free), turn = scoped
+    b, n, qi = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("q_seq")
+    wg = lax.axis_index("wg")
+    kvh = lax.div(n, jnp.int32(G))
+    q_offset, kv_length = meta_ref[b, 0], meta_ref[b, 1]
+    pair_first = q_offset + qi * (2 * block_q)
+    pair_last = pair_first + 2 * block_q - 1
+
+    # The step list both consumers and the producer walk: per phase, the key blocks either query block needs.
+    schedule, total = [], jnp.int32(0)
+    for phase in mask.phases:
+        U0, U1 = _blocks(*mask.key_range(phase, pair_first, pair_last, kv_length), block_k)
+        schedule.append((phase, U0, U1, total - U0))     # step = j + offset
+        total = total + (U1 - U0)
+
+    def take_turns():
+        plgpu.barrier_arrive(turn)
+        plgpu.barrier_wait(turn)
+
+    @pl.when(wg < 2)
+    def _consumer():
+        plgpu.set_max_registers(232, action="increase")
+        qo_smem, lse_smem = qo_smem2.at[wg], lse_smem2.at[wg]
+        row0 = qi * (2 * block_q) + wg * block_q
+        first = pair_first + wg * block_q
+        last = first + block_q - 1
+        scale2 = scale_ref[b] * LOG2E                     # logits in base 2: exp2 is one instruction
+        dtype = qo_smem.dtype
+        H = qo_smem.shape[-1]
+
+        def wait_keys(step):
+            @pl.when(step < total)
+            def _():
+                plgpu.barrier_wait(k_bar.at[lax.rem(step, jnp.int32(stages))])
+
+        def compute(j, carry, *, phase, offset, masked):
+            acc, m, l = carry
+            step = j + offset
+            slot = lax.rem(step, jnp.int32(stages))
+
+            def qk_scope(acc_ref):
+                plgpu.wgmma(acc_ref, qo_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                take_turns()
+                return acc_ref[...]
+
+            s = pl.run_scoped(qk_scope, plgpu.ACC((block_q, block_k), jnp.float32))
+            plgpu.barrier_arrive(k_free.at[slot])
+            s = s * scale2
+            if masked:
+                q_pos = first + plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=plgpu.Layout.WGMMA)
+                k_pos = j * block_k + plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
+                ok = mask.visible(phase, q_pos, k_pos, kv_length)
+                s = jnp.where(ok, s, MASK_VALUE)
+            m_new = jnp.maximum(m, s.max(axis=1))
+            alpha = jnp.exp2(m - m_new)
+            p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+            if masked:
+                p = jnp.where(ok, p, 0.0)
+            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+            l = l * alpha + p.sum(axis=1)
+            p16 = p.astype(dtype)
+            acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
+            plgpu.barrier_arrive(turn)                    # softmax done: the other consumer may matmul
+            plgpu.barrier_wait(v_bar.at[slot])
+            plgpu.barrier_wait(turn)
+
+            def pv(acc_ref):
+                plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+                wait_keys(step + 1)                       # overlaps the next block's wait with this matmul
+
+            acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+            plgpu.barrier_arrive(v_free.at[slot])
+            return acc, m_new, l
+
+        def skip(j, carry, *, offset):
+            step = j + offset
+            slot = lax.rem(step, jnp.int32(stages))
+            plgpu.barrier_wait(v_bar.at[slot])            # keeps this consumer's barrier phases in step
+            wait_keys(step + 1)
+            plgpu.barrier_arrive(k_free.at[slot])
+            plgpu.barrier_arrive(v_free.at[slot])
+            take_turns()
+            take_turns()
+            return carry
+
+        m = plgpu.layout_cast(jnp.full((block_q,), MASK_VALUE, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+        l = plgpu.layout_cast(jnp.full((block_q,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+        acc = plgpu.layout_cast(jnp.full((block_q, H), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+        carry = (acc, m, l)
+        wait_keys(jnp.int32(0))
+        pl.when(wg == 1)(take_turns)
+        for q_ref, (phase, U0, U1, offset) in zip(q_refs, schedule):
+            plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(row0, block_q), n], qo_smem, q_bar.at[wg])
+            plgpu.barrier_wait(q_bar.at[wg])
+            j0, j1 = _blocks(*mask.key_range(phase, first, last, kv_length), block_k)
+            j0 = jnp.clip(j0, U0, U1)
+            j1 = jnp.clip(j1, j0, U1)
+            u0, u1 = mask.interior(phase, first, last, kv_length, block_k)
+            u0 = jnp.clip(u0, j0, j1)
+            u1 = jnp.clip(u1, u0, j1)
+            masked = functools.partial(compute, phase=phase, offset=offset, masked=True)
+            whole = functools.partial(compute, phase=phase, offset=offset, masked=False)
+            idle = functools.partial(skip, offset=offset)
+            carry = lax.fori_loop(U0, j0, idle, carry)
+            carry = lax.fori_loop(j0, u0, masked, carry)
+            carry = lax.fori_loop(u0, u1, whole, carry)
+            carry = lax.fori_loop(u1, j1, masked, carry)
+            carry = lax.fori_loop(j1, U1, idle, carry)
+        pl.when(wg == 0)(take_turns)
+
+        acc, m, l = carry
+        acc = acc / lax.broadcast_in_dim(jnp.maximum(l, 1e-30), acc.shape, [0])
+        qo_smem[...] = acc.astype(dtype)
+        lse_smem[...] = jnp.where(l > 0, (m + jnp.log(jnp.maximum(l, 1e-30)) * LOG2E) * LN2, -jnp.inf)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(qo_smem, out_ref.at[b, pl.ds(row0, block_q), n])
+        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, n, pl.ds(row0, block_q)])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == 2)
+    def _producer():
+        plgpu.set_max_registers(40, action="decrease")
+        for _, U0, U1, offset in schedule:
+            def load(j, carry, offset=offset):
+                step = j + offset
+                slot = lax.rem(step, jnp.int32(stages))
+                blk = (b, kvh, pl.ds(j * block_k, block_k))
+
+                @pl.when(step >= stages)
+                def _():
+                    plgpu.barrier_wait(k_free.at[slot])
+                plgpu.copy_gmem_to_smem(k_ref.at[blk], k_smem.at[slot], k_bar.at[slot])
+
+                @pl.when(step >= stages)
+                def _():
+                    plgpu.barrier_wait(v_free.at[slot])
+                plgpu.copy_gmem_to_smem(v_ref.at[blk], v_smem.at[slot], v_bar.at[slot])
+                return carry
+
+            lax.fori_loop(U0, U1, load, None)
+
+
+@functools.partial(jax.jit, static_argnames=("mask", "block_q", "block_k", "stages"))
+def flash_attention_mgpu(queries: tuple, k, v, q_offset, kv_length, scale, *, mask: MaskSpec, block_q: int = 64,
+                         block_k: int = 128, stages: int = 2):
+    """``queries``: one q [B, T, N, H] per mask phase (already rotated); k, v [B, K, S, H];
+    q_offset, kv_length [B] int32; scale [B] float32. Returns ``(out [B, T, N, H], lse [B, T, N] f32)``.
+
+    ``block_q`` is each consumer warpgroup's query rows (a program covers 2 block_q)."""
+    import jax.experimental.pallas as pl
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    check_supported(queries, k, v, block_q, block_k, stages)
+    d = attention_dims(queries, k, mask, block_k)
+    B, T, N, H = d.B, d.T, d.N, d.H
+    dtype = queries[0].dtype
+    queries, nq = pad_queries(queries, 2 * block_q)
+    Tp = nq * 2 * block_q
+    meta = jnp.stack([q_offset, kv_length], axis=1).astype(jnp.int32)
+
+    def entry(meta_ref, scale_ref, *refs):
+        tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+        scratch = (
+            plgpu.SMEM((2, block_q, H), dtype, transforms=tiled),
+            plgpu.SMEM((stages, block_k, H), dtype, transforms=tiled),
+            plgpu.SMEM((stages, block_k, H), dtype, transforms=tiled),
+            plgpu.SMEM((2, block_q), jnp.float32),
+        )
+        pl.run_scoped(
+            lambda *scoped: _kernel(meta_ref, scale_ref, *refs, scoped, mask=mask, G=d.G, block_q=block_q,
+                                    block_k=block_k, stages=stages),
+            scratch,
+            (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=2)),
+            (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2,
+            plgpu.Barrier(num_arrivals=2),
+            collective_axes="wg",
+        )
+
+    out, lse = plgpu.kernel(
+        entry,
+        out_type=[jax.ShapeDtypeStruct((B, Tp, N, H), dtype), jax.ShapeDtypeStruct((B, N, Tp), jnp.float32)],
+        grid=(N, nq, B),
+        grid_names=("heads", "q_seq", "batch"),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+    )(meta, scale.astype(jnp.float32), *queries, k, v)
+    return out[:, :T], lse[:, :, :T].transpose(0, 2, 1)
