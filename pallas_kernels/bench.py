@@ -5,7 +5,8 @@
                                    [--json out.json]
 
 ``--kernels`` lists ``impl:block_q:block_k:stages`` (Triton: stages = num_stages, with 8 warps at
-head_dim 128); each is timed causal, and with ``--dca`` also through DCA.
+head_dim 128; Mosaic GPU: a fifth field ``lf`` launches light query blocks first); each is timed
+causal, and with ``--dca`` also through DCA.
 
 Causal prefill of T queries over T keys, batch 1, bf16. FLOPs counted as 2 * 2 * T^2 / 2 * N * H
 (the causal half). Times are medians of GPU-synchronised runs after warm-up.
@@ -72,9 +73,10 @@ def main(argv=None) -> int:
             cudnn = jax.jit(functools.partial(jax.nn.dot_product_attention, is_causal=True, implementation="cudnn"))
             cases.append(("cudnn", cudnn, (q, kt, vt), flops))
         for spec in args.kernels.split(","):
-            impl, bq, bk, stages = spec.split(":")
-            if impl == "mosaic_gpu":
-                kernel = functools.partial(flash_attention_mgpu, block_q=int(bq), block_k=int(bk), stages=int(stages))
+            impl, bq, bk, stages, *order = spec.split(":")
+            if impl == "mosaic_gpu":  # a fifth field "lf" launches light query blocks first (default: heavy first)
+                kernel = functools.partial(flash_attention_mgpu, block_q=int(bq), block_k=int(bk), stages=int(stages),
+                                           heavy_first=order != ["lf"])
             elif impl == "triton":
                 kernel = functools.partial(flash_attention_gpu, block_q=int(bq), block_k=int(bk),
                                            num_stages=int(stages))

@@ -57,7 +57,8 @@ def _blocks(lo, hi, block_k: int):
     return j0, jnp.where(hi > lo, lax.div(hi + block_k - 1, block_k), j0)
 
 
-def _kernel(meta_ref, scale_ref, *refs, mask: MaskSpec, G: int, block_q: int, block_k: int, stages: int):
+def _kernel(meta_ref, scale_ref, *refs, mask: MaskSpec, G: int, block_q: int, block_k: int, stages: int,
+            n_pairs: int, heavy_first: bool):
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -66,6 +67,8 @@ def _kernel(meta_ref, scale_ref, *refs, mask: MaskSpec, G: int, block_q: int, bl
     k_ref, v_ref, out_ref, lse_ref, scoped = refs[n_phases:]
     (qo_smem2, k_smem, v_smem, lse_smem2), (k_bar, v_bar, q_bar), (k_free, v_free), turn = scoped
     b, n, qi = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("q_seq")
+    if heavy_first:  # causal: the last query blocks have the most keys; launching them first shortens the tail
+        qi = n_pairs - 1 - qi
     wg = lax.axis_index("wg")
     kvh = lax.div(n, jnp.int32(G))
     q_offset, kv_length = meta_ref[b, 0], meta_ref[b, 1]
@@ -206,9 +209,9 @@ def _kernel(meta_ref, scale_ref, *refs, mask: MaskSpec, G: int, block_q: int, bl
             lax.fori_loop(U0, U1, load, None)
 
 
-@functools.partial(jax.jit, static_argnames=("mask", "block_q", "block_k", "stages"))
+@functools.partial(jax.jit, static_argnames=("mask", "block_q", "block_k", "stages", "heavy_first"))
 def flash_attention_mgpu(queries: tuple, k, v, q_offset, kv_length, scale, *, mask: MaskSpec, block_q: int = 64,
-                         block_k: int = 128, stages: int = 2):
+                         block_k: int = 128, stages: int = 2, heavy_first: bool = True):
     """``queries``: one q [B, T, N, H] per mask phase (already rotated); k, v [B, K, S, H];
     q_offset, kv_length [B] int32; scale [B] float32. Returns ``(out [B, T, N, H], lse [B, T, N] f32)``.
 
@@ -234,7 +237,7 @@ def flash_attention_mgpu(queries: tuple, k, v, q_offset, kv_length, scale, *, ma
         )
         pl.run_scoped(
             lambda *scoped: _kernel(meta_ref, scale_ref, *refs, scoped, mask=mask, G=d.G, block_q=block_q,
-                                    block_k=block_k, stages=stages),
+                                    block_k=block_k, stages=stages, n_pairs=nq, heavy_first=heavy_first),
             scratch,
             (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=2)),
             (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2,
