@@ -105,4 +105,38 @@ def flash_attention(q, k, v, *, q_offset, kv_length, scale=None, mask: MaskSpec 
                                block_k=bk, interpret=pltpu.InterpretParams() if interpret else None)
 
 
-__all__ = ["flash_attention", "resolve_impl", "MaskSpec", "MASK_VALUE", "masked_attention", "IMPLS"]
+SPARSE_IMPLS = ("auto", "triton", "reference")
+
+
+def vslash_attention(q, k, v, selection, *, q_offset, kv_length, scale=None, mask: MaskSpec = CAUSAL,
+                     impl: str = "auto", block_k: int | None = None, interpret: bool = False):
+    """Attention restricted to a vertical-slash sparse mask (``pallas_kernels.vslash``), ``(out, lse)``.
+
+    Same arguments as ``flash_attention`` plus ``selection`` (a ``vslash.Selection``); ``q_offset``
+    must be a multiple of 64 (the band height). ``impl``: ``triton`` (GPUs; CPU with interpret),
+    ``reference`` (dense masked jnp) or ``auto``."""
+    from pallas_kernels import vslash
+    queries = tuple(q) if isinstance(q, (tuple, list)) else (q,)
+    B, T, N, H = queries[0].shape
+    if impl not in SPARSE_IMPLS:
+        raise ValueError(f"sparse attention kernel {impl!r} is not available; choose one of {list(SPARSE_IMPLS)}")
+    if impl == "auto":
+        impl = "triton" if jax.default_backend() in ("gpu", "cuda") else "reference"
+    q_offset = jnp.broadcast_to(jnp.asarray(q_offset, jnp.int32), (B,))
+    kv_length = jnp.broadcast_to(jnp.asarray(kv_length, jnp.int32), (B,))
+    scale = jnp.broadcast_to(jnp.asarray(H ** -0.5 if scale is None else scale, jnp.float32), (B,))
+    if impl == "reference":
+        positions = q_offset[:, None] + jnp.arange(T, dtype=jnp.int32)[None]
+        restrict = vslash.dense_mask(selection, positions, k.shape[2])
+        out, lse = masked_attention(queries, k, v, positions, kv_length, scale, mask=mask, restrict=restrict)
+        return out.astype(queries[0].dtype), lse
+    resolve_impl(impl, interpret)
+    from pallas_kernels.vslash_gpu import vslash_attention_gpu
+    bk = _fit(block_k or 64, k.shape[2], vslash.BAND)
+    index = vslash.build_index(selection, q_offset, T, kv_length, mask, bk)
+    return vslash_attention_gpu(queries, k, v, q_offset, kv_length, scale, index, selection.col_count, mask=mask,
+                                block_k=bk, interpret=interpret)
+
+
+__all__ = ["flash_attention", "vslash_attention", "resolve_impl", "MaskSpec", "MASK_VALUE", "masked_attention",
+           "IMPLS", "SPARSE_IMPLS"]

@@ -1,0 +1,199 @@
+"""Vertical-slash sparse masks (MInference), as functions of positions, and the index tables kernels read.
+
+A sparse head is described, per query *segment* and DCA phase, by two sorted lists:
+
+    distances  selected diagonals ``d = q - k`` (d >= 0)
+    columns    selected key positions (vertical lines)
+
+Queries are cut into 64-row blocks at absolute multiples of ``BAND`` (= 64). Query ``q`` in the
+block starting at ``q0`` sees key ``k`` in phase ``p`` iff the dense mask allows it
+(``MaskSpec.visible``) and
+
+    k is one of the phase's columns,  or  q0 - d <= k < q0 - d + 64 for one of its distances
+
+i.e. each diagonal becomes a 64-wide band per query block (a superset of the exact diagonal), as
+MInference's kernels compute it. Because the band only depends on ``q0 - k``, the bands of one head
+are the same for every query block up to a shift: consecutive distances at most 64 apart merge into
+one *run* ``[D_lo, D_hi]`` = key range ``[q0 - D_hi, q0 - D_lo + 64)``, and each run is cut once into
+key tiles of ``block_k`` columns (``rel_start, rel_end`` relative to ``q0``). A query block walks the
+tiles that meet its phase key range (``t0, t1``, found by binary search), loading each tile at an
+unaligned start, plus the phase's vertical columns, pre-gathered into contiguous tiles and minus
+those its bands already cover (``keep``), so no key counts twice.
+
+Shapes (G = segments per call, P = phases, N = query heads, nqb = T / 64 blocks):
+    rel_start, rel_end  [B, G, N, P, TCAP] int32   key tiles of the runs, sorted by rel_start
+    t0, t1              [B, N, nqb, P] int32        the tiles each query block visits
+    block_seg           [B, nqb] int32              the segment of each query block
+    vpos                [B, G, N, P, VCAP] int32    vertical columns, sorted, padded with NO_KEY
+    keep                [B, N, nqb, P, VCAP] bool   column not covered by the block's bands
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.masks import MaskSpec
+
+BAND = 64
+NO_KEY = 2 ** 30  # padding position: beyond any cache, so every mask rejects it
+
+
+class VSIndex(NamedTuple):
+    rel_start: jax.Array
+    rel_end: jax.Array
+    t0: jax.Array
+    t1: jax.Array
+    block_seg: jax.Array
+    vpos: jax.Array
+    keep: jax.Array
+
+
+def runs(dist, count):
+    """Merge sorted distances [..., D] (first ``count`` valid) into runs: ``(d_lo, d_hi, n_runs)``, each
+    [..., D] with runs packed at the front (a run is consecutive distances at most BAND apart)."""
+    D = dist.shape[-1]
+    j = jnp.arange(D)
+    valid = j < count[..., None]
+    gap_before = jnp.diff(dist, axis=-1, prepend=dist[..., :1])
+    gap_after = jnp.diff(dist, axis=-1, append=dist[..., -1:])
+    starts = valid & ((j == 0) | (gap_before > BAND))
+    ends = valid & ((j + 1 == count[..., None]) | (gap_after > BAND))
+    n_runs = starts.sum(-1)
+    big = jnp.iinfo(jnp.int32).max
+    d_lo = jnp.sort(jnp.where(starts, dist, big), axis=-1)
+    d_hi = jnp.sort(jnp.where(ends, dist, big), axis=-1)
+    return d_lo, d_hi, n_runs
+
+
+def run_tiles(dist, count, block_k: int):
+    """Key tiles of the bands of sorted distances [..., D]: ``(rel_start, rel_end, n_tiles)`` [..., D],
+    sorted by ``rel_start`` (padding: an empty tile far to the right). With block_k >= BAND a head has
+    at most as many tiles as distances."""
+    if block_k < BAND:
+        raise ValueError(f"sparse key tiles must be at least {BAND} wide, got {block_k}")
+    D = dist.shape[-1]
+    d_lo, d_hi, n_runs = runs(dist, count)
+    # Runs in key order (largest distances first), then cut into tiles.
+    r = jnp.arange(D)
+    valid_run = r < n_runs[..., None]
+    order = jnp.where(valid_run, n_runs[..., None] - 1 - r, r)
+    lo = jnp.take_along_axis(d_lo, order, axis=-1)
+    hi = jnp.take_along_axis(d_hi, order, axis=-1)
+    start = -hi                                    # run's key range relative to q0: [-hi, -lo + BAND)
+    length = jnp.where(valid_run, hi - lo + BAND, 0)
+    n_per = -(-length // block_k)
+    cum = jnp.cumsum(n_per, axis=-1)
+    n_tiles = cum[..., -1]
+    t = jnp.arange(D)
+    owner = jax.vmap(lambda c: jnp.searchsorted(c, t, side="right"))(cum.reshape(-1, D)).reshape(cum.shape)
+    owner = jnp.minimum(owner, D - 1)
+    first_tile = jnp.take_along_axis(cum - n_per, owner, axis=-1)
+    run_start = jnp.take_along_axis(start, owner, axis=-1)
+    run_end = run_start + jnp.take_along_axis(length, owner, axis=-1)
+    rel_start = run_start + (t - first_tile) * block_k
+    rel_end = jnp.minimum(rel_start + block_k, run_end)
+    live = t < n_tiles[..., None]
+    far = jnp.int32(NO_KEY)
+    return jnp.where(live, rel_start, far), jnp.where(live, rel_end, far), n_tiles
+
+
+def covered(dist, count, delta):
+    """Whether key ``k`` lies in a band of query block ``q0`` for ``delta = q0 - k``:
+    some selected ``d`` with ``delta <= d <= delta + 63``. dist [..., D] sorted; delta [..., M]."""
+    D = dist.shape[-1]
+    padded = jnp.where(jnp.arange(D) < count[..., None], dist, jnp.iinfo(jnp.int32).max)
+    flat_d = padded.reshape(-1, D)
+    flat_q = delta.reshape(flat_d.shape[0], -1)
+    i = jax.vmap(lambda d, q: jnp.searchsorted(d, q, side="left"))(flat_d, flat_q)
+    nxt = jnp.take_along_axis(flat_d, jnp.minimum(i, D - 1), axis=-1)
+    return ((i < D) & (nxt <= flat_q + BAND - 1)).reshape(delta.shape)
+
+
+def block_starts(q_offset, n_blocks: int):
+    """First position of each 64-row query block [B, nqb] (``q_offset`` must be a multiple of 64)."""
+    return q_offset[:, None] + BAND * jnp.arange(n_blocks, dtype=jnp.int32)[None]
+
+
+def build_index(sel: "Selection", q_offset, T: int, kv_length, mask: MaskSpec, block_k: int) -> VSIndex:
+    """Index tables (module docstring) for T queries from ``q_offset`` [B] (a multiple of 64)."""
+    B, G, N, P, D = sel.dist.shape
+    nqb = -(-T // BAND)
+    rel_start, rel_end, _ = run_tiles(sel.dist, sel.dist_count, block_k)
+    q0 = block_starts(q_offset, nqb)                                        # [B, nqb]
+    block_seg = segment_of(sel, q0)
+
+    def per_row(rs_row, re_row, q0b, seg, kv_len):
+        t0s, t1s = [], []
+        for p, phase in enumerate(mask.phases):
+            klo, khi = mask.key_range(phase, q0b, q0b + BAND - 1, kv_len)    # [nqb]
+            rs, re = rs_row[seg, :, p], re_row[seg, :, p]                     # [nqb, N, D]
+            t0 = jax.vmap(jax.vmap(lambda e, x: jnp.searchsorted(e, x, side="right"), in_axes=(0, None)))(
+                re, klo - q0b)
+            t1 = jax.vmap(jax.vmap(lambda a, x: jnp.searchsorted(a, x, side="left"), in_axes=(0, None)))(
+                rs, khi - q0b)
+            empty = (khi <= klo)[:, None]
+            t0s.append(jnp.where(empty, 0, t0))
+            t1s.append(jnp.where(empty, 0, jnp.maximum(t1, t0)))
+        return jnp.stack(t0s, -1).transpose(1, 0, 2), jnp.stack(t1s, -1).transpose(1, 0, 2)   # [N, nqb, P]
+
+    t0, t1 = jax.vmap(per_row)(rel_start, rel_end, q0, block_seg, kv_length)
+    V = sel.cols.shape[-1]
+    vpos = jnp.where(jnp.arange(V) < sel.col_count[..., None], sel.cols, NO_KEY)
+    # keep: the block's vertical columns that none of its bands covers (else they would count twice)
+    at = block_seg[:, :, None, None, None]
+    seg_cols = jnp.take_along_axis(vpos, at, axis=1)                        # [B, nqb, N, P, V]
+    seg_dist = jnp.take_along_axis(sel.dist, at, axis=1)
+    seg_cnt = jnp.take_along_axis(sel.dist_count, block_seg[:, :, None, None], axis=1)
+    delta = q0[:, :, None, None, None] - seg_cols
+    keep = ~covered(seg_dist, seg_cnt, delta) & (seg_cols < NO_KEY)
+    return VSIndex(rel_start, rel_end, t0, t1, block_seg, vpos, keep.transpose(0, 2, 1, 3, 4))
+
+
+class Selection(NamedTuple):
+    """What estimation selected, per row, segment, head and phase (see the module docstring)."""
+
+    dist: jax.Array         # [B, G, N, P, D] sorted distances
+    dist_count: jax.Array   # [B, G, N, P]
+    cols: jax.Array         # [B, G, N, P, V] sorted key positions
+    col_count: jax.Array    # [B, G, N, P]
+    seg_begin: jax.Array    # [B, G] first position of each segment
+    seg_end: jax.Array      # [B, G] one past its last (empty segments: end <= begin)
+
+
+def segment_of(sel: Selection, positions):
+    """Segment index [B, T] of query positions [B, T]: the one holding their 64-row block's first row."""
+    G = sel.seg_begin.shape[1]
+    q0 = (positions // BAND) * BAND
+    inside = (q0[:, :, None] >= sel.seg_begin[:, None, :]) & (q0[:, :, None] < sel.seg_end[:, None, :])
+    last = jnp.max(jnp.where(sel.seg_end > sel.seg_begin, jnp.arange(G)[None], 0), axis=1)
+    return jnp.where(inside.any(-1), jnp.argmax(inside, -1), last[:, None]).astype(jnp.int32)
+
+
+def allows(sel: Selection, p: int, positions, slots):
+    """The sparse part of the mask in phase index ``p``: bool [B, N, T, S'] for query positions [B, T]
+    and key slots [S'] (AND it with ``MaskSpec.visible`` for the whole mask)."""
+    seg = segment_of(sel, positions)
+    pick = lambda a: jnp.take_along_axis(a[:, :, :, p], seg[:, :, None, None], axis=1)  # noqa: E731
+    d, c = pick(sel.dist), pick(sel.cols)                                  # [B, T, N, D|V]
+    dn = jnp.take_along_axis(sel.dist_count[:, :, :, p], seg[:, :, None], axis=1)        # [B, T, N]
+    cn = jnp.take_along_axis(sel.col_count[:, :, :, p], seg[:, :, None], axis=1)
+    q0 = (positions // BAND) * BAND
+    delta = q0[:, :, None, None] - slots[None, None, None, :]              # [B, T, 1, S']
+    delta = jnp.broadcast_to(delta, d.shape[:3] + slots.shape)
+    band = covered(d, dn, delta)
+    V = c.shape[-1]
+    cpad = jnp.where(jnp.arange(V) < cn[..., None], c, NO_KEY)
+    flat_c = cpad.reshape(-1, V)
+    flat_k = jnp.broadcast_to(slots, d.shape[:3] + slots.shape).reshape(flat_c.shape[0], -1)
+    i = jax.vmap(lambda a, x: jnp.searchsorted(a, x, side="left"))(flat_c, flat_k)
+    vert = (jnp.take_along_axis(flat_c, jnp.minimum(i, V - 1), axis=-1) == flat_k).reshape(band.shape)
+    return (band | vert).transpose(0, 2, 1, 3)
+
+
+def dense_mask(sel: Selection, positions, n_keys: int):
+    """The sparse restriction for every phase: bool [P, B, N, T, n_keys] (the reference's ``restrict``)."""
+    slots = jnp.arange(n_keys, dtype=jnp.int32)
+    return jnp.stack([allows(sel, p, positions, slots) for p in range(sel.dist.shape[3])])

@@ -1,0 +1,117 @@
+"""Sparse prefill (MInference vertical-slash with DCA): estimate vs a numpy oracle, index tables vs the
+mask's definition, kernels vs masked dense attention, and sparse prefill vs dense DCA prefill."""
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+import pytest
+
+from pallas_kernels import vslash
+from qwen_jax.attention import sparse
+from qwen_jax.config import DCAConfig
+from qwen_jax.rope import Rope
+from tests import sparse_spec
+
+DCA = DCAConfig(chunk_size=320, local_size=64, sparse_attention_enabled=True, sparse_attention_threshold=0)  # S = 256
+
+
+def rope_for(H, theta=10000.0):
+    inv = 1.0 / theta ** (np.arange(0, H, 2, dtype=np.float64) / H)
+    return Rope(tuple(float(f) for f in np.float32(inv)))
+
+
+def random_chunk(seed, B=2, T=192, N=4, K=2, H=32, S_cache=1024, q_offset=(640, 448)):
+    rng = np.random.default_rng(seed)
+    q = jnp.asarray(rng.normal(size=(B, T, N, H)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(B, K, S_cache, H)), jnp.float32)
+    return q, k, jnp.asarray(q_offset, jnp.int32)
+
+
+def test_estimate_scores_and_selection_match_the_numpy_spec():
+    H, N, K = 32, 4, 2
+    q, k, q_offset = random_chunk(0)
+    lengths = jnp.array([800, 620], jnp.int32)   # row 0: chunk [640, 832) ends at 800; row 1: [448, 620)
+    rope = rope_for(H)
+    scale = jnp.array([0.3, 0.25], jnp.float32)
+    begin, end, P = sparse.segments(q_offset, q.shape[1], lengths, DCA.chunk_len)
+    vert, slash = sparse.scores(q, k, q_offset, begin, end, P, scale, dca=DCA, rope=rope, key_block=128)
+    budgets = sparse.Budgets((30, 40, 200, 9), (50, 60, 80, 300))
+    sel = sparse.select(vert, slash, begin, end, P, jnp.array([True, True]), budgets=budgets, chunk_len=DCA.chunk_len)
+    inv = np.asarray(rope.inv_freq, np.float64)
+    checked = 0
+    for b in range(2):
+        for g in range(begin.shape[1]):
+            bg, en, Pg = int(begin[b, g]), int(end[b, g]), int(P[b, g])
+            if en <= bg:
+                continue
+            n = min(64, en - bg)
+            rows = np.arange(en - n, en) - int(q_offset[b])
+            for h in range(N):
+                v_np, s_np = sparse_spec.scores_head(np.asarray(q[b, rows, h], np.float64),
+                                                     np.asarray(k[b, h // (N // K), :en], np.float64), en, Pg,
+                                                     S=DCA.chunk_len, C=DCA.chunk_size, scale=float(scale[b]), inv=inv)
+                np.testing.assert_allclose(np.asarray(vert[b, g, h, :en]), v_np, rtol=2e-4, atol=1e-6)
+                np.testing.assert_allclose(np.asarray(slash[b, g, h, :en]), s_np, rtol=2e-4, atol=1e-6)
+                assert np.all(np.asarray(vert[b, g, h, en:]) == 0) and np.all(np.asarray(slash[b, g, h, en:]) == 0)
+                # selection from the same (JAX) scores, exactly
+                want = sparse_spec.select_head(np.asarray(vert[b, g, h]), np.asarray(slash[b, g, h]), bg, en, Pg,
+                                               S=DCA.chunk_len, vertical_size=budgets.vertical[h],
+                                               slash_size=budgets.slash[h])
+                for p, (c, d) in enumerate(want):
+                    cn, dn = int(sel.col_count[b, g, h, p]), int(sel.dist_count[b, g, h, p])
+                    np.testing.assert_array_equal(np.asarray(sel.cols[b, g, h, p, :cn]), c)
+                    np.testing.assert_array_equal(np.asarray(sel.dist[b, g, h, p, :dn]), d)
+                checked += 1
+    assert checked == 2 * 2 * N      # both rows span two segments (DCA boundaries at 768 and 512)
+
+
+def random_selection(rng, B, G, N, P, D, V, seg_begin, seg_end, max_dist, n_keys):
+    dist = np.full((B, G, N, P, D), vslash.NO_KEY, np.int32)
+    cols = np.full((B, G, N, P, V), vslash.NO_KEY, np.int32)
+    dn = np.zeros((B, G, N, P), np.int32)
+    cn = np.zeros((B, G, N, P), np.int32)
+    for idx in np.ndindex(B, G, N, P):
+        if rng.random() < 0.15 or (idx[0] == 0 and idx[2] == 0):
+            continue                                  # empty (row 0, head 0: everywhere, so it sees nothing)
+        nd = int(rng.integers(1, D + 1))
+        d = np.sort(rng.choice(max_dist, nd, replace=False))
+        dist[idx][:nd], dn[idx] = d, nd
+        nc = int(rng.integers(0, V + 1))
+        c = np.sort(rng.choice(n_keys, nc, replace=False))
+        cols[idx][:nc], cn[idx] = c, nc
+    return vslash.Selection(*(jnp.asarray(x) for x in (dist, dn, cols, cn)), seg_begin, seg_end)
+
+
+from pallas_kernels import MaskSpec, masked_attention, vslash_attention  # noqa: E402
+
+
+@pytest.mark.parametrize("mask_name,G,block_k", [("causal", 1, 64), ("dca", 4, 64), ("dca", 7, 128)])
+def test_sparse_kernel_matches_masked_dense_reference(mask_name, G, block_k):
+    rng = np.random.default_rng(G)
+    B, T, H, S = 2, 200, 32, 768
+    K = 1 if G == 7 else 2
+    N = K * G
+    mask = MaskSpec(chunk_len=128) if mask_name == "dca" else MaskSpec()
+    q_offset = jnp.array([320, 128], jnp.int32)
+    kv_length = jnp.array([520, 300], jnp.int32)      # row 1: the cache ends before its last queries
+    lengths = jnp.array([520, 328], jnp.int32)
+    seg_begin, seg_end, _ = sparse.segments(q_offset, T, lengths, 128 if mask_name == "dca" else 10 ** 6)
+    sel = random_selection(rng, B, seg_begin.shape[1], N, len(mask.phases), 24, 40, seg_begin, seg_end, 700, S)
+    qs = tuple(jnp.asarray(rng.normal(size=(B, T, N, H)), jnp.float32) for _ in mask.phases)
+    k = jnp.asarray(rng.normal(size=(B, K, S, H)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(B, K, S, H)), jnp.float32)
+    scale = jnp.array([0.2, 0.15], jnp.float32)
+    out, lse = vslash_attention(qs, k, v, sel, q_offset=q_offset, kv_length=kv_length, scale=scale, mask=mask,
+                                impl="triton", block_k=block_k, interpret=True)
+    positions = q_offset[:, None] + jnp.arange(T)[None]
+    restrict = vslash.dense_mask(sel, positions, S)
+    ref_out, ref_lse = masked_attention(qs, k, v, positions, kv_length, scale, mask=mask, restrict=restrict)
+    dense_out, _ = masked_attention(qs, k, v, positions, kv_length, scale, mask=mask)
+    out, lse, ref_out, ref_lse = map(np.asarray, (out, lse, ref_out, ref_lse))
+    assert not np.isnan(out).any() and not np.isnan(lse).any()
+    np.testing.assert_allclose(out, ref_out, atol=2e-5, rtol=1e-5)
+    assert np.array_equal(np.isneginf(lse), np.isneginf(ref_lse))
+    assert np.isneginf(ref_lse).any() and np.isfinite(ref_lse).any()            # empty rows occur, and real ones
+    finite = np.isfinite(ref_lse)
+    np.testing.assert_allclose(lse[finite], ref_lse[finite], atol=2e-5, rtol=1e-5)
+    assert np.abs(ref_out - np.asarray(dense_out)).max() > 1e-2                  # the mask really is sparse
