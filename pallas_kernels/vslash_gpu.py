@@ -139,5 +139,5 @@ def vslash_attention_gpu(queries: tuple, k, v, q_offset, kv_length, scale, index
         name="qwen_jax_vslash_attention",
     )(q_offset.astype(jnp.int32), kv_length.astype(jnp.int32), scale.astype(jnp.float32), index.block_seg,
       *queries, k, v, index.rel_start, index.rel_end, index.t0, index.t1, kg, vg, index.vpos,
-      index.keep.astype(jnp.int32), col_count)
+      index.keep.astype(jnp.int8), col_count)
     return out[:, :T], lse[:, :, :T].transpose(0, 2, 1)

@@ -87,6 +87,9 @@ class QwenConfig:
                 f"num_key_value_heads ({self.num_key_value_heads})")
         if self.head_dim % 2:
             raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if self.dual_chunk_attention_config is not None:
+            from qwen_jax.attention.sparse import check_sparse_config
+            check_sparse_config(self.dual_chunk_attention_config, self.num_hidden_layers, self.num_attention_heads)
 
     @property
     def num_groups(self) -> int:

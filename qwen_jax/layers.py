@@ -67,6 +67,7 @@ class Attention(nn.Module):
     config: QwenConfig
     dtype: Dtype
     spec: attention.AttentionSpec
+    layer: int = 0  # index in the stack (sparse prefill budgets are per layer)
 
     @nn.compact
     def __call__(self, x, positions, k_cache, v_cache, request_lengths):
@@ -83,7 +84,7 @@ class Attention(nn.Module):
         v_cache = write(v_cache, v, starts)
         kv_length = jnp.max(positions, axis=1).astype(jnp.int32) + 1
         out, _ = attention.cached_attention(q, k_cache, v_cache, positions, kv_length, request_lengths, rope=rope,
-                                            config=c, spec=self.spec)
+                                            config=c, spec=self.spec, layer=self.layer)
         y = Projection((N, H, D), ("heads", "head_dim", "embed"), "btnh,nhd->btd", self.dtype, name="o_proj")(
             out.astype(self.dtype))
         return y, k_cache, v_cache
@@ -105,11 +106,12 @@ class DecoderLayer(nn.Module):
     config: QwenConfig
     dtype: Dtype
     spec: attention.AttentionSpec
+    layer: int = 0
 
     @nn.compact
     def __call__(self, x, positions, k_cache, v_cache, request_lengths):
         eps = self.config.rms_norm_eps
-        h, k_cache, v_cache = Attention(self.config, self.dtype, self.spec, name="attn")(
+        h, k_cache, v_cache = Attention(self.config, self.dtype, self.spec, self.layer, name="attn")(
             RMSNorm(eps, self.dtype, name="input_norm")(x), positions, k_cache, v_cache, request_lengths)
         x = x + h
         x = x + MLP(self.config, self.dtype, name="mlp")(RMSNorm(eps, self.dtype, name="post_norm")(x))
@@ -127,7 +129,8 @@ class Qwen2(nn.Module):
     def setup(self):
         c = self.config
         self.embed = Embed(c.vocab_size, c.hidden_size, self.dtype, name="embed")
-        self.layers = [DecoderLayer(c, self.dtype, self.spec, name=f"layers_{i}") for i in range(c.num_hidden_layers)]
+        self.layers = [DecoderLayer(c, self.dtype, self.spec, i, name=f"layers_{i}")
+                       for i in range(c.num_hidden_layers)]
         self.norm = RMSNorm(c.rms_norm_eps, self.dtype, name="norm")
         if not c.tie_word_embeddings:
             self.lm_head = Embed(c.vocab_size, c.hidden_size, self.dtype, name="lm_head", param_name="kernel")

@@ -146,6 +146,7 @@ def prefill(params, tokens, lengths, cache: KVCache, config: QwenConfig, *, chun
     tokens = jnp.asarray(tokens, jnp.int32)
     B, T = tokens.shape
     _check_fits(T, cache)
+    _check_sparse_chunks(config, chunk_size)
     lengths = jnp.asarray(lengths, jnp.int32)
     last_hidden = jnp.zeros((B, config.hidden_size), params_dtype(params))
     for begin, end in _chunks(T, chunk_size):
@@ -166,6 +167,7 @@ def prefill_logits(params, tokens, config: QwenConfig, *, chunk_size: int = DEFA
     """Logits at every position, computed chunk by chunk through the prefill path: [B, T, V] float32."""
     tokens = jnp.asarray(tokens, jnp.int32)
     B, T = tokens.shape
+    _check_sparse_chunks(config, chunk_size)
     cache = init_cache(config, B, cache_length(T), params_dtype(params))
     out = np.empty((B, T, config.vocab_size), np.float32)
     request_lengths = jnp.full((B,), T, jnp.int32)
@@ -174,6 +176,12 @@ def prefill_logits(params, tokens, config: QwenConfig, *, chunk_size: int = DEFA
                                        config, spec, True)
         out[:, begin:end] = np.asarray(logits)
     return out
+
+
+def _check_sparse_chunks(config: QwenConfig, chunk_size: int):
+    dca = config.dual_chunk_attention_config
+    if dca is not None and dca.sparse_attention_enabled and chunk_size % 64:
+        raise QwenJaxError(f"sparse prefill needs a prefill chunk size that is a multiple of 64, got {chunk_size}")
 
 
 def _check_fits(total: int, cache: KVCache):

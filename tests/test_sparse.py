@@ -115,3 +115,65 @@ def test_sparse_kernel_matches_masked_dense_reference(mask_name, G, block_k):
     finite = np.isfinite(ref_lse)
     np.testing.assert_allclose(lse[finite], ref_lse[finite], atol=2e-5, rtol=1e-5)
     assert np.abs(ref_out - np.asarray(dense_out)).max() > 1e-2                  # the mask really is sparse
+
+
+def budgets_json(layers, heads, vertical, slash):
+    return [{str(h): ["vertical_and_slash", vertical, slash, 0.95] for h in range(heads)} for _ in range(layers)]
+
+
+DCA_TINY = {"chunk_size": 192, "local_size": 64}                 # S = 128: 400 tokens span four chunks
+
+
+def test_sparse_prefill_with_covering_budgets_equals_dense_dca(tiny_checkpoint):
+    import qwen_jax
+    tokens = np.random.default_rng(0).integers(0, 1000, (2, 400))
+    dense = qwen_jax.load(tiny_checkpoint[0], dtype="float32", dual_chunk_attention_config=DCA_TINY,
+                          prefill_chunk_size=128)
+    sparse_cfg = dict(DCA_TINY, sparse_attention_enabled=True, sparse_attention_threshold=0,
+                      sparse_attention_config=budgets_json(2, 4, 10000, 10000))
+    model = qwen_jax.load(tiny_checkpoint[0], dtype="float32", dual_chunk_attention_config=sparse_cfg,
+                          prefill_chunk_size=128)
+    assert model.config.dual_chunk_attention_config.sparse_attention_enabled
+    ref = dense.logits(tokens)
+    got = model.logits(tokens)
+    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+def test_sparse_prefill_paths_agree_and_budgets_matter(tiny_checkpoint):
+    """Small budgets: the blockwise jnp path, the dense reference and the kernel (interpret) compute the
+    same sparse attention, which differs from dense DCA."""
+    import qwen_jax
+    from qwen_jax.attention import AttentionSpec
+    tokens = np.random.default_rng(1).integers(0, 1000, (1, 384))
+    cfg = dict(DCA_TINY, sparse_attention_enabled=True, sparse_attention_threshold=0,
+               sparse_attention_config=budgets_json(2, 4, 30, 50))
+    base = qwen_jax.load(tiny_checkpoint[0], dtype="float32", dual_chunk_attention_config=cfg, prefill_chunk_size=192)
+    blockwise = base.logits(tokens)
+    outs = {}
+    for name, spec in [("reference", AttentionSpec(impl="reference")),
+                       ("kernel", AttentionSpec(impl="pallas", kernel="triton", interpret=True))]:
+        outs[name] = qwen_jax.Model(base.config, base.params, attn_implementation=spec,
+                                    prefill_chunk_size=192).logits(tokens)
+        assert np.abs(outs[name] - blockwise).max() <= 1e-5 * np.abs(blockwise).max(), name
+    dense = qwen_jax.load(tiny_checkpoint[0], dtype="float32", dual_chunk_attention_config=DCA_TINY,
+                          prefill_chunk_size=192).logits(tokens)
+    assert np.abs(dense - blockwise).max() > 1e-3 * np.abs(dense).max()
+    # below the threshold the same config stays dense
+    cfg_hi = dict(cfg, sparse_attention_threshold=10 ** 6)
+    high = qwen_jax.load(tiny_checkpoint[0], dtype="float32", dual_chunk_attention_config=cfg_hi,
+                         prefill_chunk_size=192).logits(tokens)
+    assert np.abs(high - dense).max() <= 1e-5 * np.abs(dense).max()
+
+
+def test_sparse_config_errors_are_clear(tiny_checkpoint):
+    import qwen_jax
+    from qwen_jax.errors import ConfigError
+    bad = dict(DCA_TINY, sparse_attention_enabled=True, sparse_attention_config=budgets_json(1, 4, 30, 50))
+    with pytest.raises(ConfigError, match="has 1 layers, the model 2"):
+        qwen_jax.load(tiny_checkpoint[0], dual_chunk_attention_config=bad)
+    odd = [{"0": ["stream_llm", 1, 1, 0.5]}] * 2
+    with pytest.raises(ConfigError, match="pattern 'stream_llm' is not supported"):
+        qwen_jax.load(tiny_checkpoint[0], dual_chunk_attention_config=dict(DCA_TINY, sparse_attention_config=odd))
+    with pytest.raises(ConfigError, match="multiple of 64"):
+        qwen_jax.load(tiny_checkpoint[0], dual_chunk_attention_config={"chunk_size": 200, "local_size": 64,
+                                                                        "sparse_attention_enabled": True})

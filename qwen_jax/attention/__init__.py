@@ -7,7 +7,11 @@ an unknown or unsupported choice raises instead of silently falling back.
 Implementations (every one computes the same masks, ``pallas_kernels.masks``):
     ``blockwise``  memory-linear jnp (online softmax over key blocks; the default)
     ``reference``  dense jnp that materialises [T, S] logits (the twin tests compare against)
-    ``pallas``     the Pallas flash kernels of ``pallas_kernels`` (GPU: Triton; TPU: Mosaic)
+    ``pallas``     the Pallas flash kernels of ``pallas_kernels`` (GPU: Mosaic GPU, Triton for what it
+                   does not cover; TPU: Mosaic TPU)
+
+With sparse prefill enabled (``attention.sparse``), the same three run the vertical-slash mask:
+blockwise and reference in jnp, pallas through ``pallas_kernels.vslash_attention``.
 """
 
 from __future__ import annotations
@@ -18,10 +22,12 @@ import jax.numpy as jnp
 
 import pallas_kernels
 from pallas_kernels.masks import MaskSpec
+from pallas_kernels import vslash
 from pallas_kernels.reference import masked_attention
 from qwen_jax.attention import dca as dca_ops
 from qwen_jax.attention.blockwise import blockwise_attention
 from qwen_jax.attention.merge import merge_partials
+from qwen_jax.attention import sparse as sparse_ops
 from qwen_jax.attention.reference import MASK_VALUE, mha_reference
 from qwen_jax.config import QwenConfig
 from qwen_jax.errors import ConfigError
@@ -81,7 +87,7 @@ def key_scale(request_lengths, config: QwenConfig):
 
 
 def cached_attention(q, k_cache, v_cache, q_positions, kv_length, request_lengths, *, rope: Rope,
-                     config: QwenConfig, spec: AttentionSpec = DEFAULT_SPEC):
+                     config: QwenConfig, spec: AttentionSpec = DEFAULT_SPEC, layer: int = 0):
     """Causal attention of new queries over the KV cache, with DCA when the config has it.
 
     q [B, T, N, H] (not yet rotated); k_cache, v_cache [B, K, S, H] with keys rotated by
@@ -89,6 +95,10 @@ def cached_attention(q, k_cache, v_cache, q_positions, kv_length, request_length
     int32, contiguous per row; kv_length [B] int32 (slots >= kv_length are never read);
     request_lengths [B] int32 (the whole request's length, for DCA's scale). Returns
     ``(out [B, T, N, H] q.dtype, lse [B, T, N] f32)``.
+
+    With ``sparse_attention_enabled`` in the DCA config, a chunk of more than one query (prefill) runs
+    the vertical-slash estimate (``attention.sparse``) with ``layer``'s budgets and attends only to
+    the selected keys; decode (one query) stays dense.
     """
     dca = config.dual_chunk_attention_config
     H = q.shape[-1]
@@ -99,6 +109,9 @@ def cached_attention(q, k_cache, v_cache, q_positions, kv_length, request_length
     else:
         queries = (rope.apply(q, q_positions),)
         mask, scale = MaskSpec(window=spec.window), jnp.full(q.shape[:1], H ** -0.5, jnp.float32)
+    if dca is not None and dca.sparse_attention_enabled and q.shape[1] > 1:
+        return _sparse(q, queries, k_cache, v_cache, q_positions, kv_length, request_lengths, scale, mask, rope,
+                       config, spec, layer)
     if spec.impl == "reference":
         out, lse = masked_attention(queries, k_cache, v_cache, q_positions, kv_length, scale, mask=mask)
     elif spec.impl == "blockwise":
@@ -109,6 +122,30 @@ def cached_attention(q, k_cache, v_cache, q_positions, kv_length, request_length
             out, lse = pallas_kernels.flash_attention(
                 queries, k_cache, v_cache, q_offset=q_positions[:, 0], kv_length=kv_length, scale=scale, mask=mask,
                 impl=spec.kernel, block_q=spec.block_q, block_k=spec.block_k, interpret=spec.interpret)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    return out.astype(q.dtype), lse
+
+
+def _sparse(q, queries, k_cache, v_cache, q_positions, kv_length, request_lengths, scale, mask, rope, config, spec,
+            layer):
+    dca = config.dual_chunk_attention_config
+    budgets = sparse_ops.layer_budgets(dca, layer, config.num_attention_heads)
+    selection = sparse_ops.estimate(q, k_cache, q_positions[:, 0], request_lengths, scale, dca=dca, rope=rope,
+                                    budgets=budgets)
+    if spec.impl == "blockwise":
+        restrict = lambda p, pos, slots: vslash.allows(selection, p, pos, slots)  # noqa: E731
+        out, lse = blockwise_attention(queries, k_cache, v_cache, q_positions, kv_length, scale, mask=mask,
+                                       block_q=spec.block_q or 512, block_k=spec.block_k or 512, restrict=restrict)
+    else:
+        impl = "reference" if spec.impl == "reference" else spec.kernel
+        if impl == "auto" and spec.interpret:
+            impl = "triton"
+        try:
+            out, lse = pallas_kernels.vslash_attention(
+                queries, k_cache, v_cache, selection, q_offset=q_positions[:, 0], kv_length=kv_length, scale=scale,
+                mask=mask, impl=impl, block_k=spec.block_k if spec.impl == "pallas" else None,
+                interpret=spec.interpret)
         except ValueError as e:
             raise ConfigError(str(e)) from None
     return out.astype(q.dtype), lse

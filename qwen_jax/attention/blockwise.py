@@ -9,6 +9,9 @@ Shapes: ``queries`` one q [B, T, N, H] per phase (already rotated); k, v [B, K, 
 [B, T] int32 (-1: padding); kv_length [B]; scale [B] float32 (per-row logit multiplier). Returns
 ``(out [B, T, N, H] float32, lse [B, T, N] float32)``; a query that sees no key gets ``out = 0``,
 ``lse = -inf``.
+
+``restrict`` (optional) narrows the mask further: ``restrict(phase_index, positions [B, bq], slots [bk])
+-> bool [B, N, bq, bk]`` (sparse prefill passes ``pallas_kernels.vslash.allows``).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from pallas_kernels.shapes import attention_dims, matmul_precision, pad_queries
 
 
 def blockwise_attention(queries: tuple, k, v, q_positions, kv_length, scale, *, mask: MaskSpec,
-                        block_q: int = 512, block_k: int = 512):
+                        block_q: int = 512, block_k: int = 512, restrict=None):
     d = attention_dims(queries, k, mask)
     B, T, N, H, K, S, G = d.B, d.T, d.N, d.H, d.K, d.S, d.G
     bq, bk = min(block_q, T), min(block_k, S)
@@ -47,7 +50,7 @@ def blockwise_attention(queries: tuple, k, v, q_positions, kv_length, scale, *, 
             q_blk = q_phases[i]
             lo, hi = mask.key_range(phase, first, last, max_len)
 
-            def body(j, carry, q_blk=q_blk, phase=phase):
+            def body(j, carry, q_blk=q_blk, phase=phase, i=i):
                 m, l, acc = carry
                 # The last block may start early to stay in bounds; slots already visited are masked out.
                 start = jnp.minimum(j * bk, S - bk)
@@ -57,6 +60,8 @@ def blockwise_attention(queries: tuple, k, v, q_positions, kv_length, scale, *, 
                 ok = mask.visible(phase, pos[:, :, None], slots[None, None, :], kv_length[:, None, None])
                 ok = ok & real[:, :, None] & (slots >= j * bk)[None, None, :]
                 ok = ok[:, None, None]                        # [B, 1, 1, bq, bk]
+                if restrict is not None:
+                    ok = ok & restrict(i, pos, slots).reshape(B, K, G, bq, bk)
                 s = jnp.einsum("bqkgh,bksh->bkgqs", q_blk, k_blk, precision=precision,
                                preferred_element_type=jnp.float32) * scale
                 s = jnp.where(ok, s, MASK_VALUE)

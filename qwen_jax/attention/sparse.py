@@ -85,11 +85,11 @@ def check_sparse_config(dca: DCAConfig, num_layers: int, num_heads: int) -> None
     if dca.sparse_attention_last_q != LAST_Q:
         raise ConfigError(f"sparse_attention_last_q must be {LAST_Q} (the estimate's query count), got "
                           f"{dca.sparse_attention_last_q}")
-    for layer in range(num_layers):
-        layer_budgets(dca, layer, num_heads)
     if dca.sparse_attention_config is not None and len(dca.sparse_attention_config) != num_layers:
         raise ConfigError(f"sparse_attention_config has {len(dca.sparse_attention_config)} layers, the model "
                           f"{num_layers}")
+    for layer in range(num_layers):
+        layer_budgets(dca, layer, num_heads)
 
 
 def n_segments(T: int, chunk_len: int) -> int:
