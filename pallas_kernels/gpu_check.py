@@ -42,6 +42,41 @@ def run_case(impl: str, mask_name: str, G: int, seed: int, T: int = 700, S: int 
     positions = q_offset[:, None] + jnp.arange(T)[None]
     f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
     ref_out, ref_lse = masked_attention(tuple(map(f32, qs)), f32(k), f32(v), positions, kv_length, scale, mask=mask)
+    return _compare(impl, mask_name, G, out, lse, ref_out, ref_lse)
+
+
+def run_sparse_case(mask_name: str, G: int, seed: int, T: int = 700, S: int = 2048, H: int = 128):
+    """The vertical-slash kernel against masked dense attention built from the same random selection."""
+    import jax.numpy as jnp
+
+    from pallas_kernels import MaskSpec, masked_attention, vslash, vslash_attention
+
+    mask = MaskSpec(chunk_len=512) if mask_name == "dca" else MaskSpec()
+    rng = np.random.default_rng(seed)
+    K = 1 if G == 7 else 2
+    B, N = 2, K * G
+    q_offset = jnp.array([1024, 256], jnp.int32)
+    kv_length = jnp.array([1724, 800], jnp.int32)
+    chunk = 512 if mask_name == "dca" else 10 ** 6
+    Gs = -(-T // chunk) + 1
+    P_ = (q_offset[:, None] // chunk + jnp.arange(Gs)[None]) * chunk
+    begin = jnp.maximum(q_offset[:, None], P_)
+    end = jnp.maximum(jnp.minimum(q_offset[:, None] + T, P_ + chunk), begin)
+    sel = vslash.random_selection(rng, (B, Gs, N, len(mask.phases), 300, 200), begin, end, max_dist=2000, n_keys=S)
+    qs = tuple(jnp.asarray(rng.normal(size=(B, T, N, H)), jnp.bfloat16) for _ in mask.phases)
+    k = jnp.asarray(rng.normal(size=(B, K, S, H)), jnp.bfloat16)
+    v = jnp.asarray(rng.normal(size=(B, K, S, H)), jnp.bfloat16)
+    scale = jnp.asarray(rng.uniform(0.05, 0.12, B), jnp.float32)
+    out, lse = vslash_attention(qs, k, v, sel, q_offset=q_offset, kv_length=kv_length, scale=scale, mask=mask,
+                                impl="triton")
+    positions = q_offset[:, None] + jnp.arange(T)[None]
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    ref_out, ref_lse = masked_attention(tuple(map(f32, qs)), f32(k), f32(v), positions, kv_length, scale, mask=mask,
+                                        restrict=vslash.dense_mask(sel, positions, S))
+    return _compare("vslash-triton", mask_name, G, out, lse, ref_out, ref_lse)
+
+
+def _compare(impl, mask_name, G, out, lse, ref_out, ref_lse):
     out, lse, ref_out, ref_lse = (np.asarray(x, np.float32) for x in (out, lse, ref_out, ref_lse))
     finite = np.isfinite(ref_lse)
     res = {
@@ -61,14 +96,15 @@ def main(argv=None) -> int:
     from qwen_jax.bench import environment, write_json
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--impls", default="mosaic_gpu,triton")
+    p.add_argument("--impls", default="mosaic_gpu,triton", help="dense kernels; 'vslash' adds the sparse kernel")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     results = []
     for impl in args.impls.split(","):
-        for i, (mask_name, G) in enumerate(CASES):
+        cases = [("causal", 1), ("dca", 4), ("dca", 7)] if impl == "vslash" else CASES
+        for i, (mask_name, G) in enumerate(cases):
             try:
-                res = run_case(impl, mask_name, G, seed=i)
+                res = run_sparse_case(mask_name, G, seed=i) if impl == "vslash" else run_case(impl, mask_name, G, seed=i)
             except Exception as e:  # report and go on: one failing case must not hide the others
                 res = {"impl": impl, "mask": mask_name, "G": G, "ok": False, "error": f"{type(e).__name__}: {e}"[:2000]}
             results.append(res)

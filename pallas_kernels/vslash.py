@@ -197,3 +197,23 @@ def dense_mask(sel: Selection, positions, n_keys: int):
     """The sparse restriction for every phase: bool [P, B, N, T, n_keys] (the reference's ``restrict``)."""
     slots = jnp.arange(n_keys, dtype=jnp.int32)
     return jnp.stack([allows(sel, p, positions, slots) for p in range(sel.dist.shape[3])])
+
+
+def random_selection(rng, shape, seg_begin, seg_end, *, max_dist: int, n_keys: int, empty_head: bool = True):
+    """A random ``Selection`` of ``shape`` (B, G, N, P, D, V) for tests and GPU checks: sorted distinct
+    distances below ``max_dist`` and columns below ``n_keys``; some (row, segment, head, phase) lists
+    empty, and with ``empty_head`` row 0 / head 0 empty everywhere (its queries see nothing)."""
+    import numpy as np
+    B, G, N, P, D, V = shape
+    dist = np.full((B, G, N, P, D), NO_KEY, np.int32)
+    cols = np.full((B, G, N, P, V), NO_KEY, np.int32)
+    dn = np.zeros((B, G, N, P), np.int32)
+    cn = np.zeros((B, G, N, P), np.int32)
+    for idx in np.ndindex(B, G, N, P):
+        if rng.random() < 0.15 or (empty_head and idx[0] == 0 and idx[2] == 0):
+            continue
+        nd = int(rng.integers(1, D + 1))
+        dist[idx][:nd], dn[idx] = np.sort(rng.choice(max_dist, nd, replace=False)), nd
+        nc = int(rng.integers(0, V + 1))
+        cols[idx][:nc], cn[idx] = np.sort(rng.choice(n_keys, nc, replace=False)), nc
+    return Selection(*(jnp.asarray(x) for x in (dist, dn, cols, cn)), seg_begin, seg_end)

@@ -65,23 +65,6 @@ def test_estimate_scores_and_selection_match_the_numpy_spec():
     assert checked == 2 * 2 * N      # both rows span two segments (DCA boundaries at 768 and 512)
 
 
-def random_selection(rng, B, G, N, P, D, V, seg_begin, seg_end, max_dist, n_keys):
-    dist = np.full((B, G, N, P, D), vslash.NO_KEY, np.int32)
-    cols = np.full((B, G, N, P, V), vslash.NO_KEY, np.int32)
-    dn = np.zeros((B, G, N, P), np.int32)
-    cn = np.zeros((B, G, N, P), np.int32)
-    for idx in np.ndindex(B, G, N, P):
-        if rng.random() < 0.15 or (idx[0] == 0 and idx[2] == 0):
-            continue                                  # empty (row 0, head 0: everywhere, so it sees nothing)
-        nd = int(rng.integers(1, D + 1))
-        d = np.sort(rng.choice(max_dist, nd, replace=False))
-        dist[idx][:nd], dn[idx] = d, nd
-        nc = int(rng.integers(0, V + 1))
-        c = np.sort(rng.choice(n_keys, nc, replace=False))
-        cols[idx][:nc], cn[idx] = c, nc
-    return vslash.Selection(*(jnp.asarray(x) for x in (dist, dn, cols, cn)), seg_begin, seg_end)
-
-
 from pallas_kernels import MaskSpec, masked_attention, vslash_attention  # noqa: E402
 
 
@@ -96,7 +79,8 @@ def test_sparse_kernel_matches_masked_dense_reference(mask_name, G, block_k):
     kv_length = jnp.array([520, 300], jnp.int32)      # row 1: the cache ends before its last queries
     lengths = jnp.array([520, 328], jnp.int32)
     seg_begin, seg_end, _ = sparse.segments(q_offset, T, lengths, 128 if mask_name == "dca" else 10 ** 6)
-    sel = random_selection(rng, B, seg_begin.shape[1], N, len(mask.phases), 24, 40, seg_begin, seg_end, 700, S)
+    sel = vslash.random_selection(rng, (B, seg_begin.shape[1], N, len(mask.phases), 24, 40), seg_begin, seg_end,
+                                  max_dist=700, n_keys=S)
     qs = tuple(jnp.asarray(rng.normal(size=(B, T, N, H)), jnp.float32) for _ in mask.phases)
     k = jnp.asarray(rng.normal(size=(B, K, S, H)), jnp.float32)
     v = jnp.asarray(rng.normal(size=(B, K, S, H)), jnp.float32)

@@ -1,0 +1,170 @@
+"""Sparse prefill attention benchmark: vertical-slash (estimate + index + kernel) against dense cuDNN.
+
+    python -m qwen_jax.bench.sparse [--lengths 128k,256k,512k,1m] [--inputs local,random]
+                                    [--budgets 1000,6096] [--chunk 32768] [--dca 262144,8192] [--json out.json]
+
+Attention only (no model), bf16, 28 query / 4 kv heads, head_dim 128, batch 1. The sparse path runs
+as sparse prefill does: the T queries in chunks of ``--chunk``, each chunk estimating its own
+selection from its last 64 queries and attending to the keys before it; the times add up over the
+chunks. The dense baseline is one causal ``jax.nn.dot_product_attention(implementation="cudnn")``
+call over all T. Reported per length: dense ms, sparse ms (attention kernels), estimate + index ms,
+speedup, the share of key tiles the kernels computed, and their effective TFLOP/s over those tiles.
+
+Inputs: ``random`` (normal q, k, v: no structure, so the chosen diagonals scatter: the worst case for
+a band kernel) or ``local`` (q and k share a per-head direction, so attention decays with distance
+like the local heads of real models: the chosen diagonals cluster near the main one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+import time
+
+import numpy as np
+
+
+def _inputs(kind: str, T: int, N: int, K: int, H: int, seed: int):
+    import jax
+    import jax.numpy as jnp
+    keys = jax.random.split(jax.random.key(seed), 5)
+    if kind == "random":
+        q = jax.random.normal(keys[0], (1, T, N, H), jnp.bfloat16)
+        k = jax.random.normal(keys[1], (1, K, T, H), jnp.bfloat16)
+    elif kind == "local":
+        base = jax.random.normal(keys[2], (K, H)) * 0.7
+        q = (jnp.repeat(base, N // K, axis=0)[None, None] + 0.5 * jax.random.normal(keys[0], (1, T, N, H)))
+        k = (base[None, :, None] + 0.5 * jax.random.normal(keys[1], (1, K, T, H)))
+        q, k = q.astype(jnp.bfloat16), k.astype(jnp.bfloat16)
+    else:
+        raise SystemExit(f"unknown --inputs {kind!r} (local or random)")
+    v = jax.random.normal(keys[3], (1, K, T, H), jnp.bfloat16)
+    return q, k, v
+
+
+def main(argv=None) -> int:
+    import jax
+    import jax.numpy as jnp
+
+    from pallas_kernels import vslash
+    from pallas_kernels.vslash_gpu import vslash_attention_gpu
+    from qwen_jax.attention import dca as dca_ops
+    from qwen_jax.attention import sparse
+    from qwen_jax.bench import environment, print_table, write_json
+    from qwen_jax.config import DCAConfig
+    from qwen_jax.passkey import parse_length
+    from qwen_jax.rope import Rope
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lengths", default="128k,256k,512k,1m")
+    p.add_argument("--inputs", default="local,random")
+    p.add_argument("--heads", type=int, default=28)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--budgets", default="1000,6096", help="vertical_size,slash_size for every head")
+    p.add_argument("--chunk", type=int, default=32768, help="prefill chunk (queries per sparse call)")
+    p.add_argument("--dca", default=None, help="chunk_size,local_size (default: one chunk, plain causal)")
+    p.add_argument("--block-k", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-dense", action="store_true")
+    p.add_argument("--interpret", action="store_true", help="run the kernel in interpret mode (CPU smoke test)")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+
+    N, K, H = args.heads, args.kv_heads, args.head_dim
+    vs, ss = (int(x) for x in args.budgets.split(","))
+    budgets = sparse.Budgets((vs,) * N, (ss,) * N)
+    if args.dca:
+        C, W = (int(x) for x in args.dca.split(","))
+    else:
+        C, W = 1 << 22, 0
+    dca = DCAConfig(chunk_size=C, local_size=W, sparse_attention_enabled=True, sparse_attention_threshold=0)
+    inv = 1.0 / 1e6 ** (np.arange(0, H, 2, dtype=np.float64) / H)
+    rope = Rope(tuple(float(f) for f in np.float32(inv)))
+    bk = args.block_k
+
+    @functools.partial(jax.jit, static_argnames=("Tc",))
+    def select(q_chunk, k, start, Tc):
+        lengths = jnp.full((1,), start + Tc, jnp.int32)
+        scale = dca_ops.softmax_scale(lengths, dca, H)
+        sel = sparse.estimate(q_chunk, k, jnp.full((1,), start, jnp.int32), lengths, scale, dca=dca, rope=rope,
+                              budgets=budgets)
+        mask = dca_ops.mask_spec(dca)
+        index = vslash.build_index(sel, jnp.full((1,), start, jnp.int32), Tc, lengths, mask, bk)
+        # tiles the kernel computes: slash tiles plus vertical tiles, per (head, block, phase)
+        n_tiles = (index.t1 - index.t0).sum()
+        v_tiles = -(-sel.col_count // bk)                                   # [B, G, N, P]
+        per_block = jnp.take_along_axis(v_tiles, index.block_seg[:, :, None, None], axis=1)   # [B, nqb, N, P]
+        return sel, index, n_tiles + per_block.sum()
+
+    @functools.partial(jax.jit, static_argnames=("Tc",))
+    def attend(q_chunk, k, v, start, sel, index, Tc):
+        lengths = jnp.full((1,), start + Tc, jnp.int32)
+        positions = start + jnp.arange(Tc, dtype=jnp.int32)[None]
+        queries, mask, scale = dca_ops.attention_inputs(q_chunk, positions, lengths, dca, rope)
+        return vslash_attention_gpu(queries, k, v, jnp.full((1,), start, jnp.int32), lengths, scale, index,
+                                    sel.col_count, mask=mask, block_k=bk, interpret=args.interpret)
+
+    rows = []
+    for kind in args.inputs.split(","):
+        for T in (parse_length(x) for x in args.lengths.split(",")):
+            q, k, v = _inputs(kind, T, N, K, H, seed=T)
+            flops_dense = 2 * 2 * T * T / 2 * N * H
+            row = {"inputs": kind, "T": T}
+            if not args.no_dense:
+                kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+                cudnn = jax.jit(functools.partial(jax.nn.dot_product_attention, is_causal=True,
+                                                  implementation="cudnn"))
+                jax.block_until_ready(cudnn(q, kt, vt))
+                times = []
+                for _ in range(args.repeats):
+                    t0 = time.perf_counter()
+                    jax.block_until_ready(cudnn(q, kt, vt))
+                    times.append(time.perf_counter() - t0)
+                del kt, vt
+                row["dense ms"] = float(np.median(times) * 1e3)
+                row["dense TFLOP/s"] = flops_dense / row["dense ms"] / 1e9
+            chunks = [(s, min(args.chunk, T - s)) for s in range(0, T, args.chunk)]
+            # warm-up (compiles each chunk shape once)
+            for s, Tc in {Tc: (s, Tc) for s, Tc in chunks}.values():
+                sel, index, _ = select(q[:, s:s + Tc], k, jnp.int32(s), Tc)
+                jax.block_until_ready(attend(q[:, s:s + Tc], k, v, jnp.int32(s), sel, index, Tc))
+            est, att, tiles = [], [], 0
+            for rep in range(args.repeats):
+                t_est = t_att = 0.0
+                for s, Tc in chunks:
+                    t0 = time.perf_counter()
+                    sel, index, n = jax.block_until_ready(select(q[:, s:s + Tc], k, jnp.int32(s), Tc))
+                    t1 = time.perf_counter()
+                    jax.block_until_ready(attend(q[:, s:s + Tc], k, v, jnp.int32(s), sel, index, Tc))
+                    t2 = time.perf_counter()
+                    t_est += t1 - t0
+                    t_att += t2 - t1
+                    if rep == 0:
+                        tiles += int(n)
+                est.append(t_est)
+                att.append(t_att)
+            row["sparse ms"] = float(np.median(att) * 1e3)
+            row["estimate+index ms"] = float(np.median(est) * 1e3)
+            computed = tiles * 64 * bk                                       # (query, key) pairs computed
+            row["tiles computed / dense"] = computed / (T * T / 2 * N)
+            row["sparse TFLOP/s (computed tiles)"] = 4 * computed * H / row["sparse ms"] / 1e9
+            if "dense ms" in row:
+                row["speedup"] = row["dense ms"] / row["sparse ms"]
+                row["speedup incl. estimate"] = row["dense ms"] / (row["sparse ms"] + row["estimate+index ms"])
+            row["estimate share"] = row["estimate+index ms"] / row["sparse ms"]
+            rows.append({key: (f"{val:.3g}" if isinstance(val, float) else val) for key, val in row.items()})
+            print(json.dumps(rows[-1]), flush=True)
+            del q, k, v
+    env = environment()
+    print(json.dumps(env))
+    cols = list(dict.fromkeys(key for r in rows for key in r))
+    print_table(rows, cols)
+    write_json(args.json, {"env": env, "args": vars(args), "rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
