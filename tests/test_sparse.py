@@ -2,7 +2,6 @@
 mask's definition, kernels vs masked dense attention, and sparse prefill vs dense DCA prefill."""
 
 import numpy as np
-import jax
 import jax.numpy as jnp
 import pytest
 
