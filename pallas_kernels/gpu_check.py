@@ -97,14 +97,18 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--impls", default="mosaic_gpu,triton", help="dense kernels; 'vslash' adds the sparse kernel")
+    p.add_argument("--head-dims", default="128", help="comma-separated head dims to check (dense kernels)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     results = []
     for impl in args.impls.split(","):
-        cases = [("causal", 1), ("dca", 4), ("dca", 7)] if impl == "vslash" else CASES
-        for i, (mask_name, G) in enumerate(cases):
+        cases = [("causal", 1, 128), ("dca", 4, 128), ("dca", 7, 128)] if impl == "vslash" else \
+            [(m, G, int(h)) for h in args.head_dims.split(",") for m, G in CASES]
+        for i, (mask_name, G, H) in enumerate(cases):
             try:
-                res = run_sparse_case(mask_name, G, seed=i) if impl == "vslash" else run_case(impl, mask_name, G, seed=i)
+                res = run_sparse_case(mask_name, G, seed=i) if impl == "vslash" else \
+                    run_case(impl, mask_name, G, seed=i, H=H)
+                res["H"] = H
             except Exception as e:  # report and go on: one failing case must not hide the others
                 res = {"impl": impl, "mask": mask_name, "G": G, "ok": False, "error": f"{type(e).__name__}: {e}"[:2000]}
             results.append(res)

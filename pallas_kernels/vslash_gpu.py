@@ -45,9 +45,12 @@ def _kernel(qoff_ref, kvlen_ref, scale_ref, seg_ref, *refs, mask: MaskSpec, bloc
         m, l, acc = carry
         s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
                             preferred_element_type=jnp.float32) * scale
-        s = jnp.where(ok, s, MASK_VALUE)
+        if ok is not None:
+            s = jnp.where(ok, s, MASK_VALUE)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        p = jnp.where(ok, jnp.exp(s - m_new[:, None]), 0.0)
+        p = jnp.exp(s - m_new[:, None])
+        if ok is not None:
+            p = jnp.where(ok, p, 0.0)
         correction = jnp.exp(m - m_new)
         l = l * correction + jnp.sum(p, axis=1)
         acc = acc * correction[:, None] + lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
@@ -63,9 +66,20 @@ def _kernel(qoff_ref, kvlen_ref, scale_ref, seg_ref, *refs, mask: MaskSpec, bloc
             lo = q0 + rs_ref[g, p, t]
             hi = q0 + re_ref[g, p, t]
             start = jnp.clip(lo, 0, n_keys - block_k)
-            k_pos = start + iota_k
-            ok = (k_pos >= lo) & (k_pos < hi) & mask.visible(phase, q_pos, k_pos, kv_length)
-            return update(carry, q, k_ref[pl.ds(start, block_k), :], v_ref[pl.ds(start, block_k), :], ok)
+            k = k_ref[pl.ds(start, block_k), :]
+            v = v_ref[pl.ds(start, block_k), :]
+            last_q, last_k = q0 + BAND - 1, lo + block_k - 1
+            # a whole tile every query sees needs no mask: its four corners decide (the mask is convex there)
+            whole = (start == lo) & (hi - lo == block_k)
+            for qq, kk in ((q0, lo), (q0, last_k), (last_q, lo), (last_q, last_k)):
+                whole &= mask.visible(phase, qq, kk, kv_length)
+
+            def masked(carry):
+                k_pos = start + iota_k
+                ok = (k_pos >= lo) & (k_pos < hi) & mask.visible(phase, q_pos, k_pos, kv_length)
+                return update(carry, q, k, v, ok)
+
+            return lax.cond(whole, lambda c: update(c, q, k, v, None), masked, carry)
 
         def vertical_tile(j, carry, q=q, p=p, phase=phase):
             at = pl.ds(j * block_k, block_k)

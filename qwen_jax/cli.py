@@ -13,6 +13,12 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="attention implementation: blockwise (default), pallas (the GPU/TPU kernels) or reference")
     p.add_argument("--dca", default=None, metavar="K=V,...",
                    help="dual chunk attention, e.g. chunk_size=32768,local_size=2048[,original_max_position_embeddings=N]")
+    p.add_argument("--sparse", action="store_true",
+                   help="sparse prefill (MInference vertical-slash, needs --dca): default budgets (1000, 6096)")
+    p.add_argument("--sparse-threshold", type=int, default=None,
+                   help="prompts longer than this run sparse (default 32768, Qwen's)")
+    p.add_argument("--sparse-config", default=None, metavar="FILE",
+                   help="Qwen's sparse_attention_config.json with per-head budgets (implies --sparse)")
     p.add_argument("--window", type=int, default=None,
                    help="sliding-window baseline: keys this many positions back or more are invisible")
     p.add_argument("--block-q", type=int, default=None, help="query tile of the attention (default: per implementation)")
@@ -36,6 +42,20 @@ def _model_overrides(args) -> dict:
                 raise QwenJaxError(f"bad --dca {args.dca!r}: expected key=integer pairs such as chunk_size=32768")
             block[key.strip()] = int(value)
         overrides["dual_chunk_attention_config"] = block
+    if args.sparse or args.sparse_config or args.sparse_threshold is not None:
+        if not args.dca:
+            raise QwenJaxError("sparse prefill runs on top of dual chunk attention: pass --dca too")
+        block = overrides["dual_chunk_attention_config"]
+        block["sparse_attention_enabled"] = True
+        if args.sparse_threshold is not None:
+            block["sparse_attention_threshold"] = args.sparse_threshold
+        if args.sparse_config:
+            import json
+            with open(args.sparse_config) as f:
+                try:
+                    block["sparse_attention_config"] = json.load(f)
+                except json.JSONDecodeError as e:
+                    raise QwenJaxError(f"{args.sparse_config}: not valid JSON ({e})") from None
     return overrides
 
 
@@ -78,6 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mesh", default=None, help='device mesh, e.g. "seq=4,tensor=2"')
     p.add_argument("--seed", type=int, default=0, help="seed of the random 5-digit keys")
     p.add_argument("--json", default=None, help="write the results here")
+    _add_model_options(p)
+
+    p = sub.add_parser("recall", help="sparse prefill's attention recall per layer and head: table, JSON, PNG")
+    p.add_argument("--model", required=True, help="HF checkpoint folder, converted folder, or hub repo id")
+    p.add_argument("--length", required=True, help="prompt length in tokens, e.g. 128k (passkey-style filler)")
+    p.add_argument("--prompt-file", default=None, help="use this text instead (cut to --length tokens)")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    p.add_argument("--json", default=None, help="write per-head recall and the summary here")
+    p.add_argument("--png", default=None, help="write a layer x head heatmap here")
     _add_model_options(p)
 
     p = sub.add_parser("demo", help="offline end-to-end demo on a small random-weight checkpoint")
@@ -147,8 +176,54 @@ def cmd_passkey(args) -> int:
         passkey.write_json(args.json, results, env=environment(), model=args.model, dtype=args.dtype,
                            dca=None if dca is None else {"chunk_size": dca.chunk_size, "local_size": dca.local_size,
                                                          "original_max_position_embeddings":
-                                                             dca.original_max_position_embeddings},
+                                                             dca.original_max_position_embeddings,
+                                                         "sparse": dca.sparse_attention_enabled,
+                                                         "sparse_threshold": dca.sparse_attention_threshold},
                            attention=model.attention.__dict__)
+    return 0
+
+
+def cmd_recall(args) -> int:
+    import json
+
+    import numpy as np
+
+    import qwen_jax
+    from qwen_jax import passkey, recall
+    from qwen_jax.bench import environment
+    from qwen_jax.errors import QwenJaxError
+
+    if not args.dca:
+        raise QwenJaxError("recall measures sparse prefill, which runs on dual chunk attention: pass --dca")
+    args.sparse = True
+    if args.sparse_threshold is None:
+        args.sparse_threshold = 0
+    length = passkey.parse_length(args.length)
+    model = qwen_jax.load(args.model, dtype=args.dtype, **_model_overrides(args))
+    if args.prompt_file:
+        with open(args.prompt_file) as f:
+            tokens = model.tokenizer.encode(f.read())[:length]
+    else:
+        tokens = passkey.build_prompt(model.tokenizer.encode, length, 0.5, 71432)
+    t0 = time.perf_counter()
+    out = recall.measure(model.params, model.config, tokens, chunk_size=model.prefill_chunk_size,
+                         spec=model.attention,
+                         progress=lambda n: print(f"  {n}/{len(tokens)} tokens", file=sys.stderr, flush=True))
+    print(recall.table(out["recall"]))
+    stats = recall.summary(out["recall"])
+    print(json.dumps(stats))
+    print(f"[{time.perf_counter() - t0:.1f} s]", file=sys.stderr)
+    if args.png:
+        recall.write_png(args.png, out["recall"])
+    if args.json:
+        dca = model.config.dual_chunk_attention_config
+        with open(args.json, "w") as f:
+            json.dump({"env": environment(), "model": args.model, "tokens": len(tokens), "summary": stats,
+                       "dca": {"chunk_size": dca.chunk_size, "local_size": dca.local_size,
+                               "original_max_position_embeddings": dca.original_max_position_embeddings,
+                               "threshold": dca.sparse_attention_threshold,
+                               "budgets": "file" if dca.sparse_attention_config else "default (1000, 6096)"},
+                       "recall": np.nan_to_num(out["recall"], nan=-1).tolist()}, f, indent=1)
     return 0
 
 
@@ -162,7 +237,8 @@ def main(argv=None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        commands = {"convert": cmd_convert, "generate": cmd_generate, "passkey": cmd_passkey, "demo": cmd_demo}
+        commands = {"convert": cmd_convert, "generate": cmd_generate, "passkey": cmd_passkey, "recall": cmd_recall,
+                    "demo": cmd_demo}
         return commands[args.command](args)
     except QwenJaxError as e:
         print(f"qwen-jax: error: {e}", file=sys.stderr)

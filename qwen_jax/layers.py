@@ -83,8 +83,18 @@ class Attention(nn.Module):
         k_cache = write(k_cache, k, starts)
         v_cache = write(v_cache, v, starts)
         kv_length = jnp.max(positions, axis=1).astype(jnp.int32) + 1
-        out, _ = attention.cached_attention(q, k_cache, v_cache, positions, kv_length, request_lengths, rope=rope,
-                                            config=c, spec=self.spec, layer=self.layer)
+        kwargs = dict(rope=rope, config=c, spec=self.spec, layer=self.layer)
+        if self.spec.recall and attention.sparse_active(c, q.shape[1]):
+            # Dense attention drives the model; the sparse mask's share of each head's softmax mass is recorded.
+            out, lse = attention.cached_attention(q, k_cache, v_cache, positions, kv_length, request_lengths,
+                                                  sparse=False, **kwargs)
+            _, lse_sparse = attention.cached_attention(q, k_cache, v_cache, positions, kv_length, request_lengths,
+                                                       sparse=True, **kwargs)
+            valid = (positions < request_lengths[:, None])[..., None] & jnp.isfinite(lse)
+            kept = jnp.where(valid, jnp.exp(jnp.minimum(lse_sparse - lse, 0.0)), 0.0)
+            self.sow("intermediates", "recall", (kept.sum((0, 1)), valid.sum((0, 1))))
+        else:
+            out, _ = attention.cached_attention(q, k_cache, v_cache, positions, kv_length, request_lengths, **kwargs)
         y = Projection((N, H, D), ("heads", "head_dim", "embed"), "btnh,nhd->btd", self.dtype, name="o_proj")(
             out.astype(self.dtype))
         return y, k_cache, v_cache

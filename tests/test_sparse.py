@@ -160,3 +160,32 @@ def test_sparse_config_errors_are_clear(tiny_checkpoint):
     with pytest.raises(ConfigError, match="multiple of 64"):
         qwen_jax.load(tiny_checkpoint[0], dual_chunk_attention_config={"chunk_size": 200, "local_size": 64,
                                                                         "sparse_attention_enabled": True})
+
+
+def test_recall_tool_table_json_and_png(tiny_checkpoint, tmp_path, capsys):
+    """Covering budgets keep all the mass (recall 1); small ones keep less, never more than 1."""
+    import json
+    import struct
+
+    from qwen_jax.cli import main
+    full = tmp_path / "full.json"
+    full.write_text(json.dumps(budgets_json(2, 4, 10000, 10000)))
+    common = ["recall", "--model", tiny_checkpoint[0], "--length", "400", "--dca", "chunk_size=192,local_size=64",
+              "--prefill-chunk", "128", "--dtype", "float32"]
+    assert main(common + ["--sparse-config", str(full), "--json", str(tmp_path / "a.json")]) == 0
+    a = json.loads((tmp_path / "a.json").read_text())
+    np.testing.assert_allclose(np.asarray(a["recall"]), 1.0, atol=1e-5)
+    small = tmp_path / "small.json"
+    small.write_text(json.dumps(budgets_json(2, 4, 30, 50)))
+    assert main(common + ["--sparse-config", str(small), "--json", str(tmp_path / "b.json"),
+                          "--png", str(tmp_path / "b.png")]) == 0
+    b = np.asarray(json.loads((tmp_path / "b.json").read_text())["recall"])
+    assert b.shape == (2, 4) and (b <= 1.0 + 1e-6).all() and (b > 0).all() and b.min() < 0.999
+    png = (tmp_path / "b.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", png[16:24]) == (4 * 16, 2 * 16)
+    out = capsys.readouterr().out
+    assert "layer |" in out and '"mean"' in out
+    assert main(["recall", "--model", tiny_checkpoint[0], "--length", "400"]) == 1     # no --dca: one-line error
+    assert "pass --dca" in capsys.readouterr().err
+    assert main(["passkey", "--model", tiny_checkpoint[0], "--lengths", "1k", "--sparse"]) == 1
+    assert "pass --dca too" in capsys.readouterr().err

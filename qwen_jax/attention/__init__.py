@@ -53,6 +53,7 @@ class AttentionSpec:
     window: int | None = None
     kernel: str = "auto"
     interpret: bool = False
+    recall: bool = False  # sparse prefill: run dense attention and record the sparse mask's recall per head
 
     def __post_init__(self):
         if self.impl not in IMPLEMENTATIONS:
@@ -87,7 +88,8 @@ def key_scale(request_lengths, config: QwenConfig):
 
 
 def cached_attention(q, k_cache, v_cache, q_positions, kv_length, request_lengths, *, rope: Rope,
-                     config: QwenConfig, spec: AttentionSpec = DEFAULT_SPEC, layer: int = 0):
+                     config: QwenConfig, spec: AttentionSpec = DEFAULT_SPEC, layer: int = 0,
+                     sparse: bool | None = None):
     """Causal attention of new queries over the KV cache, with DCA when the config has it.
 
     q [B, T, N, H] (not yet rotated); k_cache, v_cache [B, K, S, H] with keys rotated by
@@ -98,7 +100,8 @@ def cached_attention(q, k_cache, v_cache, q_positions, kv_length, request_length
 
     With ``sparse_attention_enabled`` in the DCA config, a chunk of more than one query (prefill) runs
     the vertical-slash estimate (``attention.sparse``) with ``layer``'s budgets and attends only to
-    the selected keys; decode (one query) stays dense.
+    the selected keys; decode (one query) stays dense. ``sparse=False`` forces the dense path (the
+    recall measurement compares both).
     """
     dca = config.dual_chunk_attention_config
     H = q.shape[-1]
@@ -109,7 +112,9 @@ def cached_attention(q, k_cache, v_cache, q_positions, kv_length, request_length
     else:
         queries = (rope.apply(q, q_positions),)
         mask, scale = MaskSpec(window=spec.window), jnp.full(q.shape[:1], H ** -0.5, jnp.float32)
-    if dca is not None and dca.sparse_attention_enabled and q.shape[1] > 1:
+    if sparse is None:
+        sparse = sparse_active(config, q.shape[1])
+    if sparse:
         return _sparse(q, queries, k_cache, v_cache, q_positions, kv_length, request_lengths, scale, mask, rope,
                        config, spec, layer)
     if spec.impl == "reference":
@@ -125,6 +130,12 @@ def cached_attention(q, k_cache, v_cache, q_positions, kv_length, request_length
         except ValueError as e:
             raise ConfigError(str(e)) from None
     return out.astype(q.dtype), lse
+
+
+def sparse_active(config: QwenConfig, n_queries: int) -> bool:
+    """Whether a chunk of ``n_queries`` runs sparse prefill (sparse enabled, more than one query)."""
+    dca = config.dual_chunk_attention_config
+    return dca is not None and dca.sparse_attention_enabled and n_queries > 1
 
 
 def _sparse(q, queries, k_cache, v_cache, q_positions, kv_length, request_lengths, scale, mask, rope, config, spec,
@@ -151,5 +162,5 @@ def _sparse(q, queries, k_cache, v_cache, q_positions, kv_length, request_length
     return out.astype(q.dtype), lse
 
 
-__all__ = ["AttentionSpec", "DEFAULT_SPEC", "IMPLEMENTATIONS", "cached_attention", "key_positions", "key_scale",
+__all__ = ["sparse_active", "AttentionSpec", "DEFAULT_SPEC", "IMPLEMENTATIONS", "cached_attention", "key_positions", "key_scale",
            "mha_reference", "blockwise_attention", "merge_partials", "MASK_VALUE"]

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels.masks import MASK_VALUE
+from pallas_kernels.shapes import matmul_precision
 from pallas_kernels.vslash import BAND, NO_KEY, Selection
 from qwen_jax.config import DCAConfig
 from qwen_jax.errors import ConfigError
@@ -106,7 +107,7 @@ def segments(q_offset, T: int, request_lengths, chunk_len: int):
     return begin, jnp.maximum(end, begin), P
 
 
-def scores(q, k_cache, q_offset, begin, end, P, scale, *, dca: DCAConfig, rope: Rope, key_block: int = 8192):
+def scores(q, k_cache, q_offset, begin, end, P, scale, *, dca: DCAConfig, rope: Rope, key_block: int = 16384):
     """Vertical and slash scores of every segment: ``(vertical [B, G, N, S], slash [B, G, N, S])``,
     slash indexed by ``i = end - 1 - d``; positions at or past ``end`` score 0."""
     B, T, N, H = q.shape
@@ -120,8 +121,10 @@ def scores(q, k_cache, q_offset, begin, end, P, scale, *, dca: DCAConfig, rope: 
     t_idx = jnp.clip(rows - q_offset[:, None, None], 0, T - 1)
     q_est = jnp.take_along_axis(q, t_idx.reshape(B, G * LAST_Q)[:, :, None, None], axis=1)   # [B, G*64, N, H]
     base = (rows - P[:, :, None]).reshape(B, G * LAST_Q)
-    rotated = [rope.apply(q_est, base + shift).reshape(B, G, LAST_Q, K, Gq, H).astype(jnp.float32)
+    dtype = k_cache.dtype                    # bf16 caches: bf16 products, float32 accumulation
+    rotated = [rope.apply(q_est, base + shift).reshape(B, G, LAST_Q, K, Gq, H).astype(dtype)
                for shift in (C, Sl, 0)]                                      # inter, successive, intra
+    precision = matmul_precision(dtype)
     bk = key_block
     while S % bk:
         bk //= 2
@@ -129,9 +132,10 @@ def scores(q, k_cache, q_offset, begin, end, P, scale, *, dca: DCAConfig, rope: 
     scale = scale.astype(jnp.float32)[:, None, None, None, None]
 
     def logits(j):
-        keys = lax.dynamic_slice_in_dim(k_cache, j * bk, bk, axis=2).astype(jnp.float32)      # [B, K, bk, H]
+        keys = lax.dynamic_slice_in_dim(k_cache, j * bk, bk, axis=2)                        # [B, K, bk, H]
         kpos = j * bk + jnp.arange(bk, dtype=jnp.int32)
-        s = [jnp.einsum("bgrkjh,bksh->bgkjrs", qr, keys, precision="highest") for qr in rotated]
+        s = [jnp.einsum("bgrkjh,bksh->bgkjrs", qr, keys, precision=precision, preferred_element_type=jnp.float32)
+             for qr in rotated]
         Pb = P[:, :, None, None, None, None]
         kp = kpos[None, None, None, None, None, :]
         s = jnp.where(kp >= Pb, s[2], jnp.where(kp >= Pb - Sl, s[1], s[0])) * scale[..., None]
@@ -243,7 +247,7 @@ def select(vertical, slash, begin, end, P, sparse_rows, *, budgets: Budgets, chu
 
 
 def estimate(q, k_cache, q_offset, request_lengths, scale, *, dca: DCAConfig, rope: Rope, budgets: Budgets,
-             key_block: int = 8192) -> Selection:
+             key_block: int = 16384) -> Selection:
     """The whole estimate for a query chunk q [B, T, N, H] (not rotated) starting at ``q_offset`` [B]."""
     T = q.shape[1]
     begin, end, P = segments(q_offset, T, request_lengths, dca.chunk_len)

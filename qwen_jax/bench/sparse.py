@@ -26,7 +26,7 @@ import time
 import numpy as np
 
 
-def _inputs(kind: str, T: int, N: int, K: int, H: int, seed: int):
+def _inputs(kind: str, T: int, N: int, K: int, H: int, seed: int, rope):
     import jax
     import jax.numpy as jnp
     keys = jax.random.split(jax.random.key(seed), 5)
@@ -37,6 +37,8 @@ def _inputs(kind: str, T: int, N: int, K: int, H: int, seed: int):
         base = jax.random.normal(keys[2], (K, H)) * 0.7
         q = (jnp.repeat(base, N // K, axis=0)[None, None] + 0.5 * jax.random.normal(keys[0], (1, T, N, H)))
         k = (base[None, :, None] + 0.5 * jax.random.normal(keys[1], (1, K, T, H)))
+        # the cache holds rotated keys: q . k then depends on the distance, decaying roughly as a power law
+        k = rope.apply(k.transpose(0, 2, 1, 3), jnp.arange(T, dtype=jnp.int32)[None]).transpose(0, 2, 1, 3)
         q, k = q.astype(jnp.bfloat16), k.astype(jnp.bfloat16)
     else:
         raise SystemExit(f"unknown --inputs {kind!r} (local or random)")
@@ -67,6 +69,8 @@ def main(argv=None) -> int:
     p.add_argument("--chunk", type=int, default=32768, help="prefill chunk (queries per sparse call)")
     p.add_argument("--dca", default=None, help="chunk_size,local_size (default: one chunk, plain causal)")
     p.add_argument("--block-k", type=int, default=64)
+    p.add_argument("--num-warps", type=int, default=4)
+    p.add_argument("--num-stages", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-dense", action="store_true")
     p.add_argument("--interpret", action="store_true", help="run the kernel in interpret mode (CPU smoke test)")
@@ -105,12 +109,13 @@ def main(argv=None) -> int:
         positions = start + jnp.arange(Tc, dtype=jnp.int32)[None]
         queries, mask, scale = dca_ops.attention_inputs(q_chunk, positions, lengths, dca, rope)
         return vslash_attention_gpu(queries, k, v, jnp.full((1,), start, jnp.int32), lengths, scale, index,
-                                    sel.col_count, mask=mask, block_k=bk, interpret=args.interpret)
+                                    sel.col_count, mask=mask, block_k=bk, num_warps=args.num_warps,
+                                    num_stages=args.num_stages, interpret=args.interpret)
 
     rows = []
     for kind in args.inputs.split(","):
         for T in (parse_length(x) for x in args.lengths.split(",")):
-            q, k, v = _inputs(kind, T, N, K, H, seed=T)
+            q, k, v = _inputs(kind, T, N, K, H, seed=T, rope=rope)
             flops_dense = 2 * 2 * T * T / 2 * N * H
             row = {"inputs": kind, "T": T}
             if not args.no_dense:

@@ -1,0 +1,115 @@
+"""Attention recall of sparse prefill: per layer and head, the share of softmax mass the sparse mask keeps.
+
+For every prefill chunk the model runs dense DCA attention (which drives the hidden states) and the
+sparse attention of the same queries; a query's recall is ``exp(lse_sparse - lse_dense)`` (the mask is
+a subset of the dense one, so it lies in [0, 1]). Reported per (layer, head): the mean over the
+prompt's queries in chunks that run sparse (prompts not longer than the threshold have none).
+
+    qwen-jax recall --model DIR --length 128k --dca chunk_size=32768,local_size=2048,\
+        original_max_position_embeddings=32768 [--sparse-config FILE] --json r.json --png r.png
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import struct
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qwen_jax import attention
+from qwen_jax.cache import cache_length, init_cache
+from qwen_jax.config import QwenConfig
+from qwen_jax.errors import QwenJaxError
+from qwen_jax.model import _module, params_dtype
+
+
+@functools.partial(jax.jit, static_argnames=("config", "spec"), donate_argnames=("cache",))
+def _chunk(params, tokens, start, request_lengths, cache, config, spec):
+    B, T = tokens.shape
+    positions = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
+    (_, cache), state = _module(config, params_dtype(params), spec).apply(
+        {"params": params}, tokens, positions, cache, request_lengths, mutable=["intermediates"])
+    layers = state.get("intermediates", {})
+    L = config.num_hidden_layers
+    if not layers:       # this chunk ran dense (one query, or sparse off): nothing to record
+        zeros = jnp.zeros((L, config.num_attention_heads), jnp.float32)
+        return zeros, zeros, cache
+    kept = jnp.stack([layers[f"layers_{i}"]["attn"]["recall"][0][0] for i in range(L)])
+    count = jnp.stack([layers[f"layers_{i}"]["attn"]["recall"][0][1] for i in range(L)]).astype(jnp.float32)
+    return kept, count, cache
+
+
+def measure(params, config: QwenConfig, tokens, *, chunk_size: int, spec: attention.AttentionSpec,
+            progress=None) -> dict:
+    """Recall of ``tokens`` [T] (one prompt): ``{"recall": [L, N] mean, "queries": [L, N] counts}``."""
+    dca = config.dual_chunk_attention_config
+    if dca is None or not dca.sparse_attention_enabled:
+        raise QwenJaxError("recall needs a DCA config with sparse_attention_enabled")
+    if chunk_size % 64:
+        raise QwenJaxError(f"sparse prefill needs a prefill chunk size that is a multiple of 64, got {chunk_size}")
+    tokens = jnp.asarray(tokens, jnp.int32)[None]
+    T = tokens.shape[1]
+    spec = dataclasses.replace(spec, recall=True)
+    cache = init_cache(config, 1, cache_length(T), params_dtype(params))
+    lengths = jnp.full((1,), T, jnp.int32)
+    kept = np.zeros((config.num_hidden_layers, config.num_attention_heads))
+    count = np.zeros_like(kept)
+    for begin in range(0, T, chunk_size):
+        end = min(begin + chunk_size, T)
+        k, c, cache = _chunk(params, tokens[:, begin:end], jnp.int32(begin), lengths, cache, config, spec)
+        kept += np.asarray(k, np.float64)
+        count += np.asarray(c, np.float64)
+        if progress is not None:
+            progress(end)
+    with np.errstate(invalid="ignore"):
+        return {"recall": kept / np.where(count > 0, count, np.nan), "queries": count}
+
+
+def summary(recall: np.ndarray) -> dict:
+    r = recall[np.isfinite(recall)]
+    if r.size == 0:
+        return {"heads": 0}
+    q = np.quantile(r, [0.0, 0.05, 0.25, 0.5, 0.75, 1.0])
+    return {"heads": int(r.size), "mean": float(r.mean()), "min": float(q[0]), "p5": float(q[1]), "p25": float(q[2]),
+            "median": float(q[3]), "p75": float(q[4]), "max": float(q[5]),
+            "share >= 0.95": float((r >= 0.95).mean()), "share >= 0.9": float((r >= 0.9).mean())}
+
+
+def table(recall: np.ndarray) -> str:
+    L, N = recall.shape
+    lines = ["layer | " + " ".join(f"{h:>5}" for h in range(N)) + " |  mean",
+             "------|" + "-" * (6 * N) + "-|------"]
+    for i in range(L):
+        lines.append(f"{i:>5} | " + " ".join(f"{x:5.3f}" for x in recall[i]) + f" | {np.nanmean(recall[i]):5.3f}")
+    return "\n".join(lines)
+
+
+# A small perceptual colormap (viridis anchors), 0 -> dark purple, 1 -> yellow.
+_ANCHORS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], np.float64)
+
+
+def _color(values: np.ndarray) -> np.ndarray:
+    x = np.clip(np.nan_to_num(values, nan=0.0), 0.0, 1.0) * (len(_ANCHORS) - 1)
+    i = np.minimum(np.floor(x).astype(int), len(_ANCHORS) - 2)
+    t = (x - i)[..., None]
+    return (_ANCHORS[i] * (1 - t) + _ANCHORS[i + 1] * t).round().astype(np.uint8)
+
+
+def write_png(path: str, recall: np.ndarray, *, vmin: float = 0.5, cell: int = 16) -> None:
+    """Heatmap of ``recall`` [L, N] (rows: layers, columns: heads), colours scaled from ``vmin`` to 1."""
+    rgb = _color((recall - vmin) / (1.0 - vmin))
+    img = np.repeat(np.repeat(rgb, cell, axis=0), cell, axis=1)
+    h, w, _ = img.shape
+    raw = b"".join(b"\x00" + img[y].tobytes() for y in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)) \
+        + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
+    with open(path, "wb") as f:
+        f.write(png)
