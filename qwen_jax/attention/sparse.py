@@ -109,67 +109,75 @@ def segments(q_offset, T: int, request_lengths, chunk_len: int):
 
 def scores(q, k_cache, q_offset, begin, end, P, scale, *, dca: DCAConfig, rope: Rope, key_block: int = 16384):
     """Vertical and slash scores of every segment: ``(vertical [B, G, N, S], slash [B, G, N, S])``,
-    slash indexed by ``i = end - 1 - d``; positions at or past ``end`` score 0."""
+    slash indexed by ``i = end - 1 - d``; positions at or past ``end`` score 0.
+
+    One segment at a time, over the key blocks below its end only (an empty segment costs nothing):
+    pass 1 finds each estimate row's log-sum-exp, pass 2 adds the probabilities up by column and, after
+    a skew that turns diagonals into columns, by diagonal."""
     B, T, N, H = q.shape
     K, S = k_cache.shape[1], k_cache.shape[2]
     Gq = N // K
-    G = begin.shape[1]
     C, Sl = dca.chunk_size, dca.chunk_len
-    r = jnp.arange(LAST_Q, dtype=jnp.int32)
-    rows = end[:, :, None] - LAST_Q + r                                     # [B, G, 64] query positions
-    valid_row = rows >= begin[:, :, None]
-    t_idx = jnp.clip(rows - q_offset[:, None, None], 0, T - 1)
-    q_est = jnp.take_along_axis(q, t_idx.reshape(B, G * LAST_Q)[:, :, None, None], axis=1)   # [B, G*64, N, H]
-    base = (rows - P[:, :, None]).reshape(B, G * LAST_Q)
     dtype = k_cache.dtype                    # bf16 caches: bf16 products, float32 accumulation
-    rotated = [rope.apply(q_est, base + shift).reshape(B, G, LAST_Q, K, Gq, H).astype(dtype)
-               for shift in (C, Sl, 0)]                                      # inter, successive, intra
     precision = matmul_precision(dtype)
     bk = key_block
     while S % bk:
         bk //= 2
-    nb = S // bk
     scale = scale.astype(jnp.float32)[:, None, None, None, None]
+    r = jnp.arange(LAST_Q, dtype=jnp.int32)
 
-    def logits(j):
-        keys = lax.dynamic_slice_in_dim(k_cache, j * bk, bk, axis=2)                        # [B, K, bk, H]
-        kpos = j * bk + jnp.arange(bk, dtype=jnp.int32)
-        s = [jnp.einsum("bgrkjh,bksh->bgkjrs", qr, keys, precision=precision, preferred_element_type=jnp.float32)
-             for qr in rotated]
-        Pb = P[:, :, None, None, None, None]
-        kp = kpos[None, None, None, None, None, :]
-        s = jnp.where(kp >= Pb, s[2], jnp.where(kp >= Pb - Sl, s[1], s[0])) * scale[..., None]
-        ok = (kp <= rows[:, :, None, None, :, None]) & valid_row[:, :, None, None, :, None]
-        return jnp.where(ok, s, MASK_VALUE), ok                              # [B, G, K, Gq, 64, bk]
+    def one_segment(seg):
+        begin_g, end_g, P_g = seg                                            # [B] each
+        rows = end_g[:, None] - LAST_Q + r                                   # [B, 64] query positions
+        valid_row = rows >= begin_g[:, None]
+        t_idx = jnp.clip(rows - q_offset[:, None], 0, T - 1)
+        q_est = jnp.take_along_axis(q, t_idx[:, :, None, None], axis=1)     # [B, 64, N, H]
+        base = rows - P_g[:, None]
+        rotated = [rope.apply(q_est, base + shift).reshape(B, LAST_Q, K, Gq, H).astype(dtype)
+                   for shift in (C, Sl, 0)]                                  # inter, successive, intra
+        Pb = P_g[:, None, None, None, None]
 
-    def pass1(carry, j):
-        m, l = carry
-        s, ok = logits(j)
-        m_new = jnp.maximum(m, s.max(-1))
-        l = l * jnp.exp(m - m_new) + jnp.where(ok, jnp.exp(s - m_new[..., None]), 0.0).sum(-1)
-        return (m_new, l), None
+        def logits(j):
+            keys = lax.dynamic_slice_in_dim(k_cache, j * bk, bk, axis=2)                    # [B, K, bk, H]
+            kp = (j * bk + jnp.arange(bk, dtype=jnp.int32))[None, None, None, None, :]
+            s = [jnp.einsum("brkjh,bksh->bkjrs", qr, keys, precision=precision, preferred_element_type=jnp.float32)
+                 for qr in rotated]
+            s = jnp.where(kp >= Pb, s[2], jnp.where(kp >= Pb - Sl, s[1], s[0])) * scale
+            ok = (kp <= rows[:, None, None, :, None]) & valid_row[:, None, None, :, None]
+            return jnp.where(ok, s, MASK_VALUE), ok                          # [B, K, Gq, 64, bk]
 
-    shape = (B, G, K, Gq, LAST_Q)
-    (m, l), _ = lax.scan(pass1, (jnp.full(shape, MASK_VALUE, jnp.float32), jnp.zeros(shape, jnp.float32)),
-                         jnp.arange(nb))
-    lse = m + jnp.log(jnp.maximum(l, 1e-30))
+        n_blocks = jnp.where(end_g > begin_g, (end_g + bk - 1) // bk, 0).max()
 
-    def pass2(slash, j):
-        s, ok = logits(j)
-        a = jnp.where(ok, jnp.exp(s - lse[..., None]), 0.0)                 # [B, G, K, Gq, 64, bk]
-        vertical = a.sum(-2)
-        # slash index i = k + 63 - r: reverse the rows, then skew so row r' shifts right by r'
-        rev = a[..., ::-1, :]
-        padded = jnp.pad(rev, [(0, 0)] * 5 + [(0, LAST_Q)])                 # [..., 64, bk + 64]
-        flat = padded.reshape(*padded.shape[:-2], LAST_Q * (bk + LAST_Q))[..., :LAST_Q * (bk + LAST_Q - 1)]
-        diag = flat.reshape(*padded.shape[:-2], LAST_Q, bk + LAST_Q - 1).sum(-2)   # i - j*bk in [0, bk + 63)
-        window = lax.dynamic_slice_in_dim(slash, j * bk, bk + LAST_Q - 1, axis=-1)
-        slash = lax.dynamic_update_slice_in_dim(slash, window + diag, j * bk, axis=-1)
-        return slash, vertical
+        def pass1(j, carry):
+            m, l = carry
+            s, ok = logits(j)
+            m_new = jnp.maximum(m, s.max(-1))
+            l = l * jnp.exp(m - m_new) + jnp.where(ok, jnp.exp(s - m_new[..., None]), 0.0).sum(-1)
+            return m_new, l
 
-    slash, vertical = lax.scan(pass2, jnp.zeros((B, G, K, Gq, S + LAST_Q - 1), jnp.float32), jnp.arange(nb))
-    vertical = jnp.moveaxis(vertical, 0, -2).reshape(B, G, N, S)
-    return vertical, slash.reshape(B, G, N, S + LAST_Q - 1)[..., :S]
+        shape = (B, K, Gq, LAST_Q)
+        m, l = lax.fori_loop(0, n_blocks, pass1, (jnp.full(shape, MASK_VALUE, jnp.float32),
+                                                  jnp.zeros(shape, jnp.float32)))
+        lse = m + jnp.log(jnp.maximum(l, 1e-30))
+
+        def pass2(j, carry):
+            slash, vertical = carry
+            s, ok = logits(j)
+            a = jnp.where(ok, jnp.exp(s - lse[..., None]), 0.0)             # [B, K, Gq, 64, bk]
+            vertical = lax.dynamic_update_slice_in_dim(vertical, a.sum(-2), j * bk, axis=-1)
+            # slash index i = k + 63 - r: reverse the rows, then skew so row r' shifts right by r'
+            padded = jnp.pad(a[..., ::-1, :], [(0, 0)] * 4 + [(0, LAST_Q)])     # [..., 64, bk + 64]
+            flat = padded.reshape(*padded.shape[:-2], LAST_Q * (bk + LAST_Q))[..., :LAST_Q * (bk + LAST_Q - 1)]
+            diag = flat.reshape(*padded.shape[:-2], LAST_Q, bk + LAST_Q - 1).sum(-2)   # i - j*bk in [0, bk + 63)
+            window = lax.dynamic_slice_in_dim(slash, j * bk, bk + LAST_Q - 1, axis=-1)
+            return lax.dynamic_update_slice_in_dim(slash, window + diag, j * bk, axis=-1), vertical
+
+        slash, vertical = lax.fori_loop(0, n_blocks, pass2, (jnp.zeros((B, K, Gq, S + LAST_Q - 1), jnp.float32),
+                                                             jnp.zeros((B, K, Gq, S), jnp.float32)))
+        return vertical.reshape(B, N, S), slash.reshape(B, N, S + LAST_Q - 1)[..., :S]
+
+    vertical, slash = lax.map(one_segment, (begin.T, end.T, P.T))           # [G, B, N, S]
+    return vertical.transpose(1, 0, 2, 3), slash.transpose(1, 0, 2, 3)
 
 
 def _compact(values, member, big):
