@@ -105,7 +105,7 @@ def flash_attention(q, k, v, *, q_offset, kv_length, scale=None, mask: MaskSpec 
                                block_k=bk, interpret=pltpu.InterpretParams() if interpret else None)
 
 
-SPARSE_IMPLS = ("auto", "triton", "reference")
+SPARSE_IMPLS = ("auto", "triton", "mosaic_tpu", "reference")
 
 
 def vslash_attention(q, k, v, selection, *, q_offset, kv_length, scale=None, mask: MaskSpec = CAUSAL,
@@ -113,15 +113,15 @@ def vslash_attention(q, k, v, selection, *, q_offset, kv_length, scale=None, mas
     """Attention restricted to a vertical-slash sparse mask (``pallas_kernels.vslash``), ``(out, lse)``.
 
     Same arguments as ``flash_attention`` plus ``selection`` (a ``vslash.Selection``); ``q_offset``
-    must be a multiple of 64 (the band height). ``impl``: ``triton`` (GPUs; CPU with interpret),
-    ``reference`` (dense masked jnp) or ``auto``."""
+    must be a multiple of 64 (the band height). ``impl``: ``triton`` (GPUs), ``mosaic_tpu`` (TPUs; both
+    on the CPU with ``interpret``), ``reference`` (dense masked jnp) or ``auto``."""
     from pallas_kernels import vslash
     queries = tuple(q) if isinstance(q, (tuple, list)) else (q,)
     B, T, N, H = queries[0].shape
     if impl not in SPARSE_IMPLS:
         raise ValueError(f"sparse attention kernel {impl!r} is not available; choose one of {list(SPARSE_IMPLS)}")
     if impl == "auto":
-        impl = "triton" if jax.default_backend() in ("gpu", "cuda") else "reference"
+        impl = {"gpu": "triton", "cuda": "triton", "tpu": "mosaic_tpu"}.get(jax.default_backend(), "reference")
     q_offset = jnp.broadcast_to(jnp.asarray(q_offset, jnp.int32), (B,))
     kv_length = jnp.broadcast_to(jnp.asarray(kv_length, jnp.int32), (B,))
     scale = jnp.broadcast_to(jnp.asarray(H ** -0.5 if scale is None else scale, jnp.float32), (B,))
@@ -131,6 +131,15 @@ def vslash_attention(q, k, v, selection, *, q_offset, kv_length, scale=None, mas
         out, lse = masked_attention(queries, k, v, positions, kv_length, scale, mask=mask, restrict=restrict)
         return out.astype(queries[0].dtype), lse
     resolve_impl(impl, interpret)
+    if impl == "mosaic_tpu":
+        from jax.experimental.pallas import tpu as pltpu
+
+        from pallas_kernels.vslash_tpu import vslash_attention_tpu
+        if block_k not in (None, vslash.BAND):
+            raise ValueError(f"the TPU sparse kernel reads {vslash.BAND}-key tiles; got block_k={block_k}")
+        index = vslash.build_index(selection, q_offset, T, kv_length, mask, vslash.BAND)
+        return vslash_attention_tpu(queries, k, v, q_offset, kv_length, scale, index, selection.col_count,
+                                    mask=mask, interpret=pltpu.InterpretParams() if interpret else None)
     from pallas_kernels.vslash_gpu import vslash_attention_gpu
     bk = _fit(block_k or 64, k.shape[2], vslash.BAND)
     index = vslash.build_index(selection, q_offset, T, kv_length, mask, bk)

@@ -1,6 +1,7 @@
 """Sparse prefill (MInference vertical-slash with DCA): estimate vs a numpy oracle, index tables vs the
 mask's definition, kernels vs masked dense attention, and sparse prefill vs dense DCA prefill."""
 
+import jax
 import numpy as np
 import jax.numpy as jnp
 import pytest
@@ -67,8 +68,10 @@ def test_estimate_scores_and_selection_match_the_numpy_spec():
 from pallas_kernels import MaskSpec, masked_attention, vslash_attention  # noqa: E402
 
 
-@pytest.mark.parametrize("mask_name,G,block_k", [("causal", 1, 64), ("dca", 4, 64), ("dca", 7, 128)])
-def test_sparse_kernel_matches_masked_dense_reference(mask_name, G, block_k):
+@pytest.mark.parametrize("kernel,mask_name,G,block_k", [
+    ("triton", "causal", 1, 64), ("triton", "dca", 4, 64), ("triton", "dca", 7, 128),
+    ("mosaic_tpu", "causal", 4, 64), ("mosaic_tpu", "dca", 7, 64)])
+def test_sparse_kernel_matches_masked_dense_reference(kernel, mask_name, G, block_k):
     rng = np.random.default_rng(G)
     B, T, H, S = 2, 200, 32, 768
     K = 1 if G == 7 else 2
@@ -85,7 +88,7 @@ def test_sparse_kernel_matches_masked_dense_reference(mask_name, G, block_k):
     v = jnp.asarray(rng.normal(size=(B, K, S, H)), jnp.float32)
     scale = jnp.array([0.2, 0.15], jnp.float32)
     out, lse = vslash_attention(qs, k, v, sel, q_offset=q_offset, kv_length=kv_length, scale=scale, mask=mask,
-                                impl="triton", block_k=block_k, interpret=True)
+                                impl=kernel, block_k=block_k, interpret=True)
     positions = q_offset[:, None] + jnp.arange(T)[None]
     restrict = vslash.dense_mask(sel, positions, S)
     ref_out, ref_lse = masked_attention(qs, k, v, positions, kv_length, scale, mask=mask, restrict=restrict)
@@ -123,7 +126,7 @@ def test_sparse_prefill_with_covering_budgets_equals_dense_dca(tiny_checkpoint):
 
 
 def test_sparse_prefill_paths_agree_and_budgets_matter(tiny_checkpoint):
-    """Small budgets: the blockwise jnp path, the dense reference and the kernel (interpret) compute the
+    """Small budgets: the blockwise jnp path, the dense reference and both kernels (interpret) compute the
     same sparse attention, which differs from dense DCA."""
     import qwen_jax
     from qwen_jax.attention import AttentionSpec
@@ -134,7 +137,8 @@ def test_sparse_prefill_paths_agree_and_budgets_matter(tiny_checkpoint):
     blockwise = base.logits(tokens)
     outs = {}
     for name, spec in [("reference", AttentionSpec(impl="reference")),
-                       ("kernel", AttentionSpec(impl="pallas", kernel="triton", interpret=True))]:
+                       ("triton", AttentionSpec(impl="pallas", kernel="triton", interpret=True)),
+                       ("mosaic_tpu", AttentionSpec(impl="pallas", kernel="mosaic_tpu", interpret=True))]:
         outs[name] = qwen_jax.Model(base.config, base.params, attn_implementation=spec,
                                     prefill_chunk_size=192).logits(tokens)
         assert np.abs(outs[name] - blockwise).max() <= 1e-5 * np.abs(blockwise).max(), name
@@ -189,3 +193,30 @@ def test_recall_tool_table_json_and_png(tiny_checkpoint, tmp_path, capsys):
     assert "pass --dca" in capsys.readouterr().err
     assert main(["passkey", "--model", tiny_checkpoint[0], "--lengths", "1k", "--sparse"]) == 1
     assert "pass --dca too" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kernel,platform", [("triton", "cuda"), ("mosaic_tpu", "tpu")])
+def test_sparse_kernels_lower_for_their_hardware(kernel, platform):
+    """Qwen2.5-7B heads (28 / 4, head_dim 128), bf16, DCA, 2 segments, budgets of 6096 / 1000."""
+    from jax import export
+    from pallas_kernels.vslash_gpu import vslash_attention_gpu
+    from pallas_kernels.vslash_tpu import vslash_attention_tpu
+    B, T, N, K, H, S, Gs, P, D, V = 1, 1024, 28, 4, 128, 4096, 2, 3, 6096, 1000
+    mask = MaskSpec(chunk_len=2048)
+
+    def f(qs, k, v, qo, kl, sc, dist, dn, cols, cn, sb, se):
+        sel = vslash.Selection(dist, dn, cols, cn, sb, se)
+        index = vslash.build_index(sel, qo, T, kl, mask, 64)
+        if kernel == "triton":
+            return vslash_attention_gpu(qs, k, v, qo, kl, sc, index, cn, mask=mask, block_k=64)
+        return vslash_attention_tpu(qs, k, v, qo, kl, sc, index, cn, mask=mask)
+
+    sd, i32 = jax.ShapeDtypeStruct, jnp.int32
+    checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")] if kernel == "triton" else []
+    exported = export.export(jax.jit(f), platforms=[platform], disabled_checks=checks)(
+        tuple(sd((B, T, N, H), jnp.bfloat16) for _ in range(P)), sd((B, K, S, H), jnp.bfloat16),
+        sd((B, K, S, H), jnp.bfloat16), sd((B,), i32), sd((B,), i32), sd((B,), jnp.float32),
+        sd((B, Gs, N, P, D), i32), sd((B, Gs, N, P), i32), sd((B, Gs, N, P, V), i32), sd((B, Gs, N, P), i32),
+        sd((B, Gs), i32), sd((B, Gs), i32))
+    assert exported.platforms == (platform,)
+    assert ("triton" if kernel == "triton" else "tpu_custom_call") in exported.mlir_module()
