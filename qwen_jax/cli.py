@@ -59,6 +59,10 @@ def _model_overrides(args) -> dict:
     return overrides
 
 
+BENCHMARKS = {"prefill": "qwen_jax.bench.prefill", "attention": "pallas_kernels.bench",
+              "sparse": "qwen_jax.bench.sparse", "generation": "qwen_jax.bench.generation"}
+
+
 def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate (default 256)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
@@ -108,6 +112,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="write per-head recall and the summary here")
     p.add_argument("--png", default=None, help="write a layer x head heatmap here")
     _add_model_options(p)
+
+    p = sub.add_parser("plan", help="per-device memory of a prefill (weights, KV cache, activations), before allocating")
+    p.add_argument("--config", required=True, help="a preset (qwen2.5-7b-1m, qwen2.5-14b-1m, ...) or a checkpoint folder")
+    p.add_argument("--tokens", required=True, help="prompt length, e.g. 1m or 524288")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--mesh", default=None, help='e.g. "seq=4,tensor=2" (default: one device)')
+    p.add_argument("--prefill-chunk", type=int, default=32768)
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    p.add_argument("--dense", action="store_true", help="plan dense prefill even where the config enables sparse")
+    p.add_argument("--device-memory", type=float, default=None,
+                   help="GiB per device (default: what the first device reports, if it does)")
+
+    p = sub.add_parser("bench", help="benchmarks: prefill (random-weight architectures), attention kernels, "
+                                     "sparse attention, generation", add_help=False)
+    p.add_argument("which", choices=sorted(BENCHMARKS), help="which benchmark")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="its arguments (qwen-jax bench WHICH --help)")
 
     p = sub.add_parser("demo", help="offline end-to-end demo on a small random-weight checkpoint")
     p.add_argument("--prompt-tokens", type=int, default=4096, help="prompt length (default 4096)")
@@ -227,6 +247,36 @@ def cmd_recall(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    import os
+
+    from qwen_jax import memory
+    from qwen_jax.config import QwenConfig, read_config_json
+    from qwen_jax.passkey import parse_length
+    from qwen_jax.presets import PRESETS, preset_config
+
+    tokens = parse_length(args.tokens)
+    if args.config in PRESETS:
+        config = preset_config(args.config)
+    elif os.path.isdir(args.config):
+        config = QwenConfig.from_hf_dict(read_config_json(args.config))
+    else:
+        from qwen_jax.errors import QwenJaxError
+        raise QwenJaxError(f"--config {args.config!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a folder")
+    capacity = int(args.device_memory * memory.GiB) if args.device_memory else memory.device_capacity()
+    p = memory.plan(config, tokens=tokens, batch=args.batch, mesh=args.mesh, chunk_size=args.prefill_chunk,
+                    dtype=args.dtype, sparse=False if args.dense else None, capacity=capacity)
+    print(f"{args.config}, {tokens} tokens, batch {args.batch}, mesh {args.mesh or 'one device'}, "
+          f"prefill chunk {args.prefill_chunk}: {p.describe()}")
+    memory.check(p, tokens=tokens, mesh=args.mesh, chunk_size=args.prefill_chunk)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import importlib
+    return importlib.import_module(BENCHMARKS[args.which]).main(args.rest)
+
+
 def cmd_demo(args) -> int:
     from qwen_jax.demo import run_demo
     return run_demo(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, workdir=args.workdir)
@@ -238,7 +288,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         commands = {"convert": cmd_convert, "generate": cmd_generate, "passkey": cmd_passkey, "recall": cmd_recall,
-                    "demo": cmd_demo}
+                    "plan": cmd_plan, "bench": cmd_bench, "demo": cmd_demo}
         return commands[args.command](args)
     except QwenJaxError as e:
         print(f"qwen-jax: error: {e}", file=sys.stderr)

@@ -153,6 +153,7 @@ def prefill(params, tokens, lengths, cache: KVCache, config: QwenConfig, *, chun
         last_hidden, cache = _prefill_chunk(params, tokens[:, begin:end], jnp.int32(begin), lengths, last_hidden,
                                             cache, config, spec, False)
         if progress is not None:
+            jax.block_until_ready(last_hidden)   # report work done, not work dispatched
             progress(end)
     return _jit_unembed(params, last_hidden, config), cache
 

@@ -89,9 +89,12 @@ def test_overrides_replace_fields_like_from_pretrained(tmp_path):
 
 def test_sparse_attention_config_json_is_read_next_to_config(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(QWEN25_7B_1M))
-    (tmp_path / "sparse_attention_config.json").write_text(json.dumps([{"0": ["vertical_and_slash", 1000, 6096, 0.9]}]))
+    layers = [{str(h): ["vertical_and_slash", 1000 + h, 6096, 0.9] for h in range(28)} for _ in range(28)]
+    (tmp_path / "sparse_attention_config.json").write_text(json.dumps(layers))
     dca = QwenConfig.from_hf_dict(read_config_json(str(tmp_path))).dual_chunk_attention_config
     assert dca.sparse_attention_enabled and dca.sparse_attention_config is not None
+    from qwen_jax.attention.sparse import layer_budgets
+    assert layer_budgets(dca, 27, 28).vertical[:3] == (1000, 1001, 1002)
 
 
 def test_load_refuses_missing_folder_and_bad_dtype(tiny_checkpoint):

@@ -1,0 +1,140 @@
+"""Long-prompt prefill benchmark on an exact architecture with random weights.
+
+    qwen-jax bench prefill --config qwen2.5-7b-1m --random-weights --tokens 1m [--modes sparse,dense]
+                           [--prefill-chunk 32768] [--attention pallas] [--json out.json]
+
+For each mode the memory planner checks the run first (and refuses with the shortfall instead of
+running out of memory), one prefill chunk is run to compile, then the whole prompt is prefilled
+with a progress bar over the chunks. Reported: time to first token (the prefill plus the first
+token's logits, compile excluded), tokens/s, peak device memory (where the backend reports it),
+the planner's estimate, and model FLOP utilisation counting the linear layers plus dense causal
+attention (so a sparse run's MFU is "effective": it did less attention work than it is credited
+with).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+
+
+def progress_bar(total: int, label: str, stream=sys.stderr):
+    """A callable ``update(done)`` drawing ``label [#####.....] done/total tokens, elapsed, ETA``."""
+    t0 = time.perf_counter()
+
+    def update(done: int):
+        elapsed = time.perf_counter() - t0
+        frac = done / max(total, 1)
+        bar = "#" * int(30 * frac) + "." * (30 - int(30 * frac))
+        eta = elapsed / frac - elapsed if frac > 0 else 0.0
+        end = "\n" if done >= total else ""
+        print(f"\r{label} [{bar}] {done}/{total} tokens, {elapsed:.1f} s, ETA {eta:.0f} s", end=end, file=stream,
+              flush=True)
+
+    return update
+
+
+def model_flops(config, tokens: int) -> tuple[float, float]:
+    """(linear-layer FLOPs, dense causal attention FLOPs) of a prefill of ``tokens`` tokens."""
+    c = config
+    D, N, K, H, F, L = (c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
+                        c.intermediate_size, c.num_hidden_layers)
+    per_token = 2 * L * (D * N * H + 2 * D * K * H + N * H * D + 3 * D * F) + 2 * D * c.vocab_size / tokens
+    attention = L * 2 * 2 * tokens * tokens / 2 * N * H
+    return per_token * tokens, attention
+
+
+def main(argv=None) -> int:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import qwen_jax
+    from qwen_jax import memory
+    from qwen_jax.attention import AttentionSpec
+    from qwen_jax.bench import environment, print_table, write_json
+    from qwen_jax.cache import cache_length, init_cache
+    from qwen_jax.errors import QwenJaxError
+    from qwen_jax.model import init_params
+    from qwen_jax.passkey import parse_length
+    from qwen_jax.presets import PRESETS, preset_config
+
+    p = argparse.ArgumentParser(prog="qwen-jax bench prefill", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help=f"architecture preset: {', '.join(sorted(PRESETS))}")
+    p.add_argument("--random-weights", action="store_true", help="random bf16 weights (the only source for now)")
+    p.add_argument("--tokens", required=True, help="prompt length, e.g. 1m")
+    p.add_argument("--modes", default="sparse,dense", help="sparse and/or dense prefill")
+    p.add_argument("--prefill-chunk", type=int, default=32768)
+    p.add_argument("--attention", default="pallas", help="blockwise, pallas or reference")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    p.add_argument("--mesh", default=None, help='device mesh for the weights, e.g. "tensor=2"')
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="per-device peak for MFU (H100 SXM bf16: 989)")
+    p.add_argument("--device-memory", type=float, default=None, help="GiB per device for the planner")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    if not args.random_weights:
+        raise QwenJaxError("bench prefill runs an architecture with random weights: pass --random-weights")
+    T = parse_length(args.tokens)
+    base = preset_config(args.config)
+    if base.dual_chunk_attention_config is None:
+        raise QwenJaxError(f"{args.config} has no dual_chunk_attention_config; this benchmark runs DCA prefill")
+    from qwen_jax.sharding import make_mesh
+    mesh = make_mesh(args.mesh) if args.mesh else None
+    dtype = jnp.dtype(args.dtype)
+    capacity = int(args.device_memory * memory.GiB) if args.device_memory else memory.device_capacity()
+    params = init_params(base, jax.random.key(0), dtype=dtype, mesh=mesh)
+    tokens = jax.random.randint(jax.random.key(1), (1, T), 0, base.vocab_size, jnp.int32)
+    linear, attn = model_flops(base, T)
+    n_dev = 1 if mesh is None else mesh.devices.size
+    rows = []
+    for mode in args.modes.split(","):
+        if mode not in ("sparse", "dense"):
+            raise QwenJaxError(f"unknown mode {mode!r} (sparse or dense)")
+        dca = dataclasses.replace(base.dual_chunk_attention_config, sparse_attention_enabled=mode == "sparse",
+                                  sparse_attention_threshold=0)
+        config = dataclasses.replace(base, dual_chunk_attention_config=dca)
+        spec = AttentionSpec.of(args.attention)
+        plan = memory.plan(config, tokens=T, mesh=mesh, chunk_size=args.prefill_chunk, dtype=dtype,
+                           sparse=mode == "sparse", attention=spec.impl, capacity=capacity)
+        memory.check(plan, tokens=T, mesh=mesh, chunk_size=args.prefill_chunk)
+        cache = init_cache(config, 1, cache_length(T), dtype, mesh)
+        lengths = jnp.full((1,), T, jnp.int32)
+        # compile: one chunk of the full-size cache (the cache is donated and handed back)
+        first = min(args.prefill_chunk, T)
+        t0 = time.perf_counter()
+        out, cache = qwen_jax.prefill(params, tokens[:, :first], lengths, cache, config,
+                                      chunk_size=args.prefill_chunk, spec=spec)
+        jax.block_until_ready(out)
+        compile_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        logits, cache = qwen_jax.prefill(params, tokens, lengths, cache, config, chunk_size=args.prefill_chunk,
+                                         spec=spec, progress=progress_bar(T, f"{mode} prefill"))
+        next_token = int(jnp.argmax(logits[0]))
+        ttft = time.perf_counter() - t0
+        stats = jax.devices()[0].memory_stats() or {}
+        peak = stats.get("peak_bytes_in_use")
+        row = {"mode": mode, "tokens": T, "TTFT s": round(ttft, 2), "tokens/s": round(T / ttft),
+               "peak GiB": None if peak is None else round(peak / memory.GiB, 1),
+               "planned GiB": round(plan.total / memory.GiB, 1),
+               "MFU": round((linear + attn) / ttft / (args.peak_tflops * 1e12 * n_dev), 3),
+               "first chunk s (compile)": round(compile_s, 1), "next token": next_token}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del cache, logits
+    if len(rows) == 2:
+        speed = {r["mode"]: r["TTFT s"] for r in rows}
+        print(f"sparse over dense: {speed['dense'] / speed['sparse']:.2f}x", flush=True)
+    env = environment()
+    print(json.dumps(env))
+    print_table(rows, list(rows[0]))
+    write_json(args.json, {"env": env, "args": vars(args), "rows": rows,
+                           "flops": {"linear": linear, "dense attention": attn}})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

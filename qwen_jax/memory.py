@@ -1,0 +1,152 @@
+"""Memory planner: per-device bytes of a prefill before anything is allocated, and a refusal that names
+the shortfall and the ways out instead of an out-of-memory crash halfway through a 1M-token prompt.
+
+Counted per device, with the mesh's sharding rules (``qwen_jax.sharding``):
+
+    weights       every parameter divided by the mesh axes its logical axes map to
+    KV cache      layers x 2 x [B, K, S, H], S over ``seq``, kv heads over ``tensor`` (as far as they go)
+    activations   one prefill chunk through one layer: hidden states, q/k/v (one query copy per DCA
+                  phase), the MLP's two [T, F] projections and their product, the float32 attention
+                  output, the last-token logits
+    workspace     the attention path's temporaries: blockwise logits tiles, or for sparse prefill the
+                  estimate's score vectors and logits blocks plus the index tables and gathered columns
+
+plus a fixed 1 GiB for XLA's own buffers. Estimates, not measurements: the benchmark reports the
+measured peak next to them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from types import SimpleNamespace
+
+import jax
+import jax.numpy as jnp
+
+from qwen_jax.config import QwenConfig
+from qwen_jax.errors import QwenJaxError
+
+GiB = 1024 ** 3
+XLA_RESERVE = 1 * GiB
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    weights: int
+    cache: int
+    activations: int
+    workspace: int
+    capacity: int | None            # bytes per device, when known
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.cache + self.activations + self.workspace + XLA_RESERVE
+
+    @property
+    def fits(self) -> bool:
+        return self.capacity is None or self.total <= self.capacity
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{name} {getattr(self, name) / GiB:.1f}"
+                          for name in ("weights", "cache", "activations", "workspace"))
+        cap = "" if self.capacity is None else f" of {self.capacity / GiB:.1f} GiB"
+        return f"{self.total / GiB:.1f} GiB per device{cap} ({parts}, XLA reserve {XLA_RESERVE / GiB:.0f})"
+
+
+def mesh_sizes(mesh) -> dict[str, int]:
+    """Axis sizes of a ``Mesh``, a string such as ``"seq=4,tensor=2"``, a dict, or None (one device)."""
+    from qwen_jax.sharding import MESH_AXES
+    if mesh is None:
+        return {a: 1 for a in MESH_AXES}
+    if isinstance(mesh, dict):
+        return {a: int(mesh.get(a, 1)) for a in MESH_AXES}
+    if isinstance(mesh, str):
+        sizes = {a: 1 for a in MESH_AXES}
+        for part in mesh.split(","):
+            name, _, value = part.strip().partition("=")
+            if name not in sizes or not value.strip().isdigit():
+                raise QwenJaxError(f"bad mesh {mesh!r}: expected axis=size pairs with axes {', '.join(MESH_AXES)}")
+            sizes[name] = int(value)
+        return sizes
+    return {a: int(mesh.shape.get(a, 1)) for a in MESH_AXES}
+
+
+def _sharded_bytes(shape, logical, sizes, itemsize) -> int:
+    from qwen_jax.sharding import logical_to_spec
+    spec = logical_to_spec(logical, shape, SimpleNamespace(shape=sizes))
+    factor = math.prod(sizes[a] for a in spec if a is not None)
+    return math.prod(shape) * itemsize // factor
+
+
+def plan(config: QwenConfig, *, tokens: int, batch: int = 1, mesh=None, chunk_size: int = 32768,
+         dtype="bfloat16", cache_dtype=None, sparse: bool | None = None, attention: str = "pallas",
+         capacity: int | None = None) -> MemoryPlan:
+    """Per-device bytes to prefill ``batch`` prompts of ``tokens`` tokens (see the module docstring)."""
+    from qwen_jax.cache import CACHE_AXES, cache_length
+    from qwen_jax.model import abstract_params, logical_axes
+
+    sizes = mesh_sizes(mesh)
+    item = jnp.dtype(dtype).itemsize
+    cache_item = jnp.dtype(cache_dtype or dtype).itemsize
+    c = config
+    leaves = jax.tree.leaves(abstract_params(c, dtype))
+    axes = jax.tree.leaves(logical_axes(c), is_leaf=lambda x: isinstance(x, tuple))
+    weights = sum(_sharded_bytes(a.shape, ax, sizes, item) for a, ax in zip(leaves, axes))
+    S = cache_length(tokens)
+    cache = 2 * c.num_hidden_layers * _sharded_bytes(
+        (batch, c.num_key_value_heads, S, c.head_dim), CACHE_AXES, sizes, cache_item)
+    data = sizes["data"] if batch % sizes["data"] == 0 else 1
+    tensor = sizes["tensor"]
+    T = min(chunk_size, tokens) // max(sizes["seq"], 1)
+    B = batch // data
+    dca = c.dual_chunk_attention_config
+    phases = 3 if dca is not None else 1
+    N, K, H, D, F = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size, c.intermediate_size
+    n_t = tensor if N % tensor == 0 else 1
+    f_t = tensor if F % tensor == 0 else 1
+    activations = (B * T * D * item * 6                            # residual, norms, attention/MLP outputs
+                   + B * T * N * H * item * (phases + 1) // n_t     # rotated queries per phase, keys/values
+                   + B * T * N * H * 4 // n_t                       # float32 attention output
+                   + 3 * B * T * F * item // f_t                    # gate, up, their product
+                   + B * c.vocab_size * 4)                          # last-token logits
+    if sparse is None:
+        sparse = dca is not None and dca.sparse_attention_enabled and tokens > dca.sparse_attention_threshold
+    if sparse:
+        from qwen_jax.attention.sparse import DEFAULT_BUDGET, LAST_Q, n_segments
+        G = n_segments(T, dca.chunk_len)
+        vs, ss = DEFAULT_BUDGET
+        s_local = S // max(sizes["seq"], 1)
+        workspace = (2 * B * G * N * S * 4 // n_t                  # vertical and slash scores
+                     + 3 * B * K * (N // K) * LAST_Q * 16384 * 4 // n_t   # logits blocks, three rotations
+                     + B * N * (T // 64 + 1) * 3 * (vs + 64) // n_t        # keep masks
+                     + 2 * B * G * N * 3 * (vs + 64) * H * item // n_t     # gathered vertical K/V
+                     + 4 * B * G * N * 3 * max(ss, s_local // 64 + 1) * 4 // n_t)   # distances and tiles
+    elif attention == "blockwise":
+        workspace = 4 * B * N * 512 * 512 * 4 // n_t
+    else:
+        workspace = 0
+    return MemoryPlan(weights, cache, activations, workspace, capacity)
+
+
+def device_capacity() -> int | None:
+    """Bytes the first device may allocate (None where the backend does not say, e.g. the CPU)."""
+    try:
+        stats = jax.devices()[0].memory_stats()
+    except Exception:  # pragma: no cover - backends without memory stats
+        return None
+    return None if not stats else int(stats.get("bytes_limit", 0)) or None
+
+
+def check(p: MemoryPlan, *, tokens: int, mesh=None, chunk_size: int) -> None:
+    """Raise a one-line error naming the shortfall and the options when ``p`` does not fit."""
+    if p.fits:
+        return
+    short = (p.total - p.capacity) / GiB
+    sizes = mesh_sizes(mesh)
+    devices = math.prod(sizes.values())
+    options = [f"more devices along seq (now seq={sizes['seq']}, {devices} device(s) in all)"]
+    if chunk_size > 4096:
+        options.append(f"a smaller prefill chunk (--prefill-chunk {chunk_size // 2})")
+    raise QwenJaxError(f"prefill of {tokens} tokens needs {p.describe()}: {short:.1f} GiB short; options: "
+                       + "; ".join(options))

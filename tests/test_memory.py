@@ -1,0 +1,55 @@
+"""The memory planner: exact weight and cache bytes per device, sharding by the mesh, a clear refusal."""
+
+import math
+
+import jax
+import numpy as np
+import pytest
+
+from qwen_jax import memory
+from qwen_jax.errors import QwenJaxError
+from qwen_jax.model import abstract_params
+from qwen_jax.presets import PRESETS, preset_config
+
+
+def test_presets_are_the_published_architectures():
+    c = preset_config("qwen2.5-7b-1m")
+    n_params = sum(math.prod(a.shape) for a in jax.tree.leaves(abstract_params(c)))
+    assert 7.6e9 < n_params < 7.7e9                      # Qwen2.5-7B: 7.61B parameters
+    c14 = preset_config("qwen2.5-14b-1m")
+    assert 14.7e9 < sum(math.prod(a.shape) for a in jax.tree.leaves(abstract_params(c14))) < 14.8e9
+    assert c.dual_chunk_attention_config.chunk_len == 253952 and c.dual_chunk_attention_config.sparse_attention_enabled
+    with pytest.raises(Exception, match="unknown model preset"):
+        preset_config("qwen9")
+    assert set(PRESETS) >= {"qwen2.5-7b-1m", "qwen2.5-14b-1m"}
+
+
+def test_plan_counts_weights_and_cache_exactly_and_shards_them():
+    c = preset_config("qwen2.5-14b-1m")
+    one = memory.plan(c, tokens=1 << 20)
+    weights = sum(math.prod(a.shape) * 2 for a in jax.tree.leaves(abstract_params(c)))
+    assert one.weights == weights
+    assert one.cache == 2 * 48 * 8 * (1 << 20) * 128 * 2  # layers x (K, V) x kv heads x slots x head_dim x bf16
+    eight = memory.plan(c, tokens=1 << 20, mesh="seq=4,tensor=2")
+    assert eight.cache == one.cache // 8                  # seq x tensor (8 kv heads split in two)
+    assert one.weights / 2.2 < eight.weights < one.weights / 1.8   # tensor parallel halves the big matrices
+    assert memory.plan(c, tokens=1 << 20, mesh="seq=8").weights == one.weights    # seq does not split weights
+    seq_only = memory.plan(c, tokens=1 << 20, mesh={"seq": 2})
+    assert seq_only.activations < one.activations and seq_only.cache == one.cache // 2
+    assert memory.plan(c, tokens=1 << 20, sparse=True).workspace > memory.plan(c, tokens=1 << 20, sparse=False).workspace
+
+
+def test_refusal_names_the_shortfall_and_the_options(capsys):
+    c = preset_config("qwen2.5-14b-1m")
+    p = memory.plan(c, tokens=1 << 20, capacity=80 * memory.GiB)
+    assert not p.fits
+    with pytest.raises(QwenJaxError, match=r"GiB short; options: more devices along seq .*smaller prefill chunk"):
+        memory.check(p, tokens=1 << 20, mesh=None, chunk_size=32768)
+    from qwen_jax.cli import main
+    assert main(["plan", "--config", "qwen2.5-7b-1m", "--tokens", "1m", "--mesh", "seq=2",
+                 "--device-memory", "80"]) == 0
+    assert "per device of 80.0 GiB" in capsys.readouterr().out
+    assert main(["plan", "--config", "qwen2.5-14b-1m", "--tokens", "1m", "--device-memory", "80"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("qwen-jax: error: prefill of 1048576 tokens needs") and err.count("\n") == 1
+    assert np.isfinite(p.total)
