@@ -20,6 +20,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.masks import MASK_VALUE, MaskSpec
+from pallas_kernels.online import online_softmax_step
 from pallas_kernels.shapes import attention_dims, matmul_precision, pad_queries
 
 
@@ -46,25 +47,16 @@ def _kernel(qoff_ref, kvlen_ref, scale_ref, *refs, mask: MaskSpec, block_q: int,
         u1 = jnp.clip(u1, u0, j1)
 
         def body(j, carry, q=q, phase=phase, masked=True):
-            m, l, acc = carry
             start = pl.multiple_of(j * block_k, block_k)
             k = k_ref[pl.ds(start, block_k), :]
             v = v_ref[pl.ds(start, block_k), :]
             s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
                                 preferred_element_type=jnp.float32) * scale
+            ok = None
             if masked:
                 k_pos = start + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
                 ok = mask.visible(phase, q_pos, k_pos, kv_length)
-                s = jnp.where(ok, s, MASK_VALUE)
-            m_new = jnp.maximum(m, jnp.max(s, axis=1))
-            p = jnp.exp(s - m_new[:, None])
-            if masked:
-                p = jnp.where(ok, p, 0.0)
-            correction = jnp.exp(m - m_new)
-            l = l * correction + jnp.sum(p, axis=1)
-            acc = acc * correction[:, None] + lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
-                                                              precision=precision, preferred_element_type=jnp.float32)
-            return m_new, l, acc
+            return online_softmax_step(carry, s, v, ok, precision)
 
         carry = lax.fori_loop(j0, u0, body, (m, l, acc))
         carry = lax.fori_loop(u0, u1, functools.partial(body, masked=False), carry)

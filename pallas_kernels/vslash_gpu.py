@@ -23,6 +23,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.masks import MASK_VALUE, MaskSpec
+from pallas_kernels.online import online_softmax_step
 from pallas_kernels.shapes import attention_dims, matmul_precision, pad_queries
 from pallas_kernels.vslash import BAND, VSIndex
 
@@ -42,20 +43,9 @@ def _kernel(qoff_ref, kvlen_ref, scale_ref, seg_ref, *refs, mask: MaskSpec, bloc
     iota_k = lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
 
     def update(carry, q, k, v, ok):
-        m, l, acc = carry
         s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
                             preferred_element_type=jnp.float32) * scale
-        if ok is not None:
-            s = jnp.where(ok, s, MASK_VALUE)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        p = jnp.exp(s - m_new[:, None])
-        if ok is not None:
-            p = jnp.where(ok, p, 0.0)
-        correction = jnp.exp(m - m_new)
-        l = l * correction + jnp.sum(p, axis=1)
-        acc = acc * correction[:, None] + lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
-                                                          precision=precision, preferred_element_type=jnp.float32)
-        return m_new, l, acc
+        return online_softmax_step(carry, s, v, ok, precision)
 
     carry = (jnp.full((BAND,), MASK_VALUE, jnp.float32), jnp.zeros((BAND,), jnp.float32),
              jnp.zeros((BAND, H), jnp.float32))

@@ -50,7 +50,6 @@ def model_flops(config, tokens: int) -> tuple[float, float]:
 def main(argv=None) -> int:
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     import qwen_jax
     from qwen_jax import memory
