@@ -147,5 +147,38 @@ def vslash_attention(q, k, v, selection, *, q_offset, kv_length, scale=None, mas
                                 block_k=bk, interpret=interpret)
 
 
-__all__ = ["flash_attention", "vslash_attention", "resolve_impl", "MaskSpec", "MASK_VALUE", "masked_attention",
+def block_sparse_attention(q, k, v, blocks, counts, *, q_offset, kv_length, scale=None, mask: MaskSpec = CAUSAL,
+                           impl: str = "auto", interpret: bool = False):
+    """Attention restricted to a block-sparse mask: each 64-row query block sees, per phase, a list of
+    64-key blocks (``blocks`` [B, N, T/64, P, M] int32, first ``counts`` [B, N, T/64, P] valid), within the
+    dense mask. The shared primitive under the vertical-slash kernels (``vslash.block_sparse_index``)."""
+    from pallas_kernels import vslash
+    queries = tuple(q) if isinstance(q, (tuple, list)) else (q,)
+    B, T, N, H = queries[0].shape
+    if impl == "auto":
+        impl = {"gpu": "triton", "cuda": "triton", "tpu": "mosaic_tpu"}.get(jax.default_backend(), "reference")
+    if impl not in SPARSE_IMPLS[1:]:
+        raise ValueError(f"block-sparse kernel {impl!r} is not available; choose one of {list(SPARSE_IMPLS)}")
+    q_offset = jnp.broadcast_to(jnp.asarray(q_offset, jnp.int32), (B,))
+    kv_length = jnp.broadcast_to(jnp.asarray(kv_length, jnp.int32), (B,))
+    scale = jnp.broadcast_to(jnp.asarray(H ** -0.5 if scale is None else scale, jnp.float32), (B,))
+    if impl == "reference":
+        positions = q_offset[:, None] + jnp.arange(T, dtype=jnp.int32)[None]
+        restrict = vslash.block_sparse_dense_mask(blocks, counts, positions, k.shape[2])
+        out, lse = masked_attention(queries, k, v, positions, kv_length, scale, mask=mask, restrict=restrict)
+        return out.astype(queries[0].dtype), lse
+    resolve_impl(impl, interpret)
+    index, col_count = vslash.block_sparse_index(blocks, counts, q_offset, kv_length)
+    if impl == "mosaic_tpu":
+        from jax.experimental.pallas import tpu as pltpu
+
+        from pallas_kernels.vslash_tpu import vslash_attention_tpu
+        return vslash_attention_tpu(queries, k, v, q_offset, kv_length, scale, index, col_count, mask=mask,
+                                    interpret=pltpu.InterpretParams() if interpret else None)
+    from pallas_kernels.vslash_gpu import vslash_attention_gpu
+    return vslash_attention_gpu(queries, k, v, q_offset, kv_length, scale, index, col_count, mask=mask,
+                                block_k=vslash.BAND, interpret=interpret)
+
+
+__all__ = ["flash_attention", "vslash_attention", "block_sparse_attention", "resolve_impl", "MaskSpec", "MASK_VALUE", "masked_attention",
            "IMPLS", "SPARSE_IMPLS"]

@@ -217,3 +217,38 @@ def random_selection(rng, shape, seg_begin, seg_end, *, max_dist: int, n_keys: i
         nc = int(rng.integers(0, V + 1))
         cols[idx][:nc], cn[idx] = np.sort(rng.choice(n_keys, nc, replace=False)), nc
     return Selection(*(jnp.asarray(x) for x in (dist, dn, cols, cn)), seg_begin, seg_end)
+
+
+def block_sparse_index(blocks, counts, q_offset, kv_length) -> tuple[VSIndex, jax.Array]:
+    """The general block-sparse mask in the kernels' index format: query block ``i`` (64 rows from
+    ``q_offset + 64 i``) sees, in phase ``p``, the 64-key blocks ``blocks[b, n, i, p, :counts[b, n, i, p]]``
+    (duplicates count once). Each query block becomes its own segment with its own tile table, so the
+    vertical-slash kernels run it unchanged. Returns ``(index, col_count)`` (no vertical columns)."""
+    B, N, nqb, P, M = blocks.shape
+    valid = jnp.arange(M) < counts[..., None]
+    starts = jnp.sort(jnp.where(valid, blocks * BAND, NO_KEY), axis=-1)
+    dup = jnp.concatenate([jnp.zeros_like(starts[..., :1], bool), starts[..., 1:] == starts[..., :-1]], axis=-1)
+    starts = jnp.sort(jnp.where(dup, NO_KEY, starts), axis=-1)
+    n = (starts < NO_KEY).sum(-1).astype(jnp.int32)                      # [B, N, nqb, P]
+    q0 = block_starts(q_offset, nqb)                                     # [B, nqb]
+    rel = starts - q0[:, None, :, None, None]
+    live = starts < NO_KEY
+    rel_start = jnp.where(live, rel, NO_KEY).transpose(0, 2, 1, 3, 4)   # [B, G=nqb, N, P, M]
+    rel_end = jnp.where(live, rel + BAND, NO_KEY).transpose(0, 2, 1, 3, 4)
+    index = VSIndex(rel_start=rel_start, rel_end=rel_end, t0=jnp.zeros_like(n), t1=n,
+                    block_seg=jnp.broadcast_to(jnp.arange(nqb, dtype=jnp.int32), (B, nqb)),
+                    vpos=jnp.full((B, nqb, N, P, BAND), NO_KEY, jnp.int32),
+                    keep=jnp.zeros((B, N, nqb, P, BAND), bool))
+    return index, jnp.zeros((B, nqb, N, P), jnp.int32)
+
+
+def block_sparse_dense_mask(blocks, counts, positions, n_keys: int):
+    """Reference of ``block_sparse_index``'s mask: bool [P, B, N, T, n_keys] for query positions [B, T]
+    (positions in 64-row blocks counted from the first query's block)."""
+    B, N, nqb, P, M = blocks.shape
+    block_of = (positions - positions[:, :1]) // BAND                    # [B, T]
+    listed = jnp.take_along_axis(blocks, block_of[:, None, :, None, None], axis=2)      # [B, N, T, P, M]
+    cnt = jnp.take_along_axis(counts, block_of[:, None, :, None], axis=2)              # [B, N, T, P]
+    kb = jnp.arange(n_keys, dtype=jnp.int32) // BAND
+    hit = (listed[..., None] == kb) & (jnp.arange(M)[:, None] < cnt[..., None, None])  # [B, N, T, P, M, S]
+    return hit.any(-2).transpose(3, 0, 1, 2, 4)
