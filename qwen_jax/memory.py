@@ -12,7 +12,9 @@ Counted per device, with the mesh's sharding rules (``qwen_jax.sharding``):
                   estimate's score vectors and logits blocks plus the index tables and gathered columns
 
 plus a fixed 1 GiB for XLA's own buffers. Estimates, not measurements: the benchmark reports the
-measured peak next to them.
+measured peak next to them. A ``seq`` axis is counted as the sequence-parallel prefill will run
+(each device a 1/seq share of the chunk's activations and of the cache); that prefill is not built
+yet, so today only the cache and weights figures hold for meshes with ``seq`` > 1.
 """
 
 from __future__ import annotations
