@@ -10,7 +10,8 @@ import time
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-chunk", type=int, default=None, help="prefill chunk size in tokens (default 32768)")
     p.add_argument("--attention", default=None,
-                   help="attention implementation: blockwise (default), pallas (the GPU/TPU kernels) or reference")
+                   help="attention implementation: pallas (the GPU/TPU kernels; default there), blockwise (default on "
+                        "CPUs) or reference")
     p.add_argument("--dca", default=None, metavar="K=V,...",
                    help="dual chunk attention, e.g. chunk_size=32768,local_size=2048[,original_max_position_embeddings=N]")
     p.add_argument("--sparse", action="store_true",

@@ -5,10 +5,10 @@ sequence-sharded paths compose by log-sum-exp merging. Which one runs is a stati
 an unknown or unsupported choice raises instead of silently falling back.
 
 Implementations (every one computes the same masks, ``pallas_kernels.masks``):
-    ``blockwise``  memory-linear jnp (online softmax over key blocks; the default)
+    ``blockwise``  memory-linear jnp (online softmax over key blocks; the default on CPUs)
     ``reference``  dense jnp that materialises [T, S] logits (the twin tests compare against)
     ``pallas``     the Pallas flash kernels of ``pallas_kernels`` (GPU: Mosaic GPU, Triton for what it
-                   does not cover; TPU: Mosaic TPU)
+                   does not cover; TPU: Mosaic TPU; the default on GPUs and TPUs)
 
 With sparse prefill enabled (``attention.sparse``), the same three run the vertical-slash mask:
 blockwise and reference in jnp, pallas through ``pallas_kernels.vslash_attention``.
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 
 import pallas_kernels
@@ -33,21 +34,21 @@ from qwen_jax.config import QwenConfig
 from qwen_jax.errors import ConfigError
 from qwen_jax.rope import Rope
 
-IMPLEMENTATIONS = ("blockwise", "reference", "pallas")
+IMPLEMENTATIONS = ("auto", "blockwise", "reference", "pallas")
 
 
 @dataclasses.dataclass(frozen=True)
 class AttentionSpec:
     """Static choice of attention path.
 
-    ``impl``: ``blockwise`` (memory-linear jnp, the default), ``reference`` (dense jnp) or ``pallas``
-    (the ``pallas_kernels`` flash kernels; ``kernel`` picks one, ``auto`` by backend, and
-    ``interpret`` emulates it on the CPU). ``block_q`` / ``block_k``: tile sizes (None: the
+    ``impl``: ``auto`` (the default: ``pallas`` on GPUs and TPUs, ``blockwise`` elsewhere),
+    ``blockwise`` (memory-linear jnp), ``reference`` (dense jnp) or ``pallas`` (the ``pallas_kernels``
+    flash kernels; ``kernel`` picks one, ``auto`` by backend, and ``interpret`` emulates it on the CPU). ``block_q`` / ``block_k``: tile sizes (None: the
     implementation's default). ``window`` (plain attention only) hides keys ``window`` or more
     positions back: a sliding-window baseline, not a Qwen2.5 feature.
     """
 
-    impl: str = "blockwise"
+    impl: str = "auto"
     block_q: int | None = None
     block_k: int | None = None
     window: int | None = None
@@ -62,6 +63,13 @@ class AttentionSpec:
             raise ConfigError("attention block sizes must be positive")
         if self.kernel not in pallas_kernels.IMPLS:
             raise ConfigError(f"unknown attention kernel {self.kernel!r}; choose one of {list(pallas_kernels.IMPLS)}")
+
+    def resolved(self) -> "AttentionSpec":
+        """This spec with ``impl="auto"`` replaced by the path for JAX's default backend."""
+        if self.impl != "auto":
+            return self
+        native = jax.default_backend() in ("gpu", "cuda", "tpu") or self.interpret
+        return dataclasses.replace(self, impl="pallas" if native else "blockwise")
 
     @classmethod
     def of(cls, value: "AttentionSpec | str | None") -> "AttentionSpec":
@@ -105,6 +113,7 @@ def cached_attention(q, k_cache, v_cache, q_positions, kv_length, request_length
     """
     dca = config.dual_chunk_attention_config
     H = q.shape[-1]
+    spec = spec.resolved()
     if dca is not None:
         if spec.window is not None:
             raise ConfigError("a sliding window cannot be combined with dual chunk attention")
