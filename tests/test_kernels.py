@@ -147,6 +147,12 @@ def test_dispatch_picks_or_refuses_loudly():
         flash_attention(qs[0], k[:, :, :100], v[:, :, :100], q_offset=q_offset, kv_length=kv_length, impl="triton",
                         interpret=True)
     assert pallas_kernels.DEFAULT_BLOCKS["triton"] == (128, 64)
+    from qwen_jax.attention import AttentionSpec
+    assert AttentionSpec().impl == "auto" and AttentionSpec().resolved().impl == "blockwise"      # CPU default
+    assert AttentionSpec(interpret=True).resolved().impl == "pallas"
+    with pytest.raises(ValueError, match="mosaic_gpu kernel takes bfloat16 or float16"):
+        from pallas_kernels.flash_mgpu import check_supported
+        check_supported((qs[0],), k, v, 64, 128, 2)                    # float32: Triton's job
 
 
 @pytest.mark.parametrize("mask_name", sorted(MASKS))
