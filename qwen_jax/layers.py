@@ -84,7 +84,7 @@ class Attention(nn.Module):
         v_cache = write(v_cache, v, starts)
         kv_length = jnp.max(positions, axis=1).astype(jnp.int32) + 1
         kwargs = dict(rope=rope, config=c, spec=self.spec, layer=self.layer)
-        if self.spec.recall and attention.sparse_active(c, q.shape[1]):
+        if self.spec.recall and attention.sparse_active(c, q.shape[1], self.spec):
             # Dense attention drives the model; the sparse mask's share of each head's softmax mass is recorded.
             out, lse = attention.cached_attention(q, k_cache, v_cache, positions, kv_length, request_lengths,
                                                   sparse=False, **kwargs)

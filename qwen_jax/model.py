@@ -147,6 +147,7 @@ def prefill(params, tokens, lengths, cache: KVCache, config: QwenConfig, *, chun
     B, T = tokens.shape
     _check_fits(T, cache)
     _check_sparse_chunks(config, chunk_size)
+    spec = attention.with_sparse_rows(spec, config, lengths)
     lengths = jnp.asarray(lengths, jnp.int32)
     last_hidden = jnp.zeros((B, config.hidden_size), params_dtype(params))
     for begin, end in _chunks(T, chunk_size):
@@ -169,6 +170,7 @@ def prefill_logits(params, tokens, config: QwenConfig, *, chunk_size: int = DEFA
     tokens = jnp.asarray(tokens, jnp.int32)
     B, T = tokens.shape
     _check_sparse_chunks(config, chunk_size)
+    spec = attention.with_sparse_rows(spec, config, [T] * B)
     cache = init_cache(config, B, cache_length(T), params_dtype(params))
     out = np.empty((B, T, config.vocab_size), np.float32)
     request_lengths = jnp.full((B,), T, jnp.int32)

@@ -53,7 +53,7 @@ def measure(params, config: QwenConfig, tokens, *, chunk_size: int, spec: attent
         raise QwenJaxError(f"sparse prefill needs a prefill chunk size that is a multiple of 64, got {chunk_size}")
     tokens = jnp.asarray(tokens, jnp.int32)[None]
     T = tokens.shape[1]
-    spec = dataclasses.replace(spec, recall=True)
+    spec = attention.with_sparse_rows(dataclasses.replace(spec, recall=True), config, [T])
     cache = init_cache(config, 1, cache_length(T), params_dtype(params))
     lengths = jnp.full((1,), T, jnp.int32)
     kept = np.zeros((config.num_hidden_layers, config.num_attention_heads))

@@ -243,3 +243,35 @@ def test_block_sparse_primitive_matches_masked_dense_reference(kernel):
     assert np.array_equal(np.isneginf(lse), np.isneginf(ref_lse)) and np.isneginf(ref_lse[0, :, 0]).all()
     finite = np.isfinite(ref_lse)
     np.testing.assert_allclose(lse[finite], ref_lse[finite], atol=2e-5, rtol=1e-5)
+
+
+def test_rows_over_and_under_the_threshold_in_one_batch(tiny_checkpoint):
+    """A batch mixing a prompt over the threshold (sparse) and one under it (dense) gives each row what
+    it gets alone."""
+    import qwen_jax
+    from qwen_jax.cache import cache_length
+    cfg = dict(DCA_TINY, sparse_attention_enabled=True, sparse_attention_threshold=200,
+               sparse_attention_config=budgets_json(2, 4, 30, 50))
+    model = qwen_jax.load(tiny_checkpoint[0], dtype="float32", dual_chunk_attention_config=cfg, prefill_chunk_size=128)
+    rng = np.random.default_rng(3)
+    lengths = [320, 150]
+    tokens = np.zeros((2, 320), np.int32)
+    for i, n in enumerate(lengths):
+        tokens[i, :n] = rng.integers(0, 1000, n)
+
+    def last_logits(toks, lens):
+        cache = qwen_jax.init_cache(model.config, len(lens), cache_length(toks.shape[1]), jnp.float32)
+        logits, _ = qwen_jax.prefill(model.params, toks, np.asarray(lens), cache, model.config, chunk_size=128,
+                                     spec=model.attention)
+        return np.asarray(logits)
+
+    both = last_logits(tokens, lengths)
+    for i, n in enumerate(lengths):
+        alone = last_logits(tokens[i:i + 1, :n], [n])[0]
+        assert np.abs(both[i] - alone).max() <= 1e-5 * np.abs(alone).max(), i
+    dense = qwen_jax.load(tiny_checkpoint[0], dtype="float32", dual_chunk_attention_config=DCA_TINY,
+                          prefill_chunk_size=128)
+    cache = qwen_jax.init_cache(dense.config, 1, cache_length(320), jnp.float32)
+    dense_logits, _ = qwen_jax.prefill(dense.params, tokens[:1], np.asarray([320]), cache, dense.config,
+                                       chunk_size=128, spec=dense.attention)
+    assert np.abs(np.asarray(dense_logits)[0] - both[0]).max() > 1e-4     # the long row really ran sparse

@@ -55,12 +55,18 @@ class AttentionSpec:
     kernel: str = "auto"
     interpret: bool = False
     recall: bool = False  # sparse prefill: run dense attention and record the sparse mask's recall per head
+    # Which rows' prompts pass the sparse threshold: "mixed" (decided per row inside the step), or, as
+    # prefill sets it from the concrete prompt lengths, "all" (tables sized for the budgets only) or
+    # "none" (dense prefill, no estimate at all).
+    sparse_rows: str = "mixed"
 
     def __post_init__(self):
         if self.impl not in IMPLEMENTATIONS:
             raise ConfigError(f"unknown attention implementation {self.impl!r}; choose one of {list(IMPLEMENTATIONS)}")
         if (self.block_q is not None and self.block_q < 1) or (self.block_k is not None and self.block_k < 1):
             raise ConfigError("attention block sizes must be positive")
+        if self.sparse_rows not in ("mixed", "all", "none"):
+            raise ConfigError(f"sparse_rows must be 'mixed', 'all' or 'none', got {self.sparse_rows!r}")
         if self.kernel not in pallas_kernels.IMPLS:
             raise ConfigError(f"unknown attention kernel {self.kernel!r}; choose one of {list(pallas_kernels.IMPLS)}")
 
@@ -122,7 +128,7 @@ def cached_attention(q, k_cache, v_cache, q_positions, kv_length, request_length
         queries = (rope.apply(q, q_positions),)
         mask, scale = MaskSpec(window=spec.window), jnp.full(q.shape[:1], H ** -0.5, jnp.float32)
     if sparse is None:
-        sparse = sparse_active(config, q.shape[1])
+        sparse = sparse_active(config, q.shape[1], spec)
     if sparse:
         return _sparse(q, queries, k_cache, v_cache, q_positions, kv_length, request_lengths, scale, mask, rope,
                        config, spec, layer)
@@ -141,10 +147,21 @@ def cached_attention(q, k_cache, v_cache, q_positions, kv_length, request_length
     return out.astype(q.dtype), lse
 
 
-def sparse_active(config: QwenConfig, n_queries: int) -> bool:
-    """Whether a chunk of ``n_queries`` runs sparse prefill (sparse enabled, more than one query)."""
+def sparse_active(config: QwenConfig, n_queries: int, spec: AttentionSpec = DEFAULT_SPEC) -> bool:
+    """Whether a chunk of ``n_queries`` runs sparse prefill (sparse enabled, more than one query, and
+    not every row known to be under the threshold)."""
     dca = config.dual_chunk_attention_config
-    return dca is not None and dca.sparse_attention_enabled and n_queries > 1
+    return dca is not None and dca.sparse_attention_enabled and n_queries > 1 and spec.sparse_rows != "none"
+
+
+def with_sparse_rows(spec: AttentionSpec, config: QwenConfig, lengths) -> AttentionSpec:
+    """``spec`` with ``sparse_rows`` decided from concrete prompt ``lengths`` (what prefill knows)."""
+    import numpy as np
+    dca = config.dual_chunk_attention_config
+    if dca is None or not dca.sparse_attention_enabled:
+        return spec
+    over = np.asarray(lengths) > dca.sparse_attention_threshold
+    return dataclasses.replace(spec, sparse_rows="all" if over.all() else "none" if not over.any() else "mixed")
 
 
 def _sparse(q, queries, k_cache, v_cache, q_positions, kv_length, request_lengths, scale, mask, rope, config, spec,
@@ -152,7 +169,7 @@ def _sparse(q, queries, k_cache, v_cache, q_positions, kv_length, request_length
     dca = config.dual_chunk_attention_config
     budgets = sparse_ops.layer_budgets(dca, layer, config.num_attention_heads)
     selection = sparse_ops.estimate(q, k_cache, q_positions[:, 0], request_lengths, scale, dca=dca, rope=rope,
-                                    budgets=budgets)
+                                    budgets=budgets, all_sparse=spec.sparse_rows == "all")
     if spec.impl == "blockwise":
         restrict = lambda p, pos, slots: vslash.allows(selection, p, pos, slots)  # noqa: E731
         out, lse = blockwise_attention(queries, k_cache, v_cache, q_positions, kv_length, scale, mask=mask,
@@ -171,5 +188,5 @@ def _sparse(q, queries, k_cache, v_cache, q_positions, kv_length, request_length
     return out.astype(q.dtype), lse
 
 
-__all__ = ["sparse_active", "AttentionSpec", "DEFAULT_SPEC", "IMPLEMENTATIONS", "cached_attention", "key_positions", "key_scale",
+__all__ = ["sparse_active", "with_sparse_rows", "AttentionSpec", "DEFAULT_SPEC", "IMPLEMENTATIONS", "cached_attention", "key_positions", "key_scale",
            "mha_reference", "blockwise_attention", "merge_partials", "MASK_VALUE"]

@@ -194,8 +194,11 @@ def _fallback(n_keys):
     return vals, jnp.minimum(n_keys, FALLBACK).astype(jnp.int32)
 
 
-def select(vertical, slash, begin, end, P, sparse_rows, *, budgets: Budgets, chunk_len: int):
-    """Top-k picks split by phase (module docstring) -> ``Selection`` (phases: inter, successive, intra)."""
+def select(vertical, slash, begin, end, P, sparse_rows, *, budgets: Budgets, chunk_len: int,
+           all_sparse: bool = False):
+    """Top-k picks split by phase (module docstring) -> ``Selection`` (phases: inter, successive, intra).
+    ``all_sparse`` (static): every row is known to pass the threshold, so no room is made for rows
+    that keep every key."""
     B, G, N, S = vertical.shape
     Sl = chunk_len
     pos = jnp.arange(S, dtype=jnp.int32)
@@ -242,6 +245,8 @@ def select(vertical, slash, begin, end, P, sparse_rows, *, budgets: Budgets, chu
         ccounts.append(cn)
     dist, dist_count = jnp.stack(dists, 3), jnp.stack(dcounts, 3)            # [B, G, N, P, ks]
     cols, col_count = jnp.stack(colss, 3), jnp.stack(ccounts, 3)
+    if all_sparse:
+        return Selection(dist, dist_count, cols, col_count, begin, end)
     # Rows that stay dense keep every key: distances 0, 64, 128, ... make one band over all of them.
     n_all = S // BAND + 1
     width = max(ks, n_all)
@@ -255,13 +260,14 @@ def select(vertical, slash, begin, end, P, sparse_rows, *, budgets: Budgets, chu
 
 
 def estimate(q, k_cache, q_offset, request_lengths, scale, *, dca: DCAConfig, rope: Rope, budgets: Budgets,
-             key_block: int = 16384) -> Selection:
+             key_block: int = 16384, all_sparse: bool = False) -> Selection:
     """The whole estimate for a query chunk q [B, T, N, H] (not rotated) starting at ``q_offset`` [B]."""
     T = q.shape[1]
     begin, end, P = segments(q_offset, T, request_lengths, dca.chunk_len)
     vertical, slash = scores(q, k_cache, q_offset, begin, end, P, scale, dca=dca, rope=rope, key_block=key_block)
     sparse_rows = request_lengths > dca.sparse_attention_threshold
-    return select(vertical, slash, begin, end, P, sparse_rows, budgets=budgets, chunk_len=dca.chunk_len)
+    return select(vertical, slash, begin, end, P, sparse_rows, budgets=budgets, chunk_len=dca.chunk_len,
+                  all_sparse=all_sparse)
 
 
 __all__ = ["Budgets", "layer_budgets", "check_sparse_config", "estimate", "scores", "select", "segments"]
