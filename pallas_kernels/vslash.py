@@ -5,7 +5,9 @@ A sparse head is described, per query *segment* and DCA phase, by two sorted lis
     distances  selected diagonals ``d = q - k`` (d >= 0)
     columns    selected key positions (vertical lines)
 
-Queries are cut into 64-row blocks at absolute multiples of ``BAND`` (= 64). Query ``q`` in the
+Queries are cut into 64-row blocks at absolute multiples of ``BAND`` (= 64); segments start at
+multiples of 64 (qwen-jax requires DCA chunk lengths and prefill chunks to be multiples of 64), so
+these are also the blocks of Qwen's kernels, which count from each segment's first query. Query ``q`` in the
 block starting at ``q0`` sees key ``k`` in phase ``p`` iff the dense mask allows it
 (``MaskSpec.visible``) and
 
