@@ -20,6 +20,7 @@ yet, so today only the cache and weights figures hold for meshes with ``seq`` > 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from types import SimpleNamespace
 
@@ -81,20 +82,26 @@ def _sharded_bytes(shape, logical, sizes, itemsize) -> int:
     return math.prod(shape) * itemsize // factor
 
 
+@functools.lru_cache(maxsize=16)
+def _param_layout(config: QwenConfig) -> tuple:
+    """(shape, logical axes) of every parameter; tracing the module once per config."""
+    from qwen_jax.model import abstract_params, logical_axes
+    leaves = jax.tree.leaves(abstract_params(config, jnp.float32))
+    axes = jax.tree.leaves(logical_axes(config), is_leaf=lambda x: isinstance(x, tuple))
+    return tuple((a.shape, ax) for a, ax in zip(leaves, axes))
+
+
 def plan(config: QwenConfig, *, tokens: int, batch: int = 1, mesh=None, chunk_size: int = 32768,
          dtype="bfloat16", cache_dtype=None, sparse: bool | None = None, attention: str = "pallas",
          capacity: int | None = None) -> MemoryPlan:
     """Per-device bytes to prefill ``batch`` prompts of ``tokens`` tokens (see the module docstring)."""
     from qwen_jax.cache import CACHE_AXES, cache_length
-    from qwen_jax.model import abstract_params, logical_axes
 
     sizes = mesh_sizes(mesh)
     item = jnp.dtype(dtype).itemsize
     cache_item = jnp.dtype(cache_dtype or dtype).itemsize
     c = config
-    leaves = jax.tree.leaves(abstract_params(c, dtype))
-    axes = jax.tree.leaves(logical_axes(c), is_leaf=lambda x: isinstance(x, tuple))
-    weights = sum(_sharded_bytes(a.shape, ax, sizes, item) for a, ax in zip(leaves, axes))
+    weights = sum(_sharded_bytes(shape, ax, sizes, item) for shape, ax in _param_layout(c))
     S = cache_length(tokens)
     cache = 2 * c.num_hidden_layers * _sharded_bytes(
         (batch, c.num_key_value_heads, S, c.head_dim), CACHE_AXES, sizes, cache_item)
