@@ -59,6 +59,23 @@ def _fit(block: int, length: int, minimum: int) -> int:
 CAUSAL = MaskSpec()
 
 
+def _inputs(q, q_offset, kv_length, scale):
+    """Queries as a tuple (one per phase), and q_offset, kv_length, scale broadcast to [B]."""
+    queries = tuple(q) if isinstance(q, (tuple, list)) else (q,)
+    B, H = queries[0].shape[0], queries[0].shape[-1]
+    return (queries, jnp.broadcast_to(jnp.asarray(q_offset, jnp.int32), (B,)),
+            jnp.broadcast_to(jnp.asarray(kv_length, jnp.int32), (B,)),
+            jnp.broadcast_to(jnp.asarray(H ** -0.5 if scale is None else scale, jnp.float32), (B,)))
+
+
+def _reference(queries, k, v, q_offset, kv_length, scale, mask, restrict=None):
+    """Dense masked attention at positions ``q_offset + t``; ``restrict(positions)`` narrows the mask."""
+    positions = q_offset[:, None] + jnp.arange(queries[0].shape[1], dtype=jnp.int32)[None]
+    out, lse = masked_attention(queries, k, v, positions, kv_length, scale, mask=mask,
+                                restrict=None if restrict is None else restrict(positions))
+    return out.astype(queries[0].dtype), lse
+
+
 def flash_attention(q, k, v, *, q_offset, kv_length, scale=None, mask: MaskSpec = CAUSAL, impl: str = "auto",
                     block_q: int | None = None, block_k: int | None = None, interpret: bool = False):
     """Attention of queries at positions ``q_offset[b] + t`` over keys at slots ``0..kv_length[b]-1``.
@@ -67,30 +84,24 @@ def flash_attention(q, k, v, *, q_offset, kv_length, scale=None, mask: MaskSpec 
     successive, intra); k, v: [B, K, S, H] with N a multiple of K; q_offset, kv_length: [B] int32;
     scale: [B] float32 logit multiplier (default 1/sqrt(H)). Returns ``(out, lse)``.
     """
-    queries = tuple(q) if isinstance(q, (tuple, list)) else (q,)
-    B, T, N, H = queries[0].shape
+    queries, q_offset, kv_length, scale = _inputs(q, q_offset, kv_length, scale)
+    T = queries[0].shape[1]
     requested, impl = impl, resolve_impl(impl, interpret)
-    q_offset = jnp.broadcast_to(jnp.asarray(q_offset, jnp.int32), (B,))
-    kv_length = jnp.broadcast_to(jnp.asarray(kv_length, jnp.int32), (B,))
-    scale = jnp.broadcast_to(jnp.asarray(H ** -0.5 if scale is None else scale, jnp.float32), (B,))
     if impl == "reference":
-        positions = q_offset[:, None] + jnp.arange(T, dtype=jnp.int32)[None]
-        out, lse = masked_attention(queries, k, v, positions, kv_length, scale, mask=mask)
-        return out.astype(queries[0].dtype), lse
+        return _reference(queries, k, v, q_offset, kv_length, scale, mask)
     if impl == "mosaic_gpu":
         from pallas_kernels.flash_mgpu import check_supported, flash_attention_mgpu
         bq = block_q or DEFAULT_BLOCKS[impl][0]
         try:
             bk = _fit(block_k or DEFAULT_BLOCKS[impl][1], k.shape[2], 64)
             check_supported(queries, k, v, bq, bk, 2)
-            if requested == "auto" and T < MGPU_MIN_QUERIES:
-                raise ValueError("short query chunk")
         except ValueError:
             if requested != "auto":
                 raise
-            impl = "triton"  # auto: what Mosaic GPU does not cover (float32, decode) goes to Triton
-        else:
+            bk = None                    # auto: what Mosaic GPU does not cover (float32, ...) goes to Triton
+        if bk is not None and (requested != "auto" or T >= MGPU_MIN_QUERIES):
             return flash_attention_mgpu(queries, k, v, q_offset, kv_length, scale, mask=mask, block_q=bq, block_k=bk)
+        impl = "triton"                  # ... and so do decode-sized chunks
     default_q, default_k = DEFAULT_BLOCKS[impl]
     if impl == "triton":
         from pallas_kernels.flash_gpu import flash_attention_gpu
@@ -106,6 +117,28 @@ def flash_attention(q, k, v, *, q_offset, kv_length, scale=None, mask: MaskSpec 
 
 
 SPARSE_IMPLS = ("auto", "triton", "mosaic_tpu", "reference")
+_SPARSE_NATIVE = {"gpu": "triton", "cuda": "triton", "tpu": "mosaic_tpu"}
+
+
+def _sparse_impl(impl: str, interpret: bool) -> str:
+    if impl not in SPARSE_IMPLS:
+        raise ValueError(f"sparse attention kernel {impl!r} is not available; choose one of {list(SPARSE_IMPLS)}")
+    if impl == "auto":
+        impl = _SPARSE_NATIVE.get(jax.default_backend(), "reference")
+    return impl if impl == "reference" else resolve_impl(impl, interpret)
+
+
+def _sparse_kernel(impl, queries, k, v, q_offset, kv_length, scale, index, col_count, mask, block_k, interpret):
+    """Run a vertical-slash index table through the backend's sparse kernel."""
+    if impl == "mosaic_tpu":
+        from jax.experimental.pallas import tpu as pltpu
+
+        from pallas_kernels.vslash_tpu import vslash_attention_tpu
+        return vslash_attention_tpu(queries, k, v, q_offset, kv_length, scale, index, col_count, mask=mask,
+                                    interpret=pltpu.InterpretParams() if interpret else None)
+    from pallas_kernels.vslash_gpu import vslash_attention_gpu
+    return vslash_attention_gpu(queries, k, v, q_offset, kv_length, scale, index, col_count, mask=mask,
+                                block_k=block_k, interpret=interpret)
 
 
 def vslash_attention(q, k, v, selection, *, q_offset, kv_length, scale=None, mask: MaskSpec = CAUSAL,
@@ -116,35 +149,20 @@ def vslash_attention(q, k, v, selection, *, q_offset, kv_length, scale=None, mas
     must be a multiple of 64 (the band height). ``impl``: ``triton`` (GPUs), ``mosaic_tpu`` (TPUs; both
     on the CPU with ``interpret``), ``reference`` (dense masked jnp) or ``auto``."""
     from pallas_kernels import vslash
-    queries = tuple(q) if isinstance(q, (tuple, list)) else (q,)
-    B, T, N, H = queries[0].shape
-    if impl not in SPARSE_IMPLS:
-        raise ValueError(f"sparse attention kernel {impl!r} is not available; choose one of {list(SPARSE_IMPLS)}")
-    if impl == "auto":
-        impl = {"gpu": "triton", "cuda": "triton", "tpu": "mosaic_tpu"}.get(jax.default_backend(), "reference")
-    q_offset = jnp.broadcast_to(jnp.asarray(q_offset, jnp.int32), (B,))
-    kv_length = jnp.broadcast_to(jnp.asarray(kv_length, jnp.int32), (B,))
-    scale = jnp.broadcast_to(jnp.asarray(H ** -0.5 if scale is None else scale, jnp.float32), (B,))
+    queries, q_offset, kv_length, scale = _inputs(q, q_offset, kv_length, scale)
+    impl = _sparse_impl(impl, interpret)
     if impl == "reference":
-        positions = q_offset[:, None] + jnp.arange(T, dtype=jnp.int32)[None]
-        restrict = vslash.dense_mask(selection, positions, k.shape[2])
-        out, lse = masked_attention(queries, k, v, positions, kv_length, scale, mask=mask, restrict=restrict)
-        return out.astype(queries[0].dtype), lse
-    resolve_impl(impl, interpret)
+        return _reference(queries, k, v, q_offset, kv_length, scale, mask,
+                          lambda positions: vslash.dense_mask(selection, positions, k.shape[2]))
     if impl == "mosaic_tpu":
-        from jax.experimental.pallas import tpu as pltpu
-
-        from pallas_kernels.vslash_tpu import vslash_attention_tpu
         if block_k not in (None, vslash.BAND):
             raise ValueError(f"the TPU sparse kernel reads {vslash.BAND}-key tiles; got block_k={block_k}")
-        index = vslash.build_index(selection, q_offset, T, kv_length, mask, vslash.BAND)
-        return vslash_attention_tpu(queries, k, v, q_offset, kv_length, scale, index, selection.col_count,
-                                    mask=mask, interpret=pltpu.InterpretParams() if interpret else None)
-    from pallas_kernels.vslash_gpu import vslash_attention_gpu
-    bk = _fit(block_k or 64, k.shape[2], vslash.BAND)
-    index = vslash.build_index(selection, q_offset, T, kv_length, mask, bk)
-    return vslash_attention_gpu(queries, k, v, q_offset, kv_length, scale, index, selection.col_count, mask=mask,
-                                block_k=bk, interpret=interpret)
+        bk = vslash.BAND
+    else:
+        bk = _fit(block_k or vslash.BAND, k.shape[2], vslash.BAND)
+    index = vslash.build_index(selection, q_offset, queries[0].shape[1], kv_length, mask, bk)
+    return _sparse_kernel(impl, queries, k, v, q_offset, kv_length, scale, index, selection.col_count, mask, bk,
+                          interpret)
 
 
 def block_sparse_attention(q, k, v, blocks, counts, *, q_offset, kv_length, scale=None, mask: MaskSpec = CAUSAL,
@@ -153,31 +171,14 @@ def block_sparse_attention(q, k, v, blocks, counts, *, q_offset, kv_length, scal
     64-key blocks (``blocks`` [B, N, T/64, P, M] int32, first ``counts`` [B, N, T/64, P] valid), within the
     dense mask. The shared primitive under the vertical-slash kernels (``vslash.block_sparse_index``)."""
     from pallas_kernels import vslash
-    queries = tuple(q) if isinstance(q, (tuple, list)) else (q,)
-    B, T, N, H = queries[0].shape
-    if impl == "auto":
-        impl = {"gpu": "triton", "cuda": "triton", "tpu": "mosaic_tpu"}.get(jax.default_backend(), "reference")
-    if impl not in SPARSE_IMPLS[1:]:
-        raise ValueError(f"block-sparse kernel {impl!r} is not available; choose one of {list(SPARSE_IMPLS)}")
-    q_offset = jnp.broadcast_to(jnp.asarray(q_offset, jnp.int32), (B,))
-    kv_length = jnp.broadcast_to(jnp.asarray(kv_length, jnp.int32), (B,))
-    scale = jnp.broadcast_to(jnp.asarray(H ** -0.5 if scale is None else scale, jnp.float32), (B,))
+    queries, q_offset, kv_length, scale = _inputs(q, q_offset, kv_length, scale)
+    impl = _sparse_impl(impl, interpret)
     if impl == "reference":
-        positions = q_offset[:, None] + jnp.arange(T, dtype=jnp.int32)[None]
-        restrict = vslash.block_sparse_dense_mask(blocks, counts, positions, k.shape[2])
-        out, lse = masked_attention(queries, k, v, positions, kv_length, scale, mask=mask, restrict=restrict)
-        return out.astype(queries[0].dtype), lse
-    resolve_impl(impl, interpret)
+        return _reference(queries, k, v, q_offset, kv_length, scale, mask,
+                          lambda positions: vslash.block_sparse_dense_mask(blocks, counts, positions, k.shape[2]))
     index, col_count = vslash.block_sparse_index(blocks, counts, q_offset, kv_length)
-    if impl == "mosaic_tpu":
-        from jax.experimental.pallas import tpu as pltpu
-
-        from pallas_kernels.vslash_tpu import vslash_attention_tpu
-        return vslash_attention_tpu(queries, k, v, q_offset, kv_length, scale, index, col_count, mask=mask,
-                                    interpret=pltpu.InterpretParams() if interpret else None)
-    from pallas_kernels.vslash_gpu import vslash_attention_gpu
-    return vslash_attention_gpu(queries, k, v, q_offset, kv_length, scale, index, col_count, mask=mask,
-                                block_k=vslash.BAND, interpret=interpret)
+    return _sparse_kernel(impl, queries, k, v, q_offset, kv_length, scale, index, col_count, mask, vslash.BAND,
+                          interpret)
 
 
 __all__ = ["flash_attention", "vslash_attention", "block_sparse_attention", "resolve_impl", "MaskSpec", "MASK_VALUE", "masked_attention",

@@ -53,6 +53,26 @@ class VSIndex(NamedTuple):
     keep: jax.Array
 
 
+def pad_verticals(index: VSIndex, multiple: int) -> VSIndex:
+    """Pad the vertical-column axis to a multiple of ``multiple`` (kernels read whole tiles)."""
+    pad = -index.vpos.shape[-1] % multiple
+    if not pad:
+        return index
+    widths = [(0, 0)] * 4 + [(0, pad)]
+    return index._replace(vpos=jnp.pad(index.vpos, widths, constant_values=NO_KEY), keep=jnp.pad(index.keep, widths))
+
+
+def gather_verticals(k, v, index: VSIndex):
+    """The vertical columns' K/V per (row, segment, head, phase): two [B, G, N, P, VCAP, H] arrays, read
+    from the [B, K, S, H] cache of each query head's kv head (padding slots read slot S - 1, masked)."""
+    B, K, S, H = k.shape
+    N = index.vpos.shape[2]
+    pos = jnp.clip(index.vpos, 0, S - 1)                                     # [B, G, N, P, V]
+    b = jnp.arange(B)[:, None, None, None, None]
+    kvh = (jnp.arange(N) // (N // K))[None, None, :, None, None]
+    return k[b, kvh, pos], v[b, kvh, pos]
+
+
 def runs(dist, count):
     """Merge sorted distances [..., D] (first ``count`` valid) into runs: ``(d_lo, d_hi, n_runs)``, each
     [..., D] with runs packed at the front (a run is consecutive distances at most BAND apart)."""

@@ -25,7 +25,7 @@ from jax.experimental import pallas as pl
 from pallas_kernels.masks import MASK_VALUE, MaskSpec
 from pallas_kernels.online import online_softmax_step
 from pallas_kernels.shapes import attention_dims, matmul_precision, pad_queries
-from pallas_kernels.vslash import BAND, VSIndex
+from pallas_kernels.vslash import BAND, VSIndex, gather_verticals, pad_verticals
 
 
 def _kernel(qoff_ref, kvlen_ref, scale_ref, seg_ref, *refs, mask: MaskSpec, block_k: int, n_keys: int):
@@ -85,28 +85,6 @@ def _kernel(qoff_ref, kvlen_ref, scale_ref, seg_ref, *refs, mask: MaskSpec, bloc
     lse_ref[...] = jnp.where(l > 0, m + jnp.log(jnp.maximum(l, 1e-30)), -jnp.inf)
 
 
-def gather_verticals(k, v, index: VSIndex, n_heads: int):
-    """The vertical columns' K/V per (row, segment, head, phase): two [B, G, N, P, VCAP, H] arrays."""
-    B, K, S, H = k.shape
-    G = n_heads // K
-    pos = jnp.clip(index.vpos, 0, S - 1)                                     # [B, G, N, P, V]
-    b = jnp.arange(B)[:, None, None, None, None]
-    kvh = (jnp.arange(n_heads) // G)[None, None, :, None, None]
-    return k[b, kvh, pos], v[b, kvh, pos]
-
-
-def padded_verticals(index: VSIndex, col_count, block_k: int) -> tuple[VSIndex, jax.Array]:
-    """Pad the vertical axis to a multiple of ``block_k`` (kernels read whole tiles)."""
-    V = index.vpos.shape[-1]
-    pad = -V % block_k
-    if pad:
-        from pallas_kernels.vslash import NO_KEY
-        index = index._replace(
-            vpos=jnp.pad(index.vpos, [(0, 0)] * 4 + [(0, pad)], constant_values=NO_KEY),
-            keep=jnp.pad(index.keep, [(0, 0)] * 4 + [(0, pad)]))
-    return index, col_count
-
-
 @functools.partial(jax.jit, static_argnames=("mask", "block_k", "num_warps", "num_stages", "interpret"))
 def vslash_attention_gpu(queries: tuple, k, v, q_offset, kv_length, scale, index: VSIndex, col_count, *,
                          mask: MaskSpec, block_k: int = 64, num_warps: int = 4, num_stages: int = 2,
@@ -118,9 +96,9 @@ def vslash_attention_gpu(queries: tuple, k, v, q_offset, kv_length, scale, index
 
     d = attention_dims(queries, k, mask, block_k)
     B, T, N, H, S, G = d.B, d.T, d.N, d.H, d.S, d.G
-    index, col_count = padded_verticals(index, col_count, block_k)
+    index = pad_verticals(index, block_k)
     queries, nqb = pad_queries(queries, BAND)
-    kg, vg = gather_verticals(k, v, index, N)
+    kg, vg = gather_verticals(k, v, index)
     Gs, P, TC = index.rel_start.shape[1], index.rel_start.shape[3], index.rel_start.shape[4]
     VC = index.vpos.shape[-1]
     scalar = pl.BlockSpec((None,), lambda b, n, i: (b,))

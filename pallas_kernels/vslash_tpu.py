@@ -27,7 +27,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.masks import MASK_VALUE, MaskSpec
 from pallas_kernels.shapes import attention_dims, matmul_precision, pad_queries
-from pallas_kernels.vslash import BAND, NO_KEY, VSIndex
+from pallas_kernels.vslash import BAND, VSIndex, gather_verticals, pad_verticals
 
 LANES = 128
 WINDOW = 128     # rows fetched per slash tile
@@ -135,19 +135,14 @@ def vslash_attention_tpu(queries: tuple, k, v, q_offset, kv_length, scale, index
                          mask: MaskSpec, interpret=None):
     """Same contract as ``vslash_gpu.vslash_attention_gpu`` (index built with block_k 64).
     ``interpret``: ``pltpu.InterpretParams()`` to run on the CPU."""
-    from pallas_kernels.vslash_gpu import gather_verticals
-
     d = attention_dims(queries, k, mask)
     B, T, N, H, S, G = d.B, d.T, d.N, d.H, d.S, d.G
     if S < WINDOW:
         raise ValueError(f"the TPU sparse kernel needs a cache of at least {WINDOW} slots, got {S}")
-    pad = -index.vpos.shape[-1] % V_TILE
-    if pad:
-        index = index._replace(vpos=jnp.pad(index.vpos, [(0, 0)] * 4 + [(0, pad)], constant_values=NO_KEY),
-                               keep=jnp.pad(index.keep, [(0, 0)] * 4 + [(0, pad)]))
+    index = pad_verticals(index, V_TILE)
     queries, nqb = pad_queries(queries, BAND)
     queries = tuple(q.transpose(0, 2, 1, 3) for q in queries)               # heads-major inside
-    kg, vg = gather_verticals(k, v, index, N)
+    kg, vg = gather_verticals(k, v, index)
     P, TC = index.rel_start.shape[3], index.rel_start.shape[4]
     VC = index.vpos.shape[-1]
     t_range = jnp.stack([index.t0, index.t1], axis=-2)                       # [B, N, nqb, 2, P]
