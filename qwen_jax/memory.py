@@ -59,20 +59,11 @@ class MemoryPlan:
 
 def mesh_sizes(mesh) -> dict[str, int]:
     """Axis sizes of a ``Mesh``, a string such as ``"seq=4,tensor=2"``, a dict, or None (one device)."""
-    from qwen_jax.sharding import MESH_AXES
-    if mesh is None:
-        return {a: 1 for a in MESH_AXES}
-    if isinstance(mesh, dict):
-        return {a: int(mesh.get(a, 1)) for a in MESH_AXES}
-    if isinstance(mesh, str):
-        sizes = {a: 1 for a in MESH_AXES}
-        for part in mesh.split(","):
-            name, _, value = part.strip().partition("=")
-            if name not in sizes or not value.strip().isdigit():
-                raise QwenJaxError(f"bad mesh {mesh!r}: expected axis=size pairs with axes {', '.join(MESH_AXES)}")
-            sizes[name] = int(value)
-        return sizes
-    return {a: int(mesh.shape.get(a, 1)) for a in MESH_AXES}
+    from qwen_jax.sharding import MESH_AXES, parse_mesh
+    if mesh is None or isinstance(mesh, str):
+        return parse_mesh(mesh)
+    shape = mesh if isinstance(mesh, dict) else mesh.shape
+    return {a: int(shape.get(a, 1)) for a in MESH_AXES}
 
 
 def _sharded_bytes(shape, logical, sizes, itemsize) -> int:

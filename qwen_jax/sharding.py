@@ -31,6 +31,17 @@ LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
 )
 
 
+def parse_mesh(spec: str | None) -> dict[str, int]:
+    """Axis sizes from a string such as ``"seq=4,tensor=2"`` (absent axes, or no string, give 1)."""
+    sizes = {axis: 1 for axis in MESH_AXES}
+    for part in str(spec).split(",") if spec else ():
+        name, _, value = part.strip().partition("=")
+        if name not in sizes or not value.strip().isdigit() or int(value) < 1:
+            raise ConfigError(f"bad mesh {spec!r}: expected comma-separated axis=size with axes {', '.join(MESH_AXES)}")
+        sizes[name] = int(value)
+    return sizes
+
+
 def make_mesh(spec: str | Mesh | None, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A mesh with axes ``MESH_AXES`` from a string such as ``"seq=4,tensor=2"`` (absent axes get size 1).
 
@@ -42,14 +53,8 @@ def make_mesh(spec: str | Mesh | None, devices: Sequence[jax.Device] | None = No
             raise ConfigError(f"mesh axes {sorted(unknown)} are not used by qwen-jax (use {', '.join(MESH_AXES)})")
         return spec
     devices = list(devices if devices is not None else jax.devices())
-    sizes = {axis: 1 for axis in MESH_AXES}
-    if spec:
-        for part in str(spec).split(","):
-            name, _, value = part.strip().partition("=")
-            if name not in sizes or not value.strip().isdigit() or int(value) < 1:
-                raise ConfigError(f"bad mesh {spec!r}: expected comma-separated axis=size with axes {', '.join(MESH_AXES)}")
-            sizes[name] = int(value)
-    else:
+    sizes = parse_mesh(spec)
+    if not spec:
         devices = devices[:1]
     need = math.prod(sizes.values())
     if need > len(devices):
