@@ -18,21 +18,7 @@ import argparse
 import functools
 import json
 import sys
-import time
 
-import numpy as np
-
-
-def _median_ms(fn, *args, repeats: int, warmup: int = 2) -> float:
-    import jax
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times) * 1e3)
 
 
 def main(argv=None) -> int:
@@ -42,7 +28,7 @@ def main(argv=None) -> int:
     from pallas_kernels.flash_gpu import flash_attention_gpu
     from pallas_kernels.flash_mgpu import flash_attention_mgpu
     from pallas_kernels.masks import MaskSpec
-    from qwen_jax.bench import environment, print_table, write_json
+    from qwen_jax.bench import environment, median_time, print_table, write_json
     from qwen_jax.passkey import parse_length
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -91,7 +77,8 @@ def main(argv=None) -> int:
         base = None
         for name, fn, fargs, fl in cases:
             try:
-                ms = _median_ms(jax.jit(fn), *fargs, repeats=args.repeats)
+                jitted = jax.jit(fn)
+                ms = median_time(lambda f=jitted, a=fargs: jax.block_until_ready(f(*a)), args.repeats, warmup=2) * 1e3
             except Exception as e:  # a config that does not fit (shared memory) must not end the sweep
                 rows.append({"T": T, "impl": name, "ms": "-", "TFLOP/s": "-", "vs first": f"error: {e}"[:300]})
                 print(rows[-1], flush=True)

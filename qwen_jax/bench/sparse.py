@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     from pallas_kernels.vslash_gpu import vslash_attention_gpu
     from qwen_jax.attention import dca as dca_ops
     from qwen_jax.attention import sparse
-    from qwen_jax.bench import environment, print_table, write_json
+    from qwen_jax.bench import environment, median_time, print_table, write_json
     from qwen_jax.config import DCAConfig
     from qwen_jax.passkey import parse_length
     from qwen_jax.rope import Rope
@@ -122,14 +122,10 @@ def main(argv=None) -> int:
                 kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
                 cudnn = jax.jit(functools.partial(jax.nn.dot_product_attention, is_causal=True,
                                                   implementation="cudnn"))
-                jax.block_until_ready(cudnn(q, kt, vt))
-                times = []
-                for _ in range(args.repeats):
-                    t0 = time.perf_counter()
-                    jax.block_until_ready(cudnn(q, kt, vt))
-                    times.append(time.perf_counter() - t0)
+                dense = functools.partial(cudnn, q, kt, vt)
+                row["dense ms"] = median_time(lambda f=dense: jax.block_until_ready(f()), args.repeats) * 1e3
+                del dense
                 del kt, vt
-                row["dense ms"] = float(np.median(times) * 1e3)
                 row["dense TFLOP/s"] = flops_dense / row["dense ms"] / 1e9
             chunks = [(s, min(args.chunk, T - s)) for s in range(0, T, args.chunk)]
             # warm-up (compiles each chunk shape once)
