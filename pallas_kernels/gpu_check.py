@@ -57,12 +57,9 @@ def run_sparse_case(mask_name: str, G: int, seed: int, T: int = 700, S: int = 20
     B, N = 2, K * G
     q_offset = jnp.array([1024, 256], jnp.int32)
     kv_length = jnp.array([1724, 800], jnp.int32)
-    chunk = 512 if mask_name == "dca" else 10 ** 6
-    Gs = -(-T // chunk) + 1
-    P_ = (q_offset[:, None] // chunk + jnp.arange(Gs)[None]) * chunk
-    begin = jnp.maximum(q_offset[:, None], P_)
-    end = jnp.maximum(jnp.minimum(q_offset[:, None] + T, P_ + chunk), begin)
-    sel = vslash.random_selection(rng, (B, Gs, N, len(mask.phases), 300, 200), begin, end, max_dist=2000, n_keys=S)
+    from qwen_jax.attention.sparse import segments
+    begin, end, _ = segments(q_offset, T, q_offset + T, 512 if mask_name == "dca" else 10 ** 6)
+    sel = vslash.random_selection(rng, (B, begin.shape[1], N, len(mask.phases), 300, 200), begin, end, max_dist=2000, n_keys=S)
     qs = tuple(jnp.asarray(rng.normal(size=(B, T, N, H)), jnp.bfloat16) for _ in mask.phases)
     k = jnp.asarray(rng.normal(size=(B, K, S, H)), jnp.bfloat16)
     v = jnp.asarray(rng.normal(size=(B, K, S, H)), jnp.bfloat16)
