@@ -24,7 +24,7 @@ from qwen_jax import attention
 from qwen_jax.cache import cache_length, init_cache
 from qwen_jax.config import QwenConfig
 from qwen_jax.errors import QwenJaxError
-from qwen_jax.model import _module, params_dtype
+from qwen_jax.model import _check_sparse_chunks, _module, params_dtype
 
 
 @functools.partial(jax.jit, static_argnames=("config", "spec"), donate_argnames=("cache",))
@@ -49,8 +49,7 @@ def measure(params, config: QwenConfig, tokens, *, chunk_size: int, spec: attent
     dca = config.dual_chunk_attention_config
     if dca is None or not dca.sparse_attention_enabled:
         raise QwenJaxError("recall needs a DCA config with sparse_attention_enabled")
-    if chunk_size % 64:
-        raise QwenJaxError(f"sparse prefill needs a prefill chunk size that is a multiple of 64, got {chunk_size}")
+    _check_sparse_chunks(config, chunk_size)
     tokens = jnp.asarray(tokens, jnp.int32)[None]
     T = tokens.shape[1]
     spec = attention.with_sparse_rows(dataclasses.replace(spec, recall=True), config, [T])
