@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -40,7 +41,10 @@ class Model:
                  prefill_chunk_size: int = DEFAULT_PREFILL_CHUNK):
         self.config, self.params, self.tokenizer, self.mesh = config, params, tokenizer, mesh
         self.eos_token_ids = tuple(dict.fromkeys(int(e) for e in eos_token_ids))
-        self.attention = attention.AttentionSpec.of(attn_implementation)
+        if mesh is not None:
+            from qwen_jax.attention.parallel import check_mesh
+            check_mesh(config, mesh)
+        self.attention = dataclasses.replace(attention.AttentionSpec.of(attn_implementation), mesh=mesh)
         self.prefill_chunk_size = prefill_chunk_size
 
     def logits(self, tokens) -> np.ndarray:
@@ -106,6 +110,8 @@ def load(path: str | os.PathLike, *, dtype="bfloat16", mesh=None, **config_overr
     dtype = _dtype(dtype)
     mesh = make_mesh(mesh) if mesh is not None else None
     if mesh is not None:
+        from qwen_jax.attention.parallel import check_mesh
+        check_mesh(config, mesh)             # before any weight is read
         shardings = param_shardings(config, mesh)
     else:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 
 from qwen_jax.config import QwenConfig
 
-CACHE_AXES = ("batch", "kv_heads", "seq", "head_dim")
+# Sharded by heads over tensor x seq (sequence-parallel attention, ``attention.parallel``); slots never split.
+CACHE_AXES = ("batch", "attn_heads", None, "head_dim")
 CACHE_BUCKET = 128   # cache lengths are rounded up to this, so nearby sizes share compilations
 PROMPT_BUCKET = 64   # prompts are right-padded to a multiple of this, likewise
 
@@ -47,8 +48,10 @@ class KVCache(NamedTuple):
 
 
 def init_cache(config: QwenConfig, batch: int, max_len: int, dtype=jnp.bfloat16, mesh=None) -> KVCache:
-    """Zeroed cache of ``max_len`` slots per row (sharded over ``mesh`` by ``CACHE_AXES`` when given)."""
-    shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
+    """Zeroed cache of ``max_len`` slots per row (sharded over ``mesh`` by ``CACHE_AXES`` when given; a
+    mesh with more attention shards than kv heads stores each kv head once per shard that reads it)."""
+    from qwen_jax.attention.parallel import cache_kv_heads
+    shape = (batch, cache_kv_heads(config, mesh), max_len, config.head_dim)
     if mesh is None:
         make = lambda: jnp.zeros(shape, dtype)  # noqa: E731
     else:

@@ -102,7 +102,8 @@ def generate_ids(params, config: QwenConfig, prompts: Sequence[Sequence[int]], *
     tokens = np.full((B, T), config.pad_token_id or 0, np.int32)
     for row, p in enumerate(prompts):
         tokens[row, :len(p)] = p
-    cache = init_cache(config, B, cache_length(T, max_new_tokens), cache_dtype or params_dtype(params))
+    cache = init_cache(config, B, cache_length(T, max_new_tokens), cache_dtype or params_dtype(params),
+                       mesh=spec.mesh)
     logits, cache = prefill(params, tokens, lengths, cache, config, chunk_size=prefill_chunk_size, spec=spec)
     key = jax.random.key(seed)
     next_tokens = _first_sample(logits, jax.random.fold_in(key, 0), sampling)

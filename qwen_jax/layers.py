@@ -21,8 +21,10 @@ import jax.numpy as jnp
 
 from pallas_kernels.shapes import matmul_precision
 from qwen_jax import attention
+from qwen_jax.attention import parallel
 from qwen_jax.cache import KVCache, write
 from qwen_jax.config import QwenConfig
+from qwen_jax.errors import ConfigError
 from qwen_jax.rope import Rope
 
 Dtype = Any
@@ -79,22 +81,33 @@ class Attention(nn.Module):
         rope = Rope.from_config(c)
         k = rope.apply(k, attention.key_positions(positions, c))
         k = (k.astype(jnp.float32) * attention.key_scale(request_lengths, c)[:, None, None, None]).astype(k.dtype)
-        starts = positions[:, 0]
-        k_cache = write(k_cache, k, starts)
-        v_cache = write(v_cache, v, starts)
-        kv_length = jnp.max(positions, axis=1).astype(jnp.int32) + 1
         kwargs = dict(rope=rope, config=c, spec=self.spec, layer=self.layer)
-        if self.spec.recall and attention.sparse_active(c, q.shape[1], self.spec):
-            # Dense attention drives the model; the sparse mask's share of each head's softmax mass is recorded.
-            out, lse = attention.cached_attention(q, k_cache, v_cache, positions, kv_length, request_lengths,
-                                                  sparse=False, **kwargs)
-            _, lse_sparse = attention.cached_attention(q, k_cache, v_cache, positions, kv_length, request_lengths,
-                                                       sparse=True, **kwargs)
-            valid = (positions < request_lengths[:, None])[..., None] & jnp.isfinite(lse)
-            kept = jnp.where(valid, jnp.exp(jnp.minimum(lse_sparse - lse, 0.0)), 0.0)
-            self.sow("intermediates", "recall", (kept.sum((0, 1)), valid.sum((0, 1))))
+        recall = self.spec.recall and attention.sparse_active(c, q.shape[1], self.spec)
+        mesh = self.spec.mesh
+        if recall and mesh is not None:
+            raise ConfigError("the attention-recall measurement runs on one device; load without a mesh")
+
+        def local(q, k, v, k_cache, v_cache, positions, request_lengths, head_offset=0):
+            k_cache = write(k_cache, k, positions[:, 0])
+            v_cache = write(v_cache, v, positions[:, 0])
+            kv_length = jnp.max(positions, axis=1).astype(jnp.int32) + 1
+            args = (q, k_cache, v_cache, positions, kv_length, request_lengths)
+            out, lse = attention.cached_attention(*args, sparse=False if recall else None, head_offset=head_offset,
+                                                  **kwargs)
+            if recall:
+                # Dense attention drives the model; the sparse mask's share of each head's softmax mass is recorded.
+                _, lse_sparse = attention.cached_attention(*args, sparse=True, **kwargs)
+                valid = (positions < request_lengths[:, None])[..., None] & jnp.isfinite(lse)
+                kept = jnp.where(valid, jnp.exp(jnp.minimum(lse_sparse - lse, 0.0)), 0.0)
+                self.sow("intermediates", "recall", (kept.sum((0, 1)), valid.sum((0, 1))))
+            return out, k_cache, v_cache
+
+        if mesh is None:
+            out, k_cache, v_cache = local(q, k, v, k_cache, v_cache, positions, request_lengths)
         else:
-            out, _ = attention.cached_attention(q, k_cache, v_cache, positions, kv_length, request_lengths, **kwargs)
+            k, v = (parallel.expand_kv(x, c, mesh) for x in (k, v))
+            out, k_cache, v_cache = parallel.attend(local, q, k, v, k_cache, v_cache, positions, request_lengths,
+                                                    mesh=mesh)
         y = Projection((N, H, D), ("heads", "head_dim", "embed"), "btnh,nhd->btd", self.dtype, name="o_proj")(
             out.astype(self.dtype))
         return y, k_cache, v_cache
@@ -149,7 +162,7 @@ class Qwen2(nn.Module):
         """tokens, positions [B, T] int32 (positions contiguous per row); request_lengths [B] int32: each
         row's whole request length (prompt length at prefill, cache length at decode; DCA's scale uses it).
         Returns (hidden [B, T, D], cache)."""
-        x = self.embed(tokens)
+        x = parallel.constrain_tokens(self.embed(tokens), self.spec.mesh)
         ks, vs = [], []
         for layer, k_cache, v_cache in zip(self.layers, cache.k, cache.v):
             x, k_cache, v_cache = layer(x, positions, k_cache, v_cache, request_lengths)

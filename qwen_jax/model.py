@@ -171,7 +171,7 @@ def prefill_logits(params, tokens, config: QwenConfig, *, chunk_size: int = DEFA
     B, T = tokens.shape
     _check_sparse_chunks(config, chunk_size)
     spec = attention.with_sparse_rows(spec, config, [T] * B)
-    cache = init_cache(config, B, cache_length(T), params_dtype(params))
+    cache = init_cache(config, B, cache_length(T), params_dtype(params), mesh=spec.mesh)
     out = np.empty((B, T, config.vocab_size), np.float32)
     request_lengths = jnp.full((B,), T, jnp.int32)
     for begin, end in _chunks(T, chunk_size):

@@ -1,9 +1,10 @@
 """The one place mesh axes are named.
 
 Model code speaks logical axes (``batch``, ``seq``, ``heads``, ``kv_heads``, ``embed``, ``mlp``,
-``vocab``, ``head_dim``); ``LOGICAL_RULES`` maps them onto the mesh axes ``data``, ``seq`` and
-``tensor``. A logical axis whose size the mesh axis does not divide stays replicated (for example
-4 kv heads on ``tensor=8``): weights shard "as far as they go".
+``vocab``, ``head_dim``, and ``attn_heads``: heads inside sequence-parallel attention and in the KV
+cache); ``LOGICAL_RULES`` maps them onto the mesh axes ``data``, ``seq`` and ``tensor`` (``attn_heads``
+onto ``tensor`` and ``seq`` together, ``tensor`` major). A logical axis whose size the mesh axes do
+not divide stays replicated (for example 4 kv heads on ``tensor=8``): weights shard "as far as they go".
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from qwen_jax.errors import ConfigError
 
 MESH_AXES = ("data", "seq", "tensor")
+SEQ = "seq"  # the axis tokens are split over (sequence-parallel attention exchanges over it)
 
 LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
     ("batch", "data"),
@@ -28,6 +30,7 @@ LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
     ("vocab", "tensor"),
     ("embed", None),
     ("head_dim", None),
+    ("attn_heads", ("tensor", "seq")),
 )
 
 
@@ -69,13 +72,30 @@ def logical_to_spec(logical: Sequence[str | None], shape: Sequence[int], mesh: M
     out, used = [], set()
     for name, dim in zip(logical, shape):
         axis = rules.get(name) if name is not None else None
-        size = mesh.shape.get(axis, 1) if axis else 1
-        if axis is None or axis in used or size == 1 or dim % size:
+        axes = tuple(a for a in ((axis,) if isinstance(axis, str) else axis or ()) if mesh.shape.get(a, 1) > 1)
+        size = math.prod(mesh.shape[a] for a in axes)
+        if not axes or used & set(axes) or dim % size:
             out.append(None)
         else:
-            out.append(axis)
-            used.add(axis)
+            out.append(axes[0] if len(axes) == 1 else axes)
+            used |= set(axes)
     return PartitionSpec(*out)
+
+
+def attention_degree(mesh: Mesh | None) -> int:
+    """How many ways attention's heads are split: the product of the mesh axes ``attn_heads`` maps to."""
+    if mesh is None:
+        return 1
+    axes = dict(LOGICAL_RULES)["attn_heads"]
+    return math.prod(mesh.shape.get(a, 1) for a in axes)
+
+
+def attention_shard_index():
+    """Inside ``shard_map``: this device's block of ``attn_heads`` (``tensor`` major, then ``seq``)."""
+    index = jax.numpy.int32(0)
+    for axis in dict(LOGICAL_RULES)["attn_heads"]:
+        index = index * jax.lax.axis_size(axis) + jax.lax.axis_index(axis)
+    return index
 
 
 def named_sharding(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> NamedSharding:

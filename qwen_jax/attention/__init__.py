@@ -17,6 +17,7 @@ blockwise and reference in jnp, pallas through ``pallas_kernels.vslash_attention
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -59,6 +60,8 @@ class AttentionSpec:
     # prefill sets it from the concrete prompt lengths, "all" (tables sized for the budgets only) or
     # "none" (dense prefill, no estimate at all).
     sparse_rows: str = "mixed"
+    # A device mesh: attention runs sequence-parallel over it (``attention.parallel``); None: one device.
+    mesh: Any = None
 
     def __post_init__(self):
         if self.impl not in IMPLEMENTATIONS:
@@ -103,7 +106,7 @@ def key_scale(request_lengths, config: QwenConfig):
 
 def cached_attention(q, k_cache, v_cache, q_positions, kv_length, request_lengths, *, rope: Rope,
                      config: QwenConfig, spec: AttentionSpec = DEFAULT_SPEC, layer: int = 0,
-                     sparse: bool | None = None):
+                     sparse: bool | None = None, head_offset=0):
     """Causal attention of new queries over the KV cache, with DCA when the config has it.
 
     q [B, T, N, H] (not yet rotated); k_cache, v_cache [B, K, S, H] with keys rotated by
@@ -115,7 +118,8 @@ def cached_attention(q, k_cache, v_cache, q_positions, kv_length, request_length
     With ``sparse_attention_enabled`` in the DCA config, a chunk of more than one query (prefill) runs
     the vertical-slash estimate (``attention.sparse``) with ``layer``'s budgets and attends only to
     the selected keys; decode (one query) stays dense. ``sparse=False`` forces the dense path (the
-    recall measurement compares both).
+    recall measurement compares both). ``head_offset``: the global index of q's first head (a device's
+    share under sequence-parallel attention; it picks the heads' sparse budgets).
     """
     dca = config.dual_chunk_attention_config
     H = q.shape[-1]
@@ -131,7 +135,7 @@ def cached_attention(q, k_cache, v_cache, q_positions, kv_length, request_length
         sparse = sparse_active(config, q.shape[1], spec)
     if sparse:
         return _sparse(q, queries, k_cache, v_cache, q_positions, kv_length, request_lengths, scale, mask, rope,
-                       config, spec, layer)
+                       config, spec, layer, head_offset)
     if spec.impl == "reference":
         out, lse = masked_attention(queries, k_cache, v_cache, q_positions, kv_length, scale, mask=mask)
     elif spec.impl == "blockwise":
@@ -165,11 +169,11 @@ def with_sparse_rows(spec: AttentionSpec, config: QwenConfig, lengths) -> Attent
 
 
 def _sparse(q, queries, k_cache, v_cache, q_positions, kv_length, request_lengths, scale, mask, rope, config, spec,
-            layer):
+            layer, head_offset):
     dca = config.dual_chunk_attention_config
     budgets = sparse_ops.layer_budgets(dca, layer, config.num_attention_heads)
     selection = sparse_ops.estimate(q, k_cache, q_positions[:, 0], request_lengths, scale, dca=dca, rope=rope,
-                                    budgets=budgets, all_sparse=spec.sparse_rows == "all")
+                                    budgets=budgets, all_sparse=spec.sparse_rows == "all", head_offset=head_offset)
     if spec.impl == "blockwise":
         restrict = lambda p, pos, slots: vslash.allows(selection, p, pos, slots)  # noqa: E731
         out, lse = blockwise_attention(queries, k_cache, v_cache, q_positions, kv_length, scale, mask=mask,

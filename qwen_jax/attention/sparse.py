@@ -195,17 +195,17 @@ def _fallback(n_keys):
 
 
 def select(vertical, slash, begin, end, P, sparse_rows, *, budgets: Budgets, chunk_len: int,
-           all_sparse: bool = False):
+           all_sparse: bool = False, head_offset=0):
     """Top-k picks split by phase (module docstring) -> ``Selection`` (phases: inter, successive, intra).
     ``all_sparse`` (static): every row is known to pass the threshold, so no room is made for rows
-    that keep every key."""
+    that keep every key. ``head_offset``: the budgets' index of the first of the N heads scored here."""
     B, G, N, S = vertical.shape
     Sl = chunk_len
     pos = jnp.arange(S, dtype=jnp.int32)
     end_ = end[:, :, None, None]
     bumped = tuple(130 if v == 30 else v for v in budgets.vertical)       # Qwen's code bumps 30 to 130
-    vs = jnp.asarray(bumped, jnp.int32)[None, None, :]
-    ss = jnp.asarray(budgets.slash, jnp.int32)[None, None, :]
+    vs = lax.dynamic_slice_in_dim(jnp.asarray(bumped, jnp.int32), head_offset, N)[None, None, :]
+    ss = lax.dynamic_slice_in_dim(jnp.asarray(budgets.slash, jnp.int32), head_offset, N)[None, None, :]
     n_v = jnp.clip(jnp.maximum(vs, MIN_VERTICAL), None, end[:, :, None])
     n_s = jnp.clip(jnp.maximum(ss, MIN_SLASH), None, end[:, :, None])
     kv = min(max(max(bumped), MIN_VERTICAL), S)
@@ -260,14 +260,15 @@ def select(vertical, slash, begin, end, P, sparse_rows, *, budgets: Budgets, chu
 
 
 def estimate(q, k_cache, q_offset, request_lengths, scale, *, dca: DCAConfig, rope: Rope, budgets: Budgets,
-             key_block: int = 16384, all_sparse: bool = False) -> Selection:
-    """The whole estimate for a query chunk q [B, T, N, H] (not rotated) starting at ``q_offset`` [B]."""
+             key_block: int = 16384, all_sparse: bool = False, head_offset=0) -> Selection:
+    """The whole estimate for a query chunk q [B, T, N, H] (not rotated) starting at ``q_offset`` [B];
+    ``head_offset``: the index in ``budgets`` of q's first head."""
     T = q.shape[1]
     begin, end, P = segments(q_offset, T, request_lengths, dca.chunk_len)
     vertical, slash = scores(q, k_cache, q_offset, begin, end, P, scale, dca=dca, rope=rope, key_block=key_block)
     sparse_rows = request_lengths > dca.sparse_attention_threshold
     return select(vertical, slash, begin, end, P, sparse_rows, budgets=budgets, chunk_len=dca.chunk_len,
-                  all_sparse=all_sparse)
+                  all_sparse=all_sparse, head_offset=head_offset)
 
 
 __all__ = ["Budgets", "layer_budgets", "check_sparse_config", "estimate", "scores", "select", "segments"]

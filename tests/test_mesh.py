@@ -1,0 +1,78 @@
+"""Sequence-parallel prefill and decode on 8 simulated CPU devices equal the single-device model.
+
+DCA and sparse prefill on, per-head budgets that differ between heads (so each device must pick its
+own heads' budgets), prompt lengths that do not divide over the mesh.
+"""
+
+import numpy as np
+import pytest
+
+from tests.conftest import make_hf_model, save_hf_checkpoint
+
+MESHES = ["seq=8", "seq=4,tensor=2", "data=2,seq=2,tensor=2"]
+DCA = {"chunk_size": 192, "local_size": 64}                       # DCA chunks of 128 tokens
+
+
+def budgets(layers, heads):
+    """Head h keeps (30, 50) when even, (130, 200) when odd: small enough to be sparse at 400 tokens."""
+    return [{str(h): ["vertical_and_slash", 30 + 100 * (h % 2), 50 + 150 * (h % 2), 0.9] for h in range(heads)}
+            for _ in range(layers)]
+
+
+@pytest.fixture(scope="module")
+def mesh_checkpoint(tmp_path_factory):
+    """8 query heads over 2 kv heads: splits over 8 attention shards (each kv head stored 4 times)."""
+    model = make_hf_model(seed=3, num_attention_heads=8, num_key_value_heads=2, head_dim=16)
+    return save_hf_checkpoint(model, tmp_path_factory.mktemp("mesh") / "hf")
+
+
+def load(folder, mesh=None, **overrides):
+    import qwen_jax
+    cfg = dict(DCA, sparse_attention_enabled=True, sparse_attention_threshold=0,
+               sparse_attention_config=budgets(2, 8))
+    return qwen_jax.load(folder, dtype="float32", mesh=mesh, dual_chunk_attention_config=cfg,
+                         prefill_chunk_size=128, **overrides)
+
+
+@pytest.fixture(scope="module")
+def single(mesh_checkpoint):
+    """Single-device logits for a 389-token prompt batch, and greedy continuations of uneven prompts."""
+    from qwen_jax.generation import generate_ids
+    rng = np.random.default_rng(7)
+    tokens = rng.integers(0, 1000, (2, 389))
+    prompts = [list(rng.integers(0, 1000, 389)), list(rng.integers(0, 1000, 203))]
+    model = load(mesh_checkpoint)
+    ids = generate_ids(model.params, model.config, prompts, max_new_tokens=6, spec=model.attention,
+                       prefill_chunk_size=128)
+    return tokens, model.logits(tokens), prompts, ids
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_sharded_prefill_and_greedy_decode_equal_one_device(mesh_checkpoint, single, mesh):
+    import jax
+    from qwen_jax.generation import generate_ids
+    tokens, ref, prompts, ids = single
+    model = load(mesh_checkpoint, mesh=mesh)
+    assert model.config.dual_chunk_attention_config.sparse_attention_enabled
+    got = model.logits(tokens)                      # chunks of 128, 128, 128 and a 5-token tail
+    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
+    out = generate_ids(model.params, model.config, prompts, max_new_tokens=6, spec=model.attention,
+                       prefill_chunk_size=128)
+    assert out == ids
+    assert len(jax.devices()) == 8
+
+
+def test_sharded_sparse_prefill_is_not_dense(mesh_checkpoint, single):
+    """The budgets above do cut keys (else the equality test would not test the per-head budgets)."""
+    import qwen_jax
+    tokens, ref, _, _ = single
+    dense = qwen_jax.load(mesh_checkpoint, dtype="float32", mesh="seq=4,tensor=2", dual_chunk_attention_config=DCA,
+                          prefill_chunk_size=128).logits(tokens)
+    assert np.abs(dense - ref).max() > 1e-3 * np.abs(ref).max()
+
+
+def test_mesh_that_does_not_split_the_heads_is_refused_before_loading(tiny_checkpoint):
+    import qwen_jax
+    from qwen_jax.errors import ConfigError
+    with pytest.raises(ConfigError, match="4 attention heads do not split over tensor x seq = 8 devices"):
+        qwen_jax.load(tiny_checkpoint[0], mesh="seq=8")
