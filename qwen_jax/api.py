@@ -16,7 +16,8 @@ from qwen_jax import attention
 from qwen_jax.config import QwenConfig, read_config_json
 from qwen_jax.errors import CheckpointError, ConfigError, QwenJaxError
 from qwen_jax.generation import generate_ids, truncate_at_stop
-from qwen_jax.model import DEFAULT_PREFILL_CHUNK, abstract_params, param_shardings, prefill_logits
+from qwen_jax.cache import cache_dtype
+from qwen_jax.model import DEFAULT_PREFILL_CHUNK, abstract_params, param_shardings, params_dtype, prefill_logits
 from qwen_jax.sampling import Sampling
 from qwen_jax.tokenizer import Tokenizer
 
@@ -38,8 +39,9 @@ class Model:
 
     def __init__(self, config: QwenConfig, params: Any, tokenizer: Tokenizer | None = None, *, mesh=None,
                  eos_token_ids: Sequence[int] = (), attn_implementation: "attention.AttentionSpec | str | None" = None,
-                 prefill_chunk_size: int = DEFAULT_PREFILL_CHUNK):
+                 prefill_chunk_size: int = DEFAULT_PREFILL_CHUNK, kv_cache_dtype=None):
         self.config, self.params, self.tokenizer, self.mesh = config, params, tokenizer, mesh
+        self.kv_cache_dtype = cache_dtype(kv_cache_dtype, params_dtype(params))
         self.eos_token_ids = tuple(dict.fromkeys(int(e) for e in eos_token_ids))
         if mesh is not None:
             from qwen_jax.attention.parallel import check_mesh
@@ -55,7 +57,7 @@ class Model:
         if tokens.size and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
             raise QwenJaxError(f"token ids must be in [0, {self.config.vocab_size})")
         return prefill_logits(self.params, tokens, self.config, chunk_size=self.prefill_chunk_size,
-                              spec=self.attention)
+                              spec=self.attention, cache_dtype=self.kv_cache_dtype)
 
     def encode_prompts(self, prompts) -> list[list[int]]:
         """A string, a chat (list of message dicts), or a list of either -> token-id lists."""
@@ -88,7 +90,8 @@ class Model:
         ids = generate_ids(self.params, self.config, self.encode_prompts(prompts), max_new_tokens=max_new_tokens,
                            sampling=Sampling(float(temperature), int(top_k), float(top_p)), seed=seed,
                            eos_ids=self.eos_token_ids, stop=stop, decode=self.tokenizer.decode, on_text=on_text,
-                           spec=self.attention, prefill_chunk_size=self.prefill_chunk_size)
+                           spec=self.attention, prefill_chunk_size=self.prefill_chunk_size,
+                           cache_dtype=self.kv_cache_dtype)
         return [truncate_at_stop(self.tokenizer.decode(row), stop)[0] for row in ids]
 
 
@@ -98,13 +101,15 @@ def load(path: str | os.PathLike, *, dtype="bfloat16", mesh=None, **config_overr
     ``dtype``: parameter and compute dtype ("bfloat16" or "float32"). ``mesh``: a ``jax.sharding.Mesh``
     or a string such as ``"seq=4,tensor=2"``; parameters are placed by their logical axes.
     ``attn_implementation`` and ``prefill_chunk_size`` set the attention path and prefill chunk;
-    every other keyword replaces that field of config.json, as HF ``from_pretrained(**kwargs)`` does.
+    ``kv_cache_dtype`` the KV cache's storage ("auto": the model dtype; "fp8": float8_e4m3fn, half of
+    bf16); every other keyword replaces that field of config.json, as HF ``from_pretrained(**kwargs)`` does.
     """
     from convert import is_converted, read_hf_params, restore_params
     from qwen_jax.sharding import make_mesh
 
     impl = attention.AttentionSpec.of(config_overrides.pop("attn_implementation", None))
     chunk = int(config_overrides.pop("prefill_chunk_size", DEFAULT_PREFILL_CHUNK))
+    kv_dtype = config_overrides.pop("kv_cache_dtype", None)
     folder = _resolve(str(path))
     config = QwenConfig.from_hf_dict(read_config_json(folder, config_overrides))
     dtype = _dtype(dtype)
@@ -129,7 +134,7 @@ def load(path: str | os.PathLike, *, dtype="bfloat16", mesh=None, **config_overr
         params = read_hf_params(folder, config, dtype=dtype, place=place)
     tokenizer = Tokenizer(folder) if os.path.isfile(os.path.join(folder, "tokenizer.json")) else None
     return Model(config, params, tokenizer, mesh=mesh, eos_token_ids=_eos_ids(folder, config, tokenizer),
-                 attn_implementation=impl, prefill_chunk_size=chunk)
+                 attn_implementation=impl, prefill_chunk_size=chunk, kv_cache_dtype=kv_dtype)
 
 
 def _eos_ids(folder: str, config: QwenConfig, tokenizer: Tokenizer | None) -> list[int]:

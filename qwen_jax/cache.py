@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from qwen_jax.config import QwenConfig
+from qwen_jax.errors import QwenJaxError
 
 # Sharded by heads over tensor x seq (sequence-parallel attention, ``attention.parallel``); slots never split.
 CACHE_AXES = ("batch", "attn_heads", None, "head_dim")
@@ -62,7 +63,32 @@ def init_cache(config: QwenConfig, batch: int, max_len: int, dtype=jnp.bfloat16,
     return KVCache(tuple(make() for _ in range(L)), tuple(make() for _ in range(L)))
 
 
+# ``kv_cache_dtype`` names: "auto" stores the model's dtype; fp8 (e4m3) halves a bf16 cache.
+CACHE_DTYPES = {"auto": None, "bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16,
+                "fp8": jnp.float8_e4m3fn, "float8_e4m3fn": jnp.float8_e4m3fn}
+
+
+def cache_dtype(name, model_dtype) -> jnp.dtype:
+    """The storage dtype ``kv_cache_dtype`` names (a name from ``CACHE_DTYPES``, a dtype, or None: the model's)."""
+    if name is None or isinstance(name, str):
+        if name is not None and name not in CACHE_DTYPES:
+            raise QwenJaxError(f"unknown kv_cache_dtype {name!r}; choose one of {list(CACHE_DTYPES)}")
+        name = CACHE_DTYPES.get(name or "auto") or model_dtype
+    return jnp.dtype(name)
+
+
 def write(buffer: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:
-    """Write ``new`` [B, T, K, H] into ``buffer`` [B, K, S, H] at slots ``starts[b] + t``."""
-    new = new.swapaxes(1, 2).astype(buffer.dtype)
+    """Write ``new`` [B, T, K, H] into ``buffer`` [B, K, S, H] at slots ``starts[b] + t`` (an fp8 buffer
+    saturates at its largest finite value instead of overflowing to NaN)."""
+    new = new.swapaxes(1, 2)
+    if jnp.issubdtype(buffer.dtype, jnp.floating) and jnp.finfo(buffer.dtype).bits == 8:
+        top = float(jnp.finfo(buffer.dtype).max)
+        new = jnp.clip(new.astype(jnp.float32), -top, top)
+    new = new.astype(buffer.dtype)
     return jax.vmap(lambda buf, x, s: jax.lax.dynamic_update_slice(buf, x, (0, s, 0)))(buffer, new, starts)
+
+
+def read(buffer: jax.Array, dtype) -> jax.Array:
+    """The buffer as attention reads it: an 8-bit cache is widened to the compute ``dtype`` (one layer at a
+    time, so only that layer's widened copy exists); others as stored."""
+    return buffer.astype(dtype) if buffer.dtype.itemsize == 1 else buffer

@@ -22,6 +22,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="Qwen's sparse_attention_config.json with per-head budgets (implies --sparse)")
     p.add_argument("--window", type=int, default=None,
                    help="sliding-window baseline: keys this many positions back or more are invisible")
+    p.add_argument("--kv-cache-dtype", default=None, choices=("auto", "bfloat16", "float32", "fp8"),
+                   help="KV cache storage: auto (the model dtype, default) or fp8 (float8_e4m3fn: half of bf16)")
     p.add_argument("--block-q", type=int, default=None, help="query tile of the attention (default: per implementation)")
     p.add_argument("--block-k", type=int, default=None, help="key tile of the attention (default: per implementation)")
 
@@ -32,6 +34,8 @@ def _model_overrides(args) -> dict:
     overrides = {}
     if args.prefill_chunk:
         overrides["prefill_chunk_size"] = args.prefill_chunk
+    if args.kv_cache_dtype:
+        overrides["kv_cache_dtype"] = args.kv_cache_dtype
     if args.attention or args.window or args.block_q or args.block_k:
         overrides["attn_implementation"] = AttentionSpec(
             impl=args.attention or AttentionSpec.impl, window=args.window, block_q=args.block_q, block_k=args.block_k)
@@ -122,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-chunk", type=int, default=32768)
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     p.add_argument("--dense", action="store_true", help="plan dense prefill even where the config enables sparse")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "bfloat16", "float32", "fp8"),
+                   help="KV cache storage (auto: the model dtype)")
     p.add_argument("--device-memory", type=float, default=None,
                    help="GiB per device (default: what the first device reports, if it does)")
 
@@ -265,10 +271,12 @@ def cmd_plan(args) -> int:
         from qwen_jax.errors import QwenJaxError
         raise QwenJaxError(f"--config {args.config!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a folder")
     capacity = int(args.device_memory * memory.GiB) if args.device_memory else memory.device_capacity()
+    from qwen_jax.cache import cache_dtype
     p = memory.plan(config, tokens=tokens, batch=args.batch, mesh=args.mesh, chunk_size=args.prefill_chunk,
-                    dtype=args.dtype, sparse=False if args.dense else None, capacity=capacity)
+                    dtype=args.dtype, cache_dtype=cache_dtype(args.kv_cache_dtype, args.dtype),
+                    sparse=False if args.dense else None, capacity=capacity)
     print(f"{args.config}, {tokens} tokens, batch {args.batch}, mesh {args.mesh or 'one device'}, "
-          f"prefill chunk {args.prefill_chunk}: {p.describe()}")
+          f"prefill chunk {args.prefill_chunk}, kv cache {args.kv_cache_dtype}: {p.describe()}")
     memory.check(p, tokens=tokens, mesh=args.mesh, chunk_size=args.prefill_chunk)
     return 0
 

@@ -4,17 +4,18 @@ the shortfall and the ways out instead of an out-of-memory crash halfway through
 Counted per device, with the mesh's sharding rules (``qwen_jax.sharding``):
 
     weights       every parameter divided by the mesh axes its logical axes map to
-    KV cache      layers x 2 x [B, K, S, H], S over ``seq``, kv heads over ``tensor`` (as far as they go)
-    activations   one prefill chunk through one layer: hidden states, q/k/v (one query copy per DCA
-                  phase), the MLP's two [T, F] projections and their product, the float32 attention
-                  output, the last-token logits
+    KV cache      layers x 2 x [B, K', S, H], heads over ``tensor`` x ``seq`` (K' = K, or each kv head
+                  once per attention shard when the shards outnumber K; ``attention.parallel``)
+    activations   one prefill chunk through one layer: hidden states, the MLP's two [T, F] projections
+                  and their product (T: the chunk's 1/seq share of tokens), q/k/v (one query copy per
+                  DCA phase) and the float32 attention output (all T tokens of 1/(tensor x seq) of the
+                  heads), the last-token logits
     workspace     the attention path's temporaries: blockwise logits tiles, or for sparse prefill the
-                  estimate's score vectors and logits blocks plus the index tables and gathered columns
+                  estimate's score vectors and logits blocks plus the index tables and gathered columns;
+                  an 8-bit cache's widened copy of one layer
 
 plus a fixed 1 GiB for XLA's own buffers. Estimates, not measurements: the benchmark reports the
-measured peak next to them. A ``seq`` axis is counted as the sequence-parallel prefill will run
-(each device a 1/seq share of the chunk's activations and of the cache); that prefill is not built
-yet, so today only the cache and weights figures hold for meshes with ``seq`` > 1.
+measured peak next to them.
 """
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ def mesh_sizes(mesh) -> dict[str, int]:
 def _sharded_bytes(shape, logical, sizes, itemsize) -> int:
     from qwen_jax.sharding import logical_to_spec
     spec = logical_to_spec(logical, shape, SimpleNamespace(shape=sizes))
-    factor = math.prod(sizes[a] for a in spec if a is not None)
+    factor = math.prod(sizes[a] for entry in spec if entry is not None
+                       for a in ((entry,) if isinstance(entry, str) else entry))
     return math.prod(shape) * itemsize // factor
 
 
@@ -86,23 +88,25 @@ def plan(config: QwenConfig, *, tokens: int, batch: int = 1, mesh=None, chunk_si
          dtype="bfloat16", cache_dtype=None, sparse: bool | None = None, attention: str = "pallas",
          capacity: int | None = None) -> MemoryPlan:
     """Per-device bytes to prefill ``batch`` prompts of ``tokens`` tokens (see the module docstring)."""
+    from qwen_jax.attention.parallel import cache_kv_heads, check_mesh
     from qwen_jax.cache import CACHE_AXES, cache_length
 
     sizes = mesh_sizes(mesh)
+    check_mesh(config, SimpleNamespace(shape=sizes))
     item = jnp.dtype(dtype).itemsize
     cache_item = jnp.dtype(cache_dtype or dtype).itemsize
     c = config
     weights = sum(_sharded_bytes(shape, ax, sizes, item) for shape, ax in _param_layout(c))
     S = cache_length(tokens)
-    cache = 2 * c.num_hidden_layers * _sharded_bytes(
-        (batch, c.num_key_value_heads, S, c.head_dim), CACHE_AXES, sizes, cache_item)
+    layer_cache = (batch, cache_kv_heads(c, SimpleNamespace(shape=sizes)), S, c.head_dim)
+    cache = 2 * c.num_hidden_layers * _sharded_bytes(layer_cache, CACHE_AXES, sizes, cache_item)
     data = sizes["data"] if batch % sizes["data"] == 0 else 1
     tensor = sizes["tensor"]
     T = min(chunk_size, tokens) // max(sizes["seq"], 1)
     B = batch // data
     dca = c.dual_chunk_attention_config
     phases = 3 if dca is not None else 1
-    N, K, H, D, F = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size, c.intermediate_size
+    N, H, D, F = c.num_attention_heads, c.head_dim, c.hidden_size, c.intermediate_size
     n_t = tensor if N % tensor == 0 else 1
     f_t = tensor if F % tensor == 0 else 1
     activations = (B * T * D * item * 6                            # residual, norms, attention/MLP outputs
@@ -113,19 +117,22 @@ def plan(config: QwenConfig, *, tokens: int, batch: int = 1, mesh=None, chunk_si
     if sparse is None:
         sparse = dca is not None and dca.sparse_attention_enabled and tokens > dca.sparse_attention_threshold
     if sparse:
+        # inside attention: the whole chunk, 1/(tensor x seq) of the heads
         from qwen_jax.attention.sparse import DEFAULT_BUDGET, LAST_Q, n_segments
-        G = n_segments(T, dca.chunk_len)
+        Tc, n_a = min(chunk_size, tokens), n_t * sizes["seq"]
+        G = n_segments(Tc, dca.chunk_len)
         vs, ss = DEFAULT_BUDGET
-        s_local = S // max(sizes["seq"], 1)
-        workspace = (2 * B * G * N * S * 4 // n_t                  # vertical and slash scores
-                     + 3 * B * K * (N // K) * LAST_Q * 16384 * 4 // n_t   # logits blocks, three rotations
-                     + B * N * (T // 64 + 1) * 3 * (vs + 64) // n_t        # keep masks
-                     + 2 * B * G * N * 3 * (vs + 64) * H * item // n_t     # gathered vertical K/V
-                     + 4 * B * G * N * 3 * max(ss, s_local // 64 + 1) * 4 // n_t)   # distances and tiles
+        workspace = (2 * B * G * N * S * 4 // n_a                  # vertical and slash scores
+                     + 3 * B * N * LAST_Q * 16384 * 4 // n_a       # logits blocks, three rotations
+                     + B * N * (Tc // 64 + 1) * 3 * (vs + 64) // n_a       # keep masks
+                     + 2 * B * G * N * 3 * (vs + 64) * H * item // n_a     # gathered vertical K/V
+                     + 4 * B * G * N * 3 * max(ss, S // 64 + 1) * 4 // n_a)   # distances and tiles
     elif attention == "blockwise":
         workspace = 4 * B * N * 512 * 512 * 4 // n_t
     else:
         workspace = 0
+    if cache_item == 1:
+        workspace += 2 * cache // (2 * c.num_hidden_layers) * item    # one layer's K and V widened for attention
     return MemoryPlan(weights, cache, activations, workspace, capacity)
 
 

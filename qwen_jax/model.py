@@ -165,13 +165,14 @@ def _jit_unembed(params, hidden, config):
 
 
 def prefill_logits(params, tokens, config: QwenConfig, *, chunk_size: int = DEFAULT_PREFILL_CHUNK,
-                   spec: attention.AttentionSpec = attention.DEFAULT_SPEC) -> np.ndarray:
-    """Logits at every position, computed chunk by chunk through the prefill path: [B, T, V] float32."""
+                   spec: attention.AttentionSpec = attention.DEFAULT_SPEC, cache_dtype=None) -> np.ndarray:
+    """Logits at every position, computed chunk by chunk through the prefill path: [B, T, V] float32
+    (``cache_dtype``: the KV cache's storage, default the parameters' dtype)."""
     tokens = jnp.asarray(tokens, jnp.int32)
     B, T = tokens.shape
     _check_sparse_chunks(config, chunk_size)
     spec = attention.with_sparse_rows(spec, config, [T] * B)
-    cache = init_cache(config, B, cache_length(T), params_dtype(params), mesh=spec.mesh)
+    cache = init_cache(config, B, cache_length(T), cache_dtype or params_dtype(params), mesh=spec.mesh)
     out = np.empty((B, T, config.vocab_size), np.float32)
     request_lengths = jnp.full((B,), T, jnp.int32)
     for begin, end in _chunks(T, chunk_size):

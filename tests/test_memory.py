@@ -37,6 +37,12 @@ def test_plan_counts_weights_and_cache_exactly_and_shards_them():
     seq_only = memory.plan(c, tokens=1 << 20, mesh={"seq": 2})
     assert seq_only.activations < one.activations and seq_only.cache == one.cache // 2
     assert memory.plan(c, tokens=1 << 20, sparse=True).workspace > memory.plan(c, tokens=1 << 20, sparse=False).workspace
+    assert memory.plan(c, tokens=1 << 20, cache_dtype="float8_e4m3fn").cache == one.cache // 2
+    # 7B: 28 heads over 8 attention shards do not split; 4 kv heads over 8 shards are each stored twice
+    c7 = preset_config("qwen2.5-7b-1m")
+    with pytest.raises(Exception, match="28 attention heads do not split over tensor x seq = 8"):
+        memory.plan(c7, tokens=1 << 20, mesh="seq=8")
+    assert memory.plan(c7, tokens=1 << 20, mesh="seq=4").cache == memory.plan(c7, tokens=1 << 20).cache // 4
 
 
 def test_refusal_names_the_shortfall_and_the_options(capsys):

@@ -88,6 +88,24 @@ def test_bfloat16_top1_agreement_at_least_95_percent(real_model_path, tokens, hf
     assert agreement >= 0.95
 
 
+def test_fp8_kv_cache_halves_the_cache_at_a_measured_accuracy_cost(real_model_path, tokens, hf_logits):
+    """The fp8 (e4m3) cache's cost on real weights, against the float32 oracle: KL and top-1 agreement
+    (measured at 512 tokens of project source: KL 0.018, 91.6% vs 99.4% for a bf16 cache)."""
+    from qwen_jax.cache import init_cache
+    model = qwen_jax.load(real_model_path, dtype="float32", kv_cache_dtype="fp8")
+    assert init_cache(model.config, 1, 128, model.kv_cache_dtype).k[0].dtype.itemsize == 1
+    ours = model.logits(tokens)
+    assert np.isfinite(ours).all()
+    lp = hf_logits - hf_logits.max(-1, keepdims=True)
+    lp -= np.log(np.exp(lp).sum(-1, keepdims=True))
+    lq = ours - ours.max(-1, keepdims=True)
+    lq -= np.log(np.exp(lq).sum(-1, keepdims=True))
+    kl = float((np.exp(lp) * (lp - lq)).sum(-1).mean())
+    agreement = float(np.mean(ours.argmax(-1) == hf_logits.argmax(-1)))
+    print(f"\nfp8 KV cache over {tokens.shape[1]} tokens: KL {kl:.4f} nats, top-1 agreement {agreement:.4f}")
+    assert kl < 0.05 and agreement >= 0.85
+
+
 def test_tokenizer_and_chat_template_match_transformers(real_model_path):
     from transformers import AutoTokenizer
     from qwen_jax.tokenizer import Tokenizer

@@ -70,7 +70,8 @@ def main(argv=None) -> int:
     p.add_argument("--prefill-chunk", type=int, default=32768)
     p.add_argument("--attention", default="pallas", help="blockwise, pallas or reference")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
-    p.add_argument("--mesh", default=None, help='device mesh for the weights, e.g. "tensor=2"')
+    p.add_argument("--mesh", default=None, help='device mesh, e.g. "seq=2" or "seq=4,tensor=2"')
+    p.add_argument("--kv-cache-dtype", default="auto", help="auto (the model dtype) or fp8")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="per-device peak for MFU (H100 SXM bf16: 989)")
     p.add_argument("--device-memory", type=float, default=None, help="GiB per device for the planner")
     p.add_argument("--json", default=None)
@@ -82,8 +83,13 @@ def main(argv=None) -> int:
     if base.dual_chunk_attention_config is None:
         raise QwenJaxError(f"{args.config} has no dual_chunk_attention_config; this benchmark runs DCA prefill")
     from qwen_jax.sharding import make_mesh
+    from qwen_jax.attention.parallel import check_mesh
+    from qwen_jax.cache import cache_dtype
     mesh = make_mesh(args.mesh) if args.mesh else None
+    if mesh is not None:
+        check_mesh(base, mesh)
     dtype = jnp.dtype(args.dtype)
+    kv_dtype = cache_dtype(args.kv_cache_dtype, dtype)
     capacity = int(args.device_memory * memory.GiB) if args.device_memory else memory.device_capacity()
     params = init_params(base, jax.random.key(0), dtype=dtype, mesh=mesh)
     tokens = jax.random.randint(jax.random.key(1), (1, T), 0, base.vocab_size, jnp.int32)
@@ -96,11 +102,11 @@ def main(argv=None) -> int:
         dca = dataclasses.replace(base.dual_chunk_attention_config, sparse_attention_enabled=mode == "sparse",
                                   sparse_attention_threshold=0)
         config = dataclasses.replace(base, dual_chunk_attention_config=dca)
-        spec = AttentionSpec.of(args.attention)
+        spec = dataclasses.replace(AttentionSpec.of(args.attention), mesh=mesh)
         plan = memory.plan(config, tokens=T, mesh=mesh, chunk_size=args.prefill_chunk, dtype=dtype,
-                           sparse=mode == "sparse", attention=spec.impl, capacity=capacity)
+                           cache_dtype=kv_dtype, sparse=mode == "sparse", attention=spec.impl, capacity=capacity)
         memory.check(plan, tokens=T, mesh=mesh, chunk_size=args.prefill_chunk)
-        cache = init_cache(config, 1, cache_length(T), dtype, mesh)
+        cache = init_cache(config, 1, cache_length(T), kv_dtype, mesh)
         lengths = jnp.full((1,), T, jnp.int32)
         # compile: one chunk of the full-size cache (the cache is donated and handed back)
         first = min(args.prefill_chunk, T)
@@ -114,10 +120,10 @@ def main(argv=None) -> int:
                                          spec=spec, progress=progress_bar(T, f"{mode} prefill"))
         next_token = int(jnp.argmax(logits[0]))
         ttft = time.perf_counter() - t0
-        stats = jax.devices()[0].memory_stats() or {}
-        peak = stats.get("peak_bytes_in_use")
-        row = {"mode": mode, "tokens": T, "TTFT s": round(ttft, 2), "tokens/s": round(T / ttft),
-               "peak GiB": None if peak is None else round(peak / memory.GiB, 1),
+        peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]
+        peak = None if None in peaks else max(peaks)
+        row = {"mode": mode, "tokens": T, "mesh": args.mesh or "one device", "kv cache": str(kv_dtype), "TTFT s": round(ttft, 2), "tokens/s": round(T / ttft),
+               "peak GiB per device": None if peak is None else round(peak / memory.GiB, 1),
                "planned GiB": round(plan.total / memory.GiB, 1),
                "MFU": round((linear + attn) / ttft / (args.peak_tflops * 1e12 * n_dev), 3),
                "first chunk s (compile)": round(compile_s, 1), "next token": next_token}
