@@ -150,6 +150,8 @@ def prefill(params, tokens, lengths, cache: KVCache, config: QwenConfig, *, chun
     spec = attention.with_sparse_rows(spec, config, lengths)
     lengths = jnp.asarray(lengths, jnp.int32)
     last_hidden = jnp.zeros((B, config.hidden_size), params_dtype(params))
+    if spec.mesh is not None:   # placed as the step returns it, so the first chunk's compilation serves all
+        last_hidden = jax.device_put(last_hidden, jax.sharding.NamedSharding(spec.mesh, jax.sharding.PartitionSpec()))
     for begin, end in _chunks(T, chunk_size):
         last_hidden, cache = _prefill_chunk(params, tokens[:, begin:end], jnp.int32(begin), lengths, last_hidden,
                                             cache, config, spec, False)
