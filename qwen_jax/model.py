@@ -36,7 +36,9 @@ def _init_boxed(config: QwenConfig, dtype, rng):
     # The smallest inputs that trace every layer; parameter shapes do not depend on them.
     cache = init_cache(config, 1, 1, dtype)
     tokens = jnp.zeros((1, 1), jnp.int32)
-    return _module(config, dtype).init(rng, tokens, tokens, cache, jnp.ones((1,), jnp.int32),
+    # (the dense jnp attention: a one-slot cache is no shape for a kernel, and shapes do not depend on it)
+    spec = attention.AttentionSpec(impl="reference")
+    return _module(config, dtype, spec).init(rng, tokens, tokens, cache, jnp.ones((1,), jnp.int32),
                                        method=Qwen2.logits)["params"]
 
 
