@@ -275,3 +275,99 @@ def test_rows_over_and_under_the_threshold_in_one_batch(tiny_checkpoint):
     dense_logits, _ = qwen_jax.prefill(dense.params, tokens[:1], np.asarray([320]), cache, dense.config,
                                        chunk_size=128, spec=dense.attention)
     assert np.abs(np.asarray(dense_logits)[0] - both[0]).max() > 1e-4     # the long row really ran sparse
+
+
+def mgpu_coverage(index, q_offset, kv_length, mask, T, S, block_k):
+    """Replay the Mosaic GPU sparse kernel's schedule in numpy: how often each (phase, row, head, query,
+    key) is computed unmasked, using the kernel's own tables and per-step decisions. Also counts steps
+    by kind. Returns ``(cover [P, B, N, T, S] int, kinds {kind: count})``."""
+    from pallas_kernels import vslash_mgpu as vm
+    B, N = index.t0.shape[:2]
+    P, nqb = len(mask.phases), index.block_seg.shape[1]
+    n_pairs = -(-nqb // 2)
+    W = block_k
+    _, *tables = jax.jit(vm._tables, static_argnums=(3, 4, 5))(index, q_offset, kv_length, mask, W, n_pairs)
+    sched, win, vpos, keep = map(np.asarray, tables)
+    q_offset, kv_length = np.asarray(q_offset), np.asarray(kv_length)
+    cover = np.zeros((P, B, N, 2 * n_pairs * 64, S + 1), np.int32)           # column S: keys that do not exist
+    kinds = {vm.SKIP: 0, vm.WHOLE: 0, vm.MASKED: 0}
+    for b, n, qi, p, part in np.ndindex(B, N, n_pairs, P, 2):
+        phase = mask.phases[p]
+        t0, t1, v0, v1, g, *act = sched[b, n, qi, p, part, :7]
+        q0 = int(q_offset[b]) + 128 * qi
+        for c in range(2):
+            first = q0 + 64 * c
+            rows = first + np.arange(64)
+            a_rows, b_rows = map(np.asarray, mask.key_range(phase, rows, rows, kv_length[b]))
+            span = vm.row_span(mask, phase, first, int(kv_length[b]))
+            out_rows = rows - q_offset[b]
+            ws, lo, hi = (win[b, g, n, p, :, f] for f in range(3))            # decide for all windows at once
+            start, klo, khi = map(np.asarray, vm.slash_bounds(ws, lo, hi, q0, c, W, S))
+            kind = np.asarray(vm.slash_kind(start, klo, khi, span, W, bool(act[c])))
+            start, klo, khi, kind = start[t0:t1], klo[t0:t1], khi[t0:t1], kind[t0:t1]
+            assert ((0 <= start) & (start <= S - W)).all()
+            for i in range(t1 - t0):
+                kinds[int(kind[i])] += 1
+                pos = start[i] + np.arange(W)
+                ok = (pos >= np.maximum(a_rows, klo[i])[:, None]) & (pos < np.minimum(b_rows, khi[i])[:, None])
+                assert kind[i] != vm.WHOLE or ok.all()
+                assert kind[i] != vm.SKIP or not act[c] or not ok.any()      # a skipped window has nothing to see
+                cover[p, b, n, out_rows[:, None], pos[None]] += ok & (kind[i] != vm.SKIP)
+            tiles = vpos[b, g, n, p].reshape(-1, W)
+            vkind = np.asarray(vm.vertical_kind(tiles[:, 0], tiles[:, -1], span, bool(act[c])))
+            for i in range(v0, v1):
+                kinds[int(vkind[i])] += 1
+                pos = np.where(keep[b, n, 2 * qi + c, p, i * W:(i + 1) * W] != 0, tiles[i], vslash.NO_KEY)
+                ok = (pos >= a_rows[:, None]) & (pos < b_rows[:, None])
+                assert vkind[i] == vm.MASKED or not act[c] or not ok.any()
+                if vkind[i] == vm.MASKED:
+                    np.add.at(cover[p, b, n], (out_rows[:, None], np.minimum(pos, S)[None]), ok)
+    return cover[:, :, :, :T, :S], kinds
+
+
+@pytest.mark.parametrize("mask_name,q_offset,block_k", [("causal", (320, 128), 128), ("dca", (320, 128), 128),
+                                                        ("dca", (384, 64), 256)])
+def test_mgpu_sparse_schedule_computes_each_visible_key_once(mask_name, q_offset, block_k):
+    """The Mosaic GPU sparse kernel (no CPU interpreter) replayed in numpy from its own tables and step
+    decisions: every key of the sparse mask is computed exactly once per query, no other key ever, and
+    windows it calls whole or skipped really are. Pairs of query blocks cut by segment boundaries, rows
+    whose cache ends early, queries past the cache."""
+    rng = np.random.default_rng(len(mask_name) + block_k)
+    B, T, N, S = 2, 456, 3, 1024
+    mask = MaskSpec(chunk_len=128) if mask_name == "dca" else MaskSpec()
+    q_offset = jnp.array(q_offset, jnp.int32)                  # 320 = 5 x 64: DCA chunk starts split pairs
+    kv_length = jnp.array([776, 300], jnp.int32)
+    lengths = jnp.array([776, 500], jnp.int32)
+    seg_begin, seg_end, _ = sparse.segments(q_offset, T, lengths, 128 if mask_name == "dca" else 10 ** 6)
+    sel = vslash.random_selection(rng, (B, seg_begin.shape[1], N, len(mask.phases), 40, 60), seg_begin, seg_end,
+                                  max_dist=900, n_keys=S)
+    index = jax.jit(vslash.build_index, static_argnums=(2, 4, 5))(sel, q_offset, T, kv_length, mask, 64)
+    cover, kinds = mgpu_coverage(index, q_offset, kv_length, mask, T, S, block_k)
+    positions = q_offset[:, None] + jnp.arange(T)[None]
+    slots = jnp.arange(S)
+    restrict = np.asarray(jax.jit(vslash.dense_mask, static_argnums=2)(sel, positions, S))    # [P, B, N, T, S]
+    for p, phase in enumerate(mask.phases):
+        visible = np.asarray(mask.visible(phase, positions[:, :, None], slots[None, None], kv_length[:, None, None]))
+        want = restrict[p] & visible[:, None]
+        assert want.any()
+        np.testing.assert_array_equal(cover[p], want.astype(np.int32), err_msg=f"phase {phase}")
+    assert min(kinds.values()) > 0, kinds                                    # every kind of step occurs
+
+
+def test_mgpu_sparse_schedule_on_the_block_sparse_primitive():
+    """Block-sparse tables (each query block its own segment: every pair walks two parts)."""
+    rng = np.random.default_rng(7)
+    B, T, N, S, M = 2, 320, 2, 512, 5
+    mask = MaskSpec(chunk_len=128)
+    P, nqb = len(mask.phases), -(-T // 64)
+    blocks = jnp.asarray(rng.integers(0, S // 64, (B, N, nqb, P, M)), jnp.int32)
+    counts = jnp.asarray(rng.integers(0, M + 1, (B, N, nqb, P)), jnp.int32)
+    q_offset, kv_length = jnp.array([192, 64], jnp.int32), jnp.array([512, 300], jnp.int32)
+    index, _ = vslash.block_sparse_index(blocks, counts, q_offset, kv_length)
+    cover, _ = mgpu_coverage(index, q_offset, kv_length, mask, T, S, 128)
+    positions = q_offset[:, None] + jnp.arange(T)[None]
+    restrict = np.asarray(vslash.block_sparse_dense_mask(blocks, counts, positions, S))
+    for p, phase in enumerate(mask.phases):
+        visible = np.asarray(mask.visible(phase, positions[:, :, None], jnp.arange(S)[None, None],
+                                          kv_length[:, None, None]))
+        np.testing.assert_array_equal(cover[p], (restrict[p] & visible[:, None]).astype(np.int32))
