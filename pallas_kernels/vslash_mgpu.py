@@ -53,6 +53,7 @@ LN2 = math.log(2.0)
 SKIP, WHOLE, MASKED = 0, 1, 2
 FIELDS = 8        # per (row, head, pair, phase, part): t0, t1, v0, v1, segment, active0, active1, unused
 BIG = 2 ** 30
+M_FLOOR = -1e30   # the running max's start: above MASK_VALUE, below any real logit
 
 
 def check_supported(queries: tuple, k, v, block_k: int, stages: int) -> None:
@@ -244,8 +245,11 @@ def _kernel(meta_ref, scale_ref, sched_ref, win_ref, vpos_ref, keep_ref, *refs, 
             def _():
                 plgpu.barrier_wait(k_bar.at[lax.rem(step, jnp.int32(stages))])
 
-        def compute(carry, step, visible):
-            """One window: QK^T, the mask (``visible()`` -> bool [64, W], or None), online softmax, PV."""
+        def compute(carry, step, visible, masked):
+            """One window: QK^T, the mask where ``masked`` (a bool, or a traced one), online softmax, PV.
+
+            ``visible()`` -> bool [64, W]. Masked logits become MASK_VALUE and the running max starts at
+            M_FLOOR above it, so their probabilities underflow to exactly 0 with no second select."""
             acc, m, l = carry
             slot = lax.rem(step, jnp.int32(stages))
 
@@ -257,14 +261,12 @@ def _kernel(meta_ref, scale_ref, sched_ref, win_ref, vpos_ref, keep_ref, *refs, 
             s = pl.run_scoped(qk_scope, plgpu.ACC((BAND, W), jnp.float32))
             plgpu.barrier_arrive(k_free.at[slot])
             s = s * scale2
-            ok = None if visible is None else visible()
-            if ok is not None:
-                s = jnp.where(ok, s, MASK_VALUE)
+            apply = lambda s: jnp.where(visible(), s, MASK_VALUE)  # noqa: E731
+            # elementwise work only under the condition: the wgmma stay in straight-line code
+            s = apply(s) if masked is True else lax.cond(masked, apply, lambda s: s, s)
             m_new = jnp.maximum(m, s.max(axis=1))
             alpha = jnp.exp2(m - m_new)
             p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
-            if ok is not None:
-                p = jnp.where(ok, p, 0.0)
             acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
             l = l * alpha + p.sum(axis=1)
             p16 = p.astype(dtype)
@@ -278,7 +280,6 @@ def _kernel(meta_ref, scale_ref, sched_ref, win_ref, vpos_ref, keep_ref, *refs, 
                 wait_keys(step + 1)                       # overlaps the next window's wait with this matmul
 
             acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-            acc = plgpu.layout_cast(acc, plgpu.Layout.WGMMA)   # one layout for every branch of the switch
             plgpu.barrier_arrive(v_free.at[slot])
             return acc, m_new, l
 
@@ -300,7 +301,7 @@ def _kernel(meta_ref, scale_ref, sched_ref, win_ref, vpos_ref, keep_ref, *refs, 
             return ((pos >= lax.broadcast_in_dim(lo_rows, shape, [0]))
                     & (pos < lax.broadcast_in_dim(hi_rows, shape, [0])))
 
-        m = plgpu.layout_cast(jnp.full((BAND,), MASK_VALUE, jnp.float32), row_layout)
+        m = plgpu.layout_cast(jnp.full((BAND,), M_FLOOR, jnp.float32), row_layout)
         l = plgpu.layout_cast(jnp.full((BAND,), 0.0, jnp.float32), row_layout)
         acc = plgpu.layout_cast(jnp.full((BAND, H), 0.0, jnp.float32), plgpu.Layout.WGMMA)
         carry = (acc, m, l)
@@ -321,14 +322,12 @@ def _kernel(meta_ref, scale_ref, sched_ref, win_ref, vpos_ref, keep_ref, *refs, 
                     start, klo, khi = slash_bounds(ws, lo, hi, q0, wg, W, n_keys)
                     kind = slash_kind(start, klo, khi, span, W, active)
 
-                    def masked(carry):
-                        def visible():
-                            pos = start + plgpu.broadcasted_iota(jnp.int32, (BAND, W), 1, layout=plgpu.Layout.WGMMA)
-                            return between(jnp.maximum(a_rows, klo), jnp.minimum(b_rows, khi), pos)
-                        return compute(carry, step, visible)
+                    def visible():
+                        pos = start + plgpu.broadcasted_iota(jnp.int32, (BAND, W), 1, layout=plgpu.Layout.WGMMA)
+                        return between(jnp.maximum(a_rows, klo), jnp.minimum(b_rows, khi), pos)
 
-                    return lax.switch(kind, [lambda c: skip(c, step), lambda c: compute(c, step, None), masked],
-                                      carry)
+                    return lax.cond(kind == SKIP, lambda c: skip(c, step),
+                                    lambda c: compute(c, step, visible, kind == MASKED), carry)
 
                 def vertical(j, carry, e=e, active=active, a_rows=a_rows, b_rows=b_rows, span=span):
                     step = j + e["vert_off"]
@@ -343,7 +342,7 @@ def _kernel(meta_ref, scale_ref, sched_ref, win_ref, vpos_ref, keep_ref, *refs, 
                         keep = _load_cols(keep_ref.at[b, n, 2 * qi + wg, p_, pl.ds(j * W, W)], col_layout)
                         pos = jnp.where(keep != 0, pos, NO_KEY)
                         pos = lax.broadcast_in_dim(pos, (BAND, W), [1])
-                        return compute(carry, step, lambda: between(a_rows, b_rows, pos))
+                        return compute(carry, step, lambda: between(a_rows, b_rows, pos), True)
 
                     return lax.cond(kind == MASKED, masked, lambda c: skip(c, step), carry)
 

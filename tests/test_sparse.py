@@ -277,10 +277,11 @@ def test_rows_over_and_under_the_threshold_in_one_batch(tiny_checkpoint):
     assert np.abs(np.asarray(dense_logits)[0] - both[0]).max() > 1e-4     # the long row really ran sparse
 
 
-def mgpu_coverage(index, q_offset, kv_length, mask, T, S, block_k):
+def mgpu_coverage(index, q_offset, kv_length, mask, T, S, block_k, qkv=None):
     """Replay the Mosaic GPU sparse kernel's schedule in numpy: how often each (phase, row, head, query,
     key) is computed unmasked, using the kernel's own tables and per-step decisions. Also counts steps
-    by kind. Returns ``(cover [P, B, N, T, S] int, kinds {kind: count})``."""
+    by kind. Returns ``(cover [P, B, N, T, S] int, kinds {kind: count}, out, lse)``; with ``qkv = (qs, k,
+    v, scale)`` also the kernel's arithmetic (base-2 online softmax from M_FLOOR) in float64."""
     from pallas_kernels import vslash_mgpu as vm
     B, N = index.t0.shape[:2]
     P, nqb = len(mask.phases), index.block_seg.shape[1]
@@ -291,6 +292,29 @@ def mgpu_coverage(index, q_offset, kv_length, mask, T, S, block_k):
     q_offset, kv_length = np.asarray(q_offset), np.asarray(kv_length)
     cover = np.zeros((P, B, N, 2 * n_pairs * 64, S + 1), np.int32)           # column S: keys that do not exist
     kinds = {vm.SKIP: 0, vm.WHOLE: 0, vm.MASKED: 0}
+    Tp = 2 * n_pairs * 64
+    if qkv is not None:
+        qs, k, v, scale = qkv
+        qs, k, v, scale = [np.asarray(q, np.float64) for q in qs], np.asarray(k), np.asarray(v), np.asarray(scale)
+        G, H = N // k.shape[1], k.shape[-1]
+        qs = [np.pad(q, ((0, 0), (0, Tp - q.shape[1]), (0, 0), (0, 0))) for q in qs]
+        m = np.full((B, N, Tp), vm.M_FLOOR)
+        l = np.zeros((B, N, Tp))
+        acc = np.zeros((B, N, Tp, H))
+
+    def step(b, n, out_rows, p, keys, ok):
+        if qkv is None:
+            return
+        kk, vv = k[b, n // G, keys], v[b, n // G, keys]
+        s = qs[p][b, out_rows, n] @ kk.T * scale[b] * vm.LOG2E
+        s = np.where(ok, s, vm.MASK_VALUE)
+        m_new = np.maximum(m[b, n, out_rows], s.max(1))
+        alpha = np.exp2(m[b, n, out_rows] - m_new)
+        pr = np.exp2(s - m_new[:, None])
+        acc[b, n, out_rows] = acc[b, n, out_rows] * alpha[:, None] + pr @ vv
+        l[b, n, out_rows] = l[b, n, out_rows] * alpha + pr.sum(1)
+        m[b, n, out_rows] = m_new
+
     for b, n, qi, p, part in np.ndindex(B, N, n_pairs, P, 2):
         phase = mask.phases[p]
         t0, t1, v0, v1, g, *act = sched[b, n, qi, p, part, :7]
@@ -313,6 +337,8 @@ def mgpu_coverage(index, q_offset, kv_length, mask, T, S, block_k):
                 assert kind[i] != vm.WHOLE or ok.all()
                 assert kind[i] != vm.SKIP or not act[c] or not ok.any()      # a skipped window has nothing to see
                 cover[p, b, n, out_rows[:, None], pos[None]] += ok & (kind[i] != vm.SKIP)
+                if kind[i] != vm.SKIP:
+                    step(b, n, out_rows, p, pos, ok | (kind[i] == vm.WHOLE))
             tiles = vpos[b, g, n, p].reshape(-1, W)
             vkind = np.asarray(vm.vertical_kind(tiles[:, 0], tiles[:, -1], span, bool(act[c])))
             for i in range(v0, v1):
@@ -322,7 +348,12 @@ def mgpu_coverage(index, q_offset, kv_length, mask, T, S, block_k):
                 assert vkind[i] == vm.MASKED or not act[c] or not ok.any()
                 if vkind[i] == vm.MASKED:
                     np.add.at(cover[p, b, n], (out_rows[:, None], np.minimum(pos, S)[None]), ok)
-    return cover[:, :, :, :T, :S], kinds
+                    step(b, n, out_rows, p, np.clip(tiles[i], 0, S - 1), ok)
+    if qkv is None:
+        return cover[:, :, :, :T, :S], kinds, None, None
+    out = acc / np.maximum(l, 1e-30)[..., None]
+    lse = np.where(l > 0, (m + np.log2(np.maximum(l, 1e-30))) * np.log(2.0), -np.inf)
+    return cover[:, :, :, :T, :S], kinds, out[:, :, :T].transpose(0, 2, 1, 3), lse[:, :, :T].transpose(0, 2, 1)
 
 
 @pytest.mark.parametrize("mask_name,q_offset,block_k", [("causal", (320, 128), 128), ("dca", (320, 128), 128),
@@ -342,7 +373,10 @@ def test_mgpu_sparse_schedule_computes_each_visible_key_once(mask_name, q_offset
     sel = vslash.random_selection(rng, (B, seg_begin.shape[1], N, len(mask.phases), 40, 60), seg_begin, seg_end,
                                   max_dist=900, n_keys=S)
     index = jax.jit(vslash.build_index, static_argnums=(2, 4, 5))(sel, q_offset, T, kv_length, mask, 64)
-    cover, kinds = mgpu_coverage(index, q_offset, kv_length, mask, T, S, block_k)
+    qs = tuple(rng.normal(size=(B, T, N, 16)) for _ in mask.phases)
+    k, v = rng.normal(size=(2, B, 1, S, 16))
+    scale = np.array([0.3, 0.2])
+    cover, kinds, out, lse = mgpu_coverage(index, q_offset, kv_length, mask, T, S, block_k, (qs, k, v, scale))
     positions = q_offset[:, None] + jnp.arange(T)[None]
     slots = jnp.arange(S)
     restrict = np.asarray(jax.jit(vslash.dense_mask, static_argnums=2)(sel, positions, S))    # [P, B, N, T, S]
@@ -352,6 +386,13 @@ def test_mgpu_sparse_schedule_computes_each_visible_key_once(mask_name, q_offset
         assert want.any()
         np.testing.assert_array_equal(cover[p], want.astype(np.int32), err_msg=f"phase {phase}")
     assert min(kinds.values()) > 0, kinds                                    # every kind of step occurs
+    ref_out, ref_lse = masked_attention(tuple(map(jnp.asarray, qs)), jnp.asarray(k), jnp.asarray(v), positions,
+                                        kv_length, jnp.asarray(scale), mask=mask, restrict=jnp.asarray(restrict))
+    ref_out, ref_lse = np.asarray(ref_out), np.asarray(ref_lse)
+    assert np.isneginf(ref_lse).any() and np.array_equal(np.isneginf(lse), np.isneginf(ref_lse))
+    finite = np.isfinite(ref_lse)
+    np.testing.assert_allclose(lse[finite], ref_lse[finite], atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(out, ref_out, atol=2e-5, rtol=1e-5)          # empty rows: 0
 
 
 def test_mgpu_sparse_schedule_on_the_block_sparse_primitive():
@@ -364,7 +405,7 @@ def test_mgpu_sparse_schedule_on_the_block_sparse_primitive():
     counts = jnp.asarray(rng.integers(0, M + 1, (B, N, nqb, P)), jnp.int32)
     q_offset, kv_length = jnp.array([192, 64], jnp.int32), jnp.array([512, 300], jnp.int32)
     index, _ = vslash.block_sparse_index(blocks, counts, q_offset, kv_length)
-    cover, _ = mgpu_coverage(index, q_offset, kv_length, mask, T, S, 128)
+    cover, *_ = mgpu_coverage(index, q_offset, kv_length, mask, T, S, 128)
     positions = q_offset[:, None] + jnp.arange(T)[None]
     restrict = np.asarray(vslash.block_sparse_dense_mask(blocks, counts, positions, S))
     for p, phase in enumerate(mask.phases):
