@@ -412,3 +412,55 @@ def test_mgpu_sparse_schedule_on_the_block_sparse_primitive():
         visible = np.asarray(mask.visible(phase, positions[:, :, None], jnp.arange(S)[None, None],
                                           kv_length[:, None, None]))
         np.testing.assert_array_equal(cover[p], (restrict[p] & visible[:, None]).astype(np.int32))
+
+
+@pytest.mark.parametrize("mask_name", ["causal", "dca"])
+def test_mgpu_sparse_kernel_lowers_for_cuda(mask_name):
+    """Qwen2.5-7B heads (28 / 4, head_dim 128), bf16, a 4096-query chunk at an offset, budgets 6096 / 1000:
+    the Mosaic GPU sparse kernel lowers to a Mosaic GPU custom call (no GPU needed)."""
+    from jax import export
+    from pallas_kernels.vslash_mgpu import vslash_attention_mgpu
+    mask = MaskSpec(chunk_len=8192) if mask_name == "dca" else MaskSpec()
+    B, T, N, K, H, S, D, V = 1, 4096, 28, 4, 128, 16384, 6096, 1000
+    Gs, P = (2, 3) if mask_name == "dca" else (1, 1)
+
+    def f(qs, k, v, qo, kl, sc, dist, dn, cols, cn, sb, se):
+        sel = vslash.Selection(dist, dn, cols, cn, sb, se)
+        index = vslash.build_index(sel, qo, T, kl, mask, vslash.BAND)
+        return vslash_attention_mgpu(qs, k, v, qo, kl, sc, index, cn, mask=mask)
+
+    sd, i32 = jax.ShapeDtypeStruct, jnp.int32
+    exported = export.export(jax.jit(f), platforms=["cuda"])(
+        tuple(sd((B, T, N, H), jnp.bfloat16) for _ in range(P)), sd((B, K, S, H), jnp.bfloat16),
+        sd((B, K, S, H), jnp.bfloat16), sd((B,), i32), sd((B,), i32), sd((B,), jnp.float32),
+        sd((B, Gs, N, P, D), i32), sd((B, Gs, N, P), i32), sd((B, Gs, N, P, V), i32), sd((B, Gs, N, P), i32),
+        sd((B, Gs), i32), sd((B, Gs), i32))
+    assert exported.platforms == ("cuda",) and "mosaic_gpu" in exported.mlir_module()
+
+
+def test_sparse_dispatch_picks_or_refuses_loudly():
+    import pallas_kernels
+    from pallas_kernels.vslash_mgpu import check_supported
+    assert "mosaic_gpu" in pallas_kernels.SPARSE_IMPLS
+    assert pallas_kernels._SPARSE_NATIVE["gpu"] == "mosaic_gpu"
+    q = jnp.zeros((1, 256, 4, 128), jnp.bfloat16)
+    k = jnp.zeros((1, 2, 512, 128), jnp.bfloat16)
+    assert pallas_kernels._sparse_mgpu_block("auto", (q,), k, k, None) == 128
+    assert pallas_kernels._sparse_mgpu_block("auto", (q[:, :64],), k, k, None) is None         # decode-sized: Triton
+    assert pallas_kernels._sparse_mgpu_block("mosaic_gpu", (q[:, :64],), k, k, 256) == 256
+    f32 = (q.astype(jnp.float32),), k.astype(jnp.float32), k.astype(jnp.float32)
+    assert pallas_kernels._sparse_mgpu_block("auto", *f32, None) is None                        # float32: Triton
+    with pytest.raises(ValueError, match="bfloat16 or float16"):
+        pallas_kernels._sparse_mgpu_block("mosaic_gpu", *f32, None)
+    with pytest.raises(ValueError, match="head_dim a multiple of 64"):
+        check_supported((q[..., :32],), k[..., :32], k[..., :32], 128, 2)
+    with pytest.raises(ValueError, match="block_k >= 128"):
+        check_supported((q,), k, k, 64, 2)
+    sel = vslash.random_selection(np.random.default_rng(0), (1, 1, 4, 1, 4, 4), jnp.zeros((1, 1), jnp.int32),
+                                  jnp.full((1, 1), 256, jnp.int32), max_dist=256, n_keys=512)
+    with pytest.raises(ValueError, match="does not run on 'cpu'"):
+        vslash_attention(q, k, k, sel, q_offset=0, kv_length=256, impl="mosaic_gpu")
+    with pytest.raises(ValueError, match="no CPU interpreter"):
+        vslash_attention(q, k, k, sel, q_offset=0, kv_length=256, impl="mosaic_gpu", interpret=True)
+    with pytest.raises(ValueError, match="not available"):
+        vslash_attention(q, k, k, sel, q_offset=0, kv_length=256, impl="cutlass")
