@@ -454,3 +454,12 @@ def vslash_attention_mgpu(queries: tuple, k, v, q_offset, kv_length, scale, inde
         compiler_params=plgpu.CompilerParams(approx_math=True),
     )(meta, scale.astype(jnp.float32), sched, win, vpos, keep, *queries, k, v, kg, vg)
     return out[:, :T], lse[:, :, :T].transpose(0, 2, 1)
+
+
+def visited_pairs(index: VSIndex, q_offset, kv_length, mask: MaskSpec, block_k: int = 128):
+    """(query, key) pairs the kernel's windows span, both consumers, SKIP steps included: an upper
+    bound of what it computes, for benchmarks (int, traced)."""
+    n_pairs = -(-index.block_seg.shape[1] // 2)
+    _, sched, _, _, _ = _tables(index, q_offset, kv_length, mask, block_k, n_pairs)
+    steps = (sched[..., 1] - sched[..., 0] + sched[..., 3] - sched[..., 2]).astype(jnp.float32).sum()
+    return steps * (2 * BAND * block_k)
