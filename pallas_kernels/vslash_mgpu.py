@@ -31,7 +31,7 @@ Shapes: queries [B, T, N, H] per phase (bf16 / f16, H % 64 == 0), k, v [B, K, S,
 index from ``vslash.build_index`` (any tile width: runs are recovered from it). out [B, T, N, H],
 lse [B, T, N] float32 natural log; a row that sees no key gets out 0, lse -inf. GPUs only (no CPU
 interpreter): ``jax.export(..., platforms=["cuda"])`` proves the lowering on a CPU, and
-``emulate_coverage`` replays the schedule and masks in numpy.
+tests/test_sparse.py replays the schedule, the masks and the arithmetic in numpy.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from pallas_kernels.vslash import BAND, NO_KEY, VSIndex, gather_verticals, pad_v
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 SKIP, WHOLE, MASKED = 0, 1, 2
-FIELDS = 8        # per (row, head, pair, phase, part): t0, t1, v0, v1, segment, active0, active1, unused
+FIELDS = 8        # per (row, head, pair, phase, part): t0, t1, v0, v1, segment, active0, active1, first step
 BIG = 2 ** 30
 M_FLOOR = -1e30   # the running max's start: above MASK_VALUE, below any real logit
 
@@ -105,7 +105,8 @@ def pair_windows(rel_start, rel_end, block_k: int):
 def pair_schedule(index: VSIndex, ws, hi, q_offset, kv_length, mask: MaskSpec, block_k: int, n_pairs: int):
     """``sched`` [B, N, n_pairs, P, 2, FIELDS] int32: per pair, phase and part (the segment of block 0,
     then block 1's if it differs) the windows ``[t0, t1)`` and vertical tiles ``[v0, v1)`` that meet the
-    key range of a consumer in that part, the part's segment and which consumers are in it."""
+    key range of a consumer in that part, the part's segment, which consumers are in it, and the index
+    of its first step in the program's step list (windows then vertical tiles, part after part)."""
     B, Gs, N, P, TC = ws.shape
     nqb = index.block_seg.shape[1]
     seg = jnp.pad(index.block_seg, ((0, 0), (0, 2 * n_pairs - nqb)), constant_values=-1).reshape(B, n_pairs, 2)
@@ -136,11 +137,14 @@ def pair_schedule(index: VSIndex, ws, hi, q_offset, kv_length, mask: MaskSpec, b
         v0 = search(vpos[:, :, :, p], lo, "left") // block_k
         v1 = jnp.maximum(-(-search(vpos[:, :, :, p], hi_, "left") // block_k), v0)
         ranges = jnp.where(some.reshape(B, -1, 1, 1), jnp.stack([t0, t1, v0, v1], -1), 0)   # [B, Q, N, 4]
-        part = jnp.stack([part_seg, act[..., 0], act[..., 1], jnp.zeros_like(part_seg)], -1).astype(jnp.int32)
-        part = jnp.broadcast_to(part.reshape(B, -1, 1, 4), ranges.shape)
-        per_phase.append(jnp.concatenate([ranges, part], -1).astype(jnp.int32))           # [B, Q, N, FIELDS]
-    sched = jnp.stack(per_phase, axis=2)                                       # [B, Q, P, N, F]
-    return sched.reshape(B, n_pairs, 2, P, N, FIELDS).transpose(0, 4, 1, 3, 2, 5)
+        part = jnp.stack([part_seg, act[..., 0], act[..., 1]], -1).astype(jnp.int32)
+        part = jnp.broadcast_to(part.reshape(B, -1, 1, 3), ranges.shape[:-1] + (3,))
+        per_phase.append(jnp.concatenate([ranges, part], -1).astype(jnp.int32))           # [B, Q, N, 7]
+    sched = jnp.stack(per_phase, axis=2)                                       # [B, Q, P, N, 7]
+    sched = sched.reshape(B, n_pairs, 2, P, N, 7).transpose(0, 4, 1, 3, 2, 5)  # [B, N, n_pairs, P, 2, 7]
+    steps = (sched[..., 1] - sched[..., 0] + sched[..., 3] - sched[..., 2]).reshape(B, N, n_pairs, 2 * P)
+    first_step = (jnp.cumsum(steps, axis=-1) - steps).reshape(B, N, n_pairs, P, 2, 1)
+    return jnp.concatenate([sched, first_step.astype(jnp.int32)], axis=-1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -213,14 +217,15 @@ def _kernel(meta_ref, scale_ref, sched_ref, win_ref, vpos_ref, keep_ref, *refs, 
     Gs, N, P = vpos_ref.shape[1:4]
     n_keys = k_ref.shape[2]
 
-    # The step list all three warpgroups walk: per phase and part, its windows then its vertical tiles.
-    schedule, total = [], jnp.int32(0)
-    for p, phase in enumerate(mask.phases):
-        for part in range(2):
-            t0, t1, v0, v1, g, act0, act1 = (sched_ref[b, n, qi, p, part, f] for f in range(7))
-            schedule.append(dict(p=p, phase=phase, part=part, g=g, act=(act0, act1), t0=t0, t1=t1, v0=v0, v1=v1,
-                                 slash_off=total - t0, vert_off=total + (t1 - t0) - v0))
-            total = total + (t1 - t0) + (v1 - v0)
+
+    def part(p: int, part: int):
+        """Phase ``p``'s part ``part`` of the step list all three warpgroups walk: its windows, then its
+        vertical tiles. Read where it is used, so few scalars stay live (the producer has 40 registers)."""
+        t0, t1, v0, v1, g, act0, act1, first_step = (sched_ref[b, n, qi, p, part, f] for f in range(FIELDS))
+        return dict(p=p, g=g, act=(act0, act1), t0=t0, t1=t1, v0=v0, v1=v1, slash_off=first_step - t0,
+                    vert_off=first_step + (t1 - t0) - v0, end=first_step + (t1 - t0) + (v1 - v0))
+
+    parts = [(p, q) for p in range(n_phases) for q in range(2)]
 
     def take_turns():
         plgpu.barrier_arrive(turn)
@@ -236,6 +241,7 @@ def _kernel(meta_ref, scale_ref, sched_ref, win_ref, vpos_ref, keep_ref, *refs, 
         row0 = qi * (2 * BAND) + wg * BAND
         first = q0 + wg * BAND
         scale2 = scale_ref[b] * LOG2E                     # logits in base 2: exp2 is one instruction
+        total = part(*parts[-1])["end"]
         dtype = qo_smem.dtype
         H = qo_smem.shape[-1]
         row_layout = plgpu.Layout.WGMMA.reduce(1)
@@ -313,7 +319,7 @@ def _kernel(meta_ref, scale_ref, sched_ref, win_ref, vpos_ref, keep_ref, *refs, 
             rows = first + plgpu.broadcasted_iota(jnp.int32, (BAND,), 0, layout=row_layout)
             a_rows, b_rows = mask.key_range(phase, rows, rows, kv_length)      # [64]: row r sees [a_r, b_r)
             span = row_span(mask, phase, first, kv_length)
-            for e in (e for e in schedule if e["p"] == p):
+            for e in (part(p_, q) for p_, q in parts if p_ == p):
                 active = jnp.where(wg == 0, e["act"][0], e["act"][1]) != 0
 
                 def slash(w, carry, e=e, active=active, a_rows=a_rows, b_rows=b_rows, span=span):
@@ -376,9 +382,10 @@ def _kernel(meta_ref, scale_ref, sched_ref, win_ref, vpos_ref, keep_ref, *refs, 
                 plgpu.barrier_wait(v_free.at[slot])
             plgpu.copy_gmem_to_smem(src_v, v_smem.at[slot], v_bar.at[slot])
 
-        for e in schedule:
+        for e in (part(p, q) for p, q in parts):
             def slash(w, carry, e=e):
-                start = jnp.clip(q0 + win_ref[b, e["g"], n, e["p"], w, 0], 0, n_keys - W)
+                ws, lo, hi = (win_ref[b, e["g"], n, e["p"], w, f] for f in range(3))
+                start, _, _ = slash_bounds(ws, lo, hi, q0, 0, W, n_keys)
                 at = (b, kvh, pl.ds(start, W))
                 load(w + e["slash_off"], k_ref.at[at], v_ref.at[at])
                 return carry

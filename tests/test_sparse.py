@@ -315,6 +315,10 @@ def mgpu_coverage(index, q_offset, kv_length, mask, T, S, block_k, qkv=None):
         l[b, n, out_rows] = l[b, n, out_rows] * alpha + pr.sum(1)
         m[b, n, out_rows] = m_new
 
+    for b, n, qi in np.ndindex(B, N, n_pairs):                                 # the step numbering the kernel uses
+        lengths = (sched[b, n, qi, :, :, 1] - sched[b, n, qi, :, :, 0] + sched[b, n, qi, :, :, 3]
+                   - sched[b, n, qi, :, :, 2]).reshape(-1)
+        np.testing.assert_array_equal(sched[b, n, qi, :, :, 7].reshape(-1), np.cumsum(lengths) - lengths)
     for b, n, qi, p, part in np.ndindex(B, N, n_pairs, P, 2):
         phase = mask.phases[p]
         t0, t1, v0, v1, g, *act = sched[b, n, qi, p, part, :7]
