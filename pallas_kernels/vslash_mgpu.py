@@ -53,6 +53,7 @@ LN2 = math.log(2.0)
 SKIP, WHOLE, MASKED = 0, 1, 2
 FIELDS = 8        # per (row, head, pair, phase, part): t0, t1, v0, v1, segment, active0, active1, first step
 BIG = 2 ** 30
+SMEM_BYTES = 232448 - 4096   # Hopper's 227 KiB per block, less room for barriers and alignment
 M_FLOOR = -1e30   # the running max's start: above MASK_VALUE, below any real logit
 
 
@@ -66,6 +67,11 @@ def check_supported(queries: tuple, k, v, block_k: int, stages: int) -> None:
     if k.shape[2] < block_k:
         raise ValueError(f"the mosaic_gpu sparse kernel needs a cache of at least block_k={block_k} slots, "
                          f"got {k.shape[2]}")
+    H, item = k.shape[-1], k.dtype.itemsize
+    smem = (2 * BAND + 2 * stages * block_k) * H * item + 2 * BAND * 4       # q tiles, K/V ring, lse
+    if smem > SMEM_BYTES:
+        raise ValueError(f"mosaic_gpu sparse kernel: block_k={block_k}, stages={stages} and head_dim {H} need "
+                         f"{smem} bytes of shared memory, more than {SMEM_BYTES}; lower block_k or stages")
 
 
 # ----------------------------------------------------------------------------------------------

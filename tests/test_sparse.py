@@ -451,7 +451,7 @@ def test_sparse_dispatch_picks_or_refuses_loudly():
     k = jnp.zeros((1, 2, 512, 128), jnp.bfloat16)
     assert pallas_kernels._sparse_mgpu_block("auto", (q,), k, k, None) == 128
     assert pallas_kernels._sparse_mgpu_block("auto", (q[:, :64],), k, k, None) is None         # decode-sized: Triton
-    assert pallas_kernels._sparse_mgpu_block("mosaic_gpu", (q[:, :64],), k, k, 256) == 256
+    assert pallas_kernels._sparse_mgpu_block("mosaic_gpu", (q[:, :64],), k, k, 128) == 128    # asked for: served
     f32 = (q.astype(jnp.float32),), k.astype(jnp.float32), k.astype(jnp.float32)
     assert pallas_kernels._sparse_mgpu_block("auto", *f32, None) is None                        # float32: Triton
     with pytest.raises(ValueError, match="bfloat16 or float16"):
@@ -460,6 +460,8 @@ def test_sparse_dispatch_picks_or_refuses_loudly():
         check_supported((q[..., :32],), k[..., :32], k[..., :32], 128, 2)
     with pytest.raises(ValueError, match="block_k >= 128"):
         check_supported((q,), k, k, 64, 2)
+    with pytest.raises(ValueError, match="shared memory"):
+        check_supported((q,), k, k, 256, 2)
     sel = vslash.random_selection(np.random.default_rng(0), (1, 1, 4, 1, 4, 4), jnp.zeros((1, 1), jnp.int32),
                                   jnp.full((1, 1), 256, jnp.int32), max_dist=256, n_keys=512)
     with pytest.raises(ValueError, match="does not run on 'cpu'"):
