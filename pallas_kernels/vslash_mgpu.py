@@ -22,6 +22,14 @@ reloaded between phases, all phases in one online softmax. The two blocks of a p
 segment (their tables); a pair cut by a segment boundary walks two *parts*, one per block's segment,
 the other consumer skipping.
 
+Two knobs trade the cost of that shift. Windows of ``block_k = 128`` keys give full-width wgmma but
+a run of m diagonals (64 m keys per block) takes ceil((m + 1) / 2) windows that both consumers compute
+whole: up to twice the keys of the mask for short runs. Windows of 64 keys cost each consumer exactly
+its run's 64-key tiles plus one skipped window per run, at half-width wgmma. ``pingpong`` (the dense
+kernel's schedule barrier) overlaps one consumer's softmax with the other's matmuls, but a consumer
+that skips a window still waits for its partner's turn; without it a skipping consumer runs ahead
+(up to ``stages`` windows) instead.
+
 The schedule is computed before the kernel, in XLA (``pair_windows``, ``pair_schedule``): per
 (row, head, pair, phase, part) the windows and vertical tiles that meet the consumers' key ranges.
 In the kernel every warpgroup reads the same scalars from GMEM, so all three walk one step list
@@ -61,9 +69,6 @@ def check_supported(queries: tuple, k, v, block_k: int, stages: int) -> None:
     """A clear error for what this kernel cannot do (``impl='triton'`` can)."""
     from pallas_kernels.flash_mgpu import check_supported as check_dense
     check_dense(queries, k, v, BAND, block_k, stages)
-    if block_k < 2 * BAND:
-        raise ValueError(f"the mosaic_gpu sparse kernel needs block_k >= {2 * BAND} (a window serves both "
-                         f"blocks of a pair), got {block_k}")
     if k.shape[2] < block_k:
         raise ValueError(f"the mosaic_gpu sparse kernel needs a cache of at least block_k={block_k} slots, "
                          f"got {k.shape[2]}")
@@ -84,8 +89,10 @@ def pair_windows(rel_start, rel_end, block_k: int):
 
     Window ``w`` loads keys ``[ws, ws + block_k)`` of the run ``[lo, hi)`` (block 0's keys; block 1's
     are ``[lo + 64, hi + 64)``); padding windows have ``ws = lo = hi = NO_KEY``. A run of m distances
-    is at most 64 m keys, so needs at most ceil((m + 1) / 2) <= m windows of >= 128 keys: TC is enough."""
+    is at most 64 m keys, so needs at most ceil((m + 1) / 2) <= m windows of >= 128 keys (TC of them
+    are enough) or m + 1 <= 2 m windows of 64 keys (2 TC)."""
     TC = rel_start.shape[-1]
+    cap = TC if block_k >= 2 * BAND else 2 * TC
     valid = rel_start < NO_KEY
     prev_end = jnp.concatenate([jnp.full_like(rel_end[..., :1], -BIG), rel_end[..., :-1]], axis=-1)
     first = valid & (rel_start != prev_end)                 # runs are >= 1 key apart: touching tiles are one run
@@ -96,16 +103,16 @@ def pair_windows(rel_start, rel_end, block_k: int):
     run_hi = lax.cummin(jnp.where(last, rel_end, BIG), axis=rel_end.ndim - 1, reverse=True)
     n_win = jnp.where(first, -(-(run_hi + BAND - run_lo) // block_k), 0)
     cum = jnp.cumsum(n_win, axis=-1)
-    w = jnp.arange(TC, dtype=jnp.int32)
+    w = jnp.arange(cap, dtype=jnp.int32)
     flat = cum.reshape(-1, TC)
-    owner = jax.vmap(lambda c: jnp.searchsorted(c, w, side="right"))(flat).reshape(cum.shape)
+    owner = jax.vmap(lambda c: jnp.searchsorted(c, w, side="right"))(flat).reshape(cum.shape[:-1] + (cap,))
     owner = jnp.minimum(owner, TC - 1)
     take = lambda a: jnp.take_along_axis(a, owner, axis=-1)  # noqa: E731
     lo, hi = take(run_lo), take(run_hi)
     ws = lo + (w - take(cum - n_win)) * block_k
     live = w < cum[..., -1:]
     far = jnp.int32(NO_KEY)
-    return jnp.where(live, ws, far), jnp.where(live, lo, far), jnp.where(live, hi, far)
+    return jnp.where(live, ws, far), jnp.where(live, lo, far), jnp.where(live, hi, far)      # [..., cap]
 
 
 def pair_schedule(index: VSIndex, ws, hi, q_offset, kv_length, mask: MaskSpec, block_k: int, n_pairs: int):
@@ -204,7 +211,7 @@ def _load_cols(ref, layout):
 
 
 def _kernel(meta_ref, scale_ref, sched_ref, win_ref, vpos_ref, keep_ref, *refs, mask: MaskSpec, G: int,
-            block_k: int, stages: int, n_pairs: int, heavy_first: bool):
+            block_k: int, stages: int, n_pairs: int, heavy_first: bool, pingpong: bool):
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -234,8 +241,9 @@ def _kernel(meta_ref, scale_ref, sched_ref, win_ref, vpos_ref, keep_ref, *refs, 
     parts = [(p, q) for p in range(n_phases) for q in range(2)]
 
     def take_turns():
-        plgpu.barrier_arrive(turn)
-        plgpu.barrier_wait(turn)
+        if pingpong:
+            plgpu.barrier_arrive(turn)
+            plgpu.barrier_wait(turn)
 
     def tile_row(e):                      # the gathered vertical tiles of (row, segment, head, phase)
         return ((b * Gs + e["g"]) * N + n) * P + e["p"]
@@ -283,9 +291,11 @@ def _kernel(meta_ref, scale_ref, sched_ref, win_ref, vpos_ref, keep_ref, *refs, 
             l = l * alpha + p.sum(axis=1)
             p16 = p.astype(dtype)
             acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
-            plgpu.barrier_arrive(turn)                    # softmax done: the other consumer may matmul
+            if pingpong:
+                plgpu.barrier_arrive(turn)                # softmax done: the other consumer may matmul
             plgpu.barrier_wait(v_bar.at[slot])
-            plgpu.barrier_wait(turn)
+            if pingpong:
+                plgpu.barrier_wait(turn)
 
             def pv(acc_ref):
                 plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
@@ -416,13 +426,15 @@ def _tables(index: VSIndex, q_offset, kv_length, mask: MaskSpec, block_k: int, n
     return index, sched, win, index.vpos, keep
 
 
-@functools.partial(jax.jit, static_argnames=("mask", "block_k", "stages", "heavy_first"))
+@functools.partial(jax.jit, static_argnames=("mask", "block_k", "stages", "heavy_first", "pingpong"))
 def vslash_attention_mgpu(queries: tuple, k, v, q_offset, kv_length, scale, index: VSIndex, col_count=None, *,
-                          mask: MaskSpec, block_k: int = 128, stages: int = 2, heavy_first: bool = True):
+                          mask: MaskSpec, block_k: int = 128, stages: int = 2, heavy_first: bool = True,
+                          pingpong: bool = True):
     """``queries``: one q [B, T, N, H] per mask phase (rotated); k, v [B, K, S, H]; q_offset [B] (multiple
     of 64), kv_length [B] int32; scale [B] float32; ``index`` from ``vslash.build_index`` (any tile
     width); ``col_count`` is unused (the padded ``index.vpos`` says it), kept for the common signature.
-    ``block_k``: keys per window (>= 128). Returns ``(out [B, T, N, H], lse [B, T, N] float32)``."""
+    ``block_k``: keys per window (a multiple of 64); ``pingpong``: the consumers take turns on the tensor
+    cores (module docstring). Returns ``(out [B, T, N, H], lse [B, T, N] float32)``."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -449,7 +461,7 @@ def vslash_attention_mgpu(queries: tuple, k, v, q_offset, kv_length, scale, inde
         pl.run_scoped(
             lambda *scoped: _kernel(meta_ref, scale_ref, sched_ref, win_ref, vpos_ref, keep_ref, *refs, scoped,
                                     mask=mask, G=d.G, block_k=block_k, stages=stages, n_pairs=n_pairs,
-                                    heavy_first=heavy_first),
+                                    heavy_first=heavy_first, pingpong=pingpong),
             scratch,
             (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=2)),
             (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2,
