@@ -46,18 +46,24 @@ def run_case(impl: str, mask_name: str, G: int, seed: int, T: int = 700, S: int 
 
 
 SPARSE_KERNELS = {"vslash": "triton", "vslash_mgpu": "mosaic_gpu"}
-# (mask, G, H, query offsets): offsets that are odd multiples of 64 put DCA chunk starts inside a pair of
-# query blocks (the Mosaic GPU kernel's two-part path); "block" is the block-sparse primitive
+# (mask, G, H, query offsets, Mosaic GPU options): offsets that are odd multiples of 64 put DCA chunk
+# starts inside a pair of query blocks (the Mosaic GPU kernel's two-part path); "block" is the
+# block-sparse primitive; options (block_k, stages, pingpong) call vslash_mgpu directly
 SPARSE_CASES = {
-    "vslash": [("causal", 1, 128, (1024, 256)), ("dca", 4, 128, (1024, 256)), ("dca", 7, 128, (1024, 256))],
-    "vslash_mgpu": [("causal", 1, 128, (1024, 256)), ("dca", 4, 128, (1024, 256)), ("dca", 7, 128, (1024, 256)),
-                    ("dca", 4, 128, (1088, 320)), ("causal", 4, 64, (1088, 320)), ("block", 4, 128, (1024, 256))],
+    "vslash": [("causal", 1, 128, (1024, 256), None), ("dca", 4, 128, (1024, 256), None),
+               ("dca", 7, 128, (1024, 256), None)],
+    "vslash_mgpu": [("causal", 1, 128, (1024, 256), None), ("dca", 4, 128, (1024, 256), None),
+                    ("dca", 7, 128, (1024, 256), None), ("dca", 4, 128, (1088, 320), None),
+                    ("causal", 4, 64, (1088, 320), None), ("block", 4, 128, (1024, 256), None),
+                    ("dca", 4, 128, (1088, 320), (64, 4, False)), ("causal", 1, 128, (1024, 256), (64, 2, True)),
+                    ("dca", 7, 128, (1024, 256), (128, 2, False))],
 }
 
 
 def run_sparse_case(mask_name: str, G: int, seed: int, T: int = 700, S: int = 2048, H: int = 128,
-                    kernel: str = "triton", q_offset=(1024, 256)):
-    """A sparse kernel against masked dense attention built from the same random selection."""
+                    kernel: str = "triton", q_offset=(1024, 256), options=None):
+    """A sparse kernel against masked dense attention built from the same random selection; ``options``
+    ``(block_k, stages, pingpong)`` run ``vslash_mgpu`` with them (the public ops take its defaults)."""
     import jax.numpy as jnp
 
     from pallas_kernels import MaskSpec, block_sparse_attention, masked_attention, vslash, vslash_attention
@@ -83,16 +89,28 @@ def run_sparse_case(mask_name: str, G: int, seed: int, T: int = 700, S: int = 20
     scale = jnp.asarray(rng.uniform(0.05, 0.12, B), jnp.float32)
     positions = q_offset[:, None] + jnp.arange(T)[None]
     args = dict(q_offset=q_offset, kv_length=kv_length, scale=scale, mask=mask, impl=kernel)
-    if mask_name == "block":
+    if options is not None:
+        from pallas_kernels.vslash_mgpu import vslash_attention_mgpu
+        block_k, stages, pingpong = options
+        index = vslash.block_sparse_index(blocks, counts, q_offset, kv_length)[0] if mask_name == "block" else \
+            vslash.build_index(sel, q_offset, T, kv_length, mask, vslash.BAND)
+        out, lse = vslash_attention_mgpu(qs, k, v, q_offset, kv_length, scale, index, None, mask=mask,
+                                         block_k=block_k, stages=stages, pingpong=pingpong)
+    elif mask_name == "block":
         out, lse = block_sparse_attention(qs, k, v, blocks, counts, **args)
-        restrict = vslash.block_sparse_dense_mask(blocks, counts, positions, S)
     else:
         out, lse = vslash_attention(qs, k, v, sel, **args)
+    if mask_name == "block":
+        restrict = vslash.block_sparse_dense_mask(blocks, counts, positions, S)
+    else:
         restrict = vslash.dense_mask(sel, positions, S)
     f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
     ref_out, ref_lse = masked_attention(tuple(map(f32, qs)), f32(k), f32(v), positions, kv_length, scale, mask=mask,
                                         restrict=restrict)
-    return _compare(f"vslash-{kernel}", mask_name, G, out, lse, ref_out, ref_lse)
+    res = _compare(f"vslash-{kernel}", mask_name, G, out, lse, ref_out, ref_lse)
+    if options is not None:
+        res["block_k"], res["stages"], res["pingpong"] = options
+    return res
 
 
 def _compare(impl, mask_name, G, out, lse, ref_out, ref_lse):
@@ -123,11 +141,12 @@ def main(argv=None) -> int:
     results = []
     for impl in args.impls.split(","):
         cases = SPARSE_CASES[impl] if impl in SPARSE_KERNELS else \
-            [(m, G, int(h), None) for h in args.head_dims.split(",") for m, G in CASES]
-        for i, (mask_name, G, H, q_offset) in enumerate(cases):
+            [(m, G, int(h), None, None) for h in args.head_dims.split(",") for m, G in CASES]
+        for i, (mask_name, G, H, q_offset, options) in enumerate(cases):
             try:
-                res = run_sparse_case(mask_name, G, seed=i, H=H, kernel=SPARSE_KERNELS[impl], q_offset=q_offset) \
-                    if impl in SPARSE_KERNELS else run_case(impl, mask_name, G, seed=i, H=H)
+                res = run_sparse_case(mask_name, G, seed=i, H=H, kernel=SPARSE_KERNELS[impl], q_offset=q_offset,
+                                      options=options) if impl in SPARSE_KERNELS else \
+                    run_case(impl, mask_name, G, seed=i, H=H)
                 res["H"] = H
             except Exception as e:  # report and go on: one failing case must not hide the others
                 res = {"impl": impl, "mask": mask_name, "G": G, "H": H, "ok": False,
