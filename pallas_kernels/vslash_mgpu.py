@@ -161,7 +161,7 @@ def pair_schedule(index: VSIndex, ws, hi, q_offset, kv_length, mask: MaskSpec, b
 
 
 # ----------------------------------------------------------------------------------------------
-# Per-step decisions, shared by the kernel and ``emulate_coverage`` (scalars, any backend)
+# Per-step decisions, shared by the kernel and the numpy replay in tests/test_sparse.py (any backend)
 
 
 def slash_bounds(ws, lo, hi, q0, c, block_k: int, n_keys: int):
