@@ -62,13 +62,17 @@ SKIP, WHOLE, MASKED = 0, 1, 2
 FIELDS = 8        # per (row, head, pair, phase, part): t0, t1, v0, v1, segment, active0, active1, first step
 BIG = 2 ** 30
 SMEM_BYTES = 232448 - 4096   # Hopper's 227 KiB per block, less room for barriers and alignment
+ROW_ALIGN = 8     # TMA into wgmma-tiled shared memory starts at a multiple of the 8-row tile
 M_FLOOR = -1e30   # the running max's start: above MASK_VALUE, below any real logit
 
 
 def check_supported(queries: tuple, k, v, block_k: int, stages: int) -> None:
     """A clear error for what this kernel cannot do (``impl='triton'`` can)."""
     from pallas_kernels.flash_mgpu import check_supported as check_dense
-    check_dense(queries, k, v, BAND, block_k, stages)
+    check_dense(queries, k, v, BAND, block_k, stages)      # block_k: a multiple of 64 (wgmma's K for P V)
+    if k.shape[2] % ROW_ALIGN:
+        raise ValueError(f"the mosaic_gpu sparse kernel needs a cache length that is a multiple of {ROW_ALIGN}, "
+                         f"got {k.shape[2]}")
     if k.shape[2] < block_k:
         raise ValueError(f"the mosaic_gpu sparse kernel needs a cache of at least block_k={block_k} slots, "
                          f"got {k.shape[2]}")
@@ -88,11 +92,12 @@ def pair_windows(rel_start, rel_end, block_k: int):
     ``vslash.run_tiles`` (or ``block_sparse_index``), all relative to the first block's start.
 
     Window ``w`` loads keys ``[ws, ws + block_k)`` of the run ``[lo, hi)`` (block 0's keys; block 1's
-    are ``[lo + 64, hi + 64)``); padding windows have ``ws = lo = hi = NO_KEY``. A run of m distances
-    is at most 64 m keys, so needs at most ceil((m + 1) / 2) <= m windows of >= 128 keys (TC of them
-    are enough) or m + 1 <= 2 m windows of 64 keys (2 TC)."""
+    are ``[lo + 64, hi + 64)``); padding windows have ``ws = lo = hi = NO_KEY``. Windows start on the
+    8-row grid (``ROW_ALIGN``: TMA into wgmma-tiled shared memory needs it), so a run of m distances (at
+    most 64 m keys) takes at most ceil((64 m + 71) / block_k) <= m ceil(135 / block_k) windows: the
+    table has TC ceil(135 / block_k) rows (2 TC for 128-key windows, 3 TC for 64)."""
     TC = rel_start.shape[-1]
-    cap = TC if block_k >= 2 * BAND else 2 * TC
+    cap = TC * -(-(2 * BAND + ROW_ALIGN - 1) // block_k)
     valid = rel_start < NO_KEY
     prev_end = jnp.concatenate([jnp.full_like(rel_end[..., :1], -BIG), rel_end[..., :-1]], axis=-1)
     first = valid & (rel_start != prev_end)                 # runs are >= 1 key apart: touching tiles are one run
@@ -101,7 +106,8 @@ def pair_windows(rel_start, rel_end, block_k: int):
     last = valid & (next_first | ~next_valid)
     run_lo = lax.cummax(jnp.where(first, rel_start, -BIG), axis=rel_start.ndim - 1)
     run_hi = lax.cummin(jnp.where(last, rel_end, BIG), axis=rel_end.ndim - 1, reverse=True)
-    n_win = jnp.where(first, -(-(run_hi + BAND - run_lo) // block_k), 0)
+    run_lo8 = run_lo // ROW_ALIGN * ROW_ALIGN            # windows start on the 8-row grid (q0 is on it too)
+    n_win = jnp.where(first, -(-(run_hi + BAND - run_lo8) // block_k), 0)
     cum = jnp.cumsum(n_win, axis=-1)
     w = jnp.arange(cap, dtype=jnp.int32)
     flat = cum.reshape(-1, TC)
@@ -109,13 +115,13 @@ def pair_windows(rel_start, rel_end, block_k: int):
     owner = jnp.minimum(owner, TC - 1)
     take = lambda a: jnp.take_along_axis(a, owner, axis=-1)  # noqa: E731
     lo, hi = take(run_lo), take(run_hi)
-    ws = lo + (w - take(cum - n_win)) * block_k
+    ws = take(run_lo8) + (w - take(cum - n_win)) * block_k
     live = w < cum[..., -1:]
     far = jnp.int32(NO_KEY)
     return jnp.where(live, ws, far), jnp.where(live, lo, far), jnp.where(live, hi, far)      # [..., cap]
 
 
-def pair_schedule(index: VSIndex, ws, hi, q_offset, kv_length, mask: MaskSpec, block_k: int, n_pairs: int):
+def pair_schedule(index: VSIndex, ws, lo, hi, q_offset, kv_length, mask: MaskSpec, block_k: int, n_pairs: int):
     """``sched`` [B, N, n_pairs, P, 2, FIELDS] int32: per pair, phase and part (the segment of block 0,
     then block 1's if it differs) the windows ``[t0, t1)`` and vertical tiles ``[v0, v1)`` that meet the
     key range of a consumer in that part, the part's segment, which consumers are in it, and the index
@@ -128,7 +134,12 @@ def pair_schedule(index: VSIndex, ws, hi, q_offset, kv_length, mask: MaskSpec, b
     act = live[..., :, None] & valid[..., None, :] & (seg[..., :, None] == seg[..., None, :])  # [B, pairs, part, c]
     part_seg = jnp.maximum(seg, 0)
     q0 = q_offset[:, None] + 2 * BAND * jnp.arange(n_pairs, dtype=jnp.int32)[None]           # [B, n_pairs]
-    end = jnp.where(ws < NO_KEY, jnp.minimum(ws + block_k, hi + BAND), NO_KEY)              # increasing
+    # Windows overlap where one run's tail window reaches past the next run's start, so neither starts
+    # nor ends are sorted: search the running max of the ends (windows before t0 all end by the range
+    # start) and the suffix min of the useful starts (windows from t1 on all start past its end).
+    live = ws < NO_KEY
+    end = lax.cummax(jnp.where(live, jnp.minimum(ws + block_k, hi + BAND), NO_KEY), axis=4)
+    start = lax.cummin(jnp.where(live, jnp.maximum(ws, lo), NO_KEY), axis=4, reverse=True)
     vpos = index.vpos
 
     def search(table, x, side):          # table [B, Gs, N, L], x [B, Q] -> [B, Q, N] at the part's segment
@@ -142,13 +153,13 @@ def pair_schedule(index: VSIndex, ws, hi, q_offset, kv_length, mask: MaskSpec, b
     for p, phase in enumerate(mask.phases):
         first = q0[..., None] + BAND * jnp.arange(2, dtype=jnp.int32)                        # [B, pairs, c]
         klo, khi = mask.key_range(phase, first, first + BAND - 1, kv_length[:, None, None])
-        lo = jnp.min(jnp.where(act, klo[:, :, None, :], BIG), axis=-1)                      # [B, pairs, part]
-        hi_ = jnp.max(jnp.where(act, khi[:, :, None, :], -BIG), axis=-1)
-        some = hi_ > lo
-        t0 = search(end[:, :, :, p], lo - q0[..., None], "right")
-        t1 = jnp.maximum(search(ws[:, :, :, p], hi_ - q0[..., None], "left"), t0)
-        v0 = search(vpos[:, :, :, p], lo, "left") // block_k
-        v1 = jnp.maximum(-(-search(vpos[:, :, :, p], hi_, "left") // block_k), v0)
+        k_lo = jnp.min(jnp.where(act, klo[:, :, None, :], BIG), axis=-1)                    # [B, pairs, part]
+        k_hi = jnp.max(jnp.where(act, khi[:, :, None, :], -BIG), axis=-1)
+        some = k_hi > k_lo
+        t0 = search(end[:, :, :, p], k_lo - q0[..., None], "right")
+        t1 = jnp.maximum(search(start[:, :, :, p], k_hi - q0[..., None], "left"), t0)
+        v0 = search(vpos[:, :, :, p], k_lo, "left") // block_k
+        v1 = jnp.maximum(-(-search(vpos[:, :, :, p], k_hi, "left") // block_k), v0)
         ranges = jnp.where(some.reshape(B, -1, 1, 1), jnp.stack([t0, t1, v0, v1], -1), 0)   # [B, Q, N, 4]
         part = jnp.stack([part_seg, act[..., 0], act[..., 1]], -1).astype(jnp.int32)
         part = jnp.broadcast_to(part.reshape(B, -1, 1, 3), ranges.shape[:-1] + (3,))
@@ -402,7 +413,8 @@ def _kernel(meta_ref, scale_ref, sched_ref, win_ref, vpos_ref, keep_ref, *refs, 
             def slash(w, carry, e=e):
                 ws, lo, hi = (win_ref[b, e["g"], n, e["p"], w, f] for f in range(3))
                 start, _, _ = slash_bounds(ws, lo, hi, q0, 0, W, n_keys)
-                at = (b, kvh, pl.ds(start, W))
+                # start is on the 8-row grid; written as a product so Mosaic GPU can see it
+                at = (b, kvh, pl.ds(lax.div(start, jnp.int32(ROW_ALIGN)) * ROW_ALIGN, W))
                 load(w + e["slash_off"], k_ref.at[at], v_ref.at[at])
                 return carry
 
@@ -419,7 +431,7 @@ def _tables(index: VSIndex, q_offset, kv_length, mask: MaskSpec, block_k: int, n
     """Everything the kernel reads besides q, k, v: ``(sched, win, vpos, keep)`` (see ``_kernel``)."""
     index = pad_verticals(index, block_k)
     ws, lo, hi = pair_windows(index.rel_start, index.rel_end, block_k)
-    sched = pair_schedule(index, ws, hi, q_offset, kv_length, mask, block_k, n_pairs)
+    sched = pair_schedule(index, ws, lo, hi, q_offset, kv_length, mask, block_k, n_pairs)
     win = jnp.stack([ws, lo, hi, jnp.zeros_like(ws)], axis=-1)               # [B, Gs, N, P, TC, 4]
     nqb = index.keep.shape[2]
     keep = jnp.pad(index.keep, ((0, 0), (0, 0), (0, 2 * n_pairs - nqb), (0, 0), (0, 0))).astype(jnp.int8)
