@@ -7,8 +7,9 @@ consumers take turns on the tensor cores (a schedule barrier), as in the dense k
 
 The pair shares every window. Block ``c``'s band runs are the key ranges ``[q0 + 64 c + lo,
 q0 + 64 c + hi)`` (``lo, hi`` the run's bounds relative to the block start, ``vslash.run_tiles``): one
-run covers ``[q0 + lo, q0 + hi + 64)`` for the pair, cut into windows of ``block_k`` keys loaded at
-any offset; a consumer masks each window to its own run range. Vertical columns come pre-gathered
+run covers ``[q0 + lo, q0 + hi + 64)`` for the pair, cut into windows of ``block_k`` keys from the
+8-aligned slot at or below its start (TMA into wgmma-tiled shared memory starts on the 8-row grid);
+a consumer masks each window to its own run range. Vertical columns come pre-gathered
 into contiguous tiles (``vslash.gather_verticals``), masked per column by position and by the block's
 ``keep`` row (columns its bands already cover). Per window and consumer the step is one of
 
@@ -23,9 +24,10 @@ segment (their tables); a pair cut by a segment boundary walks two *parts*, one 
 the other consumer skipping.
 
 Two knobs trade the cost of that shift. Windows of ``block_k = 128`` keys give full-width wgmma but
-a run of m diagonals (64 m keys per block) takes ceil((m + 1) / 2) windows that both consumers compute
-whole: up to twice the keys of the mask for short runs. Windows of 64 keys cost each consumer exactly
-its run's 64-key tiles plus one skipped window per run, at half-width wgmma. ``pingpong`` (the dense
+a run of m diagonals (64 m keys per block) takes about ceil((m + 1) / 2) windows (one more when the
+alignment pushes it over) that both consumers compute whole: up to twice the keys of the mask for
+short runs. Windows of 64 keys cost each consumer its run's 64-key tiles plus about one (alignment),
+and one skipped window per run, at half-width wgmma. ``pingpong`` (the dense
 kernel's schedule barrier) overlaps one consumer's softmax with the other's matmuls, but a consumer
 that skips a window still waits for its partner's turn; without it a skipping consumer runs ahead
 (up to ``stages`` windows) instead.
