@@ -9,6 +9,10 @@ One public op, ``flash_attention``, picks the backend's kernel (``impl="auto"``)
     ``mosaic_tpu``  Pallas Mosaic TPU with scalar-prefetched block schedules (CPU: interpret mode)
     ``reference``   dense masked attention in jnp (any backend; materialises [T, S] logits)
 
+The sparse ops ``vslash_attention`` and ``block_sparse_attention`` take the same names (``mosaic_gpu``
+runs ``vslash_mgpu``, ``triton`` ``vslash_gpu``, ``mosaic_tpu`` ``vslash_tpu``); ``auto`` on a GPU takes
+``mosaic_gpu`` where it applies (bf16/f16, head_dim % 64 == 0, at least 128 queries), else ``triton``.
+
 Every kernel returns ``(out, lse)``: out [B, T, N, H] in the input dtype, lse [B, T, N] float32
 natural log; a query that sees no key gets out 0 and lse -inf. Unsupported combinations raise.
 """
@@ -116,8 +120,9 @@ def flash_attention(q, k, v, *, q_offset, kv_length, scale=None, mask: MaskSpec 
                                block_k=bk, interpret=pltpu.InterpretParams() if interpret else None)
 
 
-SPARSE_IMPLS = ("auto", "triton", "mosaic_tpu", "reference")
-_SPARSE_NATIVE = {"gpu": "triton", "cuda": "triton", "tpu": "mosaic_tpu"}
+SPARSE_IMPLS = ("auto", "mosaic_gpu", "triton", "mosaic_tpu", "reference")
+_SPARSE_NATIVE = {"gpu": "mosaic_gpu", "cuda": "mosaic_gpu", "tpu": "mosaic_tpu"}
+MGPU_SPARSE_BLOCK_K = 128  # keys per window of the Mosaic GPU sparse kernel (one window serves two query blocks)
 
 
 def _sparse_impl(impl: str, interpret: bool) -> str:
@@ -128,8 +133,27 @@ def _sparse_impl(impl: str, interpret: bool) -> str:
     return impl if impl == "reference" else resolve_impl(impl, interpret)
 
 
+def _sparse_mgpu_block(requested: str, queries, k, v, block_k):
+    """The Mosaic GPU sparse kernel's window width, or None where ``auto`` should take the Triton kernel
+    (float32, head_dim not a multiple of 64, decode-sized chunks); an explicit request that it cannot
+    serve raises."""
+    from pallas_kernels.vslash_mgpu import check_supported
+    bk = block_k or MGPU_SPARSE_BLOCK_K
+    try:
+        check_supported(queries, k, v, bk, 2)
+    except ValueError:
+        if requested != "auto":
+            raise
+        return None
+    return bk if requested != "auto" or queries[0].shape[1] >= MGPU_MIN_QUERIES else None
+
+
 def _sparse_kernel(impl, queries, k, v, q_offset, kv_length, scale, index, col_count, mask, block_k, interpret):
     """Run a vertical-slash index table through the backend's sparse kernel."""
+    if impl == "mosaic_gpu":
+        from pallas_kernels.vslash_mgpu import vslash_attention_mgpu
+        return vslash_attention_mgpu(queries, k, v, q_offset, kv_length, scale, index, col_count, mask=mask,
+                                     block_k=block_k)
     if impl == "mosaic_tpu":
         from jax.experimental.pallas import tpu as pltpu
 
@@ -146,14 +170,23 @@ def vslash_attention(q, k, v, selection, *, q_offset, kv_length, scale=None, mas
     """Attention restricted to a vertical-slash sparse mask (``pallas_kernels.vslash``), ``(out, lse)``.
 
     Same arguments as ``flash_attention`` plus ``selection`` (a ``vslash.Selection``); ``q_offset``
-    must be a multiple of 64 (the band height). ``impl``: ``triton`` (GPUs), ``mosaic_tpu`` (TPUs; both
-    on the CPU with ``interpret``), ``reference`` (dense masked jnp) or ``auto``."""
+    must be a multiple of 64 (the band height). ``impl``: ``mosaic_gpu`` (Hopper; bf16/f16, head_dim %
+    64 == 0, ``block_k`` >= 128 keys per window), ``triton`` (GPUs), ``mosaic_tpu`` (TPUs; Triton and
+    TPU on the CPU with ``interpret``), ``reference`` (dense masked jnp) or ``auto`` (GPU: mosaic_gpu
+    where it applies, else triton)."""
     from pallas_kernels import vslash
     queries, q_offset, kv_length, scale = _inputs(q, q_offset, kv_length, scale)
-    impl = _sparse_impl(impl, interpret)
+    requested, impl = impl, _sparse_impl(impl, interpret)
     if impl == "reference":
         return _reference(queries, k, v, q_offset, kv_length, scale, mask,
                           lambda positions: vslash.dense_mask(selection, positions, k.shape[2]))
+    if impl == "mosaic_gpu":
+        bk = _sparse_mgpu_block(requested, queries, k, v, block_k)
+        if bk is not None:               # the index's tile width does not matter to it: build the cheapest
+            index = vslash.build_index(selection, q_offset, queries[0].shape[1], kv_length, mask, vslash.BAND)
+            return _sparse_kernel(impl, queries, k, v, q_offset, kv_length, scale, index, selection.col_count, mask,
+                                  bk, interpret)
+        impl, block_k = "triton", None
     if impl == "mosaic_tpu":
         if block_k not in (None, vslash.BAND):
             raise ValueError(f"the TPU sparse kernel reads {vslash.BAND}-key tiles; got block_k={block_k}")
@@ -169,16 +202,21 @@ def block_sparse_attention(q, k, v, blocks, counts, *, q_offset, kv_length, scal
                            impl: str = "auto", interpret: bool = False):
     """Attention restricted to a block-sparse mask: each 64-row query block sees, per phase, a list of
     64-key blocks (``blocks`` [B, N, T/64, P, M] int32, first ``counts`` [B, N, T/64, P] valid), within the
-    dense mask. The shared primitive under the vertical-slash kernels (``vslash.block_sparse_index``)."""
+    dense mask. The shared primitive under the vertical-slash kernels (``vslash.block_sparse_index``).
+    ``mosaic_gpu`` runs it correctly but not fast: every query block is its own segment, so the two
+    blocks of a program never share a window."""
     from pallas_kernels import vslash
     queries, q_offset, kv_length, scale = _inputs(q, q_offset, kv_length, scale)
-    impl = _sparse_impl(impl, interpret)
+    requested, impl = impl, _sparse_impl(impl, interpret)
     if impl == "reference":
         return _reference(queries, k, v, q_offset, kv_length, scale, mask,
                           lambda positions: vslash.block_sparse_dense_mask(blocks, counts, positions, k.shape[2]))
+    bk = vslash.BAND
+    if impl == "mosaic_gpu":
+        bk = _sparse_mgpu_block(requested, queries, k, v, None)
+        impl, bk = ("mosaic_gpu", bk) if bk is not None else ("triton", vslash.BAND)
     index, col_count = vslash.block_sparse_index(blocks, counts, q_offset, kv_length)
-    return _sparse_kernel(impl, queries, k, v, q_offset, kv_length, scale, index, col_count, mask, vslash.BAND,
-                          interpret)
+    return _sparse_kernel(impl, queries, k, v, q_offset, kv_length, scale, index, col_count, mask, bk, interpret)
 
 
 __all__ = ["flash_attention", "vslash_attention", "block_sparse_attention", "resolve_impl", "MaskSpec", "MASK_VALUE", "masked_attention",

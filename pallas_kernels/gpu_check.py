@@ -1,6 +1,6 @@
 """The kernels on a real GPU against the masked dense float32 reference (the GPU twin of tests/test_kernels.py).
 
-    python -m pallas_kernels.gpu_check [--impls mosaic_gpu,triton] [--json out.json]
+    python -m pallas_kernels.gpu_check [--impls mosaic_gpu,triton,vslash,vslash_mgpu] [--json out.json]
 
 Mosaic GPU kernels have no CPU interpreter, so this is where they are checked: fresh random bf16 inputs,
 causal / full / sliding window / DCA (chunks that tiles straddle), GQA group sizes 1, 4 and 7, a query
@@ -45,32 +45,72 @@ def run_case(impl: str, mask_name: str, G: int, seed: int, T: int = 700, S: int 
     return _compare(impl, mask_name, G, out, lse, ref_out, ref_lse)
 
 
-def run_sparse_case(mask_name: str, G: int, seed: int, T: int = 700, S: int = 2048, H: int = 128):
-    """The vertical-slash kernel against masked dense attention built from the same random selection."""
+SPARSE_KERNELS = {"vslash": "triton", "vslash_mgpu": "mosaic_gpu"}
+# (mask, G, H, query offsets, Mosaic GPU options): offsets that are odd multiples of 64 put DCA chunk
+# starts inside a pair of query blocks (the Mosaic GPU kernel's two-part path); "block" is the
+# block-sparse primitive; options (block_k, stages, pingpong) call vslash_mgpu directly
+SPARSE_CASES = {
+    "vslash": [("causal", 1, 128, (1024, 256), None), ("dca", 4, 128, (1024, 256), None),
+               ("dca", 7, 128, (1024, 256), None)],
+    "vslash_mgpu": [("causal", 1, 128, (1024, 256), None), ("dca", 4, 128, (1024, 256), None),
+                    ("dca", 7, 128, (1024, 256), None), ("dca", 4, 128, (1088, 320), None),
+                    ("causal", 4, 64, (1088, 320), None), ("block", 4, 128, (1024, 256), None),
+                    ("dca", 4, 128, (1088, 320), (64, 4, False)), ("causal", 1, 128, (1024, 256), (64, 2, True)),
+                    ("dca", 7, 128, (1024, 256), (128, 2, False))],
+}
+
+
+def run_sparse_case(mask_name: str, G: int, seed: int, T: int = 700, S: int = 2048, H: int = 128,
+                    kernel: str = "triton", q_offset=(1024, 256), options=None):
+    """A sparse kernel against masked dense attention built from the same random selection; ``options``
+    ``(block_k, stages, pingpong)`` run ``vslash_mgpu`` with them (the public ops take its defaults)."""
     import jax.numpy as jnp
 
-    from pallas_kernels import MaskSpec, masked_attention, vslash, vslash_attention
+    from pallas_kernels import MaskSpec, block_sparse_attention, masked_attention, vslash, vslash_attention
 
-    mask = MaskSpec(chunk_len=512) if mask_name == "dca" else MaskSpec()
+    mask = MaskSpec(chunk_len=512) if mask_name in ("dca", "block") else MaskSpec()
     rng = np.random.default_rng(seed)
     K = 1 if G == 7 else 2
     B, N = 2, K * G
-    q_offset = jnp.array([1024, 256], jnp.int32)
-    kv_length = jnp.array([1724, 800], jnp.int32)
-    from qwen_jax.attention.sparse import segments
-    begin, end, _ = segments(q_offset, T, q_offset + T, 512 if mask_name == "dca" else 10 ** 6)
-    sel = vslash.random_selection(rng, (B, begin.shape[1], N, len(mask.phases), 300, 200), begin, end, max_dist=2000, n_keys=S)
+    q_offset = jnp.array(q_offset, jnp.int32)
+    kv_length = q_offset + jnp.array([700, 544], jnp.int32)      # row 1: the cache ends before its last queries
+    if mask_name == "block":
+        nqb, P, M = -(-T // 64), len(mask.phases), 12
+        blocks = jnp.asarray(rng.integers(0, S // 64, (B, N, nqb, P, M)), jnp.int32)
+        counts = jnp.asarray(rng.integers(0, M + 1, (B, N, nqb, P)), jnp.int32).at[0, 0].set(0)
+    else:
+        from qwen_jax.attention.sparse import segments
+        begin, end, _ = segments(q_offset, T, q_offset + T, 512 if mask_name == "dca" else 10 ** 6)
+        sel = vslash.random_selection(rng, (B, begin.shape[1], N, len(mask.phases), 300, 200), begin, end,
+                                      max_dist=2000, n_keys=S)
     qs = tuple(jnp.asarray(rng.normal(size=(B, T, N, H)), jnp.bfloat16) for _ in mask.phases)
     k = jnp.asarray(rng.normal(size=(B, K, S, H)), jnp.bfloat16)
     v = jnp.asarray(rng.normal(size=(B, K, S, H)), jnp.bfloat16)
     scale = jnp.asarray(rng.uniform(0.05, 0.12, B), jnp.float32)
-    out, lse = vslash_attention(qs, k, v, sel, q_offset=q_offset, kv_length=kv_length, scale=scale, mask=mask,
-                                impl="triton")
     positions = q_offset[:, None] + jnp.arange(T)[None]
+    args = dict(q_offset=q_offset, kv_length=kv_length, scale=scale, mask=mask, impl=kernel)
+    if options is not None:
+        from pallas_kernels.vslash_mgpu import vslash_attention_mgpu
+        block_k, stages, pingpong = options
+        index = vslash.block_sparse_index(blocks, counts, q_offset, kv_length)[0] if mask_name == "block" else \
+            vslash.build_index(sel, q_offset, T, kv_length, mask, vslash.BAND)
+        out, lse = vslash_attention_mgpu(qs, k, v, q_offset, kv_length, scale, index, None, mask=mask,
+                                         block_k=block_k, stages=stages, pingpong=pingpong)
+    elif mask_name == "block":
+        out, lse = block_sparse_attention(qs, k, v, blocks, counts, **args)
+    else:
+        out, lse = vslash_attention(qs, k, v, sel, **args)
+    if mask_name == "block":
+        restrict = vslash.block_sparse_dense_mask(blocks, counts, positions, S)
+    else:
+        restrict = vslash.dense_mask(sel, positions, S)
     f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
     ref_out, ref_lse = masked_attention(tuple(map(f32, qs)), f32(k), f32(v), positions, kv_length, scale, mask=mask,
-                                        restrict=vslash.dense_mask(sel, positions, S))
-    return _compare("vslash-triton", mask_name, G, out, lse, ref_out, ref_lse)
+                                        restrict=restrict)
+    res = _compare(f"vslash-{kernel}", mask_name, G, out, lse, ref_out, ref_lse)
+    if options is not None:
+        res["block_k"], res["stages"], res["pingpong"] = options
+    return res
 
 
 def _compare(impl, mask_name, G, out, lse, ref_out, ref_lse):
@@ -93,21 +133,24 @@ def main(argv=None) -> int:
     from qwen_jax.bench import environment, write_json
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--impls", default="mosaic_gpu,triton", help="dense kernels; 'vslash' adds the sparse kernel")
+    p.add_argument("--impls", default="mosaic_gpu,triton",
+                   help="dense kernels; 'vslash' / 'vslash_mgpu' add the sparse Triton / Mosaic GPU kernel")
     p.add_argument("--head-dims", default="128", help="comma-separated head dims to check (dense kernels)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     results = []
     for impl in args.impls.split(","):
-        cases = [("causal", 1, 128), ("dca", 4, 128), ("dca", 7, 128)] if impl == "vslash" else \
-            [(m, G, int(h)) for h in args.head_dims.split(",") for m, G in CASES]
-        for i, (mask_name, G, H) in enumerate(cases):
+        cases = SPARSE_CASES[impl] if impl in SPARSE_KERNELS else \
+            [(m, G, int(h), None, None) for h in args.head_dims.split(",") for m, G in CASES]
+        for i, (mask_name, G, H, q_offset, options) in enumerate(cases):
             try:
-                res = run_sparse_case(mask_name, G, seed=i) if impl == "vslash" else \
+                res = run_sparse_case(mask_name, G, seed=i, H=H, kernel=SPARSE_KERNELS[impl], q_offset=q_offset,
+                                      options=options) if impl in SPARSE_KERNELS else \
                     run_case(impl, mask_name, G, seed=i, H=H)
                 res["H"] = H
             except Exception as e:  # report and go on: one failing case must not hide the others
-                res = {"impl": impl, "mask": mask_name, "G": G, "ok": False, "error": f"{type(e).__name__}: {e}"[:2000]}
+                res = {"impl": impl, "mask": mask_name, "G": G, "H": H, "ok": False,
+                       "error": f"{type(e).__name__}: {e}"[:2000]}
             results.append(res)
             print(json.dumps(res), flush=True)
     bad = [r for r in results if not r["ok"]]

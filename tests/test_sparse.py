@@ -275,3 +275,200 @@ def test_rows_over_and_under_the_threshold_in_one_batch(tiny_checkpoint):
     dense_logits, _ = qwen_jax.prefill(dense.params, tokens[:1], np.asarray([320]), cache, dense.config,
                                        chunk_size=128, spec=dense.attention)
     assert np.abs(np.asarray(dense_logits)[0] - both[0]).max() > 1e-4     # the long row really ran sparse
+
+
+def mgpu_coverage(index, q_offset, kv_length, mask, T, S, block_k, qkv=None):
+    """Replay the Mosaic GPU sparse kernel's schedule in numpy: how often each (phase, row, head, query,
+    key) is computed unmasked, using the kernel's own tables and per-step decisions. Also counts steps
+    by kind. Returns ``(cover [P, B, N, T, S] int, kinds {kind: count}, out, lse)``; with ``qkv = (qs, k,
+    v, scale)`` also the kernel's arithmetic (base-2 online softmax from M_FLOOR) in float64."""
+    from pallas_kernels import vslash_mgpu as vm
+    B, N = index.t0.shape[:2]
+    P, nqb = len(mask.phases), index.block_seg.shape[1]
+    n_pairs = -(-nqb // 2)
+    W = block_k
+    _, *tables = jax.jit(vm._tables, static_argnums=(3, 4, 5))(index, q_offset, kv_length, mask, W, n_pairs)
+    sched, win, vpos, keep = map(np.asarray, tables)
+    q_offset, kv_length = np.asarray(q_offset), np.asarray(kv_length)
+    cover = np.zeros((P, B, N, 2 * n_pairs * 64, S + 1), np.int32)           # column S: keys that do not exist
+    kinds = {vm.SKIP: 0, vm.WHOLE: 0, vm.MASKED: 0}
+    Tp = 2 * n_pairs * 64
+    if qkv is not None:
+        qs, k, v, scale = qkv
+        qs, k, v, scale = [np.asarray(q, np.float64) for q in qs], np.asarray(k), np.asarray(v), np.asarray(scale)
+        G, H = N // k.shape[1], k.shape[-1]
+        qs = [np.pad(q, ((0, 0), (0, Tp - q.shape[1]), (0, 0), (0, 0))) for q in qs]
+        m = np.full((B, N, Tp), vm.M_FLOOR)
+        l = np.zeros((B, N, Tp))
+        acc = np.zeros((B, N, Tp, H))
+
+    def step(b, n, out_rows, p, keys, ok):
+        if qkv is None:
+            return
+        kk, vv = k[b, n // G, keys], v[b, n // G, keys]
+        s = qs[p][b, out_rows, n] @ kk.T * scale[b] * vm.LOG2E
+        s = np.where(ok, s, vm.MASK_VALUE)
+        m_new = np.maximum(m[b, n, out_rows], s.max(1))
+        alpha = np.exp2(m[b, n, out_rows] - m_new)
+        pr = np.exp2(s - m_new[:, None])
+        acc[b, n, out_rows] = acc[b, n, out_rows] * alpha[:, None] + pr @ vv
+        l[b, n, out_rows] = l[b, n, out_rows] * alpha + pr.sum(1)
+        m[b, n, out_rows] = m_new
+
+    for b, n, qi in np.ndindex(B, N, n_pairs):                                 # the step numbering the kernel uses
+        lengths = (sched[b, n, qi, :, :, 1] - sched[b, n, qi, :, :, 0] + sched[b, n, qi, :, :, 3]
+                   - sched[b, n, qi, :, :, 2]).reshape(-1)
+        np.testing.assert_array_equal(sched[b, n, qi, :, :, 7].reshape(-1), np.cumsum(lengths) - lengths)
+    for b, n, qi, p, part in np.ndindex(B, N, n_pairs, P, 2):
+        phase = mask.phases[p]
+        t0, t1, v0, v1, g, *act = sched[b, n, qi, p, part, :7]
+        q0 = int(q_offset[b]) + 128 * qi
+        for c in range(2):
+            first = q0 + 64 * c
+            rows = first + np.arange(64)
+            a_rows, b_rows = map(np.asarray, mask.key_range(phase, rows, rows, kv_length[b]))
+            span = vm.row_span(mask, phase, first, int(kv_length[b]))
+            out_rows = rows - q_offset[b]
+            ws, lo, hi = (win[b, g, n, p, :, f] for f in range(3))            # decide for all windows at once
+            start, klo, khi = map(np.asarray, vm.slash_bounds(ws, lo, hi, q0, c, W, S))
+            kind = np.asarray(vm.slash_kind(start, klo, khi, span, W, bool(act[c])))
+            start, klo, khi, kind = start[t0:t1], klo[t0:t1], khi[t0:t1], kind[t0:t1]
+            assert ((0 <= start) & (start <= S - W) & (start % 8 == 0)).all()          # TMA into tiled smem
+            for i in range(t1 - t0):
+                kinds[int(kind[i])] += 1
+                pos = start[i] + np.arange(W)
+                ok = (pos >= np.maximum(a_rows, klo[i])[:, None]) & (pos < np.minimum(b_rows, khi[i])[:, None])
+                assert kind[i] != vm.WHOLE or ok.all()
+                assert kind[i] != vm.SKIP or not act[c] or not ok.any()      # a skipped window has nothing to see
+                cover[p, b, n, out_rows[:, None], pos[None]] += ok & (kind[i] != vm.SKIP)
+                if kind[i] != vm.SKIP:
+                    step(b, n, out_rows, p, pos, ok | (kind[i] == vm.WHOLE))
+            tiles = vpos[b, g, n, p].reshape(-1, W)
+            vkind = np.asarray(vm.vertical_kind(tiles[:, 0], tiles[:, -1], span, bool(act[c])))
+            for i in range(v0, v1):
+                kinds[int(vkind[i])] += 1
+                pos = np.where(keep[b, n, 2 * qi + c, p, i * W:(i + 1) * W] != 0, tiles[i], vslash.NO_KEY)
+                ok = (pos >= a_rows[:, None]) & (pos < b_rows[:, None])
+                assert vkind[i] == vm.MASKED or not act[c] or not ok.any()
+                if vkind[i] == vm.MASKED:
+                    np.add.at(cover[p, b, n], (out_rows[:, None], np.minimum(pos, S)[None]), ok)
+                    step(b, n, out_rows, p, np.clip(tiles[i], 0, S - 1), ok)
+    if qkv is None:
+        return cover[:, :, :, :T, :S], kinds, None, None
+    out = acc / np.maximum(l, 1e-30)[..., None]
+    lse = np.where(l > 0, (m + np.log2(np.maximum(l, 1e-30))) * np.log(2.0), -np.inf)
+    return cover[:, :, :, :T, :S], kinds, out[:, :, :T].transpose(0, 2, 1, 3), lse[:, :, :T].transpose(0, 2, 1)
+
+
+@pytest.mark.parametrize("mask_name,q_offset,block_k", [("causal", (320, 128), 128), ("dca", (320, 128), 128),
+                                                        ("dca", (384, 64), 64), ("causal", (64, 192), 128)])
+def test_mgpu_sparse_schedule_computes_each_visible_key_once(mask_name, q_offset, block_k):
+    """The Mosaic GPU sparse kernel (no CPU interpreter) replayed in numpy from its own tables and step
+    decisions: every key of the sparse mask is computed exactly once per query, no other key ever, and
+    windows it calls whole or skipped really are. Pairs of query blocks cut by segment boundaries, rows
+    whose cache ends early, queries past the cache."""
+    rng = np.random.default_rng(len(mask_name) + block_k)
+    B, T, N, S = 2, 456, 3, 1024
+    mask = MaskSpec(chunk_len=128) if mask_name == "dca" else MaskSpec()
+    q_offset = jnp.array(q_offset, jnp.int32)                  # 320 = 5 x 64: DCA chunk starts split pairs
+    kv_length = jnp.array([776, 300], jnp.int32)
+    lengths = jnp.array([776, 500], jnp.int32)
+    seg_begin, seg_end, _ = sparse.segments(q_offset, T, lengths, 128 if mask_name == "dca" else 10 ** 6)
+    sel = vslash.random_selection(rng, (B, seg_begin.shape[1], N, len(mask.phases), 40, 60), seg_begin, seg_end,
+                                  max_dist=900, n_keys=S)
+    index = jax.jit(vslash.build_index, static_argnums=(2, 4, 5))(sel, q_offset, T, kv_length, mask, 64)
+    qs = tuple(rng.normal(size=(B, T, N, 16)) for _ in mask.phases)
+    k, v = rng.normal(size=(2, B, 1, S, 16))
+    scale = np.array([0.3, 0.2])
+    cover, kinds, out, lse = mgpu_coverage(index, q_offset, kv_length, mask, T, S, block_k, (qs, k, v, scale))
+    positions = q_offset[:, None] + jnp.arange(T)[None]
+    slots = jnp.arange(S)
+    restrict = np.asarray(jax.jit(vslash.dense_mask, static_argnums=2)(sel, positions, S))    # [P, B, N, T, S]
+    for p, phase in enumerate(mask.phases):
+        visible = np.asarray(mask.visible(phase, positions[:, :, None], slots[None, None], kv_length[:, None, None]))
+        want = restrict[p] & visible[:, None]
+        assert want.any()
+        np.testing.assert_array_equal(cover[p], want.astype(np.int32), err_msg=f"phase {phase}")
+    assert min(kinds.values()) > 0, kinds                                    # every kind of step occurs
+    ref_out, ref_lse = masked_attention(tuple(map(jnp.asarray, qs)), jnp.asarray(k), jnp.asarray(v), positions,
+                                        kv_length, jnp.asarray(scale), mask=mask, restrict=jnp.asarray(restrict))
+    ref_out, ref_lse = np.asarray(ref_out), np.asarray(ref_lse)
+    assert np.isneginf(ref_lse).any() and np.array_equal(np.isneginf(lse), np.isneginf(ref_lse))
+    finite = np.isfinite(ref_lse)
+    np.testing.assert_allclose(lse[finite], ref_lse[finite], atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(out, ref_out, atol=2e-5, rtol=1e-5)          # empty rows: 0
+
+
+def test_mgpu_sparse_schedule_on_the_block_sparse_primitive():
+    """Block-sparse tables (each query block its own segment: every pair walks two parts)."""
+    rng = np.random.default_rng(7)
+    B, T, N, S, M = 2, 320, 2, 512, 5
+    mask = MaskSpec(chunk_len=128)
+    P, nqb = len(mask.phases), -(-T // 64)
+    blocks = jnp.asarray(rng.integers(0, S // 64, (B, N, nqb, P, M)), jnp.int32)
+    counts = jnp.asarray(rng.integers(0, M + 1, (B, N, nqb, P)), jnp.int32)
+    q_offset, kv_length = jnp.array([192, 64], jnp.int32), jnp.array([512, 300], jnp.int32)
+    index, _ = vslash.block_sparse_index(blocks, counts, q_offset, kv_length)
+    cover, *_ = mgpu_coverage(index, q_offset, kv_length, mask, T, S, 128)
+    positions = q_offset[:, None] + jnp.arange(T)[None]
+    restrict = np.asarray(vslash.block_sparse_dense_mask(blocks, counts, positions, S))
+    for p, phase in enumerate(mask.phases):
+        visible = np.asarray(mask.visible(phase, positions[:, :, None], jnp.arange(S)[None, None],
+                                          kv_length[:, None, None]))
+        np.testing.assert_array_equal(cover[p], (restrict[p] & visible[:, None]).astype(np.int32))
+
+
+@pytest.mark.parametrize("mask_name", ["causal", "dca"])
+def test_mgpu_sparse_kernel_lowers_for_cuda(mask_name):
+    """Qwen2.5-7B heads (28 / 4, head_dim 128), bf16, a 4096-query chunk at an offset, budgets 6096 / 1000:
+    the Mosaic GPU sparse kernel lowers to a Mosaic GPU custom call (no GPU needed)."""
+    from jax import export
+    from pallas_kernels.vslash_mgpu import vslash_attention_mgpu
+    mask = MaskSpec(chunk_len=8192) if mask_name == "dca" else MaskSpec()
+    B, T, N, K, H, S, D, V = 1, 4096, 28, 4, 128, 16384, 6096, 1000
+    Gs, P = (2, 3) if mask_name == "dca" else (1, 1)
+
+    def f(qs, k, v, qo, kl, sc, dist, dn, cols, cn, sb, se):
+        sel = vslash.Selection(dist, dn, cols, cn, sb, se)
+        index = vslash.build_index(sel, qo, T, kl, mask, vslash.BAND)
+        return vslash_attention_mgpu(qs, k, v, qo, kl, sc, index, cn, mask=mask)
+
+    sd, i32 = jax.ShapeDtypeStruct, jnp.int32
+    exported = export.export(jax.jit(f), platforms=["cuda"])(
+        tuple(sd((B, T, N, H), jnp.bfloat16) for _ in range(P)), sd((B, K, S, H), jnp.bfloat16),
+        sd((B, K, S, H), jnp.bfloat16), sd((B,), i32), sd((B,), i32), sd((B,), jnp.float32),
+        sd((B, Gs, N, P, D), i32), sd((B, Gs, N, P), i32), sd((B, Gs, N, P, V), i32), sd((B, Gs, N, P), i32),
+        sd((B, Gs), i32), sd((B, Gs), i32))
+    assert exported.platforms == ("cuda",) and "mosaic_gpu" in exported.mlir_module()
+
+
+def test_sparse_dispatch_picks_or_refuses_loudly():
+    import pallas_kernels
+    from pallas_kernels.vslash_mgpu import check_supported
+    assert "mosaic_gpu" in pallas_kernels.SPARSE_IMPLS
+    assert pallas_kernels._SPARSE_NATIVE["gpu"] == "mosaic_gpu"
+    q = jnp.zeros((1, 256, 4, 128), jnp.bfloat16)
+    k = jnp.zeros((1, 2, 512, 128), jnp.bfloat16)
+    assert pallas_kernels._sparse_mgpu_block("auto", (q,), k, k, None) == 128
+    assert pallas_kernels._sparse_mgpu_block("auto", (q[:, :64],), k, k, None) is None         # decode-sized: Triton
+    assert pallas_kernels._sparse_mgpu_block("mosaic_gpu", (q[:, :64],), k, k, 128) == 128    # asked for: served
+    f32 = (q.astype(jnp.float32),), k.astype(jnp.float32), k.astype(jnp.float32)
+    assert pallas_kernels._sparse_mgpu_block("auto", *f32, None) is None                        # float32: Triton
+    with pytest.raises(ValueError, match="bfloat16 or float16"):
+        pallas_kernels._sparse_mgpu_block("mosaic_gpu", *f32, None)
+    with pytest.raises(ValueError, match="head_dim a multiple of 64"):
+        check_supported((q[..., :32],), k[..., :32], k[..., :32], 128, 2)
+    with pytest.raises(ValueError, match="multiples of 64"):
+        check_supported((q,), k, k, 96, 2)
+    with pytest.raises(ValueError, match="shared memory"):
+        check_supported((q,), k, k, 256, 2)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        check_supported((q,), k[:, :, :300], k[:, :, :300], 128, 2)
+    sel = vslash.random_selection(np.random.default_rng(0), (1, 1, 4, 1, 4, 4), jnp.zeros((1, 1), jnp.int32),
+                                  jnp.full((1, 1), 256, jnp.int32), max_dist=256, n_keys=512)
+    with pytest.raises(ValueError, match="does not run on 'cpu'"):
+        vslash_attention(q, k, k, sel, q_offset=0, kv_length=256, impl="mosaic_gpu")
+    with pytest.raises(ValueError, match="no CPU interpreter"):
+        vslash_attention(q, k, k, sel, q_offset=0, kv_length=256, impl="mosaic_gpu", interpret=True)
+    with pytest.raises(ValueError, match="not available"):
+        vslash_attention(q, k, k, sel, q_offset=0, kv_length=256, impl="cutlass")

@@ -1,14 +1,21 @@
 """Sparse prefill attention benchmark: vertical-slash (estimate + index + kernel) against dense cuDNN.
 
     python -m qwen_jax.bench.sparse [--lengths 128k,256k,512k,1m] [--inputs local,random]
-                                    [--budgets 1000,6096] [--chunk 32768] [--dca 262144,8192] [--json out.json]
+                                    [--budgets 1000,6096] [--chunk 32768] [--dca 262144,8192]
+                                    [--kernels mosaic_gpu:128:2:pp,mosaic_gpu:64:4:free,triton]
+                                    [--json out.json]
 
 Attention only (no model), bf16, 28 query / 4 kv heads, head_dim 128, batch 1. The sparse path runs
 as sparse prefill does: the T queries in chunks of ``--chunk``, each chunk estimating its own
 selection from its last 64 queries and attending to the keys before it; the times add up over the
 chunks. The dense baseline is one causal ``jax.nn.dot_product_attention(implementation="cudnn")``
-call over all T. Reported per length: dense ms, sparse ms (attention kernels), estimate + index ms,
-speedup, the share of key tiles the kernels computed, and their effective TFLOP/s over those tiles.
+call over all T. Reported per length: dense ms, and per sparse kernel (``--kernels``: the Mosaic GPU
+``vslash_mgpu`` as ``mosaic_gpu[:block_k[:stages[:pp|free]]]``, pp = the consumers take turns, and the
+Triton-lowered ``vslash_gpu`` as ``triton``, all timed in the same run on the same index) its ms and
+speedup; estimate + index ms; the share of 64 x ``--block-k`` key tiles the sparse mask touches (what
+the Triton kernel computes), and each kernel's TFLOP/s over those tiles (so the rates compare kernels
+on the same work). The Mosaic GPU kernel's windows overhang the mask (module docstring);
+"<spec> windows / tiles" is what they span (both query blocks, skipped steps included) over the tiles.
 
 Inputs: ``random`` (normal q, k, v: no structure, so the chosen diagonals scatter: the worst case for
 a band kernel) or ``local`` (q and k share a per-head direction, so attention decays with distance
@@ -50,7 +57,7 @@ def main(argv=None) -> int:
     import jax
     import jax.numpy as jnp
 
-    from pallas_kernels import vslash
+    from pallas_kernels import vslash, vslash_mgpu
     from pallas_kernels.vslash_gpu import vslash_attention_gpu
     from qwen_jax.attention import dca as dca_ops
     from qwen_jax.attention import sparse
@@ -68,15 +75,27 @@ def main(argv=None) -> int:
     p.add_argument("--budgets", default="1000,6096", help="vertical_size,slash_size for every head")
     p.add_argument("--chunk", type=int, default=32768, help="prefill chunk (queries per sparse call)")
     p.add_argument("--dca", default=None, help="chunk_size,local_size (default: one chunk, plain causal)")
-    p.add_argument("--block-k", type=int, default=64)
+    p.add_argument("--block-k", type=int, default=64, help="Triton kernel key tiles (and the tile count)")
+    p.add_argument("--kernels", default="mosaic_gpu:128:2:pp,mosaic_gpu:64:4:free,triton",
+                   help="sparse kernels to time: mosaic_gpu[:block_k[:stages[:pp|free]]], triton")
     p.add_argument("--num-warps", type=int, default=4)
     p.add_argument("--num-stages", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-dense", action="store_true")
-    p.add_argument("--interpret", action="store_true", help="run the kernel in interpret mode (CPU smoke test)")
+    p.add_argument("--interpret", action="store_true", help="run the Triton kernel in interpret mode (CPU smoke test)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
 
+    kernels, mgpu = args.kernels.split(","), {}
+    for spec in kernels:
+        name, *opts = spec.split(":")
+        if name == "mosaic_gpu" and len(opts) <= 3 and (len(opts) < 3 or opts[2] in ("pp", "free")):
+            mgpu[spec] = dict(block_k=int(opts[0]) if opts else 128, stages=int(opts[1]) if len(opts) > 1 else 2,
+                              pingpong=opts[2] == "pp" if len(opts) > 2 else True)
+        elif spec != "triton":
+            raise SystemExit(f"unknown kernel {spec!r}: mosaic_gpu[:block_k[:stages[:pp|free]]] or triton")
+    if args.interpret and mgpu:
+        raise SystemExit("the mosaic_gpu kernel has no interpreter: pass --kernels triton with --interpret")
     N, K, H = args.heads, args.kv_heads, args.head_dim
     vs, ss = (int(x) for x in args.budgets.split(","))
     budgets = sparse.Budgets((vs,) * N, (ss,) * N)
@@ -97,20 +116,30 @@ def main(argv=None) -> int:
                               budgets=budgets)
         mask = dca_ops.mask_spec(dca)
         index = vslash.build_index(sel, jnp.full((1,), start, jnp.int32), Tc, lengths, mask, bk)
-        # tiles the kernel computes: slash tiles plus vertical tiles, per (head, block, phase)
+        # tiles the Triton kernel computes: slash tiles plus vertical tiles, per (head, block, phase)
         n_tiles = (index.t1 - index.t0).sum()
         v_tiles = -(-sel.col_count // bk)                                   # [B, G, N, P]
         per_block = jnp.take_along_axis(v_tiles, index.block_seg[:, :, None, None], axis=1)   # [B, nqb, N, P]
         return sel, index, n_tiles + per_block.sum()
 
-    @functools.partial(jax.jit, static_argnames=("Tc",))
-    def attend(q_chunk, k, v, start, sel, index, Tc):
+    @functools.partial(jax.jit, static_argnames=("Tc", "block_k"))
+    def mgpu_windows(index, start, Tc, block_k):     # accounting only: kept out of the timed calls
+        lengths = jnp.full((1,), start + Tc, jnp.int32)
+        return vslash_mgpu.visited_pairs(index, jnp.full((1,), start, jnp.int32), lengths, dca_ops.mask_spec(dca),
+                                         block_k)
+
+    @functools.partial(jax.jit, static_argnames=("Tc", "kernel"))
+    def attend(q_chunk, k, v, start, sel, index, Tc, kernel):
         lengths = jnp.full((1,), start + Tc, jnp.int32)
         positions = start + jnp.arange(Tc, dtype=jnp.int32)[None]
         queries, mask, scale = dca_ops.attention_inputs(q_chunk, positions, lengths, dca, rope)
-        return vslash_attention_gpu(queries, k, v, jnp.full((1,), start, jnp.int32), lengths, scale, index,
-                                    sel.col_count, mask=mask, block_k=bk, num_warps=args.num_warps,
-                                    num_stages=args.num_stages, interpret=args.interpret)
+        q_offset = jnp.full((1,), start, jnp.int32)
+        if kernel in mgpu:
+            return vslash_mgpu.vslash_attention_mgpu(queries, k, v, q_offset, lengths, scale, index, sel.col_count,
+                                                     mask=mask, **mgpu[kernel])
+        return vslash_attention_gpu(queries, k, v, q_offset, lengths, scale, index, sel.col_count, mask=mask,
+                                    block_k=bk, num_warps=args.num_warps, num_stages=args.num_stages,
+                                    interpret=args.interpret)
 
     rows = []
     for kind in args.inputs.split(","):
@@ -131,31 +160,41 @@ def main(argv=None) -> int:
             # warm-up (compiles each chunk shape once)
             for s, Tc in {Tc: (s, Tc) for s, Tc in chunks}.values():
                 sel, index, _ = select(q[:, s:s + Tc], k, jnp.int32(s), Tc)
-                jax.block_until_ready(attend(q[:, s:s + Tc], k, v, jnp.int32(s), sel, index, Tc))
-            est, att, tiles = [], [], 0
+                for kernel in kernels:
+                    jax.block_until_ready(attend(q[:, s:s + Tc], k, v, jnp.int32(s), sel, index, Tc, kernel))
+            est, att, tiles, windows = [], {kernel: [] for kernel in kernels}, 0, dict.fromkeys(mgpu, 0.0)
             for rep in range(args.repeats):
-                t_est = t_att = 0.0
+                t_est, t_att = 0.0, dict.fromkeys(kernels, 0.0)
                 for s, Tc in chunks:
                     t0 = time.perf_counter()
                     sel, index, n = jax.block_until_ready(select(q[:, s:s + Tc], k, jnp.int32(s), Tc))
-                    t1 = time.perf_counter()
-                    jax.block_until_ready(attend(q[:, s:s + Tc], k, v, jnp.int32(s), sel, index, Tc))
-                    t2 = time.perf_counter()
-                    t_est += t1 - t0
-                    t_att += t2 - t1
+                    t_est += time.perf_counter() - t0
+                    for kernel in kernels:
+                        t1 = time.perf_counter()
+                        jax.block_until_ready(attend(q[:, s:s + Tc], k, v, jnp.int32(s), sel, index, Tc, kernel))
+                        t_att[kernel] += time.perf_counter() - t1
                     if rep == 0:
                         tiles += int(n)
+                        for spec, opts in mgpu.items():
+                            windows[spec] += float(mgpu_windows(index, jnp.int32(s), Tc, opts["block_k"]))
                 est.append(t_est)
-                att.append(t_att)
-            row["sparse ms"] = float(np.median(att) * 1e3)
+                for kernel in kernels:
+                    att[kernel].append(t_att[kernel])
             row["estimate+index ms"] = float(np.median(est) * 1e3)
-            computed = tiles * 64 * bk                                       # (query, key) pairs computed
+            computed = tiles * 64 * bk                                       # (query, key) pairs in the tiles
             row["tiles computed / dense"] = computed / (T * T / 2 * N)
-            row["sparse TFLOP/s (computed tiles)"] = 4 * computed * H / row["sparse ms"] / 1e9
-            if "dense ms" in row:
-                row["speedup"] = row["dense ms"] / row["sparse ms"]
-                row["speedup incl. estimate"] = row["dense ms"] / (row["sparse ms"] + row["estimate+index ms"])
-            row["estimate share"] = row["estimate+index ms"] / row["sparse ms"]
+            for spec in mgpu:
+                row[f"{spec} windows / tiles"] = windows[spec] / computed
+            for kernel in kernels:
+                ms = float(np.median(att[kernel]) * 1e3)
+                row[f"{kernel} ms"] = ms
+                row[f"{kernel} TFLOP/s (tiles)"] = 4 * computed * H / ms / 1e9
+                if "dense ms" in row:
+                    row[f"{kernel} speedup"] = row["dense ms"] / ms
+                    row[f"{kernel} speedup incl. estimate"] = row["dense ms"] / (ms + row["estimate+index ms"])
+            if "triton" in kernels:
+                for spec in mgpu:
+                    row[f"{spec} / triton time"] = row[f"{spec} ms"] / row["triton ms"]
             rows.append({key: (f"{val:.3g}" if isinstance(val, float) else val) for key, val in row.items()})
             print(json.dumps(rows[-1]), flush=True)
             del q, k, v

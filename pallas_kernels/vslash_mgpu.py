@@ -1,0 +1,504 @@
+"""Vertical-slash sparse attention for Hopper GPUs in Pallas Mosaic GPU: TMA, wgmma, warp specialisation.
+
+``flash_mgpu``'s structure over a sparse key list. A program (grid ``(N, T / 128, B)``) owns a *pair* of
+64-row query blocks starting at ``q0`` and ``q0 + 64``; consumer warpgroup ``c`` computes block ``c``,
+the producer warpgroup streams ``block_k``-key windows into a ring of ``stages`` slots by TMA, and the
+consumers take turns on the tensor cores (a schedule barrier), as in the dense kernel.
+
+The pair shares every window. Block ``c``'s band runs are the key ranges ``[q0 + 64 c + lo,
+q0 + 64 c + hi)`` (``lo, hi`` the run's bounds relative to the block start, ``vslash.run_tiles``): one
+run covers ``[q0 + lo, q0 + hi + 64)`` for the pair, cut into windows of ``block_k`` keys from the
+8-aligned slot at or below its start (TMA into wgmma-tiled shared memory starts on the 8-row grid);
+a consumer masks each window to its own run range. Vertical columns come pre-gathered
+into contiguous tiles (``vslash.gather_verticals``), masked per column by position and by the block's
+``keep`` row (columns its bands already cover). Per window and consumer the step is one of
+
+    SKIP    nothing visible (or the block is not in this part): wait for the data, hand the slot back
+    WHOLE   every row sees every key of the window: no mask
+    MASKED  rows see the keys in ``[max(a_r, lo), min(b_r, hi))``, ``[a_r, b_r)`` the row's phase range
+            (``MaskSpec.key_range`` of one row is an interval, and it grows with the row)
+
+so the mask costs two compares per logit, and only on edge windows. DCA: one query copy per phase,
+reloaded between phases, all phases in one online softmax. The two blocks of a pair usually share a
+segment (their tables); a pair cut by a segment boundary walks two *parts*, one per block's segment,
+the other consumer skipping.
+
+Two knobs trade the cost of that shift. Windows of ``block_k = 128`` keys give full-width wgmma but
+a run of m diagonals (64 m keys per block) takes about ceil((m + 1) / 2) windows (one more when the
+alignment pushes it over) that both consumers compute whole: up to twice the keys of the mask for
+short runs. Windows of 64 keys cost each consumer its run's 64-key tiles plus about one (alignment),
+and one skipped window per run, at half-width wgmma. ``pingpong`` (the dense
+kernel's schedule barrier) overlaps one consumer's softmax with the other's matmuls, but a consumer
+that skips a window still waits for its partner's turn; without it a skipping consumer runs ahead
+(up to ``stages`` windows) instead.
+
+The schedule is computed before the kernel, in XLA (``pair_windows``, ``pair_schedule``): per
+(row, head, pair, phase, part) the windows and vertical tiles that meet the consumers' key ranges.
+In the kernel every warpgroup reads the same scalars from GMEM, so all three walk one step list
+and every barrier sees the same arrivals.
+
+Shapes: queries [B, T, N, H] per phase (bf16 / f16, H % 64 == 0), k, v [B, K, S, H] read in place,
+index from ``vslash.build_index`` (any tile width: runs are recovered from it). out [B, T, N, H],
+lse [B, T, N] float32 natural log; a row that sees no key gets out 0, lse -inf. GPUs only (no CPU
+interpreter): ``jax.export(..., platforms=["cuda"])`` proves the lowering on a CPU, and
+tests/test_sparse.py replays the schedule, the masks and the arithmetic in numpy.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels.masks import MASK_VALUE, MaskSpec
+from pallas_kernels.shapes import attention_dims, pad_queries
+from pallas_kernels.vslash import BAND, NO_KEY, VSIndex, gather_verticals, pad_verticals
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+SKIP, WHOLE, MASKED = 0, 1, 2
+FIELDS = 8        # per (row, head, pair, phase, part): t0, t1, v0, v1, segment, active0, active1, first step
+BIG = 2 ** 30
+SMEM_BYTES = 232448 - 4096   # Hopper's 227 KiB per block, less room for barriers and alignment
+ROW_ALIGN = 8     # TMA into wgmma-tiled shared memory starts at a multiple of the 8-row tile
+M_FLOOR = -1e30   # the running max's start: above MASK_VALUE, below any real logit
+
+
+def check_supported(queries: tuple, k, v, block_k: int, stages: int) -> None:
+    """A clear error for what this kernel cannot do (``impl='triton'`` can)."""
+    from pallas_kernels.flash_mgpu import check_supported as check_dense
+    check_dense(queries, k, v, BAND, block_k, stages)      # block_k: a multiple of 64 (wgmma's K for P V)
+    if k.shape[2] % ROW_ALIGN:
+        raise ValueError(f"the mosaic_gpu sparse kernel needs a cache length that is a multiple of {ROW_ALIGN}, "
+                         f"got {k.shape[2]}")
+    if k.shape[2] < block_k:
+        raise ValueError(f"the mosaic_gpu sparse kernel needs a cache of at least block_k={block_k} slots, "
+                         f"got {k.shape[2]}")
+    H, item = k.shape[-1], k.dtype.itemsize
+    smem = (2 * BAND + 2 * stages * block_k) * H * item + 2 * BAND * 4       # q tiles, K/V ring, lse
+    if smem > SMEM_BYTES:
+        raise ValueError(f"mosaic_gpu sparse kernel: block_k={block_k}, stages={stages} and head_dim {H} need "
+                         f"{smem} bytes of shared memory, more than {SMEM_BYTES}; lower block_k or stages")
+
+
+# ----------------------------------------------------------------------------------------------
+# The schedule (XLA, before the kernel)
+
+
+def pair_windows(rel_start, rel_end, block_k: int):
+    """The windows of a pair of blocks: ``(ws, lo, hi)`` [..., TC] int32 from the tiles [..., TC] of
+    ``vslash.run_tiles`` (or ``block_sparse_index``), all relative to the first block's start.
+
+    Window ``w`` loads keys ``[ws, ws + block_k)`` of the run ``[lo, hi)`` (block 0's keys; block 1's
+    are ``[lo + 64, hi + 64)``); padding windows have ``ws = lo = hi = NO_KEY``. Windows start on the
+    8-row grid (``ROW_ALIGN``: TMA into wgmma-tiled shared memory needs it), so a run of m distances (at
+    most 64 m keys) takes at most ceil((64 m + 71) / block_k) <= m ceil(135 / block_k) windows: the
+    table has TC ceil(135 / block_k) rows (2 TC for 128-key windows, 3 TC for 64)."""
+    TC = rel_start.shape[-1]
+    cap = TC * -(-(2 * BAND + ROW_ALIGN - 1) // block_k)
+    valid = rel_start < NO_KEY
+    prev_end = jnp.concatenate([jnp.full_like(rel_end[..., :1], -BIG), rel_end[..., :-1]], axis=-1)
+    first = valid & (rel_start != prev_end)                 # runs are >= 1 key apart: touching tiles are one run
+    next_first = jnp.concatenate([first[..., 1:], jnp.ones_like(first[..., :1])], axis=-1)
+    next_valid = jnp.concatenate([valid[..., 1:], jnp.zeros_like(valid[..., :1])], axis=-1)
+    last = valid & (next_first | ~next_valid)
+    run_lo = lax.cummax(jnp.where(first, rel_start, -BIG), axis=rel_start.ndim - 1)
+    run_hi = lax.cummin(jnp.where(last, rel_end, BIG), axis=rel_end.ndim - 1, reverse=True)
+    run_lo8 = run_lo // ROW_ALIGN * ROW_ALIGN            # windows start on the 8-row grid (q0 is on it too)
+    n_win = jnp.where(first, -(-(run_hi + BAND - run_lo8) // block_k), 0)
+    cum = jnp.cumsum(n_win, axis=-1)
+    w = jnp.arange(cap, dtype=jnp.int32)
+    flat = cum.reshape(-1, TC)
+    owner = jax.vmap(lambda c: jnp.searchsorted(c, w, side="right"))(flat).reshape(cum.shape[:-1] + (cap,))
+    owner = jnp.minimum(owner, TC - 1)
+    take = lambda a: jnp.take_along_axis(a, owner, axis=-1)  # noqa: E731
+    lo, hi = take(run_lo), take(run_hi)
+    ws = take(run_lo8) + (w - take(cum - n_win)) * block_k
+    live = w < cum[..., -1:]
+    far = jnp.int32(NO_KEY)
+    return jnp.where(live, ws, far), jnp.where(live, lo, far), jnp.where(live, hi, far)      # [..., cap]
+
+
+def pair_schedule(index: VSIndex, ws, lo, hi, q_offset, kv_length, mask: MaskSpec, block_k: int, n_pairs: int):
+    """``sched`` [B, N, n_pairs, P, 2, FIELDS] int32: per pair, phase and part (the segment of block 0,
+    then block 1's if it differs) the windows ``[t0, t1)`` and vertical tiles ``[v0, v1)`` that meet the
+    key range of a consumer in that part, the part's segment, which consumers are in it, and the index
+    of its first step in the program's step list (windows then vertical tiles, part after part)."""
+    B, Gs, N, P, TC = ws.shape
+    nqb = index.block_seg.shape[1]
+    seg = jnp.pad(index.block_seg, ((0, 0), (0, 2 * n_pairs - nqb)), constant_values=-1).reshape(B, n_pairs, 2)
+    valid = seg >= 0                                                           # [B, n_pairs, c]
+    live = valid & jnp.stack([jnp.ones_like(seg[..., 0], bool), seg[..., 1] != seg[..., 0]], axis=-1)   # parts
+    act = live[..., :, None] & valid[..., None, :] & (seg[..., :, None] == seg[..., None, :])  # [B, pairs, part, c]
+    part_seg = jnp.maximum(seg, 0)
+    q0 = q_offset[:, None] + 2 * BAND * jnp.arange(n_pairs, dtype=jnp.int32)[None]           # [B, n_pairs]
+    # Windows overlap where one run's tail window reaches past the next run's start, so neither starts
+    # nor ends are sorted: search the running max of the ends (windows before t0 all end by the range
+    # start) and the suffix min of the useful starts (windows from t1 on all start past its end).
+    live = ws < NO_KEY
+    end = lax.cummax(jnp.where(live, jnp.minimum(ws + block_k, hi + BAND), NO_KEY), axis=4)
+    start = lax.cummin(jnp.where(live, jnp.maximum(ws, lo), NO_KEY), axis=4, reverse=True)
+    vpos = index.vpos
+
+    def search(table, x, side):          # table [B, Gs, N, L], x [B, Q] -> [B, Q, N] at the part's segment
+        f = jax.vmap(jax.vmap(jax.vmap(lambda row, xs: jnp.searchsorted(row, xs, side=side), (0, None)),
+                              (0, None)), (0, 0))
+        found = f(table, x.reshape(B, -1))                                     # [B, Gs, N, Q]
+        at = part_seg.reshape(B, 1, 1, -1)
+        return jnp.take_along_axis(found, at, axis=1)[:, 0].transpose(0, 2, 1)
+
+    per_phase = []
+    for p, phase in enumerate(mask.phases):
+        first = q0[..., None] + BAND * jnp.arange(2, dtype=jnp.int32)                        # [B, pairs, c]
+        klo, khi = mask.key_range(phase, first, first + BAND - 1, kv_length[:, None, None])
+        k_lo = jnp.min(jnp.where(act, klo[:, :, None, :], BIG), axis=-1)                    # [B, pairs, part]
+        k_hi = jnp.max(jnp.where(act, khi[:, :, None, :], -BIG), axis=-1)
+        some = k_hi > k_lo
+        t0 = search(end[:, :, :, p], k_lo - q0[..., None], "right")
+        t1 = jnp.maximum(search(start[:, :, :, p], k_hi - q0[..., None], "left"), t0)
+        v0 = search(vpos[:, :, :, p], k_lo, "left") // block_k
+        v1 = jnp.maximum(-(-search(vpos[:, :, :, p], k_hi, "left") // block_k), v0)
+        ranges = jnp.where(some.reshape(B, -1, 1, 1), jnp.stack([t0, t1, v0, v1], -1), 0)   # [B, Q, N, 4]
+        part = jnp.stack([part_seg, act[..., 0], act[..., 1]], -1).astype(jnp.int32)
+        part = jnp.broadcast_to(part.reshape(B, -1, 1, 3), ranges.shape[:-1] + (3,))
+        per_phase.append(jnp.concatenate([ranges, part], -1).astype(jnp.int32))           # [B, Q, N, 7]
+    sched = jnp.stack(per_phase, axis=2)                                       # [B, Q, P, N, 7]
+    sched = sched.reshape(B, n_pairs, 2, P, N, 7).transpose(0, 4, 1, 3, 2, 5)  # [B, N, n_pairs, P, 2, 7]
+    steps = (sched[..., 1] - sched[..., 0] + sched[..., 3] - sched[..., 2]).reshape(B, N, n_pairs, 2 * P)
+    first_step = (jnp.cumsum(steps, axis=-1) - steps).reshape(B, N, n_pairs, P, 2, 1)
+    return jnp.concatenate([sched, first_step.astype(jnp.int32)], axis=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-step decisions, shared by the kernel and the numpy replay in tests/test_sparse.py (any backend)
+
+
+def slash_bounds(ws, lo, hi, q0, c, block_k: int, n_keys: int):
+    """Window ``(ws, lo, hi)`` for consumer ``c``: ``(start, klo, khi)``, the loaded keys ``[start, start +
+    block_k)`` (clipped into the cache) and the consumer's run keys ``[klo, khi)`` inside the window."""
+    start = jnp.clip(q0 + ws, 0, n_keys - block_k)
+    klo = q0 + jnp.maximum(ws, lo + BAND * c)
+    khi = q0 + jnp.minimum(ws + block_k, hi + BAND * c)
+    return start, klo, khi
+
+
+def row_span(mask: MaskSpec, phase: str, first, kv_length):
+    """``(a_first, a_last, b_first, b_last)``: the phase key range ``[a_r, b_r)`` of a block's first and
+    last rows. Both bounds grow with the row, so these bound every row's."""
+    last = first + BAND - 1
+    a_first, b_first = mask.key_range(phase, first, first, kv_length)
+    a_last, b_last = mask.key_range(phase, last, last, kv_length)
+    return a_first, a_last, b_first, b_last
+
+
+def slash_kind(start, klo, khi, span, block_k: int, active):
+    """SKIP, WHOLE or MASKED for a consumer's window (``span`` from ``row_span``)."""
+    a_first, a_last, b_first, b_last = span
+    empty = jnp.logical_not(active) | (jnp.maximum(klo, a_first) >= jnp.minimum(khi, b_last))
+    whole = (start >= jnp.maximum(klo, a_last)) & (start + block_k <= jnp.minimum(khi, b_first))
+    return jnp.where(empty, SKIP, jnp.where(whole, WHOLE, MASKED)).astype(jnp.int32)
+
+
+def vertical_kind(first_col, last_col, span, active):
+    """SKIP or MASKED for a vertical tile whose (sorted) columns run from ``first_col`` to ``last_col``."""
+    a_first, _, _, b_last = span
+    seen = jnp.logical_and(active, first_col < b_last) & (last_col >= a_first)
+    return jnp.where(seen, MASKED, SKIP).astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------------------------
+# The kernel
+
+
+def _load_cols(ref, layout):
+    """``plgpu.load`` of a whole GMEM ref into registers (jax 0.10 takes the index positionally, 0.11
+    deprecates it; the bank-conflict-free "optimized" plan exists only for SMEM)."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+    if inspect.signature(plgpu.load).parameters["idx"].default is inspect.Parameter.empty:
+        return plgpu.load(ref, (), layout=layout, optimized=False)
+    return plgpu.load(ref, layout=layout, optimized=False)
+
+
+def _kernel(meta_ref, scale_ref, sched_ref, win_ref, vpos_ref, keep_ref, *refs, mask: MaskSpec, G: int,
+            block_k: int, stages: int, n_pairs: int, heavy_first: bool, pingpong: bool):
+    import jax.experimental.pallas as pl
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    W = block_k
+    n_phases = len(mask.phases)
+    q_refs = refs[:n_phases]
+    k_ref, v_ref, kg_ref, vg_ref, out_ref, lse_ref, scoped = refs[n_phases:]
+    (qo_smem2, k_smem, v_smem, lse_smem2), (k_bar, v_bar, q_bar), (k_free, v_free), turn = scoped
+    b, n, qi = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("q_seq")
+    if heavy_first:                       # causal: later pairs see more keys; launching them first shortens the tail
+        qi = n_pairs - 1 - qi
+    wg = lax.axis_index("wg")
+    kvh = lax.div(n, jnp.int32(G))
+    q_offset, kv_length = meta_ref[b, 0], meta_ref[b, 1]
+    q0 = q_offset + qi * (2 * BAND)
+    Gs, N, P = vpos_ref.shape[1:4]
+    n_keys = k_ref.shape[2]
+
+
+    def part(p: int, part: int):
+        """Phase ``p``'s part ``part`` of the step list all three warpgroups walk: its windows, then its
+        vertical tiles. Read where it is used, so few scalars stay live (the producer has 40 registers)."""
+        t0, t1, v0, v1, g, act0, act1, first_step = (sched_ref[b, n, qi, p, part, f] for f in range(FIELDS))
+        return dict(p=p, g=g, act=(act0, act1), t0=t0, t1=t1, v0=v0, v1=v1, slash_off=first_step - t0,
+                    vert_off=first_step + (t1 - t0) - v0, end=first_step + (t1 - t0) + (v1 - v0))
+
+    parts = [(p, q) for p in range(n_phases) for q in range(2)]
+
+    def take_turns():
+        if pingpong:
+            plgpu.barrier_arrive(turn)
+            plgpu.barrier_wait(turn)
+
+    def tile_row(e):                      # the gathered vertical tiles of (row, segment, head, phase)
+        return ((b * Gs + e["g"]) * N + n) * P + e["p"]
+
+    @pl.when(wg < 2)
+    def _consumer():
+        plgpu.set_max_registers(232, action="increase")
+        qo_smem, lse_smem = qo_smem2.at[wg], lse_smem2.at[wg]
+        row0 = qi * (2 * BAND) + wg * BAND
+        first = q0 + wg * BAND
+        scale2 = scale_ref[b] * LOG2E                     # logits in base 2: exp2 is one instruction
+        total = part(*parts[-1])["end"]
+        dtype = qo_smem.dtype
+        H = qo_smem.shape[-1]
+        row_layout = plgpu.Layout.WGMMA.reduce(1)
+
+        def wait_keys(step):
+            @pl.when(step < total)
+            def _():
+                plgpu.barrier_wait(k_bar.at[lax.rem(step, jnp.int32(stages))])
+
+        def compute(carry, step, visible, masked):
+            """One window: QK^T, the mask where ``masked`` (a bool, or a traced one), online softmax, PV.
+
+            ``visible()`` -> bool [64, W]. Masked logits become MASK_VALUE and the running max starts at
+            M_FLOOR above it, so their probabilities underflow to exactly 0 with no second select."""
+            acc, m, l = carry
+            slot = lax.rem(step, jnp.int32(stages))
+
+            def qk_scope(acc_ref):
+                plgpu.wgmma(acc_ref, qo_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                take_turns()
+                return acc_ref[...]
+
+            s = pl.run_scoped(qk_scope, plgpu.ACC((BAND, W), jnp.float32))
+            plgpu.barrier_arrive(k_free.at[slot])
+            s = s * scale2
+            apply = lambda s: jnp.where(visible(), s, MASK_VALUE)  # noqa: E731
+            # elementwise work only under the condition: the wgmma stay in straight-line code
+            s = apply(s) if masked is True else lax.cond(masked, apply, lambda s: s, s)
+            m_new = jnp.maximum(m, s.max(axis=1))
+            alpha = jnp.exp2(m - m_new)
+            p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+            l = l * alpha + p.sum(axis=1)
+            p16 = p.astype(dtype)
+            acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
+            if pingpong:
+                plgpu.barrier_arrive(turn)                # softmax done: the other consumer may matmul
+            plgpu.barrier_wait(v_bar.at[slot])
+            if pingpong:
+                plgpu.barrier_wait(turn)
+
+            def pv(acc_ref):
+                plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+                wait_keys(step + 1)                       # overlaps the next window's wait with this matmul
+
+            acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+            plgpu.barrier_arrive(v_free.at[slot])
+            return acc, m_new, l
+
+        def skip(carry, step):
+            slot = lax.rem(step, jnp.int32(stages))
+            plgpu.barrier_wait(v_bar.at[slot])            # keeps this consumer's barrier phases in step
+            wait_keys(step + 1)
+            plgpu.barrier_arrive(k_free.at[slot])
+            plgpu.barrier_arrive(v_free.at[slot])
+            take_turns()
+            take_turns()
+            return carry
+
+        def between(lo_rows, hi_rows, pos):
+            """bool [64, W]: ``lo_r <= pos < hi_r`` for row bounds [64] and key positions [64, W]."""
+            shape = (BAND, W)
+            # a bound that is the same for every row (causal: a_r = 0) is a splat: give it the row layout
+            lo_rows, hi_rows = (plgpu.layout_cast(x, row_layout) for x in (lo_rows, hi_rows))
+            return ((pos >= lax.broadcast_in_dim(lo_rows, shape, [0]))
+                    & (pos < lax.broadcast_in_dim(hi_rows, shape, [0])))
+
+        m = plgpu.layout_cast(jnp.full((BAND,), M_FLOOR, jnp.float32), row_layout)
+        l = plgpu.layout_cast(jnp.full((BAND,), 0.0, jnp.float32), row_layout)
+        acc = plgpu.layout_cast(jnp.full((BAND, H), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+        carry = (acc, m, l)
+        wait_keys(jnp.int32(0))
+        pl.when(wg == 1)(take_turns)
+        for p, (phase, q_ref) in enumerate(zip(mask.phases, q_refs)):
+            plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(row0, BAND), n], qo_smem, q_bar.at[wg])
+            plgpu.barrier_wait(q_bar.at[wg])
+            rows = first + plgpu.broadcasted_iota(jnp.int32, (BAND,), 0, layout=row_layout)
+            a_rows, b_rows = mask.key_range(phase, rows, rows, kv_length)      # [64]: row r sees [a_r, b_r)
+            span = row_span(mask, phase, first, kv_length)
+            for e in (part(p_, q) for p_, q in parts if p_ == p):
+                active = jnp.where(wg == 0, e["act"][0], e["act"][1]) != 0
+
+                def slash(w, carry, e=e, active=active, a_rows=a_rows, b_rows=b_rows, span=span):
+                    step = w + e["slash_off"]
+                    ws, lo, hi = (win_ref[b, e["g"], n, e["p"], w, f] for f in range(3))
+                    start, klo, khi = slash_bounds(ws, lo, hi, q0, wg, W, n_keys)
+                    kind = slash_kind(start, klo, khi, span, W, active)
+
+                    def visible():
+                        pos = start + plgpu.broadcasted_iota(jnp.int32, (BAND, W), 1, layout=plgpu.Layout.WGMMA)
+                        return between(jnp.maximum(a_rows, klo), jnp.minimum(b_rows, khi), pos)
+
+                    return lax.cond(kind == SKIP, lambda c: skip(c, step),
+                                    lambda c: compute(c, step, visible, kind == MASKED), carry)
+
+                def vertical(j, carry, e=e, active=active, a_rows=a_rows, b_rows=b_rows, span=span):
+                    step = j + e["vert_off"]
+                    g, p_ = e["g"], e["p"]
+                    kind = vertical_kind(vpos_ref[b, g, n, p_, j * W], vpos_ref[b, g, n, p_, j * W + W - 1], span,
+                                         active)
+
+                    def masked(carry):
+                        # Issued before the matmul so the loads' latency hides behind it.
+                        col_layout = plgpu.Layout.WGMMA.reduce(0)
+                        pos = _load_cols(vpos_ref.at[b, g, n, p_, pl.ds(j * W, W)], col_layout)
+                        keep = _load_cols(keep_ref.at[b, n, 2 * qi + wg, p_, pl.ds(j * W, W)], col_layout)
+                        pos = jnp.where(keep != 0, pos, NO_KEY)
+                        pos = lax.broadcast_in_dim(pos, (BAND, W), [1])
+                        return compute(carry, step, lambda: between(a_rows, b_rows, pos), True)
+
+                    return lax.cond(kind == MASKED, masked, lambda c: skip(c, step), carry)
+
+                carry = lax.fori_loop(e["t0"], e["t1"], slash, carry)
+                carry = lax.fori_loop(e["v0"], e["v1"], vertical, carry)
+        pl.when(wg == 0)(take_turns)
+
+        acc, m, l = carry
+        acc = acc / lax.broadcast_in_dim(jnp.maximum(l, 1e-30), acc.shape, [0])
+        qo_smem[...] = acc.astype(dtype)
+        lse_smem[...] = jnp.where(l > 0, (m + jnp.log(jnp.maximum(l, 1e-30)) * LOG2E) * LN2, -jnp.inf)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(qo_smem, out_ref.at[b, pl.ds(row0, BAND), n])
+        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, n, pl.ds(row0, BAND)])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == 2)
+    def _producer():
+        plgpu.set_max_registers(40, action="decrease")
+
+        def load(step, src_k, src_v):
+            slot = lax.rem(step, jnp.int32(stages))
+
+            @pl.when(step >= stages)
+            def _():
+                plgpu.barrier_wait(k_free.at[slot])
+            plgpu.copy_gmem_to_smem(src_k, k_smem.at[slot], k_bar.at[slot])
+
+            @pl.when(step >= stages)
+            def _():
+                plgpu.barrier_wait(v_free.at[slot])
+            plgpu.copy_gmem_to_smem(src_v, v_smem.at[slot], v_bar.at[slot])
+
+        for e in (part(p, q) for p, q in parts):
+            def slash(w, carry, e=e):
+                ws, lo, hi = (win_ref[b, e["g"], n, e["p"], w, f] for f in range(3))
+                start, _, _ = slash_bounds(ws, lo, hi, q0, 0, W, n_keys)
+                # start is on the 8-row grid; written as a product so Mosaic GPU can see it
+                at = (b, kvh, pl.ds(lax.div(start, jnp.int32(ROW_ALIGN)) * ROW_ALIGN, W))
+                load(w + e["slash_off"], k_ref.at[at], v_ref.at[at])
+                return carry
+
+            def vertical(j, carry, e=e):
+                at = (tile_row(e), pl.ds(j * W, W))
+                load(j + e["vert_off"], kg_ref.at[at], vg_ref.at[at])
+                return carry
+
+            lax.fori_loop(e["t0"], e["t1"], slash, None)
+            lax.fori_loop(e["v0"], e["v1"], vertical, None)
+
+
+def _tables(index: VSIndex, q_offset, kv_length, mask: MaskSpec, block_k: int, n_pairs: int):
+    """Everything the kernel reads besides q, k, v: ``(sched, win, vpos, keep)`` (see ``_kernel``)."""
+    index = pad_verticals(index, block_k)
+    ws, lo, hi = pair_windows(index.rel_start, index.rel_end, block_k)
+    sched = pair_schedule(index, ws, lo, hi, q_offset, kv_length, mask, block_k, n_pairs)
+    win = jnp.stack([ws, lo, hi, jnp.zeros_like(ws)], axis=-1)               # [B, Gs, N, P, TC, 4]
+    nqb = index.keep.shape[2]
+    keep = jnp.pad(index.keep, ((0, 0), (0, 0), (0, 2 * n_pairs - nqb), (0, 0), (0, 0))).astype(jnp.int8)
+    return index, sched, win, index.vpos, keep
+
+
+@functools.partial(jax.jit, static_argnames=("mask", "block_k", "stages", "heavy_first", "pingpong"))
+def vslash_attention_mgpu(queries: tuple, k, v, q_offset, kv_length, scale, index: VSIndex, col_count=None, *,
+                          mask: MaskSpec, block_k: int = 128, stages: int = 2, heavy_first: bool = True,
+                          pingpong: bool = True):
+    """``queries``: one q [B, T, N, H] per mask phase (rotated); k, v [B, K, S, H]; q_offset [B] (multiple
+    of 64), kv_length [B] int32; scale [B] float32; ``index`` from ``vslash.build_index`` (any tile
+    width); ``col_count`` is unused (the padded ``index.vpos`` says it), kept for the common signature.
+    ``block_k``: keys per window (a multiple of 64); ``pingpong``: the consumers take turns on the tensor
+    cores (module docstring). Returns ``(out [B, T, N, H], lse [B, T, N] float32)``."""
+    import jax.experimental.pallas as pl
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    del col_count
+    check_supported(queries, k, v, block_k, stages)
+    d = attention_dims(queries, k, mask)
+    B, T, N, H = d.B, d.T, d.N, d.H
+    dtype = queries[0].dtype
+    queries, n_pairs = pad_queries(queries, 2 * BAND)
+    Tp = n_pairs * 2 * BAND
+    index, sched, win, vpos, keep = _tables(index, q_offset, kv_length, mask, block_k, n_pairs)
+    kg, vg = gather_verticals(k, v, index)                                   # [B, Gs, N, P, VC, H]
+    kg, vg = (x.reshape(-1, *x.shape[-2:]) for x in (kg, vg))
+    meta = jnp.stack([q_offset, kv_length], axis=1).astype(jnp.int32)
+
+    def entry(meta_ref, scale_ref, sched_ref, win_ref, vpos_ref, keep_ref, *refs):
+        tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+        scratch = (
+            plgpu.SMEM((2, BAND, H), dtype, transforms=tiled),
+            plgpu.SMEM((stages, block_k, H), dtype, transforms=tiled),
+            plgpu.SMEM((stages, block_k, H), dtype, transforms=tiled),
+            plgpu.SMEM((2, BAND), jnp.float32),
+        )
+        pl.run_scoped(
+            lambda *scoped: _kernel(meta_ref, scale_ref, sched_ref, win_ref, vpos_ref, keep_ref, *refs, scoped,
+                                    mask=mask, G=d.G, block_k=block_k, stages=stages, n_pairs=n_pairs,
+                                    heavy_first=heavy_first, pingpong=pingpong),
+            scratch,
+            (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=2)),
+            (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2,
+            plgpu.Barrier(num_arrivals=2),
+            collective_axes="wg",
+        )
+
+    out, lse = plgpu.kernel(
+        entry,
+        out_type=[jax.ShapeDtypeStruct((B, Tp, N, H), dtype), jax.ShapeDtypeStruct((B, N, Tp), jnp.float32)],
+        grid=(N, n_pairs, B),
+        grid_names=("heads", "q_seq", "batch"),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+    )(meta, scale.astype(jnp.float32), sched, win, vpos, keep, *queries, k, v, kg, vg)
+    return out[:, :T], lse[:, :, :T].transpose(0, 2, 1)
+
+
+def visited_pairs(index: VSIndex, q_offset, kv_length, mask: MaskSpec, block_k: int = 128):
+    """(query, key) pairs the kernel's windows span, both consumers, SKIP steps included: an upper
+    bound of what it computes, for benchmarks (int, traced)."""
+    n_pairs = -(-index.block_seg.shape[1] // 2)
+    _, sched, _, _, _ = _tables(index, q_offset, kv_length, mask, block_k, n_pairs)
+    steps = (sched[..., 1] - sched[..., 0] + sched[..., 3] - sched[..., 2]).astype(jnp.float32).sum()
+    return steps * (2 * BAND * block_k)
