@@ -99,13 +99,15 @@ def load(path: str | os.PathLike, *, dtype="bfloat16", mesh=None, **config_overr
     """Load an HF checkpoint folder, a folder written by ``qwen-jax convert``, or (online) a hub repo id.
 
     ``dtype``: parameter and compute dtype ("bfloat16" or "float32"). ``mesh``: a ``jax.sharding.Mesh``
-    or a string such as ``"seq=4,tensor=2"``; parameters are placed by their logical axes.
+    or a string such as ``"seq=4,tensor=2"``; parameters are placed by their logical axes. In a
+    multi-process job (``qwen_jax.distributed``) the mesh must span every process's devices; each
+    process reads the checkpoint and puts only its own shards on its devices.
     ``attn_implementation`` and ``prefill_chunk_size`` set the attention path and prefill chunk;
     ``kv_cache_dtype`` the KV cache's storage ("auto": the model dtype; "fp8": float8_e4m3fn, half of
     bf16); every other keyword replaces that field of config.json, as HF ``from_pretrained(**kwargs)`` does.
     """
     from convert import is_converted, read_hf_params, restore_params
-    from qwen_jax.sharding import make_mesh
+    from qwen_jax.sharding import global_array, make_mesh
 
     impl = attention.AttentionSpec.of(config_overrides.pop("attn_implementation", None))
     chunk = int(config_overrides.pop("prefill_chunk_size", DEFAULT_PREFILL_CHUNK))
@@ -113,6 +115,9 @@ def load(path: str | os.PathLike, *, dtype="bfloat16", mesh=None, **config_overr
     folder = _resolve(str(path))
     config = QwenConfig.from_hf_dict(read_config_json(folder, config_overrides))
     dtype = _dtype(dtype)
+    if mesh is None and jax.process_count() > 1:
+        raise ConfigError(f"this is a {jax.process_count()}-process job: pass a mesh over all {jax.device_count()} "
+                          f"devices, e.g. mesh=\"data={jax.process_count()},tensor={jax.local_device_count()}\"")
     mesh = make_mesh(mesh) if mesh is not None else None
     if mesh is not None:
         from qwen_jax.attention.parallel import check_mesh
@@ -130,8 +135,8 @@ def load(path: str | os.PathLike, *, dtype="bfloat16", mesh=None, **config_overr
             node = shardings
             for key in path:
                 node = node[key]
-            return jax.device_put(array, node)
-        params = read_hf_params(folder, config, dtype=dtype, place=place)
+            return global_array(array, node)
+        params = read_hf_params(folder, config, dtype=dtype, place=place, progress=jax.process_index() == 0)
     tokenizer = Tokenizer(folder) if os.path.isfile(os.path.join(folder, "tokenizer.json")) else None
     return Model(config, params, tokenizer, mesh=mesh, eos_token_ids=_eos_ids(folder, config, tokenizer),
                  attn_implementation=impl, prefill_chunk_size=chunk, kv_cache_dtype=kv_dtype)

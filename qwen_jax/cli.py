@@ -64,6 +64,36 @@ def _model_overrides(args) -> dict:
     return overrides
 
 
+def _add_distributed_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("multi-process jobs (one process per host; see README, Multi-host)")
+    g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="process 0's address, or 'auto' for JAX's cluster detection (TPU pods, SLURM); "
+                        "default $QWEN_JAX_COORDINATOR, else a single-process run")
+    g.add_argument("--num-processes", type=int, default=None, help="processes in the job ($QWEN_JAX_NUM_PROCESSES)")
+    g.add_argument("--process-id", type=int, default=None, help="this process, 0-based ($QWEN_JAX_PROCESS_ID)")
+
+
+def _start_distributed(args) -> bool:
+    """Join the job if one is asked for (flags or environment); True when this process should print."""
+    import os
+
+    from qwen_jax import distributed
+    if args.coordinator or os.environ.get(distributed.ENV_COORDINATOR):
+        distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+        # C++ libraries print to the process's stdout (gloo: "Rank 0 is connected to 3 peer ranks"): send
+        # file descriptor 1 to stderr and keep the real stdout for this command's output.
+        sys.stdout.flush()
+        results = os.dup(1)
+        os.dup2(2, 1)
+        sys.stdout = open(results, "w", encoding=sys.stdout.encoding, errors=sys.stdout.errors)
+    elif args.num_processes is not None or args.process_id is not None:
+        from qwen_jax.errors import QwenJaxError
+        raise QwenJaxError(f"--num-processes/--process-id need --coordinator HOST:PORT (or auto, or "
+                           f"${distributed.ENV_COORDINATOR})")
+    import jax
+    return jax.process_index() == 0
+
+
 BENCHMARKS = {"prefill": "qwen_jax.bench.prefill", "attention": "pallas_kernels.bench",
               "sparse": "qwen_jax.bench.sparse", "generation": "qwen_jax.bench.generation"}
 
@@ -98,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mesh", default=None, help='device mesh, e.g. "seq=4,tensor=2"')
     _add_model_options(p)
     _add_sampling(p)
+    _add_distributed_options(p)
 
     p = sub.add_parser("passkey", help="passkey retrieval: a table of length x depth, and JSON")
     p.add_argument("--model", required=True, help="HF checkpoint folder, converted folder, or hub repo id")
@@ -108,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the random 5-digit keys")
     p.add_argument("--json", default=None, help="write the results here")
     _add_model_options(p)
+    _add_distributed_options(p)
 
     p = sub.add_parser("recall", help="sparse prefill's attention recall per layer and head: table, JSON, PNG")
     p.add_argument("--model", required=True, help="HF checkpoint folder, converted folder, or hub repo id")
@@ -161,6 +193,7 @@ def cmd_convert(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    main_process = _start_distributed(args)
     import qwen_jax
     text = _read_prompt(args)
     model = qwen_jax.load(args.model, dtype=args.dtype, mesh=args.mesh, **_model_overrides(args))
@@ -171,13 +204,15 @@ def cmd_generate(args) -> int:
     t0 = time.perf_counter()
     model.generate(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                    top_k=args.top_k, seed=args.seed, stop=args.stop,
-                   on_text=lambda row, delta: (sys.stdout.write(delta), sys.stdout.flush()))
-    sys.stdout.write("\n")
-    print(f"[{time.perf_counter() - t0:.1f} s]", file=sys.stderr)
+                   on_text=lambda row, delta: main_process and (sys.stdout.write(delta), sys.stdout.flush()))
+    if main_process:
+        sys.stdout.write("\n")
+        print(f"[{time.perf_counter() - t0:.1f} s]", file=sys.stderr)
     return 0
 
 
 def cmd_passkey(args) -> int:
+    main_process = _start_distributed(args)
     import qwen_jax
     from qwen_jax import passkey
     from qwen_jax.bench import environment
@@ -193,10 +228,14 @@ def cmd_passkey(args) -> int:
     model = qwen_jax.load(args.model, dtype=args.dtype, mesh=args.mesh, **_model_overrides(args))
 
     def show(r):
+        if not main_process:
+            return
         print(f"  {r['length']:>8} tokens, depth {r['depth']:.2f}: {'found' if r['found'] else 'MISSED'} "
               f"{r['key']} in {r['answer']!r} ({r['seconds']:.1f} s)", file=sys.stderr, flush=True)
 
     results = passkey.evaluate(model, lengths, depths, seed=args.seed, on_result=show)
+    if not main_process:
+        return 0
     print(passkey.table(results))
     if args.json:
         dca = model.config.dual_chunk_attention_config
@@ -292,6 +331,7 @@ def cmd_demo(args) -> int:
 
 
 def main(argv=None) -> int:
+    from qwen_jax.distributed import exit_now, is_multiprocess
     from qwen_jax.errors import QwenJaxError
 
     args = build_parser().parse_args(argv)
@@ -300,14 +340,17 @@ def main(argv=None) -> int:
                     "plan": cmd_plan, "bench": cmd_bench, "demo": cmd_demo}
         return commands[args.command](args)
     except QwenJaxError as e:
-        print(f"qwen-jax: error: {e}", file=sys.stderr)
-        return 1
+        message, code = f"error: {e}", 1
     except OSError as e:  # unreadable prompt file, full disk, permissions
-        print(f"qwen-jax: error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
-        return 1
+        message, code = f"error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", 1
     except KeyboardInterrupt:
-        print("qwen-jax: interrupted", file=sys.stderr)
-        return 130
+        message, code = "interrupted", 130
+    if not is_multiprocess():
+        print(f"qwen-jax: {message}", file=sys.stderr)
+        return code
+    import jax
+    print(f"qwen-jax: process {jax.process_index()} of {jax.process_count()}: {message}", file=sys.stderr)
+    exit_now(code)   # the other processes may wait on this one in a collective: leave now, don't linger
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from qwen_jax.config import QwenConfig
 from qwen_jax.errors import QwenJaxError
 from qwen_jax.model import DEFAULT_PREFILL_CHUNK, decode_logits, params_dtype, prefill
 from qwen_jax.sampling import Sampling, sample
+from qwen_jax.sharding import to_host
 
 GREEDY = Sampling()
 
@@ -112,7 +113,7 @@ def generate_ids(params, config: QwenConfig, prompts: Sequence[Sequence[int]], *
     rows = [StopChecker(decode, stop) for _ in range(B)]
     done = np.zeros(B, bool)
     for step in range(max_new_tokens):
-        host = np.asarray(next_tokens)
+        host = to_host(next_tokens)
         for row in np.flatnonzero(~done):
             token = int(host[row])
             if token in eos:

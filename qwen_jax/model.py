@@ -20,6 +20,7 @@ from qwen_jax.cache import KVCache, cache_length, init_cache
 from qwen_jax.config import QwenConfig
 from qwen_jax.errors import QwenJaxError
 from qwen_jax.layers import Qwen2
+from qwen_jax.sharding import global_array, to_host
 
 DEFAULT_PREFILL_CHUNK = 32768
 
@@ -153,7 +154,7 @@ def prefill(params, tokens, lengths, cache: KVCache, config: QwenConfig, *, chun
     lengths = jnp.asarray(lengths, jnp.int32)
     last_hidden = jnp.zeros((B, config.hidden_size), params_dtype(params))
     if spec.mesh is not None:   # placed as the step returns it, so the first chunk's compilation serves all
-        last_hidden = jax.device_put(last_hidden, jax.sharding.NamedSharding(spec.mesh, jax.sharding.PartitionSpec()))
+        last_hidden = global_array(last_hidden, jax.sharding.NamedSharding(spec.mesh, jax.sharding.PartitionSpec()))
     for begin, end in _chunks(T, chunk_size):
         last_hidden, cache = _prefill_chunk(params, tokens[:, begin:end], jnp.int32(begin), lengths, last_hidden,
                                             cache, config, spec, False)
@@ -182,7 +183,7 @@ def prefill_logits(params, tokens, config: QwenConfig, *, chunk_size: int = DEFA
     for begin, end in _chunks(T, chunk_size):
         logits, cache = _prefill_chunk(params, tokens[:, begin:end], jnp.int32(begin), request_lengths, None, cache,
                                        config, spec, True)
-        out[:, begin:end] = np.asarray(logits)
+        out[:, begin:end] = to_host(logits)
     return out
 
 

@@ -5,6 +5,11 @@ Model code speaks logical axes (``batch``, ``seq``, ``heads``, ``kv_heads``, ``e
 cache); ``LOGICAL_RULES`` maps them onto the mesh axes ``data``, ``seq`` and ``tensor`` (``attn_heads``
 onto ``tensor`` and ``seq`` together, ``tensor`` major). A logical axis whose size the mesh axes do
 not divide stays replicated (for example 4 kv heads on ``tensor=8``): weights shard "as far as they go".
+
+In a multi-process job (``qwen_jax.distributed``) every process runs the same program on the same host
+values: ``global_array`` places a host value onto a mesh that spans other processes' devices (each
+process copies only its own shards), host inputs handed to a jitted step are placed the same way by
+jit itself, and ``to_host`` reads back an output whose shards live on other processes.
 """
 
 from __future__ import annotations
@@ -54,6 +59,10 @@ def make_mesh(spec: str | Mesh | None, devices: Sequence[jax.Device] | None = No
         unknown = set(spec.axis_names) - set(MESH_AXES)
         if unknown:
             raise ConfigError(f"mesh axes {sorted(unknown)} are not used by qwen-jax (use {', '.join(MESH_AXES)})")
+        missing = set(range(jax.process_count())) - {d.process_index for d in spec.devices.flat}
+        if missing:
+            raise ConfigError(f"the mesh has no device of process(es) {sorted(missing)}; a multi-process mesh must "
+                              f"give every process a part")
         return spec
     devices = list(devices if devices is not None else jax.devices())
     sizes = parse_mesh(spec)
@@ -62,6 +71,9 @@ def make_mesh(spec: str | Mesh | None, devices: Sequence[jax.Device] | None = No
     need = math.prod(sizes.values())
     if need > len(devices):
         raise ConfigError(f"mesh {spec!r} needs {need} devices but only {len(devices)} are available")
+    if jax.process_count() > 1 and need != len(devices):
+        raise ConfigError(f"mesh {spec!r} uses {need} of the {len(devices)} devices of this {jax.process_count()}-"
+                          f"process job; a multi-process mesh must use them all, so that every process owns a part")
     grid = np.asarray(devices[:need], dtype=object).reshape(tuple(sizes[a] for a in MESH_AXES))
     return Mesh(grid, MESH_AXES)
 
@@ -100,3 +112,27 @@ def attention_shard_index():
 
 def named_sharding(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(logical, shape, mesh))
+
+
+def global_array(value, sharding: jax.sharding.Sharding) -> jax.Array:
+    """A host value, identical on every process, as an array placed by ``sharding``.
+
+    Each process copies only the shards on its own devices. (``jax.device_put`` of host data onto
+    devices of other processes instead gathers the whole value from every process to check that the
+    copies agree: a full all-gather per weight when loading a checkpoint.)
+    """
+    value = np.asarray(value)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def to_host(array) -> np.ndarray:
+    """The whole value of ``array`` as numpy, on every process.
+
+    An array with shards on other processes (say logits split over ``tensor`` across hosts) is gathered,
+    which is a collective: every process must call this in the same order, as SPMD programs do.
+    """
+    if isinstance(array, jax.Array) and not (array.is_fully_addressable or array.is_fully_replicated):
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+    return np.asarray(array)
+
