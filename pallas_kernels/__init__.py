@@ -122,7 +122,14 @@ def flash_attention(q, k, v, *, q_offset, kv_length, scale=None, mask: MaskSpec 
 
 SPARSE_IMPLS = ("auto", "mosaic_gpu", "triton", "mosaic_tpu", "reference")
 _SPARSE_NATIVE = {"gpu": "mosaic_gpu", "cuda": "mosaic_gpu", "tpu": "mosaic_tpu"}
-MGPU_SPARSE_BLOCK_K = 128  # keys per window of the Mosaic GPU sparse kernel (one window serves two query blocks)
+# The Mosaic GPU sparse kernel's defaults, the fastest measured on an H100 (qwen_jax/bench/GPU_NOTES.md):
+# 64-key windows (less overhang past the 64-wide bands) with 4 stages (128-key windows: 2 fit in shared
+# memory), consumers not taking turns.
+MGPU_SPARSE_BLOCK_K, MGPU_SPARSE_PINGPONG = 64, False
+
+
+def _mgpu_sparse_stages(block_k: int) -> int:
+    return 4 if block_k == 64 else 2
 
 
 def _sparse_impl(impl: str, interpret: bool) -> str:
@@ -140,7 +147,7 @@ def _sparse_mgpu_block(requested: str, queries, k, v, block_k):
     from pallas_kernels.vslash_mgpu import check_supported
     bk = block_k or MGPU_SPARSE_BLOCK_K
     try:
-        check_supported(queries, k, v, bk, 2)
+        check_supported(queries, k, v, bk, _mgpu_sparse_stages(bk))
     except ValueError:
         if requested != "auto":
             raise
@@ -153,7 +160,8 @@ def _sparse_kernel(impl, queries, k, v, q_offset, kv_length, scale, index, col_c
     if impl == "mosaic_gpu":
         from pallas_kernels.vslash_mgpu import vslash_attention_mgpu
         return vslash_attention_mgpu(queries, k, v, q_offset, kv_length, scale, index, col_count, mask=mask,
-                                     block_k=block_k)
+                                     block_k=block_k, stages=_mgpu_sparse_stages(block_k),
+                                     pingpong=MGPU_SPARSE_PINGPONG)
     if impl == "mosaic_tpu":
         from jax.experimental.pallas import tpu as pltpu
 
