@@ -160,7 +160,7 @@ def vslash_attention(q, k, v, selection, *, q_offset, kv_length, scale=None, mas
         bk = vslash.BAND
     else:
         bk = _fit(block_k or vslash.BAND, k.shape[2], vslash.BAND)
-    index = vslash.build_index(selection, q_offset, queries[0].shape[1], kv_length, mask, bk)
+    index = vslash.build_index(selection, q_offset, queries[0].shape[1], kv_length, mask, bk, k.shape[2])
     return _sparse_kernel(impl, queries, k, v, q_offset, kv_length, scale, index, selection.col_count, mask, bk,
                           interpret)
 

@@ -118,7 +118,9 @@ def plan(config: QwenConfig, *, tokens: int, batch: int = 1, mesh=None, chunk_si
         vs, ss = DEFAULT_BUDGET
         s_local = S // max(sizes["seq"], 1)
         workspace = (2 * B * G * N * S * 4 // n_t                  # vertical and slash scores
-                     + 3 * B * K * (N // K) * LAST_Q * 16384 * 4 // n_t   # logits blocks, three rotations
+                     + B * K * (N // K) * LAST_Q * 16384 * 4 // n_t       # logits of one key block
+                     + 4 * B * N * S * 4 // n_t                             # top-k keys and running counts
+                     + 2 * B * G * N * 3 * (S // 64 + 3) * 4 // n_t         # band tables of the index
                      + B * N * (T // 64 + 1) * 3 * (vs + 64) // n_t        # keep masks
                      + 2 * B * G * N * 3 * (vs + 64) * H * item // n_t     # gathered vertical K/V
                      + 4 * B * G * N * 3 * max(ss, s_local // 64 + 1) * 4 // n_t)   # distances and tiles

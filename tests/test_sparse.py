@@ -206,7 +206,7 @@ def test_sparse_kernels_lower_for_their_hardware(kernel, platform):
 
     def f(qs, k, v, qo, kl, sc, dist, dn, cols, cn, sb, se):
         sel = vslash.Selection(dist, dn, cols, cn, sb, se)
-        index = vslash.build_index(sel, qo, T, kl, mask, 64)
+        index = vslash.build_index(sel, qo, T, kl, mask, 64, S)
         if kernel == "triton":
             return vslash_attention_gpu(qs, k, v, qo, kl, sc, index, cn, mask=mask, block_k=64)
         return vslash_attention_tpu(qs, k, v, qo, kl, sc, index, cn, mask=mask)
@@ -275,3 +275,22 @@ def test_rows_over_and_under_the_threshold_in_one_batch(tiny_checkpoint):
     dense_logits, _ = qwen_jax.prefill(dense.params, tokens[:1], np.asarray([320]), cache, dense.config,
                                        chunk_size=128, spec=dense.attention)
     assert np.abs(np.asarray(dense_logits)[0] - both[0]).max() > 1e-4     # the long row really ran sparse
+
+
+def test_top_indices_pick_what_a_stable_sort_picks_ties_included():
+    """The sort-free top-k against numpy's stable argsort: ties (zeros, repeated values, +-inf) go to the
+    lower index, every row has its own count, and n = 0 and n = k work."""
+    rng = np.random.default_rng(7)
+    R, S, k = 12, 700, 300
+    score = np.floor(rng.random((R, S)) * 6).astype(np.float32) / 4          # heavy ties
+    score[rng.random((R, S)) < 0.1] = 0.0
+    score[:, :20] = np.inf
+    score[3, 500:] = -np.inf
+    score[5] = rng.normal(size=S).astype(np.float32)                           # negative values too
+    n = rng.integers(1, k + 1, R)
+    n[0], n[1] = 0, k
+    got = np.asarray(sparse.top_indices(jnp.asarray(score), jnp.asarray(n), k))
+    for r in range(R):
+        want = np.sort(np.argsort(-score[r].astype(np.float64), kind="stable")[:n[r]])
+        np.testing.assert_array_equal(got[r, :n[r]], want)
+        assert (got[r, n[r]:] == S).all()

@@ -2,6 +2,7 @@
 
     python -m qwen_jax.bench.sparse [--lengths 128k,256k,512k,1m] [--inputs local,random]
                                     [--budgets 1000,6096] [--chunk 32768] [--dca 262144,8192] [--json out.json]
+                                    [--estimate-only] [--key-blocks 16384]
 
 Attention only (no model), bf16, 28 query / 4 kv heads, head_dim 128, batch 1. The sparse path runs
 as sparse prefill does: the T queries in chunks of ``--chunk``, each chunk estimating its own
@@ -9,6 +10,12 @@ selection from its last 64 queries and attending to the keys before it; the time
 chunks. The dense baseline is one causal ``jax.nn.dot_product_attention(implementation="cudnn")``
 call over all T. Reported per length: dense ms, sparse ms (attention kernels), estimate + index ms,
 speedup, the share of key tiles the kernels computed, and their effective TFLOP/s over those tiles.
+
+"estimate + index ms" times exactly ``sparse.estimate`` and ``vslash.build_index`` (one jitted call
+per chunk on a chunk of queries sliced beforehand), summed over the chunks; the median over
+``--repeats`` passes after one untimed pass. ``--estimate-only`` times only that (no dense
+baseline, no attention kernel: cheap on a GPU, and it runs on a CPU); ``--key-blocks`` lists the
+estimate's key block sizes to time (one row each).
 
 Inputs: ``random`` (normal q, k, v: no structure, so the chosen diagonals scatter: the worst case for
 a band kernel) or ``local`` (q and k share a per-head direction, so attention decays with distance
@@ -51,7 +58,6 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
 
     from pallas_kernels import vslash
-    from pallas_kernels.vslash_gpu import vslash_attention_gpu
     from qwen_jax.attention import dca as dca_ops
     from qwen_jax.attention import sparse
     from qwen_jax.bench import environment, median_time, print_table, write_json
@@ -73,6 +79,9 @@ def main(argv=None) -> int:
     p.add_argument("--num-stages", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-dense", action="store_true")
+    p.add_argument("--estimate-only", action="store_true",
+                   help="time only the estimate and the index tables (no dense baseline, no attention kernel)")
+    p.add_argument("--key-blocks", default="16384", help="estimate key block sizes to time (comma list)")
     p.add_argument("--interpret", action="store_true", help="run the kernel in interpret mode (CPU smoke test)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -88,77 +97,88 @@ def main(argv=None) -> int:
     inv = 1.0 / 1e6 ** (np.arange(0, H, 2, dtype=np.float64) / H)
     rope = Rope(tuple(float(f) for f in np.float32(inv)))
     bk = args.block_k
+    mask = dca_ops.mask_spec(dca)
 
-    @functools.partial(jax.jit, static_argnames=("Tc",))
-    def select(q_chunk, k, start, Tc):
+    @functools.partial(jax.jit, static_argnames=("Tc", "key_block"))
+    def estimate_index(q_chunk, k, start, Tc, key_block):
+        """Exactly what the timing covers: the estimate and the kernels' index tables of one chunk."""
         lengths = jnp.full((1,), start + Tc, jnp.int32)
         scale = dca_ops.softmax_scale(lengths, dca, H)
-        sel = sparse.estimate(q_chunk, k, jnp.full((1,), start, jnp.int32), lengths, scale, dca=dca, rope=rope,
-                              budgets=budgets)
-        mask = dca_ops.mask_spec(dca)
-        index = vslash.build_index(sel, jnp.full((1,), start, jnp.int32), Tc, lengths, mask, bk)
-        # tiles the kernel computes: slash tiles plus vertical tiles, per (head, block, phase)
-        n_tiles = (index.t1 - index.t0).sum()
+        q_offset = jnp.full((1,), start, jnp.int32)
+        sel = sparse.estimate(q_chunk, k, q_offset, lengths, scale, dca=dca, rope=rope, budgets=budgets,
+                              key_block=key_block, all_sparse=True)
+        return sel, vslash.build_index(sel, q_offset, Tc, lengths, mask, bk, k.shape[2])
+
+    @jax.jit
+    def tiles(sel, index):
+        """Key tiles the kernel computes: slash tiles plus vertical tiles, per (head, block, phase)."""
         v_tiles = -(-sel.col_count // bk)                                   # [B, G, N, P]
         per_block = jnp.take_along_axis(v_tiles, index.block_seg[:, :, None, None], axis=1)   # [B, nqb, N, P]
-        return sel, index, n_tiles + per_block.sum()
+        return (index.t1 - index.t0).sum() + per_block.sum()
 
     @functools.partial(jax.jit, static_argnames=("Tc",))
     def attend(q_chunk, k, v, start, sel, index, Tc):
+        from pallas_kernels.vslash_gpu import vslash_attention_gpu
         lengths = jnp.full((1,), start + Tc, jnp.int32)
         positions = start + jnp.arange(Tc, dtype=jnp.int32)[None]
-        queries, mask, scale = dca_ops.attention_inputs(q_chunk, positions, lengths, dca, rope)
+        queries, mask_, scale = dca_ops.attention_inputs(q_chunk, positions, lengths, dca, rope)
         return vslash_attention_gpu(queries, k, v, jnp.full((1,), start, jnp.int32), lengths, scale, index,
-                                    sel.col_count, mask=mask, block_k=bk, num_warps=args.num_warps,
+                                    sel.col_count, mask=mask_, block_k=bk, num_warps=args.num_warps,
                                     num_stages=args.num_stages, interpret=args.interpret)
 
+    def one_pass(chunks, q_chunks, k, v, kb, count_tiles=False):
+        """One pass over the chunks: (estimate + index seconds, attention seconds, key tiles if counted)."""
+        t_est = t_att = 0.0
+        n_tiles = 0
+        for (s, Tc), qc in zip(chunks, q_chunks):
+            t0 = time.perf_counter()
+            sel, index = jax.block_until_ready(estimate_index(qc, k, jnp.int32(s), Tc, kb))
+            t_est += time.perf_counter() - t0
+            if not args.estimate_only:
+                t1 = time.perf_counter()
+                jax.block_until_ready(attend(qc, k, v, jnp.int32(s), sel, index, Tc))
+                t_att += time.perf_counter() - t1
+                if count_tiles:
+                    n_tiles += int(tiles(sel, index))
+        return t_est, t_att, n_tiles
+
     rows = []
+    key_blocks = [int(x) for x in args.key_blocks.split(",")]
     for kind in args.inputs.split(","):
         for T in (parse_length(x) for x in args.lengths.split(",")):
             q, k, v = _inputs(kind, T, N, K, H, seed=T, rope=rope)
-            flops_dense = 2 * 2 * T * T / 2 * N * H
-            row = {"inputs": kind, "T": T}
-            if not args.no_dense:
+            if not (args.no_dense or args.estimate_only):
                 kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
                 cudnn = jax.jit(functools.partial(jax.nn.dot_product_attention, is_causal=True,
                                                   implementation="cudnn"))
                 dense = functools.partial(cudnn, q, kt, vt)
-                row["dense ms"] = median_time(lambda f=dense: jax.block_until_ready(f()), args.repeats) * 1e3
-                del dense
-                del kt, vt
-                row["dense TFLOP/s"] = flops_dense / row["dense ms"] / 1e9
+                dense_ms = median_time(lambda f=dense: jax.block_until_ready(f()), args.repeats) * 1e3
+                del dense, kt, vt
             chunks = [(s, min(args.chunk, T - s)) for s in range(0, T, args.chunk)]
-            # warm-up (compiles each chunk shape once)
-            for s, Tc in {Tc: (s, Tc) for s, Tc in chunks}.values():
-                sel, index, _ = select(q[:, s:s + Tc], k, jnp.int32(s), Tc)
-                jax.block_until_ready(attend(q[:, s:s + Tc], k, v, jnp.int32(s), sel, index, Tc))
-            est, att, tiles = [], [], 0
-            for rep in range(args.repeats):
-                t_est = t_att = 0.0
-                for s, Tc in chunks:
-                    t0 = time.perf_counter()
-                    sel, index, n = jax.block_until_ready(select(q[:, s:s + Tc], k, jnp.int32(s), Tc))
-                    t1 = time.perf_counter()
-                    jax.block_until_ready(attend(q[:, s:s + Tc], k, v, jnp.int32(s), sel, index, Tc))
-                    t2 = time.perf_counter()
-                    t_est += t1 - t0
-                    t_att += t2 - t1
-                    if rep == 0:
-                        tiles += int(n)
-                est.append(t_est)
-                att.append(t_att)
-            row["sparse ms"] = float(np.median(att) * 1e3)
-            row["estimate+index ms"] = float(np.median(est) * 1e3)
-            computed = tiles * 64 * bk                                       # (query, key) pairs computed
-            row["tiles computed / dense"] = computed / (T * T / 2 * N)
-            row["sparse TFLOP/s (computed tiles)"] = 4 * computed * H / row["sparse ms"] / 1e9
-            if "dense ms" in row:
-                row["speedup"] = row["dense ms"] / row["sparse ms"]
-                row["speedup incl. estimate"] = row["dense ms"] / (row["sparse ms"] + row["estimate+index ms"])
-            row["estimate share"] = row["estimate+index ms"] / row["sparse ms"]
-            rows.append({key: (f"{val:.3g}" if isinstance(val, float) else val) for key, val in row.items()})
-            print(json.dumps(rows[-1]), flush=True)
-            del q, k, v
+            q_chunks = jax.block_until_ready([q[:, s:s + Tc] for s, Tc in chunks])
+            for kb in key_blocks:
+                row = {"inputs": kind, "T": T}
+                if len(key_blocks) > 1:
+                    row["key block"] = kb
+                if not (args.no_dense or args.estimate_only):
+                    row["dense ms"] = dense_ms
+                    row["dense TFLOP/s"] = 2 * 2 * T * T / 2 * N * H / dense_ms / 1e9
+
+                _, _, n_tiles = one_pass(chunks, q_chunks, k, v, kb, count_tiles=True)   # warm-up: compiles
+                est, att = zip(*[one_pass(chunks, q_chunks, k, v, kb)[:2] for _ in range(args.repeats)])
+                row["estimate+index ms"] = float(np.median(est) * 1e3)
+                if not args.estimate_only:
+                    row["sparse ms"] = float(np.median(att) * 1e3)
+                    computed = n_tiles * 64 * bk                             # (query, key) pairs computed
+                    row["tiles computed / dense"] = computed / (T * T / 2 * N)
+                    row["sparse TFLOP/s (computed tiles)"] = 4 * computed * H / row["sparse ms"] / 1e9
+                    if "dense ms" in row:
+                        row["speedup"] = row["dense ms"] / row["sparse ms"]
+                        row["speedup incl. estimate"] = row["dense ms"] / (row["sparse ms"] + row["estimate+index ms"])
+                    row["estimate share"] = row["estimate+index ms"] / row["sparse ms"]
+                rows.append({key: (f"{val:.3g}" if isinstance(val, float) else val) for key, val in row.items()})
+                print(json.dumps(rows[-1]), flush=True)
+            del q, k, v, q_chunks
     env = environment()
     print(json.dumps(env))
     cols = list(dict.fromkeys(key for r in rows for key in r))
