@@ -253,18 +253,26 @@ def top_indices(score, n, k: int):
     return out.reshape(*n.shape, k)
 
 
-def _top_by_segment(v_score, n_v, kv: int, s_score, n_s, ks: int):
-    """``top_indices`` of both scores [B, G, N, S], one segment at a time; a segment with no picks (an
+def _top_by_segment(vertical, slash, end, n_v, kv: int, n_s, ks: int):
+    """The picked columns and diagonals ([B, G, N, kv | ks], ascending; ``top_indices`` with the forced
+    lines in and the positions from ``end`` out), one segment at a time: a segment with no picks (an
     empty one: most query chunks have one) costs nothing."""
-    S = v_score.shape[-1]
+    S = vertical.shape[-1]
+    pos = jnp.arange(S, dtype=jnp.int32)
+    inf = jnp.float32(jnp.inf)
+
+    def picks(v, s, e, nv, ns):                                              # one segment: [B, N, S], [B]
+        e = e[:, None, None]
+        v_score = jnp.where(pos < e, jnp.where(pos < FORCED_COLUMNS, inf, v), -inf)
+        s_score = jnp.where(pos < e, jnp.where(pos >= e - FORCED_DIAGONALS, inf, s), -inf)
+        return top_indices(v_score, nv, kv), top_indices(s_score, ns, ks)
 
     def one(args):
-        v, nv, s, ns = args
+        nv, ns = args[3], args[4]
         none = (jnp.full(nv.shape + (kv,), S, jnp.int32), jnp.full(ns.shape + (ks,), S, jnp.int32))
-        return lax.cond(jnp.maximum(nv.max(), ns.max()) > 0,
-                        lambda: (top_indices(v, nv, kv), top_indices(s, ns, ks)), lambda: none)
+        return lax.cond(jnp.maximum(nv.max(), ns.max()) > 0, lambda: picks(*args), lambda: none)
 
-    cols, diag_i = lax.map(one, tuple(jnp.swapaxes(x, 0, 1) for x in (v_score, n_v, s_score, n_s)))
+    cols, diag_i = lax.map(one, tuple(jnp.swapaxes(x, 0, 1) for x in (vertical, slash, end, n_v, n_s)))
     return jnp.swapaxes(cols, 0, 1), jnp.swapaxes(diag_i, 0, 1)
 
 
@@ -301,7 +309,6 @@ def select(vertical, slash, begin, end, P, sparse_rows, *, budgets: Budgets, chu
     that keep every key."""
     B, G, N, S = vertical.shape
     Sl = chunk_len
-    pos = jnp.arange(S, dtype=jnp.int32)
     end_ = end[:, :, None, None]
     bumped = tuple(130 if v == 30 else v for v in budgets.vertical)       # Qwen's code bumps 30 to 130
     vs = jnp.asarray(bumped, jnp.int32)[None, None, :]
@@ -310,10 +317,7 @@ def select(vertical, slash, begin, end, P, sparse_rows, *, budgets: Budgets, chu
     n_s = jnp.clip(jnp.maximum(ss, MIN_SLASH), None, end[:, :, None])
     kv = min(max(max(bumped), MIN_VERTICAL), S)
     ks = min(max(max(budgets.slash), MIN_SLASH), S)
-    inf = jnp.float32(jnp.inf)
-    v_score = jnp.where(pos < end_, jnp.where(pos < FORCED_COLUMNS, inf, vertical), -inf)
-    s_score = jnp.where(pos < end_, jnp.where(pos >= end_ - FORCED_DIAGONALS, inf, slash), -inf)
-    cols, diag_i = _top_by_segment(v_score, n_v, kv, s_score, n_s, ks)     # [B, G, N, kv | ks] ascending
+    cols, diag_i = _top_by_segment(vertical, slash, end, n_v, kv, n_s, ks)  # [B, G, N, kv | ks] ascending
     Pb, Lb = P[:, :, None], (end - begin)[:, :, None]
     has = [Pb >= 2 * Sl, Pb >= Sl, jnp.ones_like(Pb, bool)]                 # inter, successive, intra
     low, high = jnp.iinfo(jnp.int32).min, jnp.iinfo(jnp.int32).max
