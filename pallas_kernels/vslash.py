@@ -75,17 +75,20 @@ def gather_verticals(k, v, index: VSIndex):
 
 def search(rows, row, x, *, right: bool = False):
     """``searchsorted`` of ``x`` [...] in the sorted rows ``rows[row]`` (rows [R, D], row [...] int): how
-    many entries are below ``x`` (``right``: at most ``x``). Unrolled (no while loop) and indexing rows
-    in place, so callers never copy a row per query."""
+    many entries are below ``x`` (``right``: at most ``x``). Indexes the rows in place, so callers never
+    copy a row per query (``jnp.searchsorted`` under vmap would)."""
     D = rows.shape[-1]
-    lo = jnp.zeros(x.shape, jnp.int32)
-    hi = jnp.full(x.shape, D, jnp.int32)
-    for _ in range(D.bit_length()):
+
+    def step(_, bounds):
+        lo, hi = bounds
         mid = (lo + hi) // 2
         v = rows[row, jnp.minimum(mid, D - 1)]
         go = ((v <= x) if right else (v < x)) & (lo < hi)
-        lo, hi = jnp.where(go, mid + 1, lo), jnp.where(go, hi, mid)
-    return lo
+        return jnp.where(go, mid + 1, lo), jnp.where(go, hi, mid)
+
+    shape = jnp.broadcast_shapes(jnp.shape(row), jnp.shape(x))
+    bounds = (jnp.zeros(shape, jnp.int32), jnp.full(shape, D, jnp.int32))
+    return jax.lax.fori_loop(0, D.bit_length(), step, bounds)[0]
 
 
 def _pack(values, member, fill):

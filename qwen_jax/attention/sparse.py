@@ -218,13 +218,6 @@ def _order_keys(score):
     return lax.bitcast_convert_type(signed, jnp.uint32) ^ jnp.uint32(0x80000000)
 
 
-def _digits(bits: int):
-    """``(shift, width)`` of the digits of a 32-bit key, most significant first, ``bits`` wide (the top
-    one narrower when 32 is not a multiple)."""
-    top = 32 % bits or bits
-    return [(32 - top, top)] + [(s, bits) for s in range(32 - top - bits, -1, -bits)]
-
-
 def top_indices(score, n, k: int):
     """The ``n`` [...] largest entries of ``score`` [..., S] (ties to the lower index, as ``lax.top_k``),
     as their indices sorted ascending [..., k] (``k`` >= every n; slots from n on hold S).
@@ -236,12 +229,18 @@ def top_indices(score, n, k: int):
     S = score.shape[-1]
     u = _order_keys(score)
     n = n.astype(jnp.int32)
-    t = jnp.zeros(n.shape, jnp.uint32)
-    for shift, width in _digits(RADIX_BITS):         # largest t with count(u >= t) >= n
-        cands = [(t + jnp.uint32(d << shift))[..., None] for d in range(1, 1 << width)]
-        counts = lax.reduce(tuple((u >= c).astype(jnp.int32) for c in cands), (jnp.int32(0),) * len(cands),
+    top = (32 - 1) // RADIX_BITS * RADIX_BITS                                 # the first digit's shift
+
+    def digit(i, t):                                 # largest t with count(u >= t) >= n, digit by digit
+        shift = (top - i * RADIX_BITS).astype(jnp.uint32)
+        room = (jnp.uint32(0xFFFFFFFF) - t) >> shift                         # candidates that do not wrap
+        cands = [t + (jnp.uint32(d) << shift) for d in range(1, 1 << RADIX_BITS)]
+        counts = lax.reduce(tuple((u >= c[..., None]).astype(jnp.int32) for c in cands), (jnp.int32(0),) * len(cands),
                             lambda x, y: tuple(a + b for a, b in zip(x, y)), (u.ndim - 1,))
-        t = t + (sum((c >= n).astype(jnp.uint32) for c in counts) << shift)
+        up = sum(((c >= n) & (d + 1 <= room)).astype(jnp.uint32) for d, c in enumerate(counts))
+        return t + (up << shift)
+
+    t = lax.fori_loop(0, top // RADIX_BITS + 1, digit, jnp.zeros(n.shape, jnp.uint32))
     above, tie = u > t[..., None], u == t[..., None]
     ties_taken = n - above.sum(-1, dtype=jnp.int32)
     n_tie = jnp.cumsum(tie, -1, dtype=jnp.int32)
