@@ -191,7 +191,8 @@ def vslash_attention(q, k, v, selection, *, q_offset, kv_length, scale=None, mas
     if impl == "mosaic_gpu":
         bk = _sparse_mgpu_block(requested, queries, k, v, block_k)
         if bk is not None:               # the index's tile width does not matter to it: build the cheapest
-            index = vslash.build_index(selection, q_offset, queries[0].shape[1], kv_length, mask, vslash.BAND)
+            index = vslash.build_index(selection, q_offset, queries[0].shape[1], kv_length, mask, vslash.BAND,
+                                       k.shape[2])
             return _sparse_kernel(impl, queries, k, v, q_offset, kv_length, scale, index, selection.col_count, mask,
                                   bk, interpret)
         impl, block_k = "triton", None
@@ -201,7 +202,7 @@ def vslash_attention(q, k, v, selection, *, q_offset, kv_length, scale=None, mas
         bk = vslash.BAND
     else:
         bk = _fit(block_k or vslash.BAND, k.shape[2], vslash.BAND)
-    index = vslash.build_index(selection, q_offset, queries[0].shape[1], kv_length, mask, bk)
+    index = vslash.build_index(selection, q_offset, queries[0].shape[1], kv_length, mask, bk, k.shape[2])
     return _sparse_kernel(impl, queries, k, v, q_offset, kv_length, scale, index, selection.col_count, mask, bk,
                           interpret)
 

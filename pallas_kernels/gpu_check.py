@@ -93,7 +93,7 @@ def run_sparse_case(mask_name: str, G: int, seed: int, T: int = 700, S: int = 20
         from pallas_kernels.vslash_mgpu import vslash_attention_mgpu
         block_k, stages, pingpong = options
         index = vslash.block_sparse_index(blocks, counts, q_offset, kv_length)[0] if mask_name == "block" else \
-            vslash.build_index(sel, q_offset, T, kv_length, mask, vslash.BAND)
+            vslash.build_index(sel, q_offset, T, kv_length, mask, vslash.BAND, k.shape[2])
         out, lse = vslash_attention_mgpu(qs, k, v, q_offset, kv_length, scale, index, None, mask=mask,
                                          block_k=block_k, stages=stages, pingpong=pingpong)
     elif mask_name == "block":

@@ -73,6 +73,36 @@ def gather_verticals(k, v, index: VSIndex):
     return k[b, kvh, pos], v[b, kvh, pos]
 
 
+def search(rows, row, x, *, right: bool = False):
+    """``searchsorted`` of ``x`` [...] in the sorted rows ``rows[row]`` (rows [R, D], row [...] int): how
+    many entries are below ``x`` (``right``: at most ``x``). Indexes the rows in place, so callers never
+    copy a row per query (``jnp.searchsorted`` under vmap would)."""
+    D = rows.shape[-1]
+
+    def step(_, bounds):
+        lo, hi = bounds
+        mid = (lo + hi) // 2
+        v = rows[row, jnp.minimum(mid, D - 1)]
+        go = ((v <= x) if right else (v < x)) & (lo < hi)
+        return jnp.where(go, mid + 1, lo), jnp.where(go, hi, mid)
+
+    shape = jnp.broadcast_shapes(jnp.shape(row), jnp.shape(x))
+    bounds = (jnp.zeros(shape, jnp.int32), jnp.full(shape, D, jnp.int32))
+    return jax.lax.fori_loop(0, D.bit_length(), step, bounds)[0]
+
+
+def _pack(values, member, fill):
+    """The ``member`` entries of ``values`` [..., D] in order, packed to the front (rest ``fill``)."""
+    D = values.shape[-1]
+    lead = values.shape[:-1]
+    filled = jnp.cumsum(member, axis=-1, dtype=jnp.int32).reshape(-1, D)   # entries packed so far
+    row = jnp.arange(filled.shape[0], dtype=jnp.int32)[:, None]
+    j = jnp.arange(D, dtype=jnp.int32)[None]
+    at = search(filled, row, j + 1)                                          # the entry packed into slot j
+    out = jnp.take_along_axis(values.reshape(-1, D), jnp.minimum(at, D - 1), axis=-1)
+    return jnp.where(at < D, out, fill).reshape(*lead, D)
+
+
 def runs(dist, count):
     """Merge sorted distances [..., D] (first ``count`` valid) into runs: ``(d_lo, d_hi, n_runs)``, each
     [..., D] with runs packed at the front (a run is consecutive distances at most BAND apart)."""
@@ -83,11 +113,8 @@ def runs(dist, count):
     gap_after = jnp.diff(dist, axis=-1, append=dist[..., -1:])
     starts = valid & ((j == 0) | (gap_before > BAND))
     ends = valid & ((j + 1 == count[..., None]) | (gap_after > BAND))
-    n_runs = starts.sum(-1)
     big = jnp.iinfo(jnp.int32).max
-    d_lo = jnp.sort(jnp.where(starts, dist, big), axis=-1)
-    d_hi = jnp.sort(jnp.where(ends, dist, big), axis=-1)
-    return d_lo, d_hi, n_runs
+    return _pack(dist, starts, big), _pack(dist, ends, big), starts.sum(-1)
 
 
 def run_tiles(dist, count, block_k: int):
@@ -109,8 +136,9 @@ def run_tiles(dist, count, block_k: int):
     n_per = -(-length // block_k)
     cum = jnp.cumsum(n_per, axis=-1)
     n_tiles = cum[..., -1]
-    t = jnp.arange(D)
-    owner = jax.vmap(lambda c: jnp.searchsorted(c, t, side="right"))(cum.reshape(-1, D)).reshape(cum.shape)
+    t = jnp.arange(D, dtype=jnp.int32)
+    flat = cum.reshape(-1, D)
+    owner = search(flat, jnp.arange(flat.shape[0], dtype=jnp.int32)[:, None], t[None], right=True).reshape(cum.shape)
     owner = jnp.minimum(owner, D - 1)
     first_tile = jnp.take_along_axis(cum - n_per, owner, axis=-1)
     run_start = jnp.take_along_axis(start, owner, axis=-1)
@@ -134,44 +162,67 @@ def covered(dist, count, delta):
     return ((i < D) & (nxt <= flat_q + BAND - 1)).reshape(delta.shape)
 
 
+def band_tables(dist, count, n_keys: int):
+    """The smallest and the largest selected distance in each 64-aligned block of distances:
+    ``(first, last)`` [R, n_keys // 64 + 3] for the R = prod(leading) lists of ``dist`` [..., D], entry
+    ``j`` for the block ``[64 (j - 1), 64 j)`` (none: int32 max and int32 min). Distances past the cache
+    (from ``64 (n_keys // 64 + 1)`` on) are left out: their bands meet no key of a query block inside it."""
+    D = dist.shape[-1]
+    nb = n_keys // BAND + 3
+    flat = dist.reshape(-1, D)
+    listed = (jnp.arange(D) < count.reshape(-1, 1)) & (flat >= 0) & (flat < (nb - 2) * BAND)
+    at = jnp.where(listed, flat // BAND + 1, nb)                             # nb: dropped
+    row = jnp.arange(flat.shape[0], dtype=jnp.int32)[:, None]
+    first = jnp.full((flat.shape[0], nb), jnp.iinfo(jnp.int32).max, jnp.int32).at[row, at].min(flat, mode="drop")
+    last = jnp.full((flat.shape[0], nb), jnp.iinfo(jnp.int32).min, jnp.int32).at[row, at].max(flat, mode="drop")
+    return first, last
+
+
+def covered_by_table(first, last, row, delta):
+    """``covered`` from ``band_tables``: list ``row`` [...] has a distance in ``[delta, delta + 63]``
+    (delta [...] int32, below the cache length). The window meets at most two 64-blocks of distances:
+    the one holding ``delta`` (some distance >= delta there) and the next (some distance <= delta + 63)."""
+    nb = first.shape[-1]
+    j = jnp.clip(delta // BAND + 1, 0, nb - 2)
+    return (delta > -BAND) & ((last[row, j] >= delta) | (first[row, j + 1] <= delta + BAND - 1))
+
+
 def block_starts(q_offset, n_blocks: int):
     """First position of each 64-row query block [B, nqb] (``q_offset`` must be a multiple of 64)."""
     return q_offset[:, None] + BAND * jnp.arange(n_blocks, dtype=jnp.int32)[None]
 
 
-def build_index(sel: "Selection", q_offset, T: int, kv_length, mask: MaskSpec, block_k: int) -> VSIndex:
-    """Index tables (module docstring) for T queries from ``q_offset`` [B] (a multiple of 64)."""
+def build_index(sel: "Selection", q_offset, T: int, kv_length, mask: MaskSpec, block_k: int, n_keys: int) -> VSIndex:
+    """Index tables (module docstring) for T queries from ``q_offset`` [B] (a multiple of 64) over a cache
+    of ``n_keys`` slots (static; the queries lie inside it)."""
     B, G, N, P, D = sel.dist.shape
     nqb = -(-T // BAND)
     rel_start, rel_end, _ = run_tiles(sel.dist, sel.dist_count, block_k)
     q0 = block_starts(q_offset, nqb)                                        # [B, nqb]
     block_seg = segment_of(sel, q0)
-
-    def per_row(rs_row, re_row, q0b, seg, kv_len):
-        t0s, t1s = [], []
-        for p, phase in enumerate(mask.phases):
-            klo, khi = mask.key_range(phase, q0b, q0b + BAND - 1, kv_len)    # [nqb]
-            rs, re = rs_row[seg, :, p], re_row[seg, :, p]                     # [nqb, N, D]
-            t0 = jax.vmap(jax.vmap(lambda e, x: jnp.searchsorted(e, x, side="right"), in_axes=(0, None)))(
-                re, klo - q0b)
-            t1 = jax.vmap(jax.vmap(lambda a, x: jnp.searchsorted(a, x, side="left"), in_axes=(0, None)))(
-                rs, khi - q0b)
-            empty = (khi <= klo)[:, None]
-            t0s.append(jnp.where(empty, 0, t0))
-            t1s.append(jnp.where(empty, 0, jnp.maximum(t1, t0)))
-        return jnp.stack(t0s, -1).transpose(1, 0, 2), jnp.stack(t1s, -1).transpose(1, 0, 2)   # [N, nqb, P]
-
-    t0, t1 = jax.vmap(per_row)(rel_start, rel_end, q0, block_seg, kv_length)
+    # list of (row, the block's segment, head, phase): [B, N, nqb, P]
+    b_ = jnp.arange(B, dtype=jnp.int32)[:, None, None, None]
+    n_ = jnp.arange(N, dtype=jnp.int32)[None, :, None, None]
+    p_ = jnp.arange(P, dtype=jnp.int32)[None, None, None, :]
+    row = ((b_ * G + block_seg[:, None, :, None]) * N + n_) * P + p_
+    klo, khi = [], []
+    for phase in mask.phases:
+        lo_, hi_ = mask.key_range(phase, q0, q0 + BAND - 1, kv_length[:, None])   # [B, nqb]
+        klo.append(lo_)
+        khi.append(hi_)
+    klo, khi = jnp.stack(klo, -1)[:, None], jnp.stack(khi, -1)[:, None]         # [B, 1, nqb, P]
+    q0_ = q0[:, None, :, None]
+    t0 = search(rel_end.reshape(-1, D), row, klo - q0_, right=True)
+    t1 = search(rel_start.reshape(-1, D), row, khi - q0_)
+    empty = khi <= klo
+    t0, t1 = jnp.where(empty, 0, t0), jnp.where(empty, 0, jnp.maximum(t1, t0))
     V = sel.cols.shape[-1]
     vpos = jnp.where(jnp.arange(V) < sel.col_count[..., None], sel.cols, NO_KEY)
     # keep: the block's vertical columns that none of its bands covers (else they would count twice)
-    at = block_seg[:, :, None, None, None]
-    seg_cols = jnp.take_along_axis(vpos, at, axis=1)                        # [B, nqb, N, P, V]
-    seg_dist = jnp.take_along_axis(sel.dist, at, axis=1)
-    seg_cnt = jnp.take_along_axis(sel.dist_count, block_seg[:, :, None, None], axis=1)
-    delta = q0[:, :, None, None, None] - seg_cols
-    keep = ~covered(seg_dist, seg_cnt, delta) & (seg_cols < NO_KEY)
-    return VSIndex(rel_start, rel_end, t0, t1, block_seg, vpos, keep.transpose(0, 2, 1, 3, 4))
+    first, last = band_tables(sel.dist, sel.dist_count, n_keys)
+    seg_cols = vpos.reshape(-1, V)[row]                                     # [B, N, nqb, P, V]
+    keep = ~covered_by_table(first, last, row[..., None], q0_[..., None] - seg_cols) & (seg_cols < NO_KEY)
+    return VSIndex(rel_start, rel_end, t0, t1, block_seg, vpos, keep)
 
 
 class Selection(NamedTuple):

@@ -123,7 +123,9 @@ def plan(config: QwenConfig, *, tokens: int, batch: int = 1, mesh=None, chunk_si
         G = n_segments(Tc, dca.chunk_len)
         vs, ss = DEFAULT_BUDGET
         workspace = (2 * B * G * N * S * 4 // n_a                  # vertical and slash scores
-                     + 3 * B * N * LAST_Q * 16384 * 4 // n_a       # logits blocks, three rotations
+                     + B * N * LAST_Q * 16384 * 4 // n_a           # logits of one key block
+                     + 4 * B * N * S * 4 // n_a                     # top-k keys and running counts
+                     + 2 * B * G * N * 3 * (S // 64 + 3) * 4 // n_a         # band tables of the index
                      + B * N * (Tc // 64 + 1) * 3 * (vs + 64) // n_a       # keep masks
                      + 2 * B * G * N * 3 * (vs + 64) * H * item // n_a     # gathered vertical K/V
                      + 4 * B * G * N * 3 * max(ss, S // 64 + 1) * 4 // n_a)   # distances and tiles

@@ -206,7 +206,7 @@ def test_sparse_kernels_lower_for_their_hardware(kernel, platform):
 
     def f(qs, k, v, qo, kl, sc, dist, dn, cols, cn, sb, se):
         sel = vslash.Selection(dist, dn, cols, cn, sb, se)
-        index = vslash.build_index(sel, qo, T, kl, mask, 64)
+        index = vslash.build_index(sel, qo, T, kl, mask, 64, S)
         if kernel == "triton":
             return vslash_attention_gpu(qs, k, v, qo, kl, sc, index, cn, mask=mask, block_k=64)
         return vslash_attention_tpu(qs, k, v, qo, kl, sc, index, cn, mask=mask)
@@ -376,7 +376,7 @@ def test_mgpu_sparse_schedule_computes_each_visible_key_once(mask_name, q_offset
     seg_begin, seg_end, _ = sparse.segments(q_offset, T, lengths, 128 if mask_name == "dca" else 10 ** 6)
     sel = vslash.random_selection(rng, (B, seg_begin.shape[1], N, len(mask.phases), 40, 60), seg_begin, seg_end,
                                   max_dist=900, n_keys=S)
-    index = jax.jit(vslash.build_index, static_argnums=(2, 4, 5))(sel, q_offset, T, kv_length, mask, 64)
+    index = jax.jit(vslash.build_index, static_argnums=(2, 4, 5, 6))(sel, q_offset, T, kv_length, mask, 64, S)
     qs = tuple(rng.normal(size=(B, T, N, 16)) for _ in mask.phases)
     k, v = rng.normal(size=(2, B, 1, S, 16))
     scale = np.array([0.3, 0.2])
@@ -430,7 +430,7 @@ def test_mgpu_sparse_kernel_lowers_for_cuda(mask_name):
 
     def f(qs, k, v, qo, kl, sc, dist, dn, cols, cn, sb, se):
         sel = vslash.Selection(dist, dn, cols, cn, sb, se)
-        index = vslash.build_index(sel, qo, T, kl, mask, vslash.BAND)
+        index = vslash.build_index(sel, qo, T, kl, mask, vslash.BAND, S)
         return vslash_attention_mgpu(qs, k, v, qo, kl, sc, index, cn, mask=mask)
 
     sd, i32 = jax.ShapeDtypeStruct, jnp.int32
@@ -472,3 +472,22 @@ def test_sparse_dispatch_picks_or_refuses_loudly():
         vslash_attention(q, k, k, sel, q_offset=0, kv_length=256, impl="mosaic_gpu", interpret=True)
     with pytest.raises(ValueError, match="not available"):
         vslash_attention(q, k, k, sel, q_offset=0, kv_length=256, impl="cutlass")
+
+
+def test_top_indices_pick_what_a_stable_sort_picks_ties_included():
+    """The sort-free top-k against numpy's stable argsort: ties (zeros, repeated values, +-inf) go to the
+    lower index, every row has its own count, and n = 0 and n = k work."""
+    rng = np.random.default_rng(7)
+    R, S, k = 12, 700, 300
+    score = np.floor(rng.random((R, S)) * 6).astype(np.float32) / 4          # heavy ties
+    score[rng.random((R, S)) < 0.1] = 0.0
+    score[:, :20] = np.inf
+    score[3, 500:] = -np.inf
+    score[5] = rng.normal(size=S).astype(np.float32)                           # negative values too
+    n = rng.integers(1, k + 1, R)
+    n[0], n[1] = 0, k
+    got = np.asarray(sparse.top_indices(jnp.asarray(score), jnp.asarray(n), k))
+    for r in range(R):
+        want = np.sort(np.argsort(-score[r].astype(np.float64), kind="stable")[:n[r]])
+        np.testing.assert_array_equal(got[r, :n[r]], want)
+        assert (got[r, n[r]:] == S).all()

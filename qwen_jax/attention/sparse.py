@@ -46,6 +46,7 @@ FORCED_DIAGONALS = 100
 MIN_VERTICAL, MIN_SLASH = 30, 50
 DEFAULT_BUDGET = (1000, 6096)
 FALLBACK = 5
+RADIX_BITS = 3     # top_indices: digit width (3: memory and compare work balance on GPUs)
 
 
 class Budgets(NamedTuple):
@@ -107,83 +108,171 @@ def segments(q_offset, T: int, request_lengths, chunk_len: int):
     return begin, jnp.maximum(end, begin), P
 
 
+def _lse_combine(x, y):
+    """Online log-sum-exp pair (running max, sum of exp relative to it): the reducer of ``lax.reduce``."""
+    (m1, l1), (m2, l2) = x, y
+    m = jnp.maximum(m1, m2)
+    return m, l1 * jnp.exp(m1 - m) + l2 * jnp.exp(m2 - m)
+
+
+def _segment_scores(q_row, k_row, q_off, begin, end, P, scale, *, dca: DCAConfig, rope: Rope, bk: int):
+    """Vertical [N, S] and slash [N, S + 63] scores of one segment of one row (all arguments but q_row
+    [T, N, H] and k_row [K, S, H] are scalars).
+
+    The keys below ``end`` are walked as *pieces*: each phase's key range cut into ``bk`` keys (the last
+    piece of a range is shorter), so every piece needs one query rotation and one matmul, and an empty
+    segment has no piece. Pass 1 reduces each piece's logits to a running (max, sum) per estimate row
+    in one read; pass 2 turns them into probabilities and adds them up by column and by diagonal in
+    one reduction."""
+    T, N, H = q_row.shape
+    K, S = k_row.shape[0], k_row.shape[1]
+    Gq = N // K
+    C, Sl = dca.chunk_size, dca.chunk_len
+    dtype = k_row.dtype                      # bf16 caches: bf16 products, float32 accumulation
+    precision = matmul_precision(dtype)
+    r = jnp.arange(LAST_Q, dtype=jnp.int32)
+    rows = end - LAST_Q + r                                                  # [64] query positions
+    valid_row = rows >= begin
+    q_est = q_row[jnp.clip(rows - q_off, 0, T - 1)]                          # [64, N, H]
+    # [3, K, Gq * 64, H]: inter, successive, intra rotations, estimate rows grouped by kv head
+    rotated = jnp.stack([rope.apply(q_est[None], (rows - P + shift)[None])[0] for shift in (C, Sl, 0)])
+    rotated = rotated.reshape(3, LAST_Q, K, Gq, H).transpose(0, 2, 3, 1, 4).reshape(3, K, Gq * LAST_Q, H)
+    rotated = rotated.astype(dtype)
+    row_pos = jnp.tile(rows, Gq)[None, :, None]                              # [1, Gq * 64, 1]
+    row_ok = jnp.tile(valid_row, Gq)[None, :, None]
+    # phase key ranges [lo, hi) below end, in piece order; an empty segment has none
+    inter_end = jnp.maximum(P - Sl, 0)
+    live = end > begin
+    lo = jnp.stack([jnp.zeros_like(P), inter_end, P])
+    hi = jnp.where(live, jnp.stack([inter_end, P, end]), lo)
+    n_pieces = (hi - lo + bk - 1) // bk                                      # [3]
+    first = jnp.concatenate([jnp.zeros((1,), n_pieces.dtype), jnp.cumsum(n_pieces)[:2]])
+    total = n_pieces.sum()
+
+    def logits(it):
+        p = (it >= first[1]).astype(jnp.int32) + (it >= first[2]).astype(jnp.int32)
+        start = lo[p] + (it - first[p]) * bk
+        stop = jnp.minimum(start + bk, hi[p])
+        at = jnp.minimum(start, S - bk)                                      # dynamic_slice would clamp too
+        keys = lax.dynamic_slice_in_dim(k_row, at, bk, axis=1)               # [K, bk, H]
+        s = jnp.einsum("kmh,ksh->kms", rotated[p], keys, precision=precision, preferred_element_type=jnp.float32)
+        kp = (at + jnp.arange(bk, dtype=jnp.int32))[None, None, :]
+        ok = (kp >= start) & (kp < stop) & (kp <= row_pos) & row_ok
+        return jnp.where(ok, s * scale, MASK_VALUE), ok, at                  # [K, Gq * 64, bk]
+
+    def pass1(it, carry):
+        s, ok, _ = logits(it)
+        weight = jnp.broadcast_to(ok, s.shape).astype(jnp.float32)          # masked logits add nothing
+        piece = lax.reduce((s, weight), (jnp.float32(MASK_VALUE), jnp.float32(0)), _lse_combine, (2,))
+        return _lse_combine(carry, piece)
+
+    shape = (K, Gq * LAST_Q)
+    m, l = lax.fori_loop(0, total, pass1, (jnp.full(shape, MASK_VALUE, jnp.float32), jnp.zeros(shape, jnp.float32)))
+    lse = (m + jnp.log(jnp.maximum(l, 1e-30)))[..., None]
+
+    def pass2(it, carry):
+        vertical, slash = carry
+        s, ok, at = logits(it)
+        a = jnp.where(ok, jnp.exp(s - lse), 0.0).reshape(K, Gq, LAST_Q, bk)
+        # slash index i = k + 63 - r: reverse the rows, then skew so row r' shifts right by r'; the
+        # column sums ride in the same (two-operand) reduction, padded to the same width
+        padded = jnp.pad(a[..., ::-1, :], [(0, 0)] * 3 + [(0, LAST_Q)])                 # [K, Gq, 64, bk + 64]
+        flat = padded.reshape(K, Gq, LAST_Q * (bk + LAST_Q))[..., :LAST_Q * (bk + LAST_Q - 1)]
+        skewed = flat.reshape(K, Gq, LAST_Q, bk + LAST_Q - 1)
+        zero = jnp.float32(0)
+        by_col, by_diag = lax.reduce((jnp.pad(a, [(0, 0)] * 3 + [(0, LAST_Q - 1)]), skewed), (zero, zero),
+                                     lambda x, y: (x[0] + y[0], x[1] + y[1]), (2,))   # [K, Gq, bk + 63] each
+        col = lax.dynamic_slice_in_dim(vertical, at, bk, axis=-1) + by_col[..., :bk].reshape(N, bk)
+        diag = lax.dynamic_slice_in_dim(slash, at, bk + LAST_Q - 1, axis=-1) + by_diag.reshape(N, bk + LAST_Q - 1)
+        return (lax.dynamic_update_slice_in_dim(vertical, col, at, axis=-1),
+                lax.dynamic_update_slice_in_dim(slash, diag, at, axis=-1))
+
+    return lax.fori_loop(0, total, pass2, (jnp.zeros((N, S), jnp.float32), jnp.zeros((N, S + LAST_Q - 1), jnp.float32)))
+
+
 def scores(q, k_cache, q_offset, begin, end, P, scale, *, dca: DCAConfig, rope: Rope, key_block: int = 16384):
     """Vertical and slash scores of every segment: ``(vertical [B, G, N, S], slash [B, G, N, S])``,
     slash indexed by ``i = end - 1 - d``; positions at or past ``end`` score 0.
 
-    One segment at a time, over the key blocks below its end only (an empty segment costs nothing):
-    pass 1 finds each estimate row's log-sum-exp, pass 2 adds the probabilities up by column and, after
-    a skew that turns diagonals into columns, by diagonal."""
-    B, T, N, H = q.shape
-    K, S = k_cache.shape[1], k_cache.shape[2]
-    Gq = N // K
-    C, Sl = dca.chunk_size, dca.chunk_len
-    dtype = k_cache.dtype                    # bf16 caches: bf16 products, float32 accumulation
-    precision = matmul_precision(dtype)
-    bk = key_block
-    while S % bk:
-        bk //= 2
-    scale = scale.astype(jnp.float32)[:, None, None, None, None]
-    r = jnp.arange(LAST_Q, dtype=jnp.int32)
+    One segment at a time (``lax.map``), one row at a time (rows differ in their phase ranges), over
+    the keys below the segment's end only: ``_segment_scores``."""
+    B = q.shape[0]
+    S = k_cache.shape[2]
+    bk = min(key_block, S)
+    scale = scale.astype(jnp.float32)
 
     def one_segment(seg):
         begin_g, end_g, P_g = seg                                            # [B] each
-        rows = end_g[:, None] - LAST_Q + r                                   # [B, 64] query positions
-        valid_row = rows >= begin_g[:, None]
-        t_idx = jnp.clip(rows - q_offset[:, None], 0, T - 1)
-        q_est = jnp.take_along_axis(q, t_idx[:, :, None, None], axis=1)     # [B, 64, N, H]
-        base = rows - P_g[:, None]
-        rotated = [rope.apply(q_est, base + shift).reshape(B, LAST_Q, K, Gq, H).astype(dtype)
-                   for shift in (C, Sl, 0)]                                  # inter, successive, intra
-        Pb = P_g[:, None, None, None, None]
-
-        def logits(j):
-            keys = lax.dynamic_slice_in_dim(k_cache, j * bk, bk, axis=2)                    # [B, K, bk, H]
-            kp = (j * bk + jnp.arange(bk, dtype=jnp.int32))[None, None, None, None, :]
-            s = [jnp.einsum("brkjh,bksh->bkjrs", qr, keys, precision=precision, preferred_element_type=jnp.float32)
-                 for qr in rotated]
-            s = jnp.where(kp >= Pb, s[2], jnp.where(kp >= Pb - Sl, s[1], s[0])) * scale
-            ok = (kp <= rows[:, None, None, :, None]) & valid_row[:, None, None, :, None]
-            return jnp.where(ok, s, MASK_VALUE), ok                          # [B, K, Gq, 64, bk]
-
-        n_blocks = jnp.where(end_g > begin_g, (end_g + bk - 1) // bk, 0).max()
-
-        def pass1(j, carry):
-            m, l = carry
-            s, ok = logits(j)
-            m_new = jnp.maximum(m, s.max(-1))
-            l = l * jnp.exp(m - m_new) + jnp.where(ok, jnp.exp(s - m_new[..., None]), 0.0).sum(-1)
-            return m_new, l
-
-        shape = (B, K, Gq, LAST_Q)
-        m, l = lax.fori_loop(0, n_blocks, pass1, (jnp.full(shape, MASK_VALUE, jnp.float32),
-                                                  jnp.zeros(shape, jnp.float32)))
-        lse = m + jnp.log(jnp.maximum(l, 1e-30))
-
-        def pass2(j, carry):
-            slash, vertical = carry
-            s, ok = logits(j)
-            a = jnp.where(ok, jnp.exp(s - lse[..., None]), 0.0)             # [B, K, Gq, 64, bk]
-            vertical = lax.dynamic_update_slice_in_dim(vertical, a.sum(-2), j * bk, axis=-1)
-            # slash index i = k + 63 - r: reverse the rows, then skew so row r' shifts right by r'
-            padded = jnp.pad(a[..., ::-1, :], [(0, 0)] * 4 + [(0, LAST_Q)])     # [..., 64, bk + 64]
-            flat = padded.reshape(*padded.shape[:-2], LAST_Q * (bk + LAST_Q))[..., :LAST_Q * (bk + LAST_Q - 1)]
-            diag = flat.reshape(*padded.shape[:-2], LAST_Q, bk + LAST_Q - 1).sum(-2)   # i - j*bk in [0, bk + 63)
-            window = lax.dynamic_slice_in_dim(slash, j * bk, bk + LAST_Q - 1, axis=-1)
-            return lax.dynamic_update_slice_in_dim(slash, window + diag, j * bk, axis=-1), vertical
-
-        slash, vertical = lax.fori_loop(0, n_blocks, pass2, (jnp.zeros((B, K, Gq, S + LAST_Q - 1), jnp.float32),
-                                                             jnp.zeros((B, K, Gq, S), jnp.float32)))
-        return vertical.reshape(B, N, S), slash.reshape(B, N, S + LAST_Q - 1)[..., :S]
+        out = [_segment_scores(q[b], k_cache[b], q_offset[b], begin_g[b], end_g[b], P_g[b], scale[b], dca=dca,
+                               rope=rope, bk=bk) for b in range(B)]
+        return jnp.stack([v for v, _ in out]), jnp.stack([s[:, :S] for _, s in out])
 
     vertical, slash = lax.map(one_segment, (begin.T, end.T, P.T))           # [G, B, N, S]
     return vertical.transpose(1, 0, 2, 3), slash.transpose(1, 0, 2, 3)
 
 
-def _compact(values, member, big):
-    """Sorted members of ``values`` [..., M] packed to the front (rest ``big``) and their count."""
-    out = jnp.sort(jnp.where(member, values, big), axis=-1)
-    return out, member.sum(-1).astype(jnp.int32)
+def _order_keys(score):
+    """uint32 keys ordered as the float32 ``score`` (no NaN; -0 counts as 0, as in ``lax.top_k``)."""
+    bits = lax.bitcast_convert_type(jnp.where(score == 0, 0.0, score), jnp.int32)
+    signed = bits ^ ((bits >> 31) & 0x7FFFFFFF)                             # negative floats in reverse
+    return lax.bitcast_convert_type(signed, jnp.uint32) ^ jnp.uint32(0x80000000)
+
+
+def top_indices(score, n, k: int):
+    """The ``n`` [...] largest entries of ``score`` [..., S] (ties to the lower index, as ``lax.top_k``),
+    as their indices sorted ascending [..., k] (``k`` >= every n; slots from n on hold S).
+
+    No sort (``lax.top_k`` sorts the whole row on GPUs): the n-th largest value ``t`` is found
+    ``RADIX_BITS`` bits at a time, each digit by counting the entries at or above its candidate values
+    in one pass over the scores; the entries above ``t`` and the first ``n - count(> t)`` equal to it
+    are then scattered to their rank among the picks (two running counts)."""
+    S = score.shape[-1]
+    u = _order_keys(score)
+    n = n.astype(jnp.int32)
+    top = (32 - 1) // RADIX_BITS * RADIX_BITS                                 # the first digit's shift
+
+    def digit(i, t):                                 # largest t with count(u >= t) >= n, digit by digit
+        shift = (top - i * RADIX_BITS).astype(jnp.uint32)
+        room = (jnp.uint32(0xFFFFFFFF) - t) >> shift                         # candidates that do not wrap
+        cands = [t + (jnp.uint32(d) << shift) for d in range(1, 1 << RADIX_BITS)]
+        counts = lax.reduce(tuple((u >= c[..., None]).astype(jnp.int32) for c in cands), (jnp.int32(0),) * len(cands),
+                            lambda x, y: tuple(a + b for a, b in zip(x, y)), (u.ndim - 1,))
+        up = sum(((c >= n) & (d + 1 <= room)).astype(jnp.uint32) for d, c in enumerate(counts))
+        return t + (up << shift)
+
+    t = lax.fori_loop(0, top // RADIX_BITS + 1, digit, jnp.zeros(n.shape, jnp.uint32))
+    above, tie = u > t[..., None], u == t[..., None]
+    ties_taken = n - above.sum(-1, dtype=jnp.int32)
+    n_tie = jnp.cumsum(tie, -1, dtype=jnp.int32)
+    picked = above | (tie & (n_tie <= ties_taken[..., None]))
+    slot = jnp.where(picked, jnp.cumsum(picked, -1, dtype=jnp.int32) - 1, k)   # k: dropped
+    rows = picked.size // S
+    out = jnp.full((rows, k), S, jnp.int32).at[jnp.arange(rows)[:, None], slot.reshape(rows, S)].set(
+        jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (rows, S)), mode="drop", unique_indices=False)
+    return out.reshape(*n.shape, k)
+
+
+def _top_by_segment(vertical, slash, end, n_v, kv: int, n_s, ks: int):
+    """The picked columns and diagonals ([B, G, N, kv | ks], ascending; ``top_indices`` with the forced
+    lines in and the positions from ``end`` out), one segment at a time: a segment with no picks (an
+    empty one: most query chunks have one) costs nothing."""
+    S = vertical.shape[-1]
+    pos = jnp.arange(S, dtype=jnp.int32)
+    inf = jnp.float32(jnp.inf)
+
+    def picks(v, s, e, nv, ns):                                              # one segment: [B, N, S], [B]
+        e = e[:, None, None]
+        v_score = jnp.where(pos < e, jnp.where(pos < FORCED_COLUMNS, inf, v), -inf)
+        s_score = jnp.where(pos < e, jnp.where(pos >= e - FORCED_DIAGONALS, inf, s), -inf)
+        return top_indices(v_score, nv, kv), top_indices(s_score, ns, ks)
+
+    def one(args):
+        nv, ns = args[3], args[4]
+        none = (jnp.full(nv.shape + (kv,), S, jnp.int32), jnp.full(ns.shape + (ks,), S, jnp.int32))
+        return lax.cond(jnp.maximum(nv.max(), ns.max()) > 0, lambda: picks(*args), lambda: none)
+
+    cols, diag_i = lax.map(one, tuple(jnp.swapaxes(x, 0, 1) for x in (vertical, slash, end, n_v, n_s)))
+    return jnp.swapaxes(cols, 0, 1), jnp.swapaxes(diag_i, 0, 1)
 
 
 def _fallback(n_keys):
@@ -194,6 +283,24 @@ def _fallback(n_keys):
     return vals, jnp.minimum(n_keys, FALLBACK).astype(jnp.int32)
 
 
+def _run(sorted_idx, count, lo, hi):
+    """The members of ``[lo, hi)`` among the first ``count`` of ascending ``sorted_idx`` [..., k]: ``(first,
+    number)``, a contiguous stretch of the list."""
+    k = sorted_idx.shape[-1]
+    listed = jnp.arange(k) < count[..., None]
+    first = ((sorted_idx < jnp.asarray(lo)[..., None]) & listed).sum(-1, dtype=jnp.int32)
+    return first, ((sorted_idx < jnp.asarray(hi)[..., None]) & listed).sum(-1, dtype=jnp.int32) - first
+
+
+def _take_run(sorted_idx, first, number, big, *, reverse=False):
+    """``sorted_idx[first:first + number]`` packed to the front (reversed if ``reverse``), rest ``big``."""
+    k = sorted_idx.shape[-1]
+    j = jnp.arange(k, dtype=jnp.int32)
+    at = first[..., None] + (number[..., None] - 1 - j if reverse else j)
+    vals = jnp.take_along_axis(sorted_idx, jnp.clip(at, 0, k - 1), -1)
+    return jnp.where(j < number[..., None], vals, big)
+
+
 def select(vertical, slash, begin, end, P, sparse_rows, *, budgets: Budgets, chunk_len: int,
            all_sparse: bool = False, head_offset=0):
     """Top-k picks split by phase (module docstring) -> ``Selection`` (phases: inter, successive, intra).
@@ -201,7 +308,6 @@ def select(vertical, slash, begin, end, P, sparse_rows, *, budgets: Budgets, chu
     that keep every key. ``head_offset``: the budgets' index of the first of the N heads scored here."""
     B, G, N, S = vertical.shape
     Sl = chunk_len
-    pos = jnp.arange(S, dtype=jnp.int32)
     end_ = end[:, :, None, None]
     bumped = tuple(130 if v == 30 else v for v in budgets.vertical)       # Qwen's code bumps 30 to 130
     vs = lax.dynamic_slice_in_dim(jnp.asarray(bumped, jnp.int32), head_offset, N)[None, None, :]
@@ -210,33 +316,31 @@ def select(vertical, slash, begin, end, P, sparse_rows, *, budgets: Budgets, chu
     n_s = jnp.clip(jnp.maximum(ss, MIN_SLASH), None, end[:, :, None])
     kv = min(max(max(bumped), MIN_VERTICAL), S)
     ks = min(max(max(budgets.slash), MIN_SLASH), S)
-    inf = jnp.float32(jnp.inf)
-    v_score = jnp.where(pos < end_, jnp.where(pos < FORCED_COLUMNS, inf, vertical), -inf)
-    s_score = jnp.where(pos < end_, jnp.where(pos >= end_ - FORCED_DIAGONALS, inf, slash), -inf)
-    _, cols = lax.top_k(v_score, kv)                                         # [B, G, N, kv]
-    _, diag_i = lax.top_k(s_score, ks)
-    cols_ok = jnp.arange(kv)[None, None, None] < n_v[..., None]
-    diag_ok = jnp.arange(ks)[None, None, None] < n_s[..., None]
-    Pb, Lb = P[:, :, None, None], (end - begin)[:, :, None, None]
+    cols, diag_i = _top_by_segment(vertical, slash, end, n_v, kv, n_s, ks)  # [B, G, N, kv | ks] ascending
+    Pb, Lb = P[:, :, None], (end - begin)[:, :, None]
     has = [Pb >= 2 * Sl, Pb >= Sl, jnp.ones_like(Pb, bool)]                 # inter, successive, intra
-    col_in = [cols < Pb - Sl, (cols >= Pb - Sl) & (cols < Pb), cols >= Pb]
-    diag_in = [diag_i < Pb - Sl + Lb, (diag_i >= Pb - Sl) & (diag_i < Pb + Lb), diag_i >= Pb]
-    phase_len = [Pb - Sl, jnp.full_like(Pb, Sl), end[:, :, None, None] - Pb]
+    low, high = jnp.iinfo(jnp.int32).min, jnp.iinfo(jnp.int32).max
+    col_range = [(low, Pb - Sl), (Pb - Sl, Pb), (Pb, high)]
+    diag_range = [(low, Pb - Sl + Lb), (Pb - Sl, Pb + Lb), (Pb, high)]       # of i = end - 1 - d
+    phase_len = [Pb - Sl, jnp.full_like(Pb, Sl), end[:, :, None] - Pb]
     col_base = [jnp.zeros_like(Pb), Pb - Sl, Pb]
-    slash_shift = [begin[:, :, None, None] - Pb + Sl, begin[:, :, None, None] - Pb, None]
-    d = end_ - 1 - diag_i
+    slash_shift = [begin[:, :, None] - Pb + Sl, begin[:, :, None] - Pb, None]
     big = jnp.int32(NO_KEY)
     dists, dcounts, colss, ccounts = [], [], [], []
     for p in range(3):
-        c, cn = _compact(cols, cols_ok & col_in[p] & has[p], big)
-        fb, fbn = _fallback(phase_len[p][..., 0])
-        use_fb = has[p][..., 0] & (cn == 0)
-        c = c.at[..., :FALLBACK].set(jnp.where(use_fb[..., None], col_base[p] + fb, c[..., :FALLBACK]))
+        first, cn = _run(cols, n_v, *col_range[p])
+        cn = jnp.where(has[p], cn, 0)
+        c = _take_run(cols, first, cn, big)
+        fb, fbn = _fallback(phase_len[p])
+        use_fb = has[p] & (cn == 0)
+        c = c.at[..., :FALLBACK].set(jnp.where(use_fb[..., None], col_base[p][..., None] + fb, c[..., :FALLBACK]))
         cn = jnp.where(use_fb, fbn, cn)
-        dd, dn = _compact(d, diag_ok & diag_in[p] & has[p], big)
+        first, dn = _run(diag_i, n_s, *diag_range[p])
+        dn = jnp.where(has[p], dn, 0)
+        dd = jnp.where(jnp.arange(ks) < dn[..., None], end_ - 1 - _take_run(diag_i, first, dn, 0, reverse=True), big)
         if slash_shift[p] is not None:
-            fbs = jnp.sort(fb + slash_shift[p], axis=-1)
-            use_fbs = has[p][..., 0] & (dn == 0)
+            fbs = jnp.sort(fb + slash_shift[p][..., None], axis=-1)
+            use_fbs = has[p] & (dn == 0)
             dd = dd.at[..., :FALLBACK].set(jnp.where(use_fbs[..., None], fbs, dd[..., :FALLBACK]))
             dn = jnp.where(use_fbs, fbn, dn)
         dists.append(dd)

@@ -2,8 +2,8 @@
 
     python -m qwen_jax.bench.sparse [--lengths 128k,256k,512k,1m] [--inputs local,random]
                                     [--budgets 1000,6096] [--chunk 32768] [--dca 262144,8192]
-                                    [--kernels mosaic_gpu:128:2:pp,mosaic_gpu:64:4:free,triton]
-                                    [--json out.json]
+                                    [--kernels mosaic_gpu:64:4:free,mosaic_gpu:128:2:pp,triton]
+                                    [--estimate-only] [--key-blocks 16384] [--json out.json]
 
 Attention only (no model), bf16, 28 query / 4 kv heads, head_dim 128, batch 1. The sparse path runs
 as sparse prefill does: the T queries in chunks of ``--chunk``, each chunk estimating its own
@@ -16,6 +16,12 @@ speedup; estimate + index ms; the share of 64 x ``--block-k`` key tiles the spar
 the Triton kernel computes), and each kernel's TFLOP/s over those tiles (so the rates compare kernels
 on the same work). The Mosaic GPU kernel's windows overhang the mask (module docstring);
 "<spec> windows / tiles" is what they span (both query blocks, skipped steps included) over the tiles.
+
+"estimate + index ms" times exactly ``sparse.estimate`` and ``vslash.build_index`` (one jitted call
+per chunk on a chunk of queries sliced beforehand), summed over the chunks; the median over
+``--repeats`` passes after one untimed pass. ``--estimate-only`` times only that (no dense
+baseline, no attention kernel: cheap on a GPU, and it runs on a CPU); ``--key-blocks`` lists the
+estimate's key block sizes to time (one row each).
 
 Inputs: ``random`` (normal q, k, v: no structure, so the chosen diagonals scatter: the worst case for
 a band kernel) or ``local`` (q and k share a per-head direction, so attention decays with distance
@@ -82,6 +88,9 @@ def main(argv=None) -> int:
     p.add_argument("--num-stages", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-dense", action="store_true")
+    p.add_argument("--estimate-only", action="store_true",
+                   help="time only the estimate and the index tables (no dense baseline, no attention kernel)")
+    p.add_argument("--key-blocks", default="16384", help="estimate key block sizes to time (comma list)")
     p.add_argument("--interpret", action="store_true", help="run the Triton kernel in interpret mode (CPU smoke test)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -107,97 +116,109 @@ def main(argv=None) -> int:
     inv = 1.0 / 1e6 ** (np.arange(0, H, 2, dtype=np.float64) / H)
     rope = Rope(tuple(float(f) for f in np.float32(inv)))
     bk = args.block_k
+    mask = dca_ops.mask_spec(dca)
 
-    @functools.partial(jax.jit, static_argnames=("Tc",))
-    def select(q_chunk, k, start, Tc):
+    @functools.partial(jax.jit, static_argnames=("Tc", "key_block"))
+    def estimate_index(q_chunk, k, start, Tc, key_block):
+        """Exactly what the timing covers: the estimate and the kernels' index tables of one chunk."""
         lengths = jnp.full((1,), start + Tc, jnp.int32)
         scale = dca_ops.softmax_scale(lengths, dca, H)
-        sel = sparse.estimate(q_chunk, k, jnp.full((1,), start, jnp.int32), lengths, scale, dca=dca, rope=rope,
-                              budgets=budgets)
-        mask = dca_ops.mask_spec(dca)
-        index = vslash.build_index(sel, jnp.full((1,), start, jnp.int32), Tc, lengths, mask, bk)
-        # tiles the Triton kernel computes: slash tiles plus vertical tiles, per (head, block, phase)
-        n_tiles = (index.t1 - index.t0).sum()
+        q_offset = jnp.full((1,), start, jnp.int32)
+        sel = sparse.estimate(q_chunk, k, q_offset, lengths, scale, dca=dca, rope=rope, budgets=budgets,
+                              key_block=key_block, all_sparse=True)
+        return sel, vslash.build_index(sel, q_offset, Tc, lengths, mask, bk, k.shape[2])
+
+    @jax.jit
+    def tiles(sel, index):
+        """Key tiles the kernel computes: slash tiles plus vertical tiles, per (head, block, phase)."""
         v_tiles = -(-sel.col_count // bk)                                   # [B, G, N, P]
         per_block = jnp.take_along_axis(v_tiles, index.block_seg[:, :, None, None], axis=1)   # [B, nqb, N, P]
-        return sel, index, n_tiles + per_block.sum()
+        return (index.t1 - index.t0).sum() + per_block.sum()
 
     @functools.partial(jax.jit, static_argnames=("Tc", "block_k"))
     def mgpu_windows(index, start, Tc, block_k):     # accounting only: kept out of the timed calls
         lengths = jnp.full((1,), start + Tc, jnp.int32)
-        return vslash_mgpu.visited_pairs(index, jnp.full((1,), start, jnp.int32), lengths, dca_ops.mask_spec(dca),
-                                         block_k)
+        return vslash_mgpu.visited_pairs(index, jnp.full((1,), start, jnp.int32), lengths, mask, block_k)
 
     @functools.partial(jax.jit, static_argnames=("Tc", "kernel"))
     def attend(q_chunk, k, v, start, sel, index, Tc, kernel):
         lengths = jnp.full((1,), start + Tc, jnp.int32)
         positions = start + jnp.arange(Tc, dtype=jnp.int32)[None]
-        queries, mask, scale = dca_ops.attention_inputs(q_chunk, positions, lengths, dca, rope)
+        queries, mask_, scale = dca_ops.attention_inputs(q_chunk, positions, lengths, dca, rope)
         q_offset = jnp.full((1,), start, jnp.int32)
         if kernel in mgpu:
             return vslash_mgpu.vslash_attention_mgpu(queries, k, v, q_offset, lengths, scale, index, sel.col_count,
-                                                     mask=mask, **mgpu[kernel])
-        return vslash_attention_gpu(queries, k, v, q_offset, lengths, scale, index, sel.col_count, mask=mask,
+                                                     mask=mask_, **mgpu[kernel])
+        return vslash_attention_gpu(queries, k, v, q_offset, lengths, scale, index, sel.col_count, mask=mask_,
                                     block_k=bk, num_warps=args.num_warps, num_stages=args.num_stages,
                                     interpret=args.interpret)
 
+    def one_pass(chunks, q_chunks, k, v, kb, count_tiles=False):
+        """One pass over the chunks: (estimate + index seconds, {kernel: attention seconds}, key tiles and
+        {Mosaic GPU spec: windows' (query, key) pairs} if counted)."""
+        t_est, t_att = 0.0, dict.fromkeys(kernels, 0.0)
+        n_tiles, windows = 0, dict.fromkeys(mgpu, 0.0)
+        for (start, Tc), qc in zip(chunks, q_chunks):
+            t0 = time.perf_counter()
+            sel, index = jax.block_until_ready(estimate_index(qc, k, start, Tc, kb))
+            t_est += time.perf_counter() - t0
+            if args.estimate_only:
+                continue
+            for kernel in kernels:
+                t1 = time.perf_counter()
+                jax.block_until_ready(attend(qc, k, v, start, sel, index, Tc, kernel))
+                t_att[kernel] += time.perf_counter() - t1
+            if count_tiles:
+                n_tiles += int(tiles(sel, index))
+                for spec, opts in mgpu.items():
+                    windows[spec] += float(mgpu_windows(index, start, Tc, opts["block_k"]))
+        return t_est, t_att, n_tiles, windows
+
     rows = []
+    key_blocks = [int(x) for x in args.key_blocks.split(",")]
     for kind in args.inputs.split(","):
         for T in (parse_length(x) for x in args.lengths.split(",")):
             q, k, v = _inputs(kind, T, N, K, H, seed=T, rope=rope)
-            flops_dense = 2 * 2 * T * T / 2 * N * H
-            row = {"inputs": kind, "T": T}
-            if not args.no_dense:
+            if not (args.no_dense or args.estimate_only):
                 kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
                 cudnn = jax.jit(functools.partial(jax.nn.dot_product_attention, is_causal=True,
                                                   implementation="cudnn"))
                 dense = functools.partial(cudnn, q, kt, vt)
-                row["dense ms"] = median_time(lambda f=dense: jax.block_until_ready(f()), args.repeats) * 1e3
-                del dense
-                del kt, vt
-                row["dense TFLOP/s"] = flops_dense / row["dense ms"] / 1e9
+                dense_ms = median_time(lambda f=dense: jax.block_until_ready(f()), args.repeats) * 1e3
+                del dense, kt, vt
             chunks = [(s, min(args.chunk, T - s)) for s in range(0, T, args.chunk)]
-            # warm-up (compiles each chunk shape once)
-            for s, Tc in {Tc: (s, Tc) for s, Tc in chunks}.values():
-                sel, index, _ = select(q[:, s:s + Tc], k, jnp.int32(s), Tc)
-                for kernel in kernels:
-                    jax.block_until_ready(attend(q[:, s:s + Tc], k, v, jnp.int32(s), sel, index, Tc, kernel))
-            est, att, tiles, windows = [], {kernel: [] for kernel in kernels}, 0, dict.fromkeys(mgpu, 0.0)
-            for rep in range(args.repeats):
-                t_est, t_att = 0.0, dict.fromkeys(kernels, 0.0)
-                for s, Tc in chunks:
-                    t0 = time.perf_counter()
-                    sel, index, n = jax.block_until_ready(select(q[:, s:s + Tc], k, jnp.int32(s), Tc))
-                    t_est += time.perf_counter() - t0
+            q_chunks = jax.block_until_ready([q[:, s:s + Tc] for s, Tc in chunks])   # sliced before timing
+            chunks = [(jax.device_put(jnp.int32(s)), Tc) for s, Tc in chunks]
+            for kb in key_blocks:
+                row = {"inputs": kind, "T": T}
+                if len(key_blocks) > 1:
+                    row["key block"] = kb
+                if not (args.no_dense or args.estimate_only):
+                    row["dense ms"] = dense_ms
+                    row["dense TFLOP/s"] = 2 * 2 * T * T / 2 * N * H / dense_ms / 1e9
+                # warm-up (compiles), counting the tiles and the Mosaic GPU windows on the way
+                _, _, n_tiles, windows = one_pass(chunks, q_chunks, k, v, kb, count_tiles=True)
+                est, att = zip(*[one_pass(chunks, q_chunks, k, v, kb)[:2] for _ in range(args.repeats)])
+                row["estimate+index ms"] = float(np.median(est) * 1e3)
+                if not args.estimate_only:
+                    computed = n_tiles * 64 * bk                             # (query, key) pairs in the tiles
+                    row["tiles computed / dense"] = computed / (T * T / 2 * N)
+                    for spec in mgpu:
+                        row[f"{spec} windows / tiles"] = windows[spec] / computed
                     for kernel in kernels:
-                        t1 = time.perf_counter()
-                        jax.block_until_ready(attend(q[:, s:s + Tc], k, v, jnp.int32(s), sel, index, Tc, kernel))
-                        t_att[kernel] += time.perf_counter() - t1
-                    if rep == 0:
-                        tiles += int(n)
-                        for spec, opts in mgpu.items():
-                            windows[spec] += float(mgpu_windows(index, jnp.int32(s), Tc, opts["block_k"]))
-                est.append(t_est)
-                for kernel in kernels:
-                    att[kernel].append(t_att[kernel])
-            row["estimate+index ms"] = float(np.median(est) * 1e3)
-            computed = tiles * 64 * bk                                       # (query, key) pairs in the tiles
-            row["tiles computed / dense"] = computed / (T * T / 2 * N)
-            for spec in mgpu:
-                row[f"{spec} windows / tiles"] = windows[spec] / computed
-            for kernel in kernels:
-                ms = float(np.median(att[kernel]) * 1e3)
-                row[f"{kernel} ms"] = ms
-                row[f"{kernel} TFLOP/s (tiles)"] = 4 * computed * H / ms / 1e9
-                if "dense ms" in row:
-                    row[f"{kernel} speedup"] = row["dense ms"] / ms
-                    row[f"{kernel} speedup incl. estimate"] = row["dense ms"] / (ms + row["estimate+index ms"])
-            if "triton" in kernels:
-                for spec in mgpu:
-                    row[f"{spec} / triton time"] = row[f"{spec} ms"] / row["triton ms"]
-            rows.append({key: (f"{val:.3g}" if isinstance(val, float) else val) for key, val in row.items()})
-            print(json.dumps(rows[-1]), flush=True)
-            del q, k, v
+                        ms = float(np.median([a[kernel] for a in att]) * 1e3)
+                        row[f"{kernel} ms"] = ms
+                        row[f"{kernel} TFLOP/s (tiles)"] = 4 * computed * H / ms / 1e9
+                        if "dense ms" in row:
+                            row[f"{kernel} speedup"] = row["dense ms"] / ms
+                            row[f"{kernel} speedup incl. estimate"] = row["dense ms"] / (ms + row["estimate+index ms"])
+                        row[f"{kernel} estimate share"] = row["estimate+index ms"] / ms
+                    if "triton" in kernels:
+                        for spec in mgpu:
+                            row[f"{spec} / triton time"] = row[f"{spec} ms"] / row["triton ms"]
+                rows.append({key: (f"{val:.3g}" if isinstance(val, float) else val) for key, val in row.items()})
+                print(json.dumps(rows[-1]), flush=True)
+            del q, k, v, q_chunks
     env = environment()
     print(json.dumps(env))
     cols = list(dict.fromkeys(key for r in rows for key in r))
