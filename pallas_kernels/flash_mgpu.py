@@ -216,8 +216,6 @@ def flash_attention_mgpu(queries: tuple, k, v, q_offset, kv_length, scale, *, ma
     q_offset, kv_length [B] int32; scale [B] float32. Returns ``(out [B, T, N, H], lse [B, T, N] f32)``.
 
     ``block_q`` is each consumer warpgroup's query rows (a program covers 2 block_q)."""
-    import jax.experimental.pallas as pl
-    import jax.experimental.pallas.mosaic_gpu as plgpu
 
     check_supported(queries, k, v, block_q, block_k, stages)
     d = attention_dims(queries, k, mask, block_k)
@@ -227,7 +225,22 @@ def flash_attention_mgpu(queries: tuple, k, v, q_offset, kv_length, scale, *, ma
     Tp = nq * 2 * block_q
     meta = jnp.stack([q_offset, kv_length], axis=1).astype(jnp.int32)
 
-    def entry(meta_ref, scale_ref, *refs):
+    body = functools.partial(_kernel, mask=mask, G=d.G, block_q=block_q, block_k=block_k, stages=stages,
+                             n_pairs=nq, heavy_first=heavy_first)
+    out, lse = launch(body, (meta, scale.astype(jnp.float32), *queries, k, v), B=B, Tp=Tp, N=N, H=H, dtype=dtype,
+                      n_pairs=nq, block_q=block_q, block_k=block_k, stages=stages)
+    return out[:, :T], lse[:, :, :T].transpose(0, 2, 1)
+
+
+def launch(body, inputs, *, B, Tp, N, H, dtype, n_pairs, block_q, block_k, stages):
+    """Run a kernel of this file's shape (also the sparse kernel's): a producer warpgroup and two consumer
+    warpgroups per program on grid (heads, query-block pairs, batch), with the scratch and barriers
+    ``_kernel`` expects. ``body(*input_refs, out_ref, lse_ref, scoped)``; returns ``(out [B, Tp, N, H],
+    lse [B, N, Tp] float32)``."""
+    import jax.experimental.pallas as pl
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    def entry(*refs):
         tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
         scratch = (
             plgpu.SMEM((2, block_q, H), dtype, transforms=tiled),
@@ -236,8 +249,7 @@ def flash_attention_mgpu(queries: tuple, k, v, q_offset, kv_length, scale, *, ma
             plgpu.SMEM((2, block_q), jnp.float32),
         )
         pl.run_scoped(
-            lambda *scoped: _kernel(meta_ref, scale_ref, *refs, scoped, mask=mask, G=d.G, block_q=block_q,
-                                    block_k=block_k, stages=stages, n_pairs=nq, heavy_first=heavy_first),
+            lambda *scoped: body(*refs, scoped),
             scratch,
             (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=2)),
             (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2,
@@ -245,13 +257,12 @@ def flash_attention_mgpu(queries: tuple, k, v, q_offset, kv_length, scale, *, ma
             collective_axes="wg",
         )
 
-    out, lse = plgpu.kernel(
+    return plgpu.kernel(
         entry,
         out_type=[jax.ShapeDtypeStruct((B, Tp, N, H), dtype), jax.ShapeDtypeStruct((B, N, Tp), jnp.float32)],
-        grid=(N, nq, B),
+        grid=(N, n_pairs, B),
         grid_names=("heads", "q_seq", "batch"),
         num_threads=3,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
-    )(meta, scale.astype(jnp.float32), *queries, k, v)
-    return out[:, :T], lse[:, :, :T].transpose(0, 2, 1)
+    )(*inputs)

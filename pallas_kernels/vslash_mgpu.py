@@ -54,6 +54,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels.flash_mgpu import launch
 from pallas_kernels.masks import MASK_VALUE, MaskSpec
 from pallas_kernels.shapes import attention_dims, pad_queries
 from pallas_kernels.vslash import BAND, NO_KEY, VSIndex, gather_verticals, pad_verticals
@@ -449,8 +450,6 @@ def vslash_attention_mgpu(queries: tuple, k, v, q_offset, kv_length, scale, inde
     width); ``col_count`` is unused (the padded ``index.vpos`` says it), kept for the common signature.
     ``block_k``: keys per window (a multiple of 64); ``pingpong``: the consumers take turns on the tensor
     cores (module docstring). Returns ``(out [B, T, N, H], lse [B, T, N] float32)``."""
-    import jax.experimental.pallas as pl
-    import jax.experimental.pallas.mosaic_gpu as plgpu
 
     del col_count
     check_supported(queries, k, v, block_k, stages)
@@ -464,34 +463,10 @@ def vslash_attention_mgpu(queries: tuple, k, v, q_offset, kv_length, scale, inde
     kg, vg = (x.reshape(-1, *x.shape[-2:]) for x in (kg, vg))
     meta = jnp.stack([q_offset, kv_length], axis=1).astype(jnp.int32)
 
-    def entry(meta_ref, scale_ref, sched_ref, win_ref, vpos_ref, keep_ref, *refs):
-        tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
-        scratch = (
-            plgpu.SMEM((2, BAND, H), dtype, transforms=tiled),
-            plgpu.SMEM((stages, block_k, H), dtype, transforms=tiled),
-            plgpu.SMEM((stages, block_k, H), dtype, transforms=tiled),
-            plgpu.SMEM((2, BAND), jnp.float32),
-        )
-        pl.run_scoped(
-            lambda *scoped: _kernel(meta_ref, scale_ref, sched_ref, win_ref, vpos_ref, keep_ref, *refs, scoped,
-                                    mask=mask, G=d.G, block_k=block_k, stages=stages, n_pairs=n_pairs,
-                                    heavy_first=heavy_first, pingpong=pingpong),
-            scratch,
-            (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=2)),
-            (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2,
-            plgpu.Barrier(num_arrivals=2),
-            collective_axes="wg",
-        )
-
-    out, lse = plgpu.kernel(
-        entry,
-        out_type=[jax.ShapeDtypeStruct((B, Tp, N, H), dtype), jax.ShapeDtypeStruct((B, N, Tp), jnp.float32)],
-        grid=(N, n_pairs, B),
-        grid_names=("heads", "q_seq", "batch"),
-        num_threads=3,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-    )(meta, scale.astype(jnp.float32), sched, win, vpos, keep, *queries, k, v, kg, vg)
+    body = functools.partial(_kernel, mask=mask, G=d.G, block_k=block_k, stages=stages, n_pairs=n_pairs,
+                             heavy_first=heavy_first, pingpong=pingpong)
+    out, lse = launch(body, (meta, scale.astype(jnp.float32), sched, win, vpos, keep, *queries, k, v, kg, vg), B=B,
+                      Tp=Tp, N=N, H=H, dtype=dtype, n_pairs=n_pairs, block_q=BAND, block_k=block_k, stages=stages)
     return out[:, :T], lse[:, :, :T].transpose(0, 2, 1)
 
 
