@@ -26,7 +26,7 @@ from qwen_jax.errors import ConfigError
 MESH_AXES = ("data", "seq", "tensor")
 SEQ = "seq"  # the axis tokens are split over (sequence-parallel attention exchanges over it)
 
-LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
+LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", "data"),
     ("seq", "seq"),
     ("heads", "tensor"),
