@@ -78,3 +78,15 @@ def real_model_path(tmp_path_factory):
 def rel_err(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compilations_between_modules():
+    """Drop JAX's compiled programs after each test module: the whole suite in one process otherwise
+    keeps every module's executables (8 simulated devices, real-model graphs) alive to the end."""
+    yield
+    import gc
+
+    import jax
+    jax.clear_caches()
+    gc.collect()
