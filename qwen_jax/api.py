@@ -112,6 +112,7 @@ def load(path: str | os.PathLike, *, dtype="bfloat16", mesh=None, **config_overr
     impl = attention.AttentionSpec.of(config_overrides.pop("attn_implementation", None))
     chunk = int(config_overrides.pop("prefill_chunk_size", DEFAULT_PREFILL_CHUNK))
     kv_dtype = config_overrides.pop("kv_cache_dtype", None)
+    cache_dtype(kv_dtype, jnp.float32)           # a bad name is refused before any weight is read
     folder = _resolve(str(path))
     config = QwenConfig.from_hf_dict(read_config_json(folder, config_overrides))
     dtype = _dtype(dtype)
