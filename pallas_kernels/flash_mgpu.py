@@ -177,14 +177,7 @@ def _kernel(meta_ref, scale_ref, *refs, mask: MaskSpec, G: int, block_q: int, bl
             carry = lax.fori_loop(j1, U1, idle, carry)
         pl.when(wg == 0)(take_turns)
 
-        acc, m, l = carry
-        acc = acc / lax.broadcast_in_dim(jnp.maximum(l, 1e-30), acc.shape, [0])
-        qo_smem[...] = acc.astype(dtype)
-        lse_smem[...] = jnp.where(l > 0, (m + jnp.log(jnp.maximum(l, 1e-30)) * LOG2E) * LN2, -jnp.inf)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(qo_smem, out_ref.at[b, pl.ds(row0, block_q), n])
-        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, n, pl.ds(row0, block_q)])
-        plgpu.wait_smem_to_gmem(0)
+        store_rows(carry, qo_smem, lse_smem, out_ref.at[b, pl.ds(row0, block_q), n], lse_ref.at[b, n, pl.ds(row0, block_q)])
 
     @pl.when(wg == 2)
     def _producer():
@@ -266,3 +259,19 @@ def launch(body, inputs, *, B, Tp, N, H, dtype, n_pairs, block_q, block_k, stage
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
     )(*inputs)
+
+
+def store_rows(carry, qo_smem, lse_smem, out_dst, lse_dst):
+    """A consumer's epilogue: normalise its online-softmax ``carry`` (acc, m, l; m in log2 units) and
+    copy out and lse (natural log; -inf for rows that saw no key) through shared memory to ``out_dst``
+    [rows, H] and ``lse_dst`` [rows] in global memory."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    acc, m, l = carry
+    acc = acc / lax.broadcast_in_dim(jnp.maximum(l, 1e-30), acc.shape, [0])
+    qo_smem[...] = acc.astype(qo_smem.dtype)
+    lse_smem[...] = jnp.where(l > 0, (m + jnp.log(jnp.maximum(l, 1e-30)) * LOG2E) * LN2, -jnp.inf)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(qo_smem, out_dst)
+    plgpu.copy_smem_to_gmem(lse_smem, lse_dst)
+    plgpu.wait_smem_to_gmem(0)

@@ -54,7 +54,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.flash_mgpu import launch
+from pallas_kernels.flash_mgpu import launch, store_rows
 from pallas_kernels.masks import MASK_VALUE, MaskSpec
 from pallas_kernels.shapes import attention_dims, pad_queries
 from pallas_kernels.vslash import BAND, NO_KEY, VSIndex, gather_verticals, pad_verticals
@@ -386,14 +386,7 @@ def _kernel(meta_ref, scale_ref, sched_ref, win_ref, vpos_ref, keep_ref, *refs, 
                 carry = lax.fori_loop(e["v0"], e["v1"], vertical, carry)
         pl.when(wg == 0)(take_turns)
 
-        acc, m, l = carry
-        acc = acc / lax.broadcast_in_dim(jnp.maximum(l, 1e-30), acc.shape, [0])
-        qo_smem[...] = acc.astype(dtype)
-        lse_smem[...] = jnp.where(l > 0, (m + jnp.log(jnp.maximum(l, 1e-30)) * LOG2E) * LN2, -jnp.inf)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(qo_smem, out_ref.at[b, pl.ds(row0, BAND), n])
-        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, n, pl.ds(row0, BAND)])
-        plgpu.wait_smem_to_gmem(0)
+        store_rows(carry, qo_smem, lse_smem, out_ref.at[b, pl.ds(row0, BAND), n], lse_ref.at[b, n, pl.ds(row0, BAND)])
 
     @pl.when(wg == 2)
     def _producer():
