@@ -225,6 +225,15 @@ def build_index(sel: "Selection", q_offset, T: int, kv_length, mask: MaskSpec, b
     return VSIndex(rel_start, rel_end, t0, t1, block_seg, vpos, keep)
 
 
+def tiles_per_head(sel: "Selection", index: VSIndex, block_k: int):
+    """Key tiles a kernel computes for this mask, per query head [N] int32 (summed over rows, query
+    blocks and phases): the band tiles each 64-query block visits plus its phase's vertical columns in
+    tiles of ``block_k`` (the Triton kernel's work; ``index`` built with the same ``block_k``)."""
+    v_tiles = -(-sel.col_count // block_k)                                          # [B, G, N, P]
+    per_block = jnp.take_along_axis(v_tiles, index.block_seg[:, :, None, None], axis=1)   # [B, nqb, N, P]
+    return (index.t1 - index.t0).sum((0, 2, 3)) + per_block.sum((0, 1, 3))
+
+
 class Selection(NamedTuple):
     """What estimation selected, per row, segment, head and phase (see the module docstring)."""
 

@@ -148,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     p.add_argument("--json", default=None, help="write per-head recall and the summary here")
     p.add_argument("--png", default=None, help="write a layer x head heatmap here")
+    p.add_argument("--save-selections", default=None, metavar="FILE.npz",
+                   help="keep every layer's sparse selections here (for python -m qwen_jax.bench.sparse --selections)")
     _add_model_options(p)
 
     p = sub.add_parser("plan", help="per-device memory of a prefill (weights, KV cache, activations), before allocating")
@@ -274,22 +276,32 @@ def cmd_recall(args) -> int:
     t0 = time.perf_counter()
     out = recall.measure(model.params, model.config, tokens, chunk_size=model.prefill_chunk_size,
                          spec=model.attention,
-                         progress=lambda n: print(f"  {n}/{len(tokens)} tokens", file=sys.stderr, flush=True))
+                         progress=lambda n: print(f"  {n}/{len(tokens)} tokens", file=sys.stderr, flush=True),
+                         selections=bool(args.save_selections))
     print(recall.table(out["recall"]))
     stats = recall.summary(out["recall"])
+    tile_stats = recall.summary(out["tiles"])
     print(json.dumps(stats))
+    print("tile share (pairs in the key tiles a sparse kernel computes / dense causal pairs):", json.dumps(tile_stats))
+    dca = model.config.dual_chunk_attention_config
+    if args.save_selections:
+        recall.save_selections(args.save_selections, out["selections"], tokens=len(tokens),
+                               chunk=model.prefill_chunk_size, chunk_size=dca.chunk_size, local_size=dca.local_size,
+                               heads=model.config.num_attention_heads, kv_heads=model.config.num_key_value_heads,
+                               model=args.model)
     print(f"[{time.perf_counter() - t0:.1f} s]", file=sys.stderr)
     if args.png:
         recall.write_png(args.png, out["recall"])
     if args.json:
-        dca = model.config.dual_chunk_attention_config
         with open(args.json, "w") as f:
             json.dump({"env": environment(), "model": args.model, "tokens": len(tokens), "summary": stats,
+                       "tile share summary": tile_stats,
                        "dca": {"chunk_size": dca.chunk_size, "local_size": dca.local_size,
                                "original_max_position_embeddings": dca.original_max_position_embeddings,
                                "threshold": dca.sparse_attention_threshold,
                                "budgets": "file" if dca.sparse_attention_config else "default (1000, 6096)"},
-                       "recall": np.nan_to_num(out["recall"], nan=-1).tolist()}, f, indent=1)
+                       "recall": np.nan_to_num(out["recall"], nan=-1).tolist(),
+                       "tile share": np.nan_to_num(out["tiles"], nan=-1).tolist()}, f, indent=1)
     return 0
 
 

@@ -95,11 +95,16 @@ class Attention(nn.Module):
             out, lse = attention.cached_attention(*args, sparse=False if recall else None, head_offset=head_offset,
                                                   **kwargs)
             if recall:
-                # Dense attention drives the model; the sparse mask's share of each head's softmax mass is recorded.
-                _, lse_sparse = attention.cached_attention(*args, sparse=True, **kwargs)
+                # Dense attention drives the model; recorded per head: the share of softmax mass the sparse
+                # mask keeps, the key tiles a kernel computes for it, and the selection itself.
+                sel = attention.sparse_selection(q, args[1], positions, request_lengths, rope=rope, config=c,
+                                                 spec=self.spec, layer=self.layer)
+                _, lse_sparse = attention.cached_attention(*args, sparse=True, selection=sel, **kwargs)
                 valid = (positions < request_lengths[:, None])[..., None] & jnp.isfinite(lse)
                 kept = jnp.where(valid, jnp.exp(jnp.minimum(lse_sparse - lse, 0.0)), 0.0)
-                self.sow("intermediates", "recall", (kept.sum((0, 1)), valid.sum((0, 1))))
+                tiles = attention.sparse_tiles(sel, positions, kv_length, k_cache.shape[2], c)
+                self.sow("intermediates", "recall", (kept.sum((0, 1)), valid.sum((0, 1)), tiles))
+                self.sow("intermediates", "selection", sel)
             return out, k_cache, v_cache
 
         if mesh is None:

@@ -3,7 +3,11 @@
 For every prefill chunk the model runs dense DCA attention (which drives the hidden states) and the
 sparse attention of the same queries; a query's recall is ``exp(lse_sparse - lse_dense)`` (the mask is
 a subset of the dense one, so it lies in [0, 1]). Reported per (layer, head): the mean over the
-prompt's queries in chunks that run sparse (prompts not longer than the threshold have none).
+prompt's queries in chunks that run sparse (prompts not longer than the threshold have none), and the
+*tile share*: the (query, key) pairs in the 64 x 64 key tiles a sparse kernel computes for the mask,
+over the dense causal pairs (what the attention can save at best; scattered diagonals cost a whole
+band each). ``--save-selections`` keeps every layer's selections (``save_selections``), which
+``python -m qwen_jax.bench.sparse --selections`` times the kernels on.
 
     qwen-jax recall --model DIR --length 128k --dca chunk_size=32768,local_size=2048,\
         original_max_position_embeddings=32768 [--sparse-config FILE] --json r.json --png r.png
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import struct
 import zlib
 
@@ -20,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels import vslash
 from qwen_jax import attention
 from qwen_jax.cache import cache_length, init_cache
 from qwen_jax.config import QwenConfig
@@ -27,8 +33,8 @@ from qwen_jax.errors import QwenJaxError
 from qwen_jax.model import _check_sparse_chunks, _module, params_dtype
 
 
-@functools.partial(jax.jit, static_argnames=("config", "spec"), donate_argnames=("cache",))
-def _chunk(params, tokens, start, request_lengths, cache, config, spec):
+@functools.partial(jax.jit, static_argnames=("config", "spec", "selections"), donate_argnames=("cache",))
+def _chunk(params, tokens, start, request_lengths, cache, config, spec, selections=False):
     B, T = tokens.shape
     positions = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
     (_, cache), state = _module(config, params_dtype(params), spec).apply(
@@ -37,15 +43,20 @@ def _chunk(params, tokens, start, request_lengths, cache, config, spec):
     L = config.num_hidden_layers
     if not layers:       # this chunk ran dense (one query, or sparse off): nothing to record
         zeros = jnp.zeros((L, config.num_attention_heads), jnp.float32)
-        return zeros, zeros, cache
-    kept = jnp.stack([layers[f"layers_{i}"]["attn"]["recall"][0][0] for i in range(L)])
-    count = jnp.stack([layers[f"layers_{i}"]["attn"]["recall"][0][1] for i in range(L)]).astype(jnp.float32)
-    return kept, count, cache
+        return zeros, zeros, zeros, None, cache
+    attn = [layers[f"layers_{i}"]["attn"] for i in range(L)]
+    kept, count, tiles = (jnp.stack([a["recall"][0][j] for a in attn]).astype(jnp.float32) for j in range(3))
+    # the layers' selections stacked: every field gains a leading layer axis
+    sel = jax.tree.map(lambda *x: jnp.stack(x), *[a["selection"][0] for a in attn]) if selections else None
+    return kept, count, tiles, sel, cache
 
 
 def measure(params, config: QwenConfig, tokens, *, chunk_size: int, spec: attention.AttentionSpec,
-            progress=None) -> dict:
-    """Recall of ``tokens`` [T] (one prompt): ``{"recall": [L, N] mean, "queries": [L, N] counts}``."""
+            progress=None, selections: bool = False) -> dict:
+    """Recall of ``tokens`` [T] (one prompt): ``{"recall": [L, N] mean, "queries": [L, N] counts, "tiles":
+    [L, N]}``, where ``tiles`` is the share of the dense causal (query, key) pairs that the 64 x 64 key
+    tiles a sparse kernel computes cover (over the chunks that ran sparse). ``selections``: also return
+    ``"selections"``, per sparse chunk ``(start, Selection)`` of numpy arrays with a leading layer axis."""
     dca = config.dual_chunk_attention_config
     if dca is None or not dca.sparse_attention_enabled:
         raise QwenJaxError("recall needs a DCA config with sparse_attention_enabled")
@@ -56,16 +67,50 @@ def measure(params, config: QwenConfig, tokens, *, chunk_size: int, spec: attent
     cache = init_cache(config, 1, cache_length(T), params_dtype(params))
     lengths = jnp.full((1,), T, jnp.int32)
     kept = np.zeros((config.num_hidden_layers, config.num_attention_heads))
-    count = np.zeros_like(kept)
+    count, tiles = np.zeros_like(kept), np.zeros_like(kept)
+    dense_pairs, chosen = 0, []
     for begin in range(0, T, chunk_size):
         end = min(begin + chunk_size, T)
-        k, c, cache = _chunk(params, tokens[:, begin:end], jnp.int32(begin), lengths, cache, config, spec)
+        k, c, t, sel, cache = _chunk(params, tokens[:, begin:end], jnp.int32(begin), lengths, cache, config, spec,
+                                     selections)
+        c = np.asarray(c, np.float64)
         kept += np.asarray(k, np.float64)
-        count += np.asarray(c, np.float64)
+        count += c
+        if c.any():
+            tiles += np.asarray(t, np.float64)
+            dense_pairs += (end * (end + 1) - begin * (begin + 1)) // 2      # sum of (position + 1) over the chunk
+            if sel is not None:
+                chosen.append((begin, jax.tree.map(np.asarray, sel)))
         if progress is not None:
             progress(end)
     with np.errstate(invalid="ignore"):
-        return {"recall": kept / np.where(count > 0, count, np.nan), "queries": count}
+        out = {"recall": kept / np.where(count > 0, count, np.nan), "queries": count,
+               "tiles": tiles * vslash.BAND * vslash.BAND / dense_pairs if dense_pairs else np.full_like(kept, np.nan)}
+    if selections:
+        out["selections"] = chosen
+    return out
+
+
+def save_selections(path: str, chosen, **meta) -> None:
+    """Write ``measure(..., selections=True)["selections"]`` and ``meta`` (JSON-able) to an ``.npz``."""
+    arrays = {f"{i}/{field}": getattr(sel, field) for i, (_, sel) in enumerate(chosen) for field in vslash.Selection._fields}
+    arrays["starts"] = np.asarray([start for start, _ in chosen], np.int64)
+    arrays["meta"] = np.asarray(json.dumps(meta))
+    np.savez_compressed(path, **arrays)
+
+
+def load_selections(path: str) -> tuple[list, dict]:
+    """``(chunks, meta)`` from ``save_selections``: chunks is a list of ``(start, Selection)`` whose arrays
+    have a leading layer axis."""
+    try:
+        with np.load(path) as f:
+            meta = json.loads(str(f["meta"]))
+            starts = [int(x) for x in f["starts"]]
+            chunks = [(start, vslash.Selection(*(f[f"{i}/{field}"] for field in vslash.Selection._fields)))
+                      for i, start in enumerate(starts)]
+    except (OSError, KeyError, ValueError) as e:
+        raise QwenJaxError(f"{path}: not a selections file written by qwen-jax recall --save-selections ({e})") from None
+    return chunks, meta
 
 
 def summary(recall: np.ndarray) -> dict:

@@ -174,17 +174,35 @@ def test_recall_tool_table_json_and_png(tiny_checkpoint, tmp_path, capsys):
     from qwen_jax.cli import main
     full = tmp_path / "full.json"
     full.write_text(json.dumps(budgets_json(2, 4, 10000, 10000)))
-    common = ["recall", "--model", tiny_checkpoint[0], "--length", "400", "--dca", "chunk_size=192,local_size=64",
+    common = ["recall", "--model", tiny_checkpoint[0], "--dca", "chunk_size=192,local_size=64",
               "--prefill-chunk", "128", "--dtype", "float32"]
-    assert main(common + ["--sparse-config", str(full), "--json", str(tmp_path / "a.json")]) == 0
+    assert main(common + ["--length", "400", "--sparse-config", str(full), "--json", str(tmp_path / "a.json")]) == 0
     a = json.loads((tmp_path / "a.json").read_text())
     np.testing.assert_allclose(np.asarray(a["recall"]), 1.0, atol=1e-5)
     small = tmp_path / "small.json"
     small.write_text(json.dumps(budgets_json(2, 4, 30, 50)))
-    assert main(common + ["--sparse-config", str(small), "--json", str(tmp_path / "b.json"),
-                          "--png", str(tmp_path / "b.png")]) == 0
-    b = np.asarray(json.loads((tmp_path / "b.json").read_text())["recall"])
+    words = np.random.default_rng(0).choice(["def", "x", "=", "(", ")", "return", "alpha", "beta", "for"], 3000)
+    (tmp_path / "p.txt").write_text(" ".join(words))
+    text = ["--prompt-file", str(tmp_path / "p.txt"), "--length", "384"]       # cut to 384 tokens (64 | 384)
+    assert main(common + text + ["--sparse-config", str(small), "--json", str(tmp_path / "b.json"),
+                                 "--png", str(tmp_path / "b.png"), "--save-selections", str(tmp_path / "s.npz")]) == 0
+    b_json = json.loads((tmp_path / "b.json").read_text())
+    b = np.asarray(b_json["recall"])
     assert b.shape == (2, 4) and (b <= 1.0 + 1e-6).all() and (b > 0).all() and b.min() < 0.999
+    # tile share: covering budgets compute every causal pair (and their vertical tiles on top); small ones less
+    tiles_full, tiles_small = np.asarray(a["tile share"]), np.asarray(b_json["tile share"])
+    assert (tiles_full >= 1.0).all()
+    assert (tiles_small < tiles_full).all() and (tiles_small > 0).all()
+    # the sparse benchmark times the kernels on the saved selections (heads doubled) and counts the same tiles
+    from qwen_jax.bench import sparse as bench_sparse
+    assert bench_sparse.main(["--selections", str(tmp_path / "s.npz"), "--heads", "8", "--kv-heads", "4",
+                              "--head-dim", "32", "--kernels", "triton", "--interpret", "--no-dense", "--repeats", "1",
+                              "--json", str(tmp_path / "bench.json")]) == 0
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert [r["inputs"] for r in rows] == ["model L0", "model L1", "model all (2 layers)"]
+    for layer in range(2):     # the benchmark counts T * T / 2 dense pairs per head, recall T (T + 1) / 2
+        share = float(rows[layer]["tiles computed / dense"]) * 384 / 385
+        np.testing.assert_allclose(share, tiles_small[layer].mean(), rtol=2e-3)
     png = (tmp_path / "b.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", png[16:24]) == (4 * 16, 2 * 16)
     out = capsys.readouterr().out

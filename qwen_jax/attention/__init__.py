@@ -106,7 +106,7 @@ def key_scale(request_lengths, config: QwenConfig):
 
 def cached_attention(q, k_cache, v_cache, q_positions, kv_length, request_lengths, *, rope: Rope,
                      config: QwenConfig, spec: AttentionSpec = DEFAULT_SPEC, layer: int = 0,
-                     sparse: bool | None = None, head_offset=0):
+                     sparse: bool | None = None, head_offset=0, selection: vslash.Selection | None = None):
     """Causal attention of new queries over the KV cache, with DCA when the config has it.
 
     q [B, T, N, H] (not yet rotated); k_cache, v_cache [B, K, S, H] with keys rotated by
@@ -119,7 +119,9 @@ def cached_attention(q, k_cache, v_cache, q_positions, kv_length, request_length
     the vertical-slash estimate (``attention.sparse``) with ``layer``'s budgets and attends only to
     the selected keys; decode (one query) stays dense. ``sparse=False`` forces the dense path (the
     recall measurement compares both). ``head_offset``: the global index of q's first head (a device's
-    share under sequence-parallel attention; it picks the heads' sparse budgets).
+    share under sequence-parallel attention; it picks the heads' sparse budgets). ``selection``: a
+    sparse selection already estimated for these queries (``sparse_selection``), used instead of
+    estimating again.
     """
     dca = config.dual_chunk_attention_config
     H = q.shape[-1]
@@ -134,8 +136,10 @@ def cached_attention(q, k_cache, v_cache, q_positions, kv_length, request_length
     if sparse is None:
         sparse = sparse_active(config, q.shape[1], spec)
     if sparse:
-        return _sparse(q, queries, k_cache, v_cache, q_positions, kv_length, request_lengths, scale, mask, rope,
-                       config, spec, layer, head_offset)
+        if selection is None:
+            selection = sparse_selection(q, k_cache, q_positions, request_lengths, rope=rope, config=config,
+                                         spec=spec, layer=layer, head_offset=head_offset)
+        return _sparse(q, queries, k_cache, v_cache, q_positions, kv_length, scale, mask, spec, selection)
     if spec.impl == "reference":
         out, lse = masked_attention(queries, k_cache, v_cache, q_positions, kv_length, scale, mask=mask)
     elif spec.impl == "blockwise":
@@ -168,12 +172,27 @@ def with_sparse_rows(spec: AttentionSpec, config: QwenConfig, lengths) -> Attent
     return dataclasses.replace(spec, sparse_rows="all" if over.all() else "none" if not over.any() else "mixed")
 
 
-def _sparse(q, queries, k_cache, v_cache, q_positions, kv_length, request_lengths, scale, mask, rope, config, spec,
-            layer, head_offset):
+def sparse_selection(q, k_cache, q_positions, request_lengths, *, rope: Rope, config: QwenConfig,
+                     spec: AttentionSpec = DEFAULT_SPEC, layer: int = 0, head_offset=0) -> vslash.Selection:
+    """The vertical-slash estimate sparse prefill runs for q [B, T, N, H] (not rotated) over the cache
+    (``attention.sparse``), with ``layer``'s budgets."""
     dca = config.dual_chunk_attention_config
     budgets = sparse_ops.layer_budgets(dca, layer, config.num_attention_heads)
-    selection = sparse_ops.estimate(q, k_cache, q_positions[:, 0], request_lengths, scale, dca=dca, rope=rope,
-                                    budgets=budgets, all_sparse=spec.sparse_rows == "all", head_offset=head_offset)
+    scale = dca_ops.softmax_scale(request_lengths, dca, q.shape[-1])
+    return sparse_ops.estimate(q, k_cache, q_positions[:, 0], request_lengths, scale, dca=dca, rope=rope,
+                               budgets=budgets, all_sparse=spec.sparse_rows == "all",
+                               head_offset=head_offset)
+
+
+def sparse_tiles(selection: vslash.Selection, q_positions, kv_length, n_keys: int, config: QwenConfig):
+    """Key tiles (64 x 64) a sparse kernel computes for ``selection``, per query head [N] int32."""
+    mask = dca_ops.mask_spec(config.dual_chunk_attention_config)
+    index = vslash.build_index(selection, q_positions[:, 0], q_positions.shape[1], kv_length, mask, vslash.BAND,
+                               n_keys)
+    return vslash.tiles_per_head(selection, index, vslash.BAND)
+
+
+def _sparse(q, queries, k_cache, v_cache, q_positions, kv_length, scale, mask, spec, selection):
     if spec.impl == "blockwise":
         restrict = lambda p, pos, slots: vslash.allows(selection, p, pos, slots)  # noqa: E731
         out, lse = blockwise_attention(queries, k_cache, v_cache, q_positions, kv_length, scale, mask=mask,
@@ -192,5 +211,5 @@ def _sparse(q, queries, k_cache, v_cache, q_positions, kv_length, request_length
     return out.astype(q.dtype), lse
 
 
-__all__ = ["sparse_active", "with_sparse_rows", "AttentionSpec", "DEFAULT_SPEC", "IMPLEMENTATIONS", "cached_attention", "key_positions", "key_scale",
+__all__ = ["sparse_active", "with_sparse_rows", "sparse_selection", "sparse_tiles", "AttentionSpec", "DEFAULT_SPEC", "IMPLEMENTATIONS", "cached_attention", "key_positions", "key_scale",
            "mha_reference", "blockwise_attention", "merge_partials", "MASK_VALUE"]

@@ -26,6 +26,13 @@ estimate's key block sizes to time (one row each).
 Inputs: ``random`` (normal q, k, v: no structure, so the chosen diagonals scatter: the worst case for
 a band kernel) or ``local`` (q and k share a per-head direction, so attention decays with distance
 like the local heads of real models: the chosen diagonals cluster near the main one).
+
+``--selections FILE`` (from ``qwen-jax recall --save-selections``) times the kernels on the masks a
+real model chose instead: one row per layer of the file (``model L<i>``) and a row summing them
+(``model all``), each layer's selection replicated over the heads (``--heads`` must be a multiple of
+the file's, with the same query heads per kv head), its length, prefill chunk and DCA taken from
+the file; q, k, v are random (a kernel's time depends on the mask, not the values), and the
+estimate is timed on ``local`` inputs of the same shape.
 """
 
 from __future__ import annotations
@@ -57,6 +64,55 @@ def _inputs(kind: str, T: int, N: int, K: int, H: int, seed: int, rope):
         raise SystemExit(f"unknown --inputs {kind!r} (local or random)")
     v = jax.random.normal(keys[3], (1, K, T, H), jnp.bfloat16)
     return q, k, v
+
+
+def _recorded(args):
+    """Load ``--selections`` and make the run match it: ``[per layer: [per chunk: Selection]]``."""
+    from qwen_jax.recall import load_selections
+    chunks, meta = load_selections(args.selections)
+    n_file, k_file = meta["heads"], meta["kv_heads"]
+    if args.heads % n_file or args.heads * k_file != args.kv_heads * n_file:
+        raise SystemExit(f"--heads {args.heads} / --kv-heads {args.kv_heads} cannot replicate the file's "
+                         f"{n_file} / {k_file} heads")
+    if args.estimate_only:
+        raise SystemExit("--selections times the kernels on recorded masks: it cannot go with --estimate-only")
+    args.inputs = "local"
+    if meta["tokens"] % 64:
+        raise SystemExit(f"{args.selections}: {meta['tokens']} tokens; the kernels need a multiple of 64")
+    args.lengths, args.chunk = str(meta["tokens"]), meta["chunk"]
+    args.dca = f"{meta['chunk_size']},{meta['local_size']}"
+    starts = [start for start, _ in chunks]
+    if starts != list(range(0, meta["tokens"], meta["chunk"])):
+        raise SystemExit(f"{args.selections}: every prefill chunk must have run sparse (chunk starts {starts})")
+    rep = args.heads // n_file
+    L = chunks[0][1].dist.shape[0]
+    # a Selection field is [L, B, G, N, ...]: heads are axis 3 (after dropping the layer axis, axis 2)
+    return [[sel._replace(**{f: np.concatenate([getattr(sel, f)[layer]] * rep, axis=2)
+                             for f in ("dist", "dist_count", "cols", "col_count")})._replace(
+                 seg_begin=sel.seg_begin[layer], seg_end=sel.seg_end[layer])
+             for _, sel in chunks] for layer in range(L)]
+
+
+def _model_total(layer_rows, kernels, H):
+    """The ``model all`` row: every recorded layer's attention, summed (dense: once per layer)."""
+    n = len(layer_rows)
+    dense_ms = sum(r["dense ms"] for r in layer_rows) if "dense ms" in layer_rows[0] else None
+    computed = sum(r["_computed"] for r in layer_rows)
+    T = layer_rows[0]["T"]
+    total = {"inputs": f"model all ({n} layers)", "T": T}
+    if dense_ms is not None:
+        total["dense ms"] = dense_ms
+    total["estimate+index ms"] = sum(r["estimate+index ms"] for r in layer_rows)
+    total["tiles computed / dense"] = computed / sum(r["_computed"] / r["tiles computed / dense"] for r in layer_rows)
+    for kernel in kernels:
+        ms = sum(r[f"{kernel} ms"] for r in layer_rows)
+        total[f"{kernel} ms"] = ms
+        total[f"{kernel} TFLOP/s (tiles)"] = 4 * computed * H / ms / 1e9
+        if dense_ms is not None:
+            total[f"{kernel} speedup"] = dense_ms / ms
+            total[f"{kernel} speedup incl. estimate"] = dense_ms / (ms + total["estimate+index ms"])
+        total[f"{kernel} estimate share"] = total["estimate+index ms"] / ms
+    return {key: (f"{val:.3g}" if isinstance(val, float) else val) for key, val in total.items()}
 
 
 def main(argv=None) -> int:
@@ -92,8 +148,13 @@ def main(argv=None) -> int:
                    help="time only the estimate and the index tables (no dense baseline, no attention kernel)")
     p.add_argument("--key-blocks", default="16384", help="estimate key block sizes to time (comma list)")
     p.add_argument("--interpret", action="store_true", help="run the Triton kernel in interpret mode (CPU smoke test)")
+    p.add_argument("--selections", default=None, metavar="FILE.npz",
+                   help="time the kernels on a real model's selections (qwen-jax recall --save-selections)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    recorded = None
+    if args.selections:
+        recorded = _recorded(args)
 
     kernels, mgpu = args.kernels.split(","), {}
     for spec in kernels:
@@ -153,17 +214,26 @@ def main(argv=None) -> int:
                                     block_k=bk, num_warps=args.num_warps, num_stages=args.num_stages,
                                     interpret=args.interpret)
 
-    def one_pass(chunks, q_chunks, k, v, kb, count_tiles=False):
+    @functools.partial(jax.jit, static_argnames=("Tc", "n_keys"))
+    def index_of(sel, start, Tc, n_keys):
+        lengths = jnp.full((1,), start + Tc, jnp.int32)
+        return vslash.build_index(sel, jnp.full((1,), start, jnp.int32), Tc, lengths, mask, bk, n_keys)
+
+    def one_pass(chunks, q_chunks, k, v, kb, count_tiles=False, fixed=None):
         """One pass over the chunks: (estimate + index seconds, {kernel: attention seconds}, key tiles and
-        {Mosaic GPU spec: windows' (query, key) pairs} if counted)."""
+        {Mosaic GPU spec: windows' (query, key) pairs} if counted). ``fixed``: per chunk, a recorded
+        selection the kernels run on instead of the estimated one (whose cost is still timed)."""
         t_est, t_att = 0.0, dict.fromkeys(kernels, 0.0)
         n_tiles, windows = 0, dict.fromkeys(mgpu, 0.0)
-        for (start, Tc), qc in zip(chunks, q_chunks):
+        for i, ((start, Tc), qc) in enumerate(zip(chunks, q_chunks)):
             t0 = time.perf_counter()
             sel, index = jax.block_until_ready(estimate_index(qc, k, start, Tc, kb))
             t_est += time.perf_counter() - t0
             if args.estimate_only:
                 continue
+            if fixed is not None:
+                sel = fixed[i]
+                index = jax.block_until_ready(index_of(sel, start, Tc, k.shape[2]))
             for kernel in kernels:
                 t1 = time.perf_counter()
                 jax.block_until_ready(attend(qc, k, v, start, sel, index, Tc, kernel))
@@ -174,7 +244,7 @@ def main(argv=None) -> int:
                     windows[spec] += float(mgpu_windows(index, start, Tc, opts["block_k"]))
         return t_est, t_att, n_tiles, windows
 
-    rows = []
+    rows, layer_rows = [], []
     key_blocks = [int(x) for x in args.key_blocks.split(",")]
     for kind in args.inputs.split(","):
         for T in (parse_length(x) for x in args.lengths.split(",")):
@@ -189,16 +259,20 @@ def main(argv=None) -> int:
             chunks = [(s, min(args.chunk, T - s)) for s in range(0, T, args.chunk)]
             q_chunks = jax.block_until_ready([q[:, s:s + Tc] for s, Tc in chunks])   # sliced before timing
             chunks = [(jax.device_put(jnp.int32(s)), Tc) for s, Tc in chunks]
-            for kb in key_blocks:
-                row = {"inputs": kind, "T": T}
+            cases = [(kb, None) for kb in key_blocks]
+            if recorded is not None:
+                cases = [(key_blocks[0], layer) for layer in range(len(recorded))]
+            for kb, layer in cases:
+                row = {"inputs": kind if layer is None else f"model L{layer}", "T": T}
                 if len(key_blocks) > 1:
                     row["key block"] = kb
+                fixed = None if layer is None else [jax.device_put(sel) for sel in recorded[layer]]
                 if not (args.no_dense or args.estimate_only):
                     row["dense ms"] = dense_ms
                     row["dense TFLOP/s"] = 2 * 2 * T * T / 2 * N * H / dense_ms / 1e9
                 # warm-up (compiles), counting the tiles and the Mosaic GPU windows on the way
-                _, _, n_tiles, windows = one_pass(chunks, q_chunks, k, v, kb, count_tiles=True)
-                est, att = zip(*[one_pass(chunks, q_chunks, k, v, kb)[:2] for _ in range(args.repeats)])
+                _, _, n_tiles, windows = one_pass(chunks, q_chunks, k, v, kb, count_tiles=True, fixed=fixed)
+                est, att = zip(*[one_pass(chunks, q_chunks, k, v, kb, fixed=fixed)[:2] for _ in range(args.repeats)])
                 row["estimate+index ms"] = float(np.median(est) * 1e3)
                 if not args.estimate_only:
                     computed = n_tiles * 64 * bk                             # (query, key) pairs in the tiles
@@ -216,7 +290,14 @@ def main(argv=None) -> int:
                     if "triton" in kernels:
                         for spec in mgpu:
                             row[f"{spec} / triton time"] = row[f"{spec} ms"] / row["triton ms"]
-                rows.append({key: (f"{val:.3g}" if isinstance(val, float) else val) for key, val in row.items()})
+                if layer is not None:
+                    row["_computed"] = computed
+                    layer_rows.append(row)
+                rows.append({key: (f"{val:.3g}" if isinstance(val, float) else val) for key, val in row.items()
+                             if not key.startswith("_")})
+                print(json.dumps(rows[-1]), flush=True)
+            if layer_rows:
+                rows.append(_model_total(layer_rows, kernels, H))
                 print(json.dumps(rows[-1]), flush=True)
             del q, k, v, q_chunks
     env = environment()
