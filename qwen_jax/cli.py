@@ -280,7 +280,7 @@ def cmd_recall(args) -> int:
                          selections=bool(args.save_selections))
     print(recall.table(out["recall"]))
     stats = recall.summary(out["recall"])
-    tile_stats = recall.summary(out["tiles"])
+    tile_stats = {k: v for k, v in recall.summary(out["tiles"]).items() if not k.startswith("share")}
     print(json.dumps(stats))
     print("tile share (pairs in the key tiles a sparse kernel computes / dense causal pairs):", json.dumps(tile_stats))
     dca = model.config.dual_chunk_attention_config

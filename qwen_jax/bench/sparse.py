@@ -68,8 +68,12 @@ def _inputs(kind: str, T: int, N: int, K: int, H: int, seed: int, rope):
 
 def _recorded(args):
     """Load ``--selections`` and make the run match it: ``[per layer: [per chunk: Selection]]``."""
+    from qwen_jax.errors import QwenJaxError
     from qwen_jax.recall import load_selections
-    chunks, meta = load_selections(args.selections)
+    try:
+        chunks, meta = load_selections(args.selections)
+    except QwenJaxError as e:
+        raise SystemExit(str(e)) from None
     n_file, k_file = meta["heads"], meta["kv_heads"]
     if args.heads % n_file or args.heads * k_file != args.kv_heads * n_file:
         raise SystemExit(f"--heads {args.heads} / --kv-heads {args.kv_heads} cannot replicate the file's "
