@@ -94,69 +94,29 @@ def _kernel(meta_ref, scale_ref, *refs, mask: MaskSpec, G: int, block_q: int, bl
         first = pair_first + wg * block_q
         last = first + block_q - 1
         scale2 = scale_ref[b] * LOG2E                     # logits in base 2: exp2 is one instruction
-        dtype = qo_smem.dtype
         H = qo_smem.shape[-1]
-
-        def wait_keys(step):
-            @pl.when(step < total)
-            def _():
-                plgpu.barrier_wait(k_bar.at[lax.rem(step, jnp.int32(stages))])
+        steps = WindowSteps(qo_smem, k_smem, v_smem, k_bar, k_free, v_bar, v_free, stages=stages, total=total,
+                            scale2=scale2, take_turns=take_turns, turn=turn)
 
         def compute(j, carry, *, phase, offset, masked):
-            acc, m, l = carry
-            step = j + offset
-            slot = lax.rem(step, jnp.int32(stages))
-
-            def qk_scope(acc_ref):
-                plgpu.wgmma(acc_ref, qo_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
-                take_turns()
-                return acc_ref[...]
-
-            s = pl.run_scoped(qk_scope, plgpu.ACC((block_q, block_k), jnp.float32))
-            plgpu.barrier_arrive(k_free.at[slot])
-            s = s * scale2
-            if masked:
+            def masking(s):
+                if not masked:
+                    return s, None
                 q_pos = first + plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=plgpu.Layout.WGMMA)
                 k_pos = j * block_k + plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
                 ok = mask.visible(phase, q_pos, k_pos, kv_length)
-                s = jnp.where(ok, s, MASK_VALUE)
-            m_new = jnp.maximum(m, s.max(axis=1))
-            alpha = jnp.exp2(m - m_new)
-            p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
-            if masked:
-                p = jnp.where(ok, p, 0.0)
-            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-            l = l * alpha + p.sum(axis=1)
-            p16 = p.astype(dtype)
-            acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
-            plgpu.barrier_arrive(turn)                    # softmax done: the other consumer may matmul
-            plgpu.barrier_wait(v_bar.at[slot])
-            plgpu.barrier_wait(turn)
+                return jnp.where(ok, s, MASK_VALUE), ok
 
-            def pv(acc_ref):
-                plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-                wait_keys(step + 1)                       # overlaps the next block's wait with this matmul
-
-            acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-            plgpu.barrier_arrive(v_free.at[slot])
-            return acc, m_new, l
+            return steps.compute(carry, j + offset, (block_q, block_k), masking)
 
         def skip(j, carry, *, offset):
-            step = j + offset
-            slot = lax.rem(step, jnp.int32(stages))
-            plgpu.barrier_wait(v_bar.at[slot])            # keeps this consumer's barrier phases in step
-            wait_keys(step + 1)
-            plgpu.barrier_arrive(k_free.at[slot])
-            plgpu.barrier_arrive(v_free.at[slot])
-            take_turns()
-            take_turns()
-            return carry
+            return steps.skip(carry, j + offset)
 
         m = plgpu.layout_cast(jnp.full((block_q,), MASK_VALUE, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
         l = plgpu.layout_cast(jnp.full((block_q,), 0.0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
         acc = plgpu.layout_cast(jnp.full((block_q, H), 0.0, jnp.float32), plgpu.Layout.WGMMA)
         carry = (acc, m, l)
-        wait_keys(jnp.int32(0))
+        steps.wait_keys(jnp.int32(0))
         pl.when(wg == 1)(take_turns)
         for q_ref, (phase, U0, U1, offset) in zip(q_refs, schedule):
             plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(row0, block_q), n], qo_smem, q_bar.at[wg])
@@ -259,6 +219,81 @@ def launch(body, inputs, *, B, Tp, N, H, dtype, n_pairs, block_q, block_k, stage
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
     )(*inputs)
+
+
+class WindowSteps:
+    """A consumer warpgroup's steps over the key windows, shared by the dense and the sparse Mosaic GPU
+    kernels: ``wait_keys(step)`` for the producer's keys, ``compute(carry, step, shape, masking)`` (QK^T,
+    ``masking(s)`` -> ``(s, ok or None)`` on the base-2 logits, online softmax, PV) and ``skip(carry,
+    step)``, which keeps the barriers' phases in step without computing. ``turn``: the consumers' turn
+    barrier, or None where they do not take turns around the softmax; ``take_turns`` is called inside
+    the QK^T matmul and twice on a skip, as the kernels' turn order needs."""
+
+    def __init__(self, qo_smem, k_smem, v_smem, k_bar, k_free, v_bar, v_free, *, stages: int, total, scale2,
+                 take_turns, turn):
+        self.qo_smem, self.k_smem, self.v_smem = qo_smem, k_smem, v_smem
+        self.k_bar, self.k_free, self.v_bar, self.v_free = k_bar, k_free, v_bar, v_free
+        self.stages, self.total, self.scale2, self.take_turns, self.turn = stages, total, scale2, take_turns, turn
+
+    def wait_keys(self, step):
+        import jax.experimental.pallas as pl
+        import jax.experimental.pallas.mosaic_gpu as plgpu
+
+        @pl.when(step < self.total)
+        def _():
+            plgpu.barrier_wait(self.k_bar.at[lax.rem(step, jnp.int32(self.stages))])
+
+    def compute(self, carry, step, shape, masking):
+        """One window of ``shape`` (query rows, keys). Masked logits become MASK_VALUE; where ``masking``
+        also returns ``ok``, their probabilities are zeroed as well."""
+        import jax.experimental.pallas as pl
+        import jax.experimental.pallas.mosaic_gpu as plgpu
+
+        acc, m, l = carry
+        slot = lax.rem(step, jnp.int32(self.stages))
+
+        def qk_scope(acc_ref):
+            plgpu.wgmma(acc_ref, self.qo_smem, plgpu.transpose_ref(self.k_smem.at[slot], (1, 0)))
+            self.take_turns()
+            return acc_ref[...]
+
+        s = pl.run_scoped(qk_scope, plgpu.ACC(shape, jnp.float32))
+        plgpu.barrier_arrive(self.k_free.at[slot])
+        s, ok = masking(s * self.scale2)
+        m_new = jnp.maximum(m, s.max(axis=1))
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+        if ok is not None:
+            p = jnp.where(ok, p, 0.0)
+        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+        l = l * alpha + p.sum(axis=1)
+        p16 = p.astype(self.qo_smem.dtype)
+        acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
+        if self.turn is not None:
+            plgpu.barrier_arrive(self.turn)               # softmax done: the other consumer may matmul
+        plgpu.barrier_wait(self.v_bar.at[slot])
+        if self.turn is not None:
+            plgpu.barrier_wait(self.turn)
+
+        def pv(acc_ref):
+            plgpu.wgmma(acc_ref, p16, self.v_smem.at[slot])
+            self.wait_keys(step + 1)                      # overlaps the next window's wait with this matmul
+
+        acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+        plgpu.barrier_arrive(self.v_free.at[slot])
+        return acc, m_new, l
+
+    def skip(self, carry, step):
+        import jax.experimental.pallas.mosaic_gpu as plgpu
+
+        slot = lax.rem(step, jnp.int32(self.stages))
+        plgpu.barrier_wait(self.v_bar.at[slot])           # keeps this consumer's barrier phases in step
+        self.wait_keys(step + 1)
+        plgpu.barrier_arrive(self.k_free.at[slot])
+        plgpu.barrier_arrive(self.v_free.at[slot])
+        self.take_turns()
+        self.take_turns()
+        return carry
 
 
 def store_rows(carry, qo_smem, lse_smem, out_dst, lse_dst):

@@ -54,7 +54,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.flash_mgpu import launch, store_rows
+from pallas_kernels.flash_mgpu import WindowSteps, launch, store_rows
 from pallas_kernels.masks import MASK_VALUE, MaskSpec
 from pallas_kernels.shapes import attention_dims, pad_queries
 from pallas_kernels.vslash import BAND, NO_KEY, VSIndex, gather_verticals, pad_verticals
@@ -270,64 +270,23 @@ def _kernel(meta_ref, scale_ref, sched_ref, win_ref, vpos_ref, keep_ref, *refs, 
         first = q0 + wg * BAND
         scale2 = scale_ref[b] * LOG2E                     # logits in base 2: exp2 is one instruction
         total = part(*parts[-1])["end"]
-        dtype = qo_smem.dtype
         H = qo_smem.shape[-1]
+        steps = WindowSteps(qo_smem, k_smem, v_smem, k_bar, k_free, v_bar, v_free, stages=stages, total=total,
+                            scale2=scale2, take_turns=take_turns, turn=turn if pingpong else None)
         row_layout = plgpu.Layout.WGMMA.reduce(1)
 
-        def wait_keys(step):
-            @pl.when(step < total)
-            def _():
-                plgpu.barrier_wait(k_bar.at[lax.rem(step, jnp.int32(stages))])
-
         def compute(carry, step, visible, masked):
-            """One window: QK^T, the mask where ``masked`` (a bool, or a traced one), online softmax, PV.
+            """One window, masked where ``masked`` (a bool, or a traced one) by ``visible()`` -> bool [64, W].
+            Masked logits become MASK_VALUE and the running max starts at M_FLOOR above it, so their
+            probabilities underflow to exactly 0 with no second select."""
+            def masking(s):
+                apply = lambda s: jnp.where(visible(), s, MASK_VALUE)  # noqa: E731
+                # elementwise work only under the condition: the wgmma stay in straight-line code
+                return (apply(s) if masked is True else lax.cond(masked, apply, lambda s: s, s)), None
 
-            ``visible()`` -> bool [64, W]. Masked logits become MASK_VALUE and the running max starts at
-            M_FLOOR above it, so their probabilities underflow to exactly 0 with no second select."""
-            acc, m, l = carry
-            slot = lax.rem(step, jnp.int32(stages))
+            return steps.compute(carry, step, (BAND, W), masking)
 
-            def qk_scope(acc_ref):
-                plgpu.wgmma(acc_ref, qo_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
-                take_turns()
-                return acc_ref[...]
-
-            s = pl.run_scoped(qk_scope, plgpu.ACC((BAND, W), jnp.float32))
-            plgpu.barrier_arrive(k_free.at[slot])
-            s = s * scale2
-            apply = lambda s: jnp.where(visible(), s, MASK_VALUE)  # noqa: E731
-            # elementwise work only under the condition: the wgmma stay in straight-line code
-            s = apply(s) if masked is True else lax.cond(masked, apply, lambda s: s, s)
-            m_new = jnp.maximum(m, s.max(axis=1))
-            alpha = jnp.exp2(m - m_new)
-            p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
-            acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-            l = l * alpha + p.sum(axis=1)
-            p16 = p.astype(dtype)
-            acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
-            if pingpong:
-                plgpu.barrier_arrive(turn)                # softmax done: the other consumer may matmul
-            plgpu.barrier_wait(v_bar.at[slot])
-            if pingpong:
-                plgpu.barrier_wait(turn)
-
-            def pv(acc_ref):
-                plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-                wait_keys(step + 1)                       # overlaps the next window's wait with this matmul
-
-            acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-            plgpu.barrier_arrive(v_free.at[slot])
-            return acc, m_new, l
-
-        def skip(carry, step):
-            slot = lax.rem(step, jnp.int32(stages))
-            plgpu.barrier_wait(v_bar.at[slot])            # keeps this consumer's barrier phases in step
-            wait_keys(step + 1)
-            plgpu.barrier_arrive(k_free.at[slot])
-            plgpu.barrier_arrive(v_free.at[slot])
-            take_turns()
-            take_turns()
-            return carry
+        skip = steps.skip
 
         def between(lo_rows, hi_rows, pos):
             """bool [64, W]: ``lo_r <= pos < hi_r`` for row bounds [64] and key positions [64, W]."""
@@ -341,7 +300,7 @@ def _kernel(meta_ref, scale_ref, sched_ref, win_ref, vpos_ref, keep_ref, *refs, 
         l = plgpu.layout_cast(jnp.full((BAND,), 0.0, jnp.float32), row_layout)
         acc = plgpu.layout_cast(jnp.full((BAND, H), 0.0, jnp.float32), plgpu.Layout.WGMMA)
         carry = (acc, m, l)
-        wait_keys(jnp.int32(0))
+        steps.wait_keys(jnp.int32(0))
         pl.when(wg == 1)(take_turns)
         for p, (phase, q_ref) in enumerate(zip(mask.phases, q_refs)):
             plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(row0, BAND), n], qo_smem, q_bar.at[wg])
