@@ -27,14 +27,17 @@ def random_chunk(seed, B=2, T=192, N=4, K=2, H=32, S_cache=1024, q_offset=(640, 
     return q, k, jnp.asarray(q_offset, jnp.int32)
 
 
-def test_estimate_scores_and_selection_match_the_numpy_spec():
+@pytest.mark.parametrize("impl", ["xla", "triton"])
+def test_estimate_scores_and_selection_match_the_numpy_spec(impl):
+    """Both score implementations (``triton``: the Pallas kernel in interpret mode) against the spec."""
     H, N, K = 32, 4, 2
     q, k, q_offset = random_chunk(0)
     lengths = jnp.array([800, 620], jnp.int32)   # row 0: chunk [640, 832) ends at 800; row 1: [448, 620)
     rope = rope_for(H)
     scale = jnp.array([0.3, 0.25], jnp.float32)
     begin, end, P = sparse.segments(q_offset, q.shape[1], lengths, DCA.chunk_len)
-    vert, slash = sparse.scores(q, k, q_offset, begin, end, P, scale, dca=DCA, rope=rope, key_block=128)
+    vert, slash = sparse.scores(q, k, q_offset, begin, end, P, scale, dca=DCA, rope=rope, key_block=128, impl=impl,
+                                interpret=True)
     budgets = sparse.Budgets((30, 40, 200, 9), (50, 60, 80, 300))
     sel = sparse.select(vert, slash, begin, end, P, jnp.array([True, True]), budgets=budgets, chunk_len=DCA.chunk_len)
     inv = np.asarray(rope.inv_freq, np.float64)
@@ -492,11 +495,12 @@ def test_sparse_dispatch_picks_or_refuses_loudly():
         vslash_attention(q, k, k, sel, q_offset=0, kv_length=256, impl="cutlass")
 
 
-def test_top_indices_pick_what_a_stable_sort_picks_ties_included():
+@pytest.mark.parametrize("S", [700, 3072])
+def test_top_indices_pick_what_a_stable_sort_picks_ties_included(S):
     """The sort-free top-k against numpy's stable argsort: ties (zeros, repeated values, +-inf) go to the
-    lower index, every row has its own count, and n = 0 and n = k work."""
-    rng = np.random.default_rng(7)
-    R, S, k = 12, 700, 300
+    lower index, every row has its own count, and n = 0 and n = k work (3072: rows cut in blocks)."""
+    rng = np.random.default_rng(S)
+    R, k = 12, 300
     score = np.floor(rng.random((R, S)) * 6).astype(np.float32) / 4          # heavy ties
     score[rng.random((R, S)) < 0.1] = 0.0
     score[:, :20] = np.inf
@@ -509,3 +513,58 @@ def test_top_indices_pick_what_a_stable_sort_picks_ties_included():
         want = np.sort(np.argsort(-score[r].astype(np.float64), kind="stable")[:n[r]])
         np.testing.assert_array_equal(got[r, :n[r]], want)
         assert (got[r, n[r]:] == S).all()
+
+
+@pytest.mark.parametrize("splits,splits2,group", [(1, 1, 1), (3, 5, 7), (128, 64, 1)])
+def test_estimate_kernel_matches_the_xla_scores(splits, splits2, group):
+    """The Pallas estimate kernel (interpret mode) against the XLA scores: 7 query heads per kv head,
+    three DCA phases in one segment, programs with no tile, one tile and many, a row not at the end of
+    the cache; every entry below ``end`` compared, none at or past it written."""
+    from pallas_kernels import estimate_gpu
+    rng = np.random.default_rng(splits)
+    dca = DCAConfig(chunk_size=320, local_size=64, sparse_attention_enabled=True, sparse_attention_threshold=0)
+    B, T, N, K, H, S_cache = 2, 96, 7, 1, 32, 1024
+    q = jnp.asarray(rng.normal(size=(B, T, N, H)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(B, K, S_cache, H)), jnp.float32)
+    q_offset = jnp.array([800, 512], jnp.int32)          # row 0: keys in all three phases; row 1: a DCA boundary
+    lengths = jnp.array([870, 608], jnp.int32)
+    rope = rope_for(H)
+    begin, end, P = sparse.segments(q_offset, T, lengths, dca.chunk_len)
+    scale = jnp.array([0.3, 0.2], jnp.float32)
+    want = sparse.scores(q, k, q_offset, begin, end, P, scale, dca=dca, rope=rope, key_block=128, impl="xla")
+    for b in range(B):
+        for g in range(begin.shape[1]):
+            bg, en, Pg = (int(x[b, g]) for x in (begin, end, P))
+            if en <= bg:
+                continue
+            rows = en - 64 + np.arange(64)
+            q_est = q[b, np.clip(rows - int(q_offset[b]), 0, T - 1)]
+            qe = jnp.stack([rope.apply(q_est[None], jnp.asarray(rows - Pg + shift)[None])[0]
+                            for shift in (dca.chunk_size, dca.chunk_len, 0)]).transpose(0, 2, 1, 3)
+            info = jnp.array([max(Pg - dca.chunk_len, 0), Pg, en, bg, -(-en // 64), 0, 0, 0], jnp.int32)
+            vert, slash = estimate_gpu.segment_scores(qe, k, info, scale[b:b + 1], b=b, W=64, splits=splits,
+                                                      splits2=splits2, group=group, interpret=True)
+            for got, ref in ((vert, want[0][b, g]), (slash, want[1][b, g])):
+                np.testing.assert_allclose(np.asarray(got)[:, :en], np.asarray(ref)[:, :en], rtol=1e-5, atol=1e-7)
+                assert np.abs(np.asarray(ref)[:, :en]).max() > 0
+
+
+def test_estimate_kernel_lowers_for_cuda():
+    """The whole estimate with the Pallas scores, Qwen2.5-7B heads (28 / 4, head_dim 128), bf16, DCA."""
+    from jax import export
+    H = 128
+    dca = DCAConfig(chunk_size=2560, local_size=512, sparse_attention_enabled=True, sparse_attention_threshold=0)
+    budgets = sparse.Budgets((1000,) * 28, (2000,) * 28)
+
+    def f(q, k, q_offset, lengths):
+        return sparse.estimate(q, k, q_offset, lengths, jnp.ones((1,), jnp.float32), dca=dca, rope=rope_for(H),
+                               budgets=budgets, impl="triton", all_sparse=True)
+
+    sd = jax.ShapeDtypeStruct
+    exported = export.export(jax.jit(f), platforms=["cuda"],
+                             disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
+        sd((1, 1024, 28, H), jnp.bfloat16), sd((1, 4, 8192, H), jnp.bfloat16), sd((1,), jnp.int32),
+        sd((1,), jnp.int32))
+    module = exported.mlir_module()
+    assert exported.platforms == ("cuda",)
+    assert "qwen_jax_estimate_lse" in module and "qwen_jax_estimate_scores" in module

@@ -30,9 +30,11 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels import estimate_gpu
 from pallas_kernels.masks import MASK_VALUE
 from pallas_kernels.shapes import matmul_precision
 from pallas_kernels.vslash import BAND, NO_KEY, Selection
@@ -46,6 +48,7 @@ FORCED_DIAGONALS = 100
 MIN_VERTICAL, MIN_SLASH = 30, 50
 DEFAULT_BUDGET = (1000, 6096)
 FALLBACK = 5
+SCORE_IMPLS = ("auto", "xla", "triton")
 RADIX_BITS = 3     # top_indices: digit width (3: memory and compare work balance on GPUs)
 
 
@@ -115,20 +118,23 @@ def _lse_combine(x, y):
     return m, l1 * jnp.exp(m1 - m) + l2 * jnp.exp(m2 - m)
 
 
-def _segment_scores(q_row, k_row, q_off, begin, end, P, scale, *, dca: DCAConfig, rope: Rope, bk: int):
-    """Vertical [N, S] and slash [N, S + 63] scores of one segment of one row (all arguments but q_row
-    [T, N, H] and k_row [K, S, H] are scalars).
+def _segment_scores(q_row, k_cache, b: int, q_off, begin, end, P, scale, *, dca: DCAConfig, rope: Rope, bk: int,
+                    impl: str = "xla", interpret: bool = False):
+    """Vertical and slash scores [N, S] of one segment of row ``b`` (q_row [T, N, H], k_cache [B, K, S, H];
+    the other arguments are scalars).
 
+    ``impl="triton"``: ``pallas_kernels.estimate_gpu`` computes them on chip (``interpret``: on a CPU).
+    ``impl="xla"``:
     The keys below ``end`` are walked as *pieces*: each phase's key range cut into ``bk`` keys (the last
     piece of a range is shorter), so every piece needs one query rotation and one matmul, and an empty
     segment has no piece. Pass 1 reduces each piece's logits to a running (max, sum) per estimate row
     in one read; pass 2 turns them into probabilities and adds them up by column and by diagonal in
     one reduction."""
     T, N, H = q_row.shape
-    K, S = k_row.shape[0], k_row.shape[1]
+    K, S = k_cache.shape[1], k_cache.shape[2]
     Gq = N // K
     C, Sl = dca.chunk_size, dca.chunk_len
-    dtype = k_row.dtype                      # bf16 caches: bf16 products, float32 accumulation
+    dtype = k_cache.dtype                    # bf16 caches: bf16 products, float32 accumulation
     precision = matmul_precision(dtype)
     r = jnp.arange(LAST_Q, dtype=jnp.int32)
     rows = end - LAST_Q + r                                                  # [64] query positions
@@ -136,13 +142,23 @@ def _segment_scores(q_row, k_row, q_off, begin, end, P, scale, *, dca: DCAConfig
     q_est = q_row[jnp.clip(rows - q_off, 0, T - 1)]                          # [64, N, H]
     # [3, K, Gq * 64, H]: inter, successive, intra rotations, estimate rows grouped by kv head
     rotated = jnp.stack([rope.apply(q_est[None], (rows - P + shift)[None])[0] for shift in (C, Sl, 0)])
+    inter_end = jnp.maximum(P - Sl, 0)
+    live = end > begin
+    pos = jnp.arange(S, dtype=jnp.int32)
+    if impl == "triton":
+        W = estimate_gpu.tile_width(S, Sl)
+        n_tiles = jnp.where(live, (end + W - 1) // W, 0)
+        info = jnp.stack([inter_end, P, end, begin, n_tiles] + [jnp.zeros_like(P)] * 3).astype(jnp.int32)
+        vertical, slash = estimate_gpu.segment_scores(rotated.transpose(0, 2, 1, 3).astype(dtype), k_cache, info,
+                                                      scale.reshape(1), b=b, W=W, interpret=interpret)
+        seen = live & (pos < end)
+        return jnp.where(seen, vertical, 0.0), jnp.where(seen, slash, 0.0)
+    k_row = k_cache[b]
     rotated = rotated.reshape(3, LAST_Q, K, Gq, H).transpose(0, 2, 3, 1, 4).reshape(3, K, Gq * LAST_Q, H)
     rotated = rotated.astype(dtype)
     row_pos = jnp.tile(rows, Gq)[None, :, None]                              # [1, Gq * 64, 1]
     row_ok = jnp.tile(valid_row, Gq)[None, :, None]
     # phase key ranges [lo, hi) below end, in piece order; an empty segment has none
-    inter_end = jnp.maximum(P - Sl, 0)
-    live = end > begin
     lo = jnp.stack([jnp.zeros_like(P), inter_end, P])
     hi = jnp.where(live, jnp.stack([inter_end, P, end]), lo)
     n_pieces = (hi - lo + bk - 1) // bk                                      # [3]
@@ -187,25 +203,44 @@ def _segment_scores(q_row, k_row, q_off, begin, end, P, scale, *, dca: DCAConfig
         return (lax.dynamic_update_slice_in_dim(vertical, col, at, axis=-1),
                 lax.dynamic_update_slice_in_dim(slash, diag, at, axis=-1))
 
-    return lax.fori_loop(0, total, pass2, (jnp.zeros((N, S), jnp.float32), jnp.zeros((N, S + LAST_Q - 1), jnp.float32)))
+    vertical, slash = lax.fori_loop(0, total, pass2, (jnp.zeros((N, S), jnp.float32),
+                                                      jnp.zeros((N, S + LAST_Q - 1), jnp.float32)))
+    return vertical, slash[:, :S]
 
 
-def scores(q, k_cache, q_offset, begin, end, P, scale, *, dca: DCAConfig, rope: Rope, key_block: int = 16384):
+def scores_impl(impl: str, n_keys: int, chunk_len: int) -> str:
+    """The scores implementation ``impl`` ("auto", "xla", "triton") means here: "auto" takes the Pallas
+    kernel on a GPU when its key tile divides the cache and the DCA chunk length, else XLA."""
+    if impl not in SCORE_IMPLS:
+        raise ConfigError(f"unknown estimate implementation {impl!r}; choose one of {list(SCORE_IMPLS)}")
+    fits = estimate_gpu.tile_width(n_keys, chunk_len) is not None
+    if impl == "auto":
+        return "triton" if fits and jax.default_backend() == "gpu" else "xla"
+    if impl == "triton" and not fits:
+        raise ConfigError(f"the estimate kernel needs a cache length and a DCA chunk length divisible by 64, got "
+                          f"{n_keys} and {chunk_len}")
+    return impl
+
+
+def scores(q, k_cache, q_offset, begin, end, P, scale, *, dca: DCAConfig, rope: Rope, key_block: int = 16384,
+           impl: str = "auto", interpret: bool = False):
     """Vertical and slash scores of every segment: ``(vertical [B, G, N, S], slash [B, G, N, S])``,
     slash indexed by ``i = end - 1 - d``; positions at or past ``end`` score 0.
 
     One segment at a time (``lax.map``), one row at a time (rows differ in their phase ranges), over
-    the keys below the segment's end only: ``_segment_scores``."""
+    the keys below the segment's end only: ``_segment_scores`` (``impl``: ``scores_impl``; ``key_block``:
+    the XLA version's key piece)."""
     B = q.shape[0]
     S = k_cache.shape[2]
     bk = min(key_block, S)
     scale = scale.astype(jnp.float32)
+    impl = scores_impl(impl, S, dca.chunk_len)
 
     def one_segment(seg):
         begin_g, end_g, P_g = seg                                            # [B] each
-        out = [_segment_scores(q[b], k_cache[b], q_offset[b], begin_g[b], end_g[b], P_g[b], scale[b], dca=dca,
-                               rope=rope, bk=bk) for b in range(B)]
-        return jnp.stack([v for v, _ in out]), jnp.stack([s[:, :S] for _, s in out])
+        out = [_segment_scores(q[b], k_cache, b, q_offset[b], begin_g[b], end_g[b], P_g[b], scale[b], dca=dca,
+                               rope=rope, bk=bk, impl=impl, interpret=interpret) for b in range(B)]
+        return jnp.stack([v for v, _ in out]), jnp.stack([s for _, s in out])
 
     vertical, slash = lax.map(one_segment, (begin.T, end.T, P.T))           # [G, B, N, S]
     return vertical.transpose(1, 0, 2, 3), slash.transpose(1, 0, 2, 3)
@@ -224,10 +259,12 @@ def top_indices(score, n, k: int):
 
     No sort (``lax.top_k`` sorts the whole row on GPUs): the n-th largest value ``t`` is found
     ``RADIX_BITS`` bits at a time, each digit by counting the entries at or above its candidate values
-    in one pass over the scores; the entries above ``t`` and the first ``n - count(> t)`` equal to it
-    are then scattered to their rank among the picks (two running counts)."""
+    in one pass over the scores; the picks are the entries above ``t`` and the first ``n - count(> t)``
+    equal to it, and slot ``j`` finds the first entry with ``j + 1`` picks up to it by binary search
+    (a scatter of every entry costs more on GPUs)."""
     S = score.shape[-1]
-    u = _order_keys(score)
+    B = next((b for b in (4096, 2048, 1024, 512) if S % b == 0), S)      # rows cut in blocks: a GPU reduces
+    u = _order_keys(score).reshape(*score.shape[:-1], S // B, B)          # many short rows faster than few long
     n = n.astype(jnp.int32)
     top = (32 - 1) // RADIX_BITS * RADIX_BITS                                 # the first digit's shift
 
@@ -235,21 +272,34 @@ def top_indices(score, n, k: int):
         shift = (top - i * RADIX_BITS).astype(jnp.uint32)
         room = (jnp.uint32(0xFFFFFFFF) - t) >> shift                         # candidates that do not wrap
         cands = [t + (jnp.uint32(d) << shift) for d in range(1, 1 << RADIX_BITS)]
-        counts = lax.reduce(tuple((u >= c[..., None]).astype(jnp.int32) for c in cands), (jnp.int32(0),) * len(cands),
-                            lambda x, y: tuple(a + b for a, b in zip(x, y)), (u.ndim - 1,))
-        up = sum(((c >= n) & (d + 1 <= room)).astype(jnp.uint32) for d, c in enumerate(counts))
+        counts = lax.reduce(tuple((u >= c[..., None, None]).astype(jnp.int32) for c in cands),
+                            (jnp.int32(0),) * len(cands), lambda x, y: tuple(a + b for a, b in zip(x, y)),
+                            (u.ndim - 1,))
+        up = sum(((c.sum(-1) >= n) & (d + 1 <= room)).astype(jnp.uint32) for d, c in enumerate(counts))
         return t + (up << shift)
 
-    t = lax.fori_loop(0, top // RADIX_BITS + 1, digit, jnp.zeros(n.shape, jnp.uint32))
-    above, tie = u > t[..., None], u == t[..., None]
-    ties_taken = n - above.sum(-1, dtype=jnp.int32)
-    n_tie = jnp.cumsum(tie, -1, dtype=jnp.int32)
-    picked = above | (tie & (n_tie <= ties_taken[..., None]))
-    slot = jnp.where(picked, jnp.cumsum(picked, -1, dtype=jnp.int32) - 1, k)   # k: dropped
-    rows = picked.size // S
-    out = jnp.full((rows, k), S, jnp.int32).at[jnp.arange(rows)[:, None], slot.reshape(rows, S)].set(
-        jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (rows, S)), mode="drop", unique_indices=False)
-    return out.reshape(*n.shape, k)
+    def cumsum(x):                                                          # over the blocks of the last axes
+        inner = jnp.cumsum(x, -1, dtype=jnp.int32)
+        total = inner[..., -1]
+        return (inner + (jnp.cumsum(total, -1) - total)[..., None]).reshape(*score.shape[:-1], S)
+
+    t = lax.fori_loop(0, top // RADIX_BITS + 1, digit, jnp.zeros(n.shape, jnp.uint32))[..., None, None]
+    above = u > t
+    ties_taken = n - above.sum((-2, -1), dtype=jnp.int32)
+    # picks at or before each entry: the entries above t, and the ties up to the ties_taken-th
+    rank = cumsum(above) + jnp.minimum(cumsum(u == t), ties_taken[..., None])
+    # pick j is the first entry whose rank reaches j + 1: a binary search per slot (S where none does)
+    want = jnp.arange(1, k + 1, dtype=jnp.int32)
+
+    def halve(_, bounds):
+        lo, hi = bounds
+        mid = (lo + hi) // 2
+        short = (lo < hi) & (jnp.take_along_axis(rank, jnp.minimum(mid, S - 1), -1) < want)
+        return jnp.where(short, mid + 1, lo), jnp.where(short, hi, mid)
+
+    lo = jnp.zeros(n.shape + (k,), jnp.int32)
+    lo, _ = lax.fori_loop(0, S.bit_length(), halve, (lo, jnp.full_like(lo, S)))
+    return lo
 
 
 def _top_by_segment(vertical, slash, end, n_v, kv: int, n_s, ks: int):
@@ -312,8 +362,9 @@ def select(vertical, slash, begin, end, P, sparse_rows, *, budgets: Budgets, chu
     bumped = tuple(130 if v == 30 else v for v in budgets.vertical)       # Qwen's code bumps 30 to 130
     vs = lax.dynamic_slice_in_dim(jnp.asarray(bumped, jnp.int32), head_offset, N)[None, None, :]
     ss = lax.dynamic_slice_in_dim(jnp.asarray(budgets.slash, jnp.int32), head_offset, N)[None, None, :]
-    n_v = jnp.clip(jnp.maximum(vs, MIN_VERTICAL), None, end[:, :, None])
-    n_s = jnp.clip(jnp.maximum(ss, MIN_SLASH), None, end[:, :, None])
+    live = (end > begin)[:, :, None]                                        # an empty segment picks nothing
+    n_v = jnp.where(live, jnp.clip(jnp.maximum(vs, MIN_VERTICAL), None, end[:, :, None]), 0)
+    n_s = jnp.where(live, jnp.clip(jnp.maximum(ss, MIN_SLASH), None, end[:, :, None]), 0)
     kv = min(max(max(bumped), MIN_VERTICAL), S)
     ks = min(max(max(budgets.slash), MIN_SLASH), S)
     cols, diag_i = _top_by_segment(vertical, slash, end, n_v, kv, n_s, ks)  # [B, G, N, kv | ks] ascending
@@ -364,15 +415,19 @@ def select(vertical, slash, begin, end, P, sparse_rows, *, budgets: Budgets, chu
 
 
 def estimate(q, k_cache, q_offset, request_lengths, scale, *, dca: DCAConfig, rope: Rope, budgets: Budgets,
-             key_block: int = 16384, all_sparse: bool = False, head_offset=0) -> Selection:
+             key_block: int = 16384, all_sparse: bool = False, head_offset=0, impl: str = "auto",
+             interpret: bool = False) -> Selection:
     """The whole estimate for a query chunk q [B, T, N, H] (not rotated) starting at ``q_offset`` [B];
-    ``head_offset``: the index in ``budgets`` of q's first head."""
+    ``head_offset``: the index in ``budgets`` of q's first head; ``impl``, ``interpret``: the scores'
+    implementation (``scores``)."""
     T = q.shape[1]
     begin, end, P = segments(q_offset, T, request_lengths, dca.chunk_len)
-    vertical, slash = scores(q, k_cache, q_offset, begin, end, P, scale, dca=dca, rope=rope, key_block=key_block)
+    vertical, slash = scores(q, k_cache, q_offset, begin, end, P, scale, dca=dca, rope=rope, key_block=key_block,
+                             impl=impl, interpret=interpret)
     sparse_rows = request_lengths > dca.sparse_attention_threshold
     return select(vertical, slash, begin, end, P, sparse_rows, budgets=budgets, chunk_len=dca.chunk_len,
                   all_sparse=all_sparse, head_offset=head_offset)
 
 
-__all__ = ["Budgets", "layer_budgets", "check_sparse_config", "estimate", "scores", "select", "segments"]
+__all__ = ["Budgets", "layer_budgets", "check_sparse_config", "estimate", "scores", "scores_impl", "select",
+           "segments", "SCORE_IMPLS"]

@@ -3,7 +3,8 @@
     python -m qwen_jax.bench.sparse [--lengths 128k,256k,512k,1m] [--inputs local,random]
                                     [--budgets 1000,6096] [--chunk 32768] [--dca 262144,8192]
                                     [--kernels mosaic_gpu:64:4:free,mosaic_gpu:128:2:pp,triton]
-                                    [--estimate-only] [--key-blocks 16384] [--json out.json]
+                                    [--estimate-only] [--key-blocks 16384] [--estimates auto,xla,triton]
+                                    [--json out.json]
 
 Attention only (no model), bf16, 28 query / 4 kv heads, head_dim 128, batch 1. The sparse path runs
 as sparse prefill does: the T queries in chunks of ``--chunk``, each chunk estimating its own
@@ -21,7 +22,11 @@ on the same work). The Mosaic GPU kernel's windows overhang the mask (module doc
 per chunk on a chunk of queries sliced beforehand), summed over the chunks; the median over
 ``--repeats`` passes after one untimed pass. ``--estimate-only`` times only that (no dense
 baseline, no attention kernel: cheap on a GPU, and it runs on a CPU); ``--key-blocks`` lists the
-estimate's key block sizes to time (one row each).
+XLA estimate's key block sizes to time, ``--estimates`` the scores implementations (``auto``: the
+Pallas kernel on a GPU; ``xla``; ``triton``, in interpret mode with ``--interpret``), one row each; the
+kernels run on the first one's selection. With more than one implementation, each row after the
+first also reports how its last chunk's scores and picks compare with the first's ("max score
+difference", "picks equal": the share of picked columns and diagonals that are the same).
 
 Inputs: ``random`` (normal q, k, v: no structure, so the chosen diagonals scatter: the worst case for
 a band kernel) or ``local`` (q and k share a per-head direction, so attention decays with distance
@@ -150,7 +155,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-dense", action="store_true")
     p.add_argument("--estimate-only", action="store_true",
                    help="time only the estimate and the index tables (no dense baseline, no attention kernel)")
-    p.add_argument("--key-blocks", default="16384", help="estimate key block sizes to time (comma list)")
+    p.add_argument("--key-blocks", default="16384", help="XLA estimate key block sizes to time (comma list)")
+    p.add_argument("--estimates", default="auto", help="scores implementations to time: auto, xla, triton")
     p.add_argument("--interpret", action="store_true", help="run the Triton kernel in interpret mode (CPU smoke test)")
     p.add_argument("--selections", default=None, metavar="FILE.npz",
                    help="time the kernels on a real model's selections (qwen-jax recall --save-selections)")
@@ -183,15 +189,37 @@ def main(argv=None) -> int:
     bk = args.block_k
     mask = dca_ops.mask_spec(dca)
 
-    @functools.partial(jax.jit, static_argnames=("Tc", "key_block"))
-    def estimate_index(q_chunk, k, start, Tc, key_block):
+    impls = args.estimates.split(",")
+    for impl in impls:
+        if impl not in sparse.SCORE_IMPLS:
+            raise SystemExit(f"unknown --estimates {impl!r}: choose from {', '.join(sparse.SCORE_IMPLS)}")
+
+    @functools.partial(jax.jit, static_argnames=("Tc", "key_block", "impl"))
+    def estimate_index(q_chunk, k, start, Tc, key_block, impl):
         """Exactly what the timing covers: the estimate and the kernels' index tables of one chunk."""
         lengths = jnp.full((1,), start + Tc, jnp.int32)
         scale = dca_ops.softmax_scale(lengths, dca, H)
         q_offset = jnp.full((1,), start, jnp.int32)
         sel = sparse.estimate(q_chunk, k, q_offset, lengths, scale, dca=dca, rope=rope, budgets=budgets,
-                              key_block=key_block, all_sparse=True)
+                              key_block=key_block, all_sparse=True, impl=impl, interpret=args.interpret)
         return sel, vslash.build_index(sel, q_offset, Tc, lengths, mask, bk, k.shape[2])
+
+    @functools.partial(jax.jit, static_argnames=("Tc", "key_block", "impl"))
+    def chunk_scores(q_chunk, k, start, Tc, key_block, impl):
+        """One chunk's scores alone (the agreement check)."""
+        lengths = jnp.full((1,), start + Tc, jnp.int32)
+        q_offset = jnp.full((1,), start, jnp.int32)
+        begin, end, P = sparse.segments(q_offset, Tc, lengths, dca.chunk_len)
+        return sparse.scores(q_chunk, k, q_offset, begin, end, P, dca_ops.softmax_scale(lengths, dca, H), dca=dca,
+                             rope=rope, key_block=key_block, impl=impl, interpret=args.interpret)
+
+    def agreement(first, other):
+        """Max score difference (relative to the largest score) and the share of equal picks."""
+        (v0, s0), sel0 = first
+        (v1, s1), sel1 = other
+        diff = max(float(jnp.abs(a - b).max() / jnp.abs(a).max()) for a, b in ((v0, v1), (s0, s1)))
+        same = [float((getattr(sel0, f) == getattr(sel1, f)).mean()) for f in ("dist", "cols")]
+        return {"max score difference": diff, "picks equal": min(same)}
 
     @jax.jit
     def tiles(sel, index):
@@ -223,7 +251,7 @@ def main(argv=None) -> int:
         lengths = jnp.full((1,), start + Tc, jnp.int32)
         return vslash.build_index(sel, jnp.full((1,), start, jnp.int32), Tc, lengths, mask, bk, n_keys)
 
-    def one_pass(chunks, q_chunks, k, v, kb, count_tiles=False, fixed=None):
+    def one_pass(chunks, q_chunks, k, v, kb, impl, count_tiles=False, fixed=None):
         """One pass over the chunks: (estimate + index seconds, {kernel: attention seconds}, key tiles and
         {Mosaic GPU spec: windows' (query, key) pairs} if counted). ``fixed``: per chunk, a recorded
         selection the kernels run on instead of the estimated one (whose cost is still timed)."""
@@ -231,7 +259,7 @@ def main(argv=None) -> int:
         n_tiles, windows = 0, dict.fromkeys(mgpu, 0.0)
         for i, ((start, Tc), qc) in enumerate(zip(chunks, q_chunks)):
             t0 = time.perf_counter()
-            sel, index = jax.block_until_ready(estimate_index(qc, k, start, Tc, kb))
+            sel, index = jax.block_until_ready(estimate_index(qc, k, start, Tc, kb, impl))
             t_est += time.perf_counter() - t0
             if args.estimate_only:
                 continue
@@ -263,20 +291,32 @@ def main(argv=None) -> int:
             chunks = [(s, min(args.chunk, T - s)) for s in range(0, T, args.chunk)]
             q_chunks = jax.block_until_ready([q[:, s:s + Tc] for s, Tc in chunks])   # sliced before timing
             chunks = [(jax.device_put(jnp.int32(s)), Tc) for s, Tc in chunks]
-            cases = [(kb, None) for kb in key_blocks]
+            cases = [(kb, impl, None) for impl in impls for kb in (key_blocks if impl != "triton" else key_blocks[:1])]
             if recorded is not None:
-                cases = [(key_blocks[0], layer) for layer in range(len(recorded))]
-            for kb, layer in cases:
+                cases = [(key_blocks[0], impls[0], layer) for layer in range(len(recorded))]
+            checked = None
+            for kb, impl, layer in cases:
                 row = {"inputs": kind if layer is None else f"model L{layer}", "T": T}
+                if len(impls) > 1:
+                    row["estimate"] = sparse.scores_impl(impl, k.shape[2], dca.chunk_len)
                 if len(key_blocks) > 1:
                     row["key block"] = kb
+                if len(impls) > 1 and layer is None:                    # the last chunk, against the first case's
+                    (s, Tc), qc = chunks[-1], q_chunks[-1]
+                    result = (chunk_scores(qc, k, s, Tc, kb, impl), estimate_index(qc, k, s, Tc, kb, impl)[0])
+                    if checked is None:
+                        checked = result
+                    else:
+                        row.update(agreement(checked, result))
+                    del result
                 fixed = None if layer is None else [jax.device_put(sel) for sel in recorded[layer]]
                 if not (args.no_dense or args.estimate_only):
                     row["dense ms"] = dense_ms
                     row["dense TFLOP/s"] = 2 * 2 * T * T / 2 * N * H / dense_ms / 1e9
                 # warm-up (compiles), counting the tiles and the Mosaic GPU windows on the way
-                _, _, n_tiles, windows = one_pass(chunks, q_chunks, k, v, kb, count_tiles=True, fixed=fixed)
-                est, att = zip(*[one_pass(chunks, q_chunks, k, v, kb, fixed=fixed)[:2] for _ in range(args.repeats)])
+                _, _, n_tiles, windows = one_pass(chunks, q_chunks, k, v, kb, impl, count_tiles=True, fixed=fixed)
+                est, att = zip(*[one_pass(chunks, q_chunks, k, v, kb, impl, fixed=fixed)[:2]
+                                 for _ in range(args.repeats)])
                 row["estimate+index ms"] = float(np.median(est) * 1e3)
                 if not args.estimate_only:
                     computed = n_tiles * 64 * bk                             # (query, key) pairs in the tiles
@@ -303,7 +343,7 @@ def main(argv=None) -> int:
             if layer_rows:
                 rows.append(_model_total(layer_rows, kernels, H))
                 print(json.dumps(rows[-1]), flush=True)
-            del q, k, v, q_chunks
+            del q, k, v, q_chunks, checked
     env = environment()
     print(json.dumps(env))
     cols = list(dict.fromkeys(key for r in rows for key in r))
