@@ -73,6 +73,16 @@ def gather_verticals(k, v, index: VSIndex):
     return k[b, kvh, pos], v[b, kvh, pos]
 
 
+def unroll_loops() -> bool:
+    """Whether the index's binary searches are unrolled: on GPUs, where it measured 3x faster (0.53 ms
+    against 1.55 ms for a 32K-query chunk's ``build_index`` on an H100); elsewhere they stay loops
+    (compile time). The estimate's top-k loops gained 4% for 4x the compile time: they stay loops."""
+    return UNROLL if UNROLL is not None else jax.default_backend() == "gpu"
+
+
+UNROLL = None      # None: unroll_loops decides by backend; True / False force it (benchmarks)
+
+
 def search(rows, row, x, *, right: bool = False):
     """``searchsorted`` of ``x`` [...] in the sorted rows ``rows[row]`` (rows [R, D], row [...] int): how
     many entries are below ``x`` (``right``: at most ``x``). Indexes the rows in place, so callers never
@@ -88,7 +98,7 @@ def search(rows, row, x, *, right: bool = False):
 
     shape = jnp.broadcast_shapes(jnp.shape(row), jnp.shape(x))
     bounds = (jnp.zeros(shape, jnp.int32), jnp.full(shape, D, jnp.int32))
-    return jax.lax.fori_loop(0, D.bit_length(), step, bounds)[0]
+    return jax.lax.fori_loop(0, D.bit_length(), step, bounds, unroll=unroll_loops())[0]
 
 
 def _pack(values, member, fill):
