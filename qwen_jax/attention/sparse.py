@@ -319,7 +319,9 @@ def _top_by_segment(vertical, slash, end, n_v, kv: int, n_s, ks: int):
         e = e[:, None, None]
         v_score = jnp.where(pos < e, jnp.where(pos < FORCED_COLUMNS, inf, v), -inf)
         s_score = jnp.where(pos < e, jnp.where(pos >= e - FORCED_DIAGONALS, inf, s), -inf)
-        return top_indices(v_score, nv, kv), top_indices(s_score, ns, ks)
+        # one top-k for both (half the launches: on GPUs the top-k of a 32K chunk is launch-bound)
+        both = top_indices(jnp.stack([v_score, s_score]), jnp.stack([nv, ns]), max(kv, ks))
+        return both[0, ..., :kv], both[1, ..., :ks]
 
     def one(args):
         nv, ns = args[3], args[4]
