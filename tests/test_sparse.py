@@ -568,3 +568,35 @@ def test_estimate_kernel_lowers_for_cuda():
     module = exported.mlir_module()
     assert exported.platforms == ("cuda",)
     assert "qwen_jax_estimate_lse" in module and "qwen_jax_estimate_scores" in module
+
+
+def test_unrolled_binary_searches_equal_the_loop(monkeypatch):
+    """``vslash.search`` unrolled (what GPUs run) and as a loop (elsewhere) give the same counts."""
+    rng = np.random.default_rng(5)
+    rows = jnp.asarray(np.sort(rng.integers(0, 1000, (5, 300)), -1), jnp.int32)
+    row = jnp.asarray(rng.integers(0, 5, (7, 11)), jnp.int32)
+    x = jnp.asarray(rng.integers(-5, 1005, (7, 11)), jnp.int32)
+    got = {}
+    for unroll in (False, True):
+        monkeypatch.setattr(vslash, "UNROLL", unroll)
+        got[unroll] = [np.asarray(vslash.search(rows, row, x, right=right)) for right in (False, True)]
+    want = [np.stack([np.searchsorted(np.asarray(rows)[i], v, side=side) for i, v in
+                      zip(np.asarray(row).ravel(), np.asarray(x).ravel())]).reshape(x.shape)
+            for side in ("left", "right")]
+    for unroll in (False, True):
+        for g, w in zip(got[unroll], want):
+            np.testing.assert_array_equal(g, w)
+
+
+def test_sparse_benchmark_compares_the_estimate_implementations(tmp_path):
+    """``--estimates xla,triton``: the kernel (interpret mode) row reports the same picks as XLA's."""
+    import json
+    from qwen_jax.bench import sparse as bench_sparse
+    out = tmp_path / "est.json"
+    assert bench_sparse.main(["--estimate-only", "--estimates", "xla,triton", "--interpret", "--kernels", "triton",
+                              "--lengths", "2k", "--inputs", "random", "--heads", "4", "--kv-heads", "1",
+                              "--head-dim", "32", "--chunk", "1024", "--dca", "1280,256", "--budgets", "100,300",
+                              "--repeats", "1", "--key-blocks", "512", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["estimate"] for r in rows] == ["xla", "triton"]
+    assert float(rows[1]["picks equal"]) == 1.0 and float(rows[1]["max score difference"]) < 1e-5

@@ -23,8 +23,8 @@ per chunk on a chunk of queries sliced beforehand), summed over the chunks; the 
 ``--repeats`` passes after one untimed pass. ``--estimate-only`` times only that (no dense
 baseline, no attention kernel: cheap on a GPU, and it runs on a CPU); ``--key-blocks`` lists the
 XLA estimate's key block sizes to time, ``--estimates`` the scores implementations (``auto``: the
-Pallas kernel on a GPU; ``xla``; ``triton``, in interpret mode with ``--interpret``), one row each; the
-kernels run on the first one's selection. With more than one implementation, each row after the
+Pallas kernel on a GPU; ``xla``; ``triton``, in interpret mode with ``--interpret``), one row each, its
+kernels timed on its own selection. With more than one implementation, each row after the
 first also reports how its last chunk's scores and picks compare with the first's ("max score
 difference", "picks equal": the share of picked columns and diagonals that are the same).
 
