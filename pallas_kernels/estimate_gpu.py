@@ -46,10 +46,7 @@ INFO = 8         # int32 fields of ``info`` (a power of two: Triton blocks)
 
 def tile_width(n_keys: int, chunk_len: int) -> int | None:
     """The key tile: 64 (faster than 128 on an H100), if it divides the cache and the DCA chunk length."""
-    for w in (64,):
-        if n_keys % w == 0 and chunk_len % w == 0:
-            return w
-    return None
+    return 64 if n_keys % 64 == 0 and chunk_len % 64 == 0 else None
 
 
 def _share(info_ref, splits: int):
@@ -79,7 +76,6 @@ def _tile(info_ref, scale_ref, qe_ref, k_ref, t, W: int, precision):
 
 def _lse_kernel(info_ref, scale_ref, qe_ref, k_ref, m_ref, l_ref, *, W: int, splits: int, precision):
     lo, hi = _share(info_ref, splits)
-
     Gq = qe_ref.shape[1]
     Gp = pl.next_power_of_2(Gq)
     head = lax.broadcasted_iota(jnp.int32, (Gp, 1), 0)

@@ -143,14 +143,13 @@ def _segment_scores(q_row, k_cache, b: int, q_off, begin, end, P, scale, *, dca:
     rotated = jnp.stack([rope.apply(q_est[None], (rows - P + shift)[None])[0] for shift in (C, Sl, 0)])
     inter_end = jnp.maximum(P - Sl, 0)
     live = end > begin
-    pos = jnp.arange(S, dtype=jnp.int32)
     if impl == "triton":
         W = estimate_gpu.tile_width(S, Sl)
         n_tiles = jnp.where(live, (end + W - 1) // W, 0)
         info = jnp.stack([inter_end, P, end, begin, n_tiles] + [jnp.zeros_like(P)] * 3).astype(jnp.int32)
         vertical, slash = estimate_gpu.segment_scores(rotated.transpose(0, 2, 1, 3).astype(dtype), k_cache, info,
                                                       scale.reshape(1), b=b, W=W, interpret=interpret)
-        seen = live & (pos < end)
+        seen = live & (jnp.arange(S, dtype=jnp.int32) < end)
         return jnp.where(seen, vertical, 0.0), jnp.where(seen, slash, 0.0)
     k_row = k_cache[b]
     rotated = rotated.reshape(3, LAST_Q, K, Gq, H).transpose(0, 2, 3, 1, 4).reshape(3, K, Gq * LAST_Q, H)

@@ -194,6 +194,11 @@ def main(argv=None) -> int:
         if impl not in sparse.SCORE_IMPLS:
             raise SystemExit(f"unknown --estimates {impl!r}: choose from {', '.join(sparse.SCORE_IMPLS)}")
 
+    @functools.partial(jax.jit, static_argnames=("Tc", "n_keys"))
+    def index_of(sel, start, Tc, n_keys):
+        lengths = jnp.full((1,), start + Tc, jnp.int32)
+        return vslash.build_index(sel, jnp.full((1,), start, jnp.int32), Tc, lengths, mask, bk, n_keys)
+
     @functools.partial(jax.jit, static_argnames=("Tc", "key_block", "impl"))
     def estimate_index(q_chunk, k, start, Tc, key_block, impl):
         """Exactly what the timing covers: the estimate and the kernels' index tables of one chunk."""
@@ -202,7 +207,7 @@ def main(argv=None) -> int:
         q_offset = jnp.full((1,), start, jnp.int32)
         sel = sparse.estimate(q_chunk, k, q_offset, lengths, scale, dca=dca, rope=rope, budgets=budgets,
                               key_block=key_block, all_sparse=True, impl=impl, interpret=args.interpret)
-        return sel, vslash.build_index(sel, q_offset, Tc, lengths, mask, bk, k.shape[2])
+        return sel, index_of(sel, start, Tc, k.shape[2])
 
     @functools.partial(jax.jit, static_argnames=("Tc", "key_block", "impl"))
     def chunk_scores(q_chunk, k, start, Tc, key_block, impl):
@@ -223,10 +228,8 @@ def main(argv=None) -> int:
 
     @jax.jit
     def tiles(sel, index):
-        """Key tiles the kernel computes: slash tiles plus vertical tiles, per (head, block, phase)."""
-        v_tiles = -(-sel.col_count // bk)                                   # [B, G, N, P]
-        per_block = jnp.take_along_axis(v_tiles, index.block_seg[:, :, None, None], axis=1)   # [B, nqb, N, P]
-        return (index.t1 - index.t0).sum() + per_block.sum()
+        """Key tiles the kernel computes: slash tiles plus vertical tiles, over every head, block and phase."""
+        return vslash.tiles_per_head(sel, index, bk).sum()
 
     @functools.partial(jax.jit, static_argnames=("Tc", "block_k"))
     def mgpu_windows(index, start, Tc, block_k):     # accounting only: kept out of the timed calls
@@ -245,11 +248,6 @@ def main(argv=None) -> int:
         return vslash_attention_gpu(queries, k, v, q_offset, lengths, scale, index, sel.col_count, mask=mask_,
                                     block_k=bk, num_warps=args.num_warps, num_stages=args.num_stages,
                                     interpret=args.interpret)
-
-    @functools.partial(jax.jit, static_argnames=("Tc", "n_keys"))
-    def index_of(sel, start, Tc, n_keys):
-        lengths = jnp.full((1,), start + Tc, jnp.int32)
-        return vslash.build_index(sel, jnp.full((1,), start, jnp.int32), Tc, lengths, mask, bk, n_keys)
 
     def one_pass(chunks, q_chunks, k, v, kb, impl, count_tiles=False, fixed=None):
         """One pass over the chunks: (estimate + index seconds, {kernel: attention seconds}, key tiles and
