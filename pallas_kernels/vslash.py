@@ -76,7 +76,8 @@ def gather_verticals(k, v, index: VSIndex):
 def unroll_loops() -> bool:
     """Whether the index's binary searches are unrolled: on GPUs, where it measured 3x faster (0.53 ms
     against 1.55 ms for a 32K-query chunk's ``build_index`` on an H100); elsewhere they stay loops
-    (compile time). The estimate's top-k loops gained 4% for 4x the compile time: they stay loops."""
+    (compile time). The estimate's top-k: its binary search likewise (0.57 -> 0.26 ms for [2, 28, 65536]
+    scores); its digit loop gained 4% for 4x the compile time: it stays a loop."""
     return UNROLL if UNROLL is not None else jax.default_backend() == "gpu"
 
 

@@ -495,10 +495,12 @@ def test_sparse_dispatch_picks_or_refuses_loudly():
         vslash_attention(q, k, k, sel, q_offset=0, kv_length=256, impl="cutlass")
 
 
-@pytest.mark.parametrize("S", [700, 3072])
-def test_top_indices_pick_what_a_stable_sort_picks_ties_included(S):
+@pytest.mark.parametrize("S,unroll", [(700, False), (3072, False), (3072, True)])
+def test_top_indices_pick_what_a_stable_sort_picks_ties_included(S, unroll, monkeypatch):
     """The sort-free top-k against numpy's stable argsort: ties (zeros, repeated values, +-inf) go to the
-    lower index, every row has its own count, and n = 0 and n = k work (3072: rows cut in blocks)."""
+    lower index, every row has its own count, and n = 0 and n = k work (3072: rows cut in blocks;
+    ``unroll``: the binary search unrolled, as GPUs run it)."""
+    monkeypatch.setattr(vslash, "UNROLL", unroll)
     rng = np.random.default_rng(S)
     R, k = 12, 300
     score = np.floor(rng.random((R, S)) * 6).astype(np.float32) / 4          # heavy ties

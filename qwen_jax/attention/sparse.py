@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels import estimate_gpu
+from pallas_kernels import estimate_gpu, vslash
 from pallas_kernels.masks import MASK_VALUE
 from pallas_kernels.shapes import matmul_precision
 from pallas_kernels.vslash import BAND, NO_KEY, Selection
@@ -301,9 +301,12 @@ def top_indices(score, n, k: int):
         short = (lo < hi) & (jnp.take_along_axis(rank, jnp.minimum(mid, S - 1), -1) < want)
         return jnp.where(short, mid + 1, lo), jnp.where(short, hi, mid)
 
-    lo = jnp.zeros(n.shape + (k,), jnp.int32)
-    lo, _ = lax.fori_loop(0, S.bit_length(), halve, (lo, jnp.full_like(lo, S)))
-    return lo
+    bounds = (jnp.zeros(n.shape + (k,), jnp.int32), jnp.full(n.shape + (k,), S, jnp.int32))
+    if vslash.unroll_loops():                # GPUs: a loop step costs more than its work (0.57 -> 0.26 ms)
+        for step in range(S.bit_length()):
+            bounds = halve(step, bounds)
+        return bounds[0]
+    return lax.fori_loop(0, S.bit_length(), halve, bounds)[0]
 
 
 def _top_by_segment(vertical, slash, end, n_v, kv: int, n_s, ks: int):
@@ -364,7 +367,6 @@ def select(vertical, slash, begin, end, P, sparse_rows, *, budgets: Budgets, chu
     that keep every key. ``head_offset``: the budgets' index of the first of the N heads scored here."""
     B, G, N, S = vertical.shape
     Sl = chunk_len
-    end_ = end[:, :, None, None]
     bumped = tuple(130 if v == 30 else v for v in budgets.vertical)       # Qwen's code bumps 30 to 130
     vs = lax.dynamic_slice_in_dim(jnp.asarray(bumped, jnp.int32), head_offset, N)[None, None, :]
     ss = lax.dynamic_slice_in_dim(jnp.asarray(budgets.slash, jnp.int32), head_offset, N)[None, None, :]
@@ -374,38 +376,33 @@ def select(vertical, slash, begin, end, P, sparse_rows, *, budgets: Budgets, chu
     kv = min(max(max(bumped), MIN_VERTICAL), S)
     ks = min(max(max(budgets.slash), MIN_SLASH), S)
     cols, diag_i = _top_by_segment(vertical, slash, end, n_v, kv, n_s, ks)  # [B, G, N, kv | ks] ascending
-    Pb, Lb = P[:, :, None], (end - begin)[:, :, None]
-    has = [Pb >= 2 * Sl, Pb >= Sl, jnp.ones_like(Pb, bool)]                 # inter, successive, intra
+    # the three phases (inter, successive, intra) on a new axis before the lists': [B, G, 1, 3]
+    Pb, Lb, Eb, Bb = (x[:, :, None, None] for x in (P, end - begin, end, begin))
     low, high = jnp.iinfo(jnp.int32).min, jnp.iinfo(jnp.int32).max
-    col_range = [(low, Pb - Sl), (Pb - Sl, Pb), (Pb, high)]
-    diag_range = [(low, Pb - Sl + Lb), (Pb - Sl, Pb + Lb), (Pb, high)]       # of i = end - 1 - d
-    phase_len = [Pb - Sl, jnp.full_like(Pb, Sl), end[:, :, None] - Pb]
-    col_base = [jnp.zeros_like(Pb), Pb - Sl, Pb]
-    slash_shift = [begin[:, :, None] - Pb + Sl, begin[:, :, None] - Pb, None]
+
+    def phases(*xs):
+        return jnp.concatenate([jnp.broadcast_to(x, Pb.shape) for x in xs], -1)
+
+    has = phases(Pb >= 2 * Sl, Pb >= Sl, True)
+    phase_len = phases(Pb - Sl, Sl, Eb - Pb)
     big = jnp.int32(NO_KEY)
-    dists, dcounts, colss, ccounts = [], [], [], []
-    for p in range(3):
-        first, cn = _run(cols, n_v, *col_range[p])
-        cn = jnp.where(has[p], cn, 0)
-        c = _take_run(cols, first, cn, big)
-        fb, fbn = _fallback(phase_len[p])
-        use_fb = has[p] & (cn == 0)
-        c = c.at[..., :FALLBACK].set(jnp.where(use_fb[..., None], col_base[p][..., None] + fb, c[..., :FALLBACK]))
-        cn = jnp.where(use_fb, fbn, cn)
-        first, dn = _run(diag_i, n_s, *diag_range[p])
-        dn = jnp.where(has[p], dn, 0)
-        dd = jnp.where(jnp.arange(ks) < dn[..., None], end_ - 1 - _take_run(diag_i, first, dn, 0, reverse=True), big)
-        if slash_shift[p] is not None:
-            fbs = jnp.sort(fb + slash_shift[p][..., None], axis=-1)
-            use_fbs = has[p] & (dn == 0)
-            dd = dd.at[..., :FALLBACK].set(jnp.where(use_fbs[..., None], fbs, dd[..., :FALLBACK]))
-            dn = jnp.where(use_fbs, fbn, dn)
-        dists.append(dd)
-        dcounts.append(dn)
-        colss.append(c)
-        ccounts.append(cn)
-    dist, dist_count = jnp.stack(dists, 3), jnp.stack(dcounts, 3)            # [B, G, N, P, ks]
-    cols, col_count = jnp.stack(colss, 3), jnp.stack(ccounts, 3)
+    fb, fbn = _fallback(phase_len)                                          # [B, G, 1, 3, 5], [B, G, 1, 3]
+    first, cn = _run(cols[..., None, :], n_v[..., None], phases(low, Pb - Sl, Pb), phases(Pb - Sl, Pb, high))
+    cn = jnp.where(has, cn, 0)                                              # [B, G, N, 3]
+    c = _take_run(cols[..., None, :], first, cn, big)
+    use_fb = has & (cn == 0)
+    col_fb = phases(0, Pb - Sl, Pb)[..., None] + fb
+    cols = c.at[..., :FALLBACK].set(jnp.where(use_fb[..., None], col_fb, c[..., :FALLBACK]))
+    col_count = jnp.where(use_fb, fbn, cn)
+    # diagonals by i = end - 1 - d; an empty intra list has no stand-in
+    first, dn = _run(diag_i[..., None, :], n_s[..., None], phases(low, Pb - Sl, Pb), phases(Pb - Sl + Lb, Pb + Lb, high))
+    dn = jnp.where(has, dn, 0)
+    d = jnp.where(jnp.arange(ks) < dn[..., None],
+                  Eb[..., None] - 1 - _take_run(diag_i[..., None, :], first, dn, 0, reverse=True), big)
+    use_fbs = has & (dn == 0) & (jnp.arange(3) < 2)
+    dist_fb = phases(Bb - Pb + Sl, Bb - Pb, 0)[..., None] + fb              # ascending: fb is
+    dist = d.at[..., :FALLBACK].set(jnp.where(use_fbs[..., None], dist_fb, d[..., :FALLBACK]))
+    dist_count = jnp.where(use_fbs, fbn, dn)                                # [B, G, N, 3(, ks)]
     if all_sparse:
         return Selection(dist, dist_count, cols, col_count, begin, end)
     # Rows that stay dense keep every key: distances 0, 64, 128, ... make one band over all of them.
