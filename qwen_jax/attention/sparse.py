@@ -395,12 +395,13 @@ def select(vertical, slash, begin, end, P, sparse_rows, *, budgets: Budgets, chu
     cols = c.at[..., :FALLBACK].set(jnp.where(use_fb[..., None], col_fb, c[..., :FALLBACK]))
     col_count = jnp.where(use_fb, fbn, cn)
     # diagonals by i = end - 1 - d; an empty intra list has no stand-in
-    first, dn = _run(diag_i[..., None, :], n_s[..., None], phases(low, Pb - Sl, Pb), phases(Pb - Sl + Lb, Pb + Lb, high))
+    first, dn = _run(diag_i[..., None, :], n_s[..., None], phases(low, Pb - Sl, Pb),
+                     phases(Pb - Sl + Lb, Pb + Lb, high))
     dn = jnp.where(has, dn, 0)
     d = jnp.where(jnp.arange(ks) < dn[..., None],
                   Eb[..., None] - 1 - _take_run(diag_i[..., None, :], first, dn, 0, reverse=True), big)
     use_fbs = has & (dn == 0) & (jnp.arange(3) < 2)
-    dist_fb = phases(Bb - Pb + Sl, Bb - Pb, 0)[..., None] + fb              # ascending: fb is
+    dist_fb = phases(Bb - Pb + Sl, Bb - Pb, 0)[..., None] + fb              # ascending, as fb is
     dist = d.at[..., :FALLBACK].set(jnp.where(use_fbs[..., None], dist_fb, d[..., :FALLBACK]))
     dist_count = jnp.where(use_fbs, fbn, dn)                                # [B, G, N, 3(, ks)]
     if all_sparse:
