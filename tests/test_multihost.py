@@ -76,7 +76,8 @@ def test_two_processes_equal_one_device(tiny_checkpoint, tmp_path):
 
 def test_a_dead_process_stops_the_other_within_seconds(tiny_checkpoint, tmp_path):
     """Three jobs at once. Process 1 dies after a first collective: the survivor's next collective fails
-    and it exits with one line. Process 0, the coordinator, dies after a first collective: the
+    and it exits with one line (or, if that collective waits, the heartbeat timeout stops it, naming
+    process 1). Process 0, the coordinator, dies after a first collective: the
     coordination service's loss stops the survivor at once. Process 1 dies right after joining: the
     coordinator declares it dead after the 10 s heartbeat timeout, names it, and stops."""
     cases = [("collective", 1), ("collective", 0), ("init", 1)]
@@ -99,7 +100,11 @@ def test_a_dead_process_stops_the_other_within_seconds(tiny_checkpoint, tmp_path
         assert codes[survivor] not in (None, 0), where
         assert seconds[survivor] < 45, where
         assert "survivor: no error" not in log, where
-        if (when, victim) == ("collective", 1):       # an exception in Python: one line, exit 1
+        heartbeat = (codes[survivor] == -signal.SIGABRT
+                     and "The following tasks are unhealthy (stopped sending heartbeats):\n1\n" in log)
+        if (when, victim) == ("collective", 1) and not heartbeat:
+            # an exception in Python: one line, exit 1 (on a loaded machine the collective can instead wait
+            # until the heartbeat timeout declares process 1 dead: the abort below, which names it)
             assert codes[survivor] == 1, where
             assert "qwen-jax: error: process 0 of 2: a computation across processes failed, most likely because " \
                    "another process of the job died" in log, where
@@ -107,4 +112,4 @@ def test_a_dead_process_stops_the_other_within_seconds(tiny_checkpoint, tmp_path
             assert codes[survivor] == -signal.SIGABRT, where
             assert "Terminating process because the JAX distributed service detected fatal errors" in log, where
         if when == "init":
-            assert "The following tasks are unhealthy (stopped sending heartbeats):\n1\n" in log, where
+            assert heartbeat, where
