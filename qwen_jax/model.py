@@ -33,6 +33,23 @@ def params_dtype(params) -> jnp.dtype:
     return jnp.dtype(params["embed"]["embedding"].dtype)
 
 
+def placed_like(params, tree):
+    """``tree`` with its uncommitted arrays committed to the one device the parameters are committed to.
+
+    A jitted step's outputs are committed where its committed inputs (the parameters) are. State carried
+    from step to step (the KV cache, the last hidden state) that starts uncommitted (``jnp.zeros``)
+    therefore changes placement after the first step, and jit compiles the step again for it (once
+    per carried value that changes). Placing that state up front makes the first compilation serve every
+    step. Parameters sharded over a mesh, or not committed, leave ``tree`` as it is.
+    """
+    leaf = jax.tree.leaves(params)[0]
+    if not (isinstance(leaf, jax.Array) and leaf.committed and len(leaf.sharding.device_set) == 1):
+        return tree
+    device = next(iter(leaf.sharding.device_set))
+    return jax.tree.map(lambda x: x if not isinstance(x, jax.Array) or x.committed else jax.device_put(x, device),
+                        tree)
+
+
 def _init_boxed(config: QwenConfig, dtype, rng):
     # The smallest inputs that trace every layer; parameter shapes do not depend on them.
     cache = init_cache(config, 1, 1, dtype)
@@ -153,6 +170,7 @@ def prefill(params, tokens, lengths, cache: KVCache, config: QwenConfig, *, chun
     spec = attention.with_sparse_rows(spec, config, lengths)
     lengths = jnp.asarray(lengths, jnp.int32)
     last_hidden = jnp.zeros((B, config.hidden_size), params_dtype(params))
+    cache, last_hidden = placed_like(params, (cache, last_hidden))
     if spec.mesh is not None:   # placed as the step returns it, so the first chunk's compilation serves all
         last_hidden = global_array(last_hidden, jax.sharding.NamedSharding(spec.mesh, jax.sharding.PartitionSpec()))
     for begin, end in _chunks(T, chunk_size):
@@ -177,7 +195,8 @@ def prefill_logits(params, tokens, config: QwenConfig, *, chunk_size: int = DEFA
     B, T = tokens.shape
     _check_sparse_chunks(config, chunk_size)
     spec = attention.with_sparse_rows(spec, config, [T] * B)
-    cache = init_cache(config, B, cache_length(T), cache_dtype or params_dtype(params), mesh=spec.mesh)
+    cache = placed_like(params, init_cache(config, B, cache_length(T), cache_dtype or params_dtype(params),
+                                           mesh=spec.mesh))
     out = np.empty((B, T, config.vocab_size), np.float32)
     request_lengths = jnp.full((B,), T, jnp.int32)
     for begin, end in _chunks(T, chunk_size):

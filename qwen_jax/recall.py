@@ -30,7 +30,7 @@ from qwen_jax import attention
 from qwen_jax.cache import cache_length, init_cache
 from qwen_jax.config import QwenConfig
 from qwen_jax.errors import QwenJaxError
-from qwen_jax.model import _check_sparse_chunks, _module, params_dtype
+from qwen_jax.model import _check_sparse_chunks, _module, params_dtype, placed_like
 
 
 @functools.partial(jax.jit, static_argnames=("config", "spec", "selections"), donate_argnames=("cache",))
@@ -64,7 +64,7 @@ def measure(params, config: QwenConfig, tokens, *, chunk_size: int, spec: attent
     tokens = jnp.asarray(tokens, jnp.int32)[None]
     T = tokens.shape[1]
     spec = attention.with_sparse_rows(dataclasses.replace(spec, recall=True), config, [T])
-    cache = init_cache(config, 1, cache_length(T), params_dtype(params))
+    cache = placed_like(params, init_cache(config, 1, cache_length(T), params_dtype(params)))
     lengths = jnp.full((1,), T, jnp.int32)
     kept = np.zeros((config.num_hidden_layers, config.num_attention_heads))
     count, tiles = np.zeros_like(kept), np.zeros_like(kept)

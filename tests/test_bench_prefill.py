@@ -14,6 +14,7 @@ def test_bench_prefill_reports_both_modes(tmp_path, capsys):
     assert set(rows) == {"sparse", "dense"}
     for r in rows.values():
         assert r["tokens"] == 2048 and r["TTFT s"] > 0 and r["tokens/s"] > 0 and r["planned GiB"] > 0
+        assert r["compilations in the timed prefill"] == 0       # the compile chunk's program serves every chunk
     assert rows["sparse"]["next token"] == rows["dense"]["next token"]   # default budgets cover 2048 keys
     captured = capsys.readouterr()
     assert "sparse prefill [" in captured.err and "2048/2048 tokens" in captured.err
