@@ -152,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep every layer's sparse selections here (for python -m qwen_jax.bench.sparse --selections)")
     _add_model_options(p)
 
+    p = sub.add_parser("budgets", help="per-head sparse budgets (sparse_attention_config.json) from recall runs")
+    p.add_argument("runs", nargs="+", metavar="RECALL.json",
+                   help="qwen-jax recall --json files of one model and prompt, each run with other budgets")
+    p.add_argument("--target", type=float, default=0.95, help="per-head recall to reach (default 0.95)")
+    p.add_argument("--out", required=True, help="write the sparse_attention_config.json here")
+
     p = sub.add_parser("plan", help="per-device memory of a prefill (weights, KV cache, activations), before allocating")
     p.add_argument("--config", required=True, help="a preset (qwen2.5-7b-1m, qwen2.5-14b-1m, ...) or a checkpoint folder")
     p.add_argument("--tokens", required=True, help="prompt length, e.g. 1m or 524288")
@@ -258,6 +264,7 @@ def cmd_recall(args) -> int:
 
     import qwen_jax
     from qwen_jax import passkey, recall
+    from qwen_jax.attention.sparse import layer_budgets as sparse_budgets
     from qwen_jax.bench import environment
     from qwen_jax.errors import QwenJaxError
 
@@ -300,8 +307,24 @@ def cmd_recall(args) -> int:
                                "original_max_position_embeddings": dca.original_max_position_embeddings,
                                "threshold": dca.sparse_attention_threshold,
                                "budgets": "file" if dca.sparse_attention_config else "default (1000, 6096)"},
+                       "prefill chunk": model.prefill_chunk_size,
+                       "head budgets": [list(zip(*sparse_budgets(dca, layer, model.config.num_attention_heads)))
+                                        for layer in range(model.config.num_hidden_layers)],
                        "recall": np.nan_to_num(out["recall"], nan=-1).tolist(),
                        "tile share": np.nan_to_num(out["tiles"], nan=-1).tolist()}, f, indent=1)
+    return 0
+
+
+def cmd_budgets(args) -> int:
+    import json
+
+    from qwen_jax.budgets import combine
+    config, report = combine(args.runs, args.target)
+    with open(args.out, "w") as f:
+        json.dump(config, f)
+    print(json.dumps(report, indent=1))
+    print(f"wrote {args.out}: mean recall {report['mean recall']:.4f}, mean tile share {report['mean tile share']:.3f}, "
+          f"{report['heads below target']} of {report['heads']} heads below {args.target}", file=sys.stderr)
     return 0
 
 
@@ -349,7 +372,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         commands = {"convert": cmd_convert, "generate": cmd_generate, "passkey": cmd_passkey, "recall": cmd_recall,
-                    "plan": cmd_plan, "bench": cmd_bench, "demo": cmd_demo}
+                    "budgets": cmd_budgets, "plan": cmd_plan, "bench": cmd_bench, "demo": cmd_demo}
         return commands[args.command](args)
     except QwenJaxError as e:
         message, code = f"error: {e}", 1

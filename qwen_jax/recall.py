@@ -46,9 +46,18 @@ def _chunk(params, tokens, start, request_lengths, cache, config, spec, selectio
         return zeros, zeros, zeros, None, cache
     attn = [layers[f"layers_{i}"]["attn"] for i in range(L)]
     kept, count, tiles = (jnp.stack([a["recall"][0][j] for a in attn]).astype(jnp.float32) for j in range(3))
-    # the layers' selections stacked: every field gains a leading layer axis
-    sel = jax.tree.map(lambda *x: jnp.stack(x), *[a["selection"][0] for a in attn]) if selections else None
+    sel = _stack_layers([a["selection"][0] for a in attn]) if selections else None
     return kept, count, tiles, sel, cache
+
+
+def _stack_layers(sels: list[vslash.Selection]) -> vslash.Selection:
+    """The layers' selections with a leading layer axis; a layer whose budgets are smaller has its lists
+    padded to the widest layer's with unused slots (``NO_KEY``, past its counts, as ``select`` pads)."""
+    def pad(x, width):
+        return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])], constant_values=vslash.NO_KEY)
+    D, V = max(s.dist.shape[-1] for s in sels), max(s.cols.shape[-1] for s in sels)
+    sels = [s._replace(dist=pad(s.dist, D), cols=pad(s.cols, V)) for s in sels]
+    return jax.tree.map(lambda *x: jnp.stack(x), *sels)
 
 
 def measure(params, config: QwenConfig, tokens, *, chunk_size: int, spec: attention.AttentionSpec,

@@ -1,0 +1,110 @@
+"""``qwen-jax budgets``: per-head budgets refined from recall runs (Qwen's sparse_attention_config.json)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from qwen_jax.budgets import Run, combine, refine
+from qwen_jax.errors import QwenJaxError
+
+
+def _run(recall, tiles, v, s):
+    recall = np.asarray(recall, np.float64)
+    return Run("r", recall, np.asarray(tiles, np.float64),
+               np.stack([np.full(recall.shape, v), np.full(recall.shape, s)], -1))
+
+
+def test_refine_takes_the_cheapest_run_that_reaches_the_target():
+    small = _run([[0.97, 0.80, 0.50]], [[0.2, 0.2, 0.2]], 1000, 6096)
+    mid = _run([[0.99, 0.93, 0.60]], [[0.4, 0.4, 0.4]], 2000, 12192)
+    big = _run([[1.00, 0.99, 0.70]], [[0.7, 0.7, 0.7]], 4000, 24384)
+    config, choice = refine([big, small, mid], target=0.9)     # the order of the runs does not matter
+    assert choice.tolist() == [[1, 2, 0]]      # reached by the small run; by mid; by none: the highest recall
+    assert config == [{"0": ["vertical_and_slash", 1000, 6096, 0.97], "1": ["vertical_and_slash", 2000, 12192, 0.93],
+                       "2": ["vertical_and_slash", 4000, 24384, 0.7]}]
+    with pytest.raises(QwenJaxError, match="--target"):
+        refine([small], target=1.5)
+
+
+def _write(path, recall, tiles, budgets=None, tokens=384, chunk_size=192):
+    d = {"tokens": tokens, "prefill chunk": 128, "recall": recall, "tile share": tiles,
+         "dca": {"chunk_size": chunk_size, "local_size": 64, "original_max_position_embeddings": 128,
+                 "budgets": "file" if budgets is not None else "default (1000, 6096)"}}
+    if budgets is not None:
+        d["head budgets"] = budgets
+    path.write_text(json.dumps(d))
+    return str(path)
+
+
+def test_combine_checks_the_runs_agree(tmp_path):
+    a = _write(tmp_path / "a.json", [[0.9, 0.95]], [[0.3, 0.3]])                         # defaults: derived
+    b = _write(tmp_path / "b.json", [[0.99, 0.99]], [[0.5, 0.5]], [[[2000, 12192], [2000, 12192]]])
+    config, report = combine([a, b], 0.95)
+    assert [config[0][h][1:3] for h in "01"] == [[2000, 12192], [1000, 6096]]
+    assert report["mean recall"] == pytest.approx(0.97) and report["mean tile share"] == pytest.approx(0.4)
+    assert report["heads per run"] == {a: 1, b: 1} and report["heads below target"] == 0
+    other = _write(tmp_path / "c.json", [[0.99, 0.99]], [[0.5, 0.5]], [[[1, 2], [1, 2]]], tokens=512)
+    with pytest.raises(QwenJaxError, match="tokens"):
+        combine([a, other], 0.95)
+    old = _write(tmp_path / "d.json", [[0.99, 0.99]], [[0.5, 0.5]], [[[1, 2], [1, 2]]])
+    d = json.loads((tmp_path / "d.json").read_text())
+    del d["head budgets"]
+    (tmp_path / "d.json").write_text(json.dumps(d))
+    with pytest.raises(QwenJaxError, match="per-head budgets"):
+        combine([a, old], 0.95)
+    (tmp_path / "e.json").write_text("{")
+    with pytest.raises(QwenJaxError, match="not a recall file"):
+        combine([str(tmp_path / "e.json")], 0.95)
+
+
+def test_refined_budgets_keep_each_heads_recall(tiny_checkpoint, tmp_path, capsys):
+    """Dense attention drives a recall run, so a head's recall depends on its own budgets only: the file
+    ``qwen-jax budgets`` writes, measured again, gives every head the recall of the run it came from."""
+    from qwen_jax.cli import main
+    words = np.random.default_rng(7).choice(["def", "x", "=", "(", ")", "return", "alpha", "beta", "for"], 3000)
+    (tmp_path / "p.txt").write_text(" ".join(words))
+    common = ["recall", "--model", tiny_checkpoint[0], "--dca", "chunk_size=192,local_size=64", "--prefill-chunk",
+              "128", "--dtype", "float32", "--prompt-file", str(tmp_path / "p.txt"), "--length", "384"]
+    runs = []
+    for name, v, s in [("small", 30, 50), ("mid", 60, 100)]:
+        budgets = [{str(h): ["vertical_and_slash", v, s, 0.0] for h in range(4)} for _ in range(2)]
+        (tmp_path / f"{name}_budgets.json").write_text(json.dumps(budgets))
+        runs.append(str(tmp_path / f"{name}.json"))
+        assert main(common + ["--sparse-config", str(tmp_path / f"{name}_budgets.json"), "--json", runs[-1]]) == 0
+    small, mid = (np.asarray(json.loads(open(r).read())["recall"]) for r in runs)
+    # not monotone: a phase that gets picks loses Qwen's fallback columns and diagonals, which can hold more
+    assert np.abs(mid - small).max() > 1e-3
+    target = float(np.median(small))        # about half the heads reach it with the small budgets
+    capsys.readouterr()
+    assert main(["budgets", *runs, "--target", str(target), "--out", str(tmp_path / "refined.json")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert 0 < report["heads per run"][runs[0]] < 8
+    assert main(common + ["--sparse-config", str(tmp_path / "refined.json"), "--json", str(tmp_path / "check.json")]) == 0
+    check = json.loads((tmp_path / "check.json").read_text())
+    refined = json.loads((tmp_path / "refined.json").read_text())
+    chosen = np.where(np.asarray([[refined[layer][str(h)][1] for h in range(4)] for layer in range(2)]) == 30, small, mid)
+    np.testing.assert_allclose(np.asarray(check["recall"]), chosen, atol=1e-6)
+    assert np.asarray(check["recall"]).mean() == pytest.approx(report["mean recall"], abs=1e-6)
+    assert check["head budgets"] == [[[refined[layer][str(h)][1], refined[layer][str(h)][2]] for h in range(4)]
+                                     for layer in range(2)]
+    assert main(["budgets", runs[0], "--target", "2", "--out", str(tmp_path / "x.json")]) == 1     # one-line error
+    assert "--target" in capsys.readouterr().err
+
+
+def test_selections_of_layers_with_different_budgets_are_saved(tiny_checkpoint, tmp_path):
+    """``--save-selections`` stacks the layers: a layer with smaller budgets is padded with unused slots."""
+    from qwen_jax.cli import main
+    from qwen_jax.recall import load_selections
+    budgets = [{str(h): ["vertical_and_slash", v, s, 0.0] for h in range(4)} for v, s in [(40, 50), (60, 100)]]
+    (tmp_path / "b.json").write_text(json.dumps(budgets))
+    assert main(["recall", "--model", tiny_checkpoint[0], "--dca", "chunk_size=192,local_size=64", "--prefill-chunk",
+                 "128", "--dtype", "float32", "--length", "384", "--sparse-config", str(tmp_path / "b.json"),
+                 "--save-selections", str(tmp_path / "s.npz")]) == 0
+    chunks, meta = load_selections(str(tmp_path / "s.npz"))
+    assert len(chunks) == 3 and meta["tokens"] == 381       # the passkey-style prompt of 384 tokens at most
+    for _, sel in chunks:
+        assert sel.dist.shape[0] == 2 and sel.dist.shape[-1] >= 100 and sel.cols.shape[-1] >= 60
+        assert (sel.dist_count[0] <= 50).all() and (sel.col_count[0] <= 40).all()       # layer 0's budgets
+        width = np.arange(sel.dist.shape[-1])
+        assert (sel.dist[0][..., width >= 50] == 2 ** 30).all()                          # padding: unused slots
