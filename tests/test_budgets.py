@@ -80,7 +80,10 @@ def test_refined_budgets_keep_each_heads_recall(tiny_checkpoint, tmp_path, capsy
     assert main(["budgets", *runs, "--target", str(target), "--out", str(tmp_path / "refined.json")]) == 0
     report = json.loads(capsys.readouterr().out)
     assert 0 < report["heads per run"][runs[0]] < 8
+    from qwen_jax import recall
+    compiled = recall._chunk._cache_size()
     assert main(common + ["--sparse-config", str(tmp_path / "refined.json"), "--json", str(tmp_path / "check.json")]) == 0
+    assert recall._chunk._cache_size() == compiled + 1      # three equal chunks, one compilation (new budgets)
     check = json.loads((tmp_path / "check.json").read_text())
     refined = json.loads((tmp_path / "refined.json").read_text())
     chosen = np.where(np.asarray([[refined[layer][str(h)][1] for h in range(4)] for layer in range(2)]) == 30, small, mid)
