@@ -38,8 +38,8 @@ def placed_like(params, tree):
 
     A jitted step's outputs are committed where its committed inputs (the parameters) are. State carried
     from step to step (the KV cache, the last hidden state) that starts uncommitted (``jnp.zeros``)
-    therefore changes placement after the first step, and jit compiles the step again for it (once
-    per carried value that changes). Placing that state up front makes the first compilation serve every
+    therefore changes placement after the first step, and jit compiles the step again (a program per
+    mix of placements it is given). Placing that state up front makes the first compilation serve every
     step. Parameters sharded over a mesh, or not committed, leave ``tree`` as it is.
     """
     leaf = jax.tree.leaves(params)[0]
