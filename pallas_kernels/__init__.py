@@ -129,7 +129,8 @@ MGPU_SPARSE_BLOCK_K, MGPU_SPARSE_PINGPONG = 64, False
 
 
 def _mgpu_sparse_stages(block_k: int) -> int:
-    return 4 if block_k == 64 else 2
+    from pallas_kernels.vslash_mgpu import max_stages
+    return max_stages(block_k)
 
 
 def _sparse_impl(impl: str, interpret: bool) -> str:

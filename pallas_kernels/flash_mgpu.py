@@ -195,10 +195,14 @@ def launch(body, inputs, *, B, Tp, N, H, dtype, n_pairs, block_q, block_k, stage
 
     def entry(*refs):
         tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+        # V is P V's right operand with the window's keys as its K: wgmma wants K a multiple of the
+        # swizzle's width, so windows that are not a multiple of 64 keys take a narrower swizzle
+        swizzle = v_swizzle(block_k, jnp.dtype(dtype).itemsize)
+        v_tiled = (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle))
         scratch = (
             plgpu.SMEM((2, block_q, H), dtype, transforms=tiled),
             plgpu.SMEM((stages, block_k, H), dtype, transforms=tiled),
-            plgpu.SMEM((stages, block_k, H), dtype, transforms=tiled),
+            plgpu.SMEM((stages, block_k, H), dtype, transforms=v_tiled),
             plgpu.SMEM((2, block_q), jnp.float32),
         )
         pl.run_scoped(
@@ -219,6 +223,14 @@ def launch(body, inputs, *, B, Tp, N, H, dtype, n_pairs, block_q, block_k, stage
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
     )(*inputs)
+
+
+def v_swizzle(block_k: int, item: int = 2) -> int:
+    """The widest shared-memory swizzle (bytes) whose row of elements divides ``block_k``."""
+    for swizzle in (128, 64, 32):
+        if block_k % (swizzle // item) == 0:
+            return swizzle
+    raise ValueError(f"block_k={block_k} is not a multiple of {32 // item} keys")
 
 
 class WindowSteps:

@@ -62,6 +62,8 @@ from pallas_kernels.vslash import BAND, NO_KEY, VSIndex, gather_verticals, pad_v
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 SKIP, WHOLE, MASKED = 0, 1, 2
+FIRST, SECOND, BOTH = 0, 1, 2   # which consumers a slash window serves (``pair_windows``)
+SKIP_COST = 0.5   # a skipped window's cost against a computed one, when choosing how to cut a run
 FIELDS = 8        # per (row, head, pair, phase, part): t0, t1, v0, v1, segment, active0, active1, first step
 BIG = 2 ** 30
 SMEM_BYTES = 232448 - 4096   # Hopper's 227 KiB per block, less room for barriers and alignment
@@ -72,7 +74,10 @@ M_FLOOR = -1e30   # the running max's start: above MASK_VALUE, below any real lo
 def check_supported(queries: tuple, k, v, block_k: int, stages: int) -> None:
     """A clear error for what this kernel cannot do (``impl='triton'`` can)."""
     from pallas_kernels.flash_mgpu import check_supported as check_dense
-    check_dense(queries, k, v, BAND, block_k, stages)      # block_k: a multiple of 64 (wgmma's K for P V)
+    check_dense(queries, k, v, BAND, BAND, stages)          # dtypes, head_dim, stages
+    if block_k < BAND or block_k % 16:
+        raise ValueError(f"the mosaic_gpu sparse kernel's windows must be multiples of 16 keys, at least {BAND} "
+                         f"(wgmma's K for P V), got block_k={block_k}")
     if k.shape[2] % ROW_ALIGN:
         raise ValueError(f"the mosaic_gpu sparse kernel needs a cache length that is a multiple of {ROW_ALIGN}, "
                          f"got {k.shape[2]}")
@@ -80,10 +85,23 @@ def check_supported(queries: tuple, k, v, block_k: int, stages: int) -> None:
         raise ValueError(f"the mosaic_gpu sparse kernel needs a cache of at least block_k={block_k} slots, "
                          f"got {k.shape[2]}")
     H, item = k.shape[-1], k.dtype.itemsize
-    smem = (2 * BAND + 2 * stages * block_k) * H * item + 2 * BAND * 4       # q tiles, K/V ring, lse
-    if smem > SMEM_BYTES:
+    if smem_bytes(block_k, stages, H, item) > SMEM_BYTES:
         raise ValueError(f"mosaic_gpu sparse kernel: block_k={block_k}, stages={stages} and head_dim {H} need "
-                         f"{smem} bytes of shared memory, more than {SMEM_BYTES}; lower block_k or stages")
+                         f"{smem_bytes(block_k, stages, H, item)} bytes of shared memory, more than {SMEM_BYTES}; "
+                         f"lower block_k or stages")
+
+
+def smem_bytes(block_k: int, stages: int, H: int, item: int = 2) -> int:
+    """Shared memory of one program: the two query tiles, the K/V ring and the lse rows."""
+    return (2 * BAND + 2 * stages * block_k) * H * item + 2 * BAND * 4
+
+
+def max_stages(block_k: int, H: int = 128, item: int = 2, most: int = 4) -> int:
+    """The deepest K/V ring (at most ``most``) that fits in shared memory."""
+    stages = most
+    while stages > 2 and smem_bytes(block_k, stages, H, item) > SMEM_BYTES:
+        stages -= 1
+    return stages
 
 
 # ----------------------------------------------------------------------------------------------
@@ -91,26 +109,46 @@ def check_supported(queries: tuple, k, v, block_k: int, stages: int) -> None:
 
 
 def pair_windows(rel_start, rel_end, block_k: int):
-    """The windows of a pair of blocks: ``(ws, lo, hi)`` [..., TC] int32 from the tiles [..., TC] of
+    """The windows of a pair of blocks: ``(ws, lo, hi, who)`` [..., cap] int32 from the tiles [..., TC] of
     ``vslash.run_tiles`` (or ``block_sparse_index``), all relative to the first block's start.
 
-    Window ``w`` loads keys ``[ws, ws + block_k)`` of the run ``[lo, hi)`` (block 0's keys; block 1's
-    are ``[lo + 64, hi + 64)``); padding windows have ``ws = lo = hi = NO_KEY``. Windows start on the
-    8-row grid (``ROW_ALIGN``: TMA into wgmma-tiled shared memory needs it), so a run of m distances (at
-    most 64 m keys) takes at most ceil((64 m + 71) / block_k) <= m ceil(135 / block_k) windows: the
-    table has TC ceil(135 / block_k) rows (2 TC for 128-key windows, 3 TC for 64)."""
+    Window ``w`` loads keys ``[ws, ws + block_k)`` for the run ``[lo, hi)`` (block 0's keys; block 1's
+    are ``[lo + 64, hi + 64)``) and serves the consumers ``who`` says (``BOTH``, ``FIRST`` or
+    ``SECOND``); padding windows have ``ws = lo = hi = NO_KEY``. Windows start on the 8-row grid
+    (``ROW_ALIGN``: TMA into wgmma-tiled shared memory needs it). A run is cut one of two ways:
+
+    shared  windows from the run's 8-aligned start over ``[lo, hi + 64)``, both consumers masking each
+            to their own keys: a run of m distances (at most 64 m keys) takes at most
+            ceil((64 m + 71) / block_k) <= m ceil(135 / block_k) windows
+    split   each consumer its own windows over its own keys (block 0 from the 8-aligned start, block 1
+            64 keys later), the other consumer skipping them: with windows wider than 71 keys a lone
+            diagonal's band fits one window per consumer (two computed windows, not three)
+
+    whichever costs less, counting a computed window 1 and a skipped step ``SKIP_COST`` (and split only
+    where its windows fit the run's rows of the table). The table has TC ceil(135 / block_k) rows."""
     TC = rel_start.shape[-1]
-    cap = TC * -(-(2 * BAND + ROW_ALIGN - 1) // block_k)
+    per_tile = -(-(2 * BAND + ROW_ALIGN - 1) // block_k)
+    cap = TC * per_tile
     valid = rel_start < NO_KEY
     prev_end = jnp.concatenate([jnp.full_like(rel_end[..., :1], -BIG), rel_end[..., :-1]], axis=-1)
     first = valid & (rel_start != prev_end)                 # runs are >= 1 key apart: touching tiles are one run
     next_first = jnp.concatenate([first[..., 1:], jnp.ones_like(first[..., :1])], axis=-1)
     next_valid = jnp.concatenate([valid[..., 1:], jnp.zeros_like(valid[..., :1])], axis=-1)
     last = valid & (next_first | ~next_valid)
-    run_lo = lax.cummax(jnp.where(first, rel_start, -BIG), axis=rel_start.ndim - 1)
-    run_hi = lax.cummin(jnp.where(last, rel_end, BIG), axis=rel_end.ndim - 1, reverse=True)
+    axis = rel_start.ndim - 1
+    run_lo = lax.cummax(jnp.where(first, rel_start, -BIG), axis=axis)
+    run_hi = lax.cummin(jnp.where(last, rel_end, BIG), axis=axis, reverse=True)
+    idx = lax.broadcasted_iota(jnp.int32, rel_start.shape, axis)
+    run_tiles = lax.cummin(jnp.where(last, idx, BIG), axis=axis, reverse=True) - idx + 1   # at a run's first tile
     run_lo8 = run_lo // ROW_ALIGN * ROW_ALIGN            # windows start on the 8-row grid (q0 is on it too)
-    n_win = jnp.where(first, -(-(run_hi + BAND - run_lo8) // block_k), 0)
+    ceil = lambda x: -(-x // block_k)  # noqa: E731
+    shared = ceil(run_hi + BAND - run_lo8)
+    own = ceil(run_hi - run_lo8)                           # one consumer's windows over its own keys
+    computed = own + shared - (BAND + run_lo - run_lo8) // block_k     # block 1's keys start 64 later
+    cost_shared = computed + SKIP_COST * (2 * shared - computed)
+    cost_split = 2 * own * (1 + SKIP_COST)
+    split = (cost_split < cost_shared) & (2 * own <= run_tiles * per_tile)
+    n_win = jnp.where(first, jnp.where(split, 2 * own, shared), 0)
     cum = jnp.cumsum(n_win, axis=-1)
     w = jnp.arange(cap, dtype=jnp.int32)
     flat = cum.reshape(-1, TC)
@@ -118,13 +156,25 @@ def pair_windows(rel_start, rel_end, block_k: int):
     owner = jnp.minimum(owner, TC - 1)
     take = lambda a: jnp.take_along_axis(a, owner, axis=-1)  # noqa: E731
     lo, hi = take(run_lo), take(run_hi)
-    ws = take(run_lo8) + (w - take(cum - n_win)) * block_k
+    i = w - take(cum - n_win)                               # the window's place in its run
+    n_own, is_split = take(own), take(split)
+    second = is_split & (i >= n_own)
+    ws = take(run_lo8) + jnp.where(second, BAND + (i - n_own) * block_k, i * block_k)
+    who = jnp.where(is_split, jnp.where(second, SECOND, FIRST), BOTH)
     live = w < cum[..., -1:]
     far = jnp.int32(NO_KEY)
-    return jnp.where(live, ws, far), jnp.where(live, lo, far), jnp.where(live, hi, far)      # [..., cap]
+    return (jnp.where(live, ws, far), jnp.where(live, lo, far), jnp.where(live, hi, far),
+            jnp.where(live, who, BOTH).astype(jnp.int32))      # [..., cap]
 
 
-def pair_schedule(index: VSIndex, ws, lo, hi, q_offset, kv_length, mask: MaskSpec, block_k: int, n_pairs: int):
+def useful(ws, lo, hi, who, block_k: int):
+    """The keys of window ``(ws, lo, hi, who)`` its consumers use, relative to the first block's start:
+    ``[max(ws, lo + 64 [second only]), min(ws + block_k, hi + 64 [not first only]))``."""
+    return (jnp.maximum(ws, lo + BAND * (who == SECOND)),
+            jnp.minimum(ws + block_k, hi + BAND * (who != FIRST)))
+
+
+def pair_schedule(index: VSIndex, ws, lo, hi, who, q_offset, kv_length, mask: MaskSpec, block_k: int, n_pairs: int):
     """``sched`` [B, N, n_pairs, P, 2, FIELDS] int32: per pair, phase and part (the segment of block 0,
     then block 1's if it differs) the windows ``[t0, t1)`` and vertical tiles ``[v0, v1)`` that meet the
     key range of a consumer in that part, the part's segment, which consumers are in it, and the index
@@ -141,8 +191,9 @@ def pair_schedule(index: VSIndex, ws, lo, hi, q_offset, kv_length, mask: MaskSpe
     # nor ends are sorted: search the running max of the ends (windows before t0 all end by the range
     # start) and the suffix min of the useful starts (windows from t1 on all start past its end).
     live = ws < NO_KEY
-    end = lax.cummax(jnp.where(live, jnp.minimum(ws + block_k, hi + BAND), NO_KEY), axis=4)
-    start = lax.cummin(jnp.where(live, jnp.maximum(ws, lo), NO_KEY), axis=4, reverse=True)
+    u_lo, u_hi = useful(ws, lo, hi, who, block_k)
+    end = lax.cummax(jnp.where(live, u_hi, NO_KEY), axis=4)
+    start = lax.cummin(jnp.where(live, u_lo, NO_KEY), axis=4, reverse=True)
     vpos = index.vpos
 
     def search(table, x, side):          # table [B, Gs, N, L], x [B, Q] -> [B, Q, N] at the part's segment
@@ -178,13 +229,15 @@ def pair_schedule(index: VSIndex, ws, lo, hi, q_offset, kv_length, mask: MaskSpe
 # Per-step decisions, shared by the kernel and the numpy replay in tests/test_sparse.py (any backend)
 
 
-def slash_bounds(ws, lo, hi, q0, c, block_k: int, n_keys: int):
-    """Window ``(ws, lo, hi)`` for consumer ``c``: ``(start, klo, khi)``, the loaded keys ``[start, start +
-    block_k)`` (clipped into the cache) and the consumer's run keys ``[klo, khi)`` inside the window."""
+def slash_bounds(ws, lo, hi, who, q0, c, block_k: int, n_keys: int):
+    """Window ``(ws, lo, hi, who)`` for consumer ``c``: ``(start, klo, khi)``, the loaded keys ``[start,
+    start + block_k)`` (clipped into the cache) and the consumer's run keys ``[klo, khi)`` inside the
+    window (empty where the window serves the other consumer only)."""
     start = jnp.clip(q0 + ws, 0, n_keys - block_k)
     klo = q0 + jnp.maximum(ws, lo + BAND * c)
     khi = q0 + jnp.minimum(ws + block_k, hi + BAND * c)
-    return start, klo, khi
+    mine = (who == BOTH) | (who == c)
+    return start, klo, jnp.where(mine, khi, klo)
 
 
 def row_span(mask: MaskSpec, phase: str, first, kv_length):
@@ -225,7 +278,7 @@ def _load_cols(ref, layout):
 
 
 def _kernel(meta_ref, scale_ref, sched_ref, win_ref, vpos_ref, keep_ref, *refs, mask: MaskSpec, G: int,
-            block_k: int, stages: int, n_pairs: int, heavy_first: bool, pingpong: bool):
+            block_k: int, stages: int, n_pairs: int, heavy_first: bool, pingpong: bool, prefetch: bool):
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -243,6 +296,7 @@ def _kernel(meta_ref, scale_ref, sched_ref, win_ref, vpos_ref, keep_ref, *refs, 
     q0 = q_offset + qi * (2 * BAND)
     Gs, N, P = vpos_ref.shape[1:4]
     n_keys = k_ref.shape[2]
+    last_win, last_vtile = max(win_ref.shape[4] - 1, 0), max(vpos_ref.shape[4] // W - 1, 0)   # prefetch clamps
 
 
     def part(p: int, part: int):
@@ -311,24 +365,39 @@ def _kernel(meta_ref, scale_ref, sched_ref, win_ref, vpos_ref, keep_ref, *refs, 
             for e in (part(p_, q) for p_, q in parts if p_ == p):
                 active = jnp.where(wg == 0, e["act"][0], e["act"][1]) != 0
 
-                def slash(w, carry, e=e, active=active, a_rows=a_rows, b_rows=b_rows, span=span):
+                def slash_fields(w, e=e):
+                    return tuple(win_ref[b, e["g"], n, e["p"], w, f] for f in range(4))
+
+                def slash(w, state, e=e, active=active, a_rows=a_rows, b_rows=b_rows, span=span):
+                    carry, fields = state
                     step = w + e["slash_off"]
-                    ws, lo, hi = (win_ref[b, e["g"], n, e["p"], w, f] for f in range(3))
-                    start, klo, khi = slash_bounds(ws, lo, hi, q0, wg, W, n_keys)
+                    if prefetch:           # the next window's fields load while this window computes
+                        ahead = slash_fields(jnp.minimum(w + 1, last_win))
+                    else:
+                        fields = ahead = slash_fields(w)
+                    start, klo, khi = slash_bounds(*fields, q0, wg, W, n_keys)
                     kind = slash_kind(start, klo, khi, span, W, active)
 
                     def visible():
                         pos = start + plgpu.broadcasted_iota(jnp.int32, (BAND, W), 1, layout=plgpu.Layout.WGMMA)
                         return between(jnp.maximum(a_rows, klo), jnp.minimum(b_rows, khi), pos)
 
-                    return lax.cond(kind == SKIP, lambda c: skip(c, step),
-                                    lambda c: compute(c, step, visible, kind == MASKED), carry)
+                    carry = lax.cond(kind == SKIP, lambda c: skip(c, step),
+                                     lambda c: compute(c, step, visible, kind == MASKED), carry)
+                    return carry, ahead
 
-                def vertical(j, carry, e=e, active=active, a_rows=a_rows, b_rows=b_rows, span=span):
+                def tile_ends(j, e=e):
+                    return vpos_ref[b, e["g"], n, e["p"], j * W], vpos_ref[b, e["g"], n, e["p"], j * W + W - 1]
+
+                def vertical(j, state, e=e, active=active, a_rows=a_rows, b_rows=b_rows, span=span):
+                    carry, ends = state
                     step = j + e["vert_off"]
                     g, p_ = e["g"], e["p"]
-                    kind = vertical_kind(vpos_ref[b, g, n, p_, j * W], vpos_ref[b, g, n, p_, j * W + W - 1], span,
-                                         active)
+                    if prefetch:
+                        ahead = tile_ends(jnp.minimum(j + 1, last_vtile))
+                    else:
+                        ends = ahead = tile_ends(j)
+                    kind = vertical_kind(*ends, span, active)
 
                     def masked(carry):
                         # Issued before the matmul so the loads' latency hides behind it.
@@ -339,10 +408,14 @@ def _kernel(meta_ref, scale_ref, sched_ref, win_ref, vpos_ref, keep_ref, *refs, 
                         pos = lax.broadcast_in_dim(pos, (BAND, W), [1])
                         return compute(carry, step, lambda: between(a_rows, b_rows, pos), True)
 
-                    return lax.cond(kind == MASKED, masked, lambda c: skip(c, step), carry)
+                    carry = lax.cond(kind == MASKED, masked, lambda c: skip(c, step), carry)
+                    return carry, ahead
 
-                carry = lax.fori_loop(e["t0"], e["t1"], slash, carry)
-                carry = lax.fori_loop(e["v0"], e["v1"], vertical, carry)
+                zero = jnp.int32(0)
+                first_win = slash_fields(jnp.minimum(e["t0"], last_win)) if prefetch else (zero,) * 4
+                carry, _ = lax.fori_loop(e["t0"], e["t1"], slash, (carry, first_win))
+                first_tile = tile_ends(jnp.minimum(e["v0"], last_vtile)) if prefetch else (zero,) * 2
+                carry, _ = lax.fori_loop(e["v0"], e["v1"], vertical, (carry, first_tile))
         pl.when(wg == 0)(take_turns)
 
         store_rows(carry, qo_smem, lse_smem, out_ref.at[b, pl.ds(row0, BAND), n], lse_ref.at[b, n, pl.ds(row0, BAND)])
@@ -365,43 +438,51 @@ def _kernel(meta_ref, scale_ref, sched_ref, win_ref, vpos_ref, keep_ref, *refs, 
             plgpu.copy_gmem_to_smem(src_v, v_smem.at[slot], v_bar.at[slot])
 
         for e in (part(p, q) for p, q in parts):
-            def slash(w, carry, e=e):
-                ws, lo, hi = (win_ref[b, e["g"], n, e["p"], w, f] for f in range(3))
-                start, _, _ = slash_bounds(ws, lo, hi, q0, 0, W, n_keys)
+            def window_start(w, e=e):
+                return jnp.clip(q0 + win_ref[b, e["g"], n, e["p"], w, 0], 0, n_keys - W)
+
+            def slash(w, start, e=e):
+                if prefetch:
+                    ahead = window_start(jnp.minimum(w + 1, last_win))
+                else:
+                    start = ahead = window_start(w)
                 # start is on the 8-row grid; written as a product so Mosaic GPU can see it
                 at = (b, kvh, pl.ds(lax.div(start, jnp.int32(ROW_ALIGN)) * ROW_ALIGN, W))
                 load(w + e["slash_off"], k_ref.at[at], v_ref.at[at])
-                return carry
+                return ahead
 
             def vertical(j, carry, e=e):
                 at = (tile_row(e), pl.ds(j * W, W))
                 load(j + e["vert_off"], kg_ref.at[at], vg_ref.at[at])
                 return carry
 
-            lax.fori_loop(e["t0"], e["t1"], slash, None)
+            lax.fori_loop(e["t0"], e["t1"], slash, window_start(jnp.minimum(e["t0"], last_win)) if prefetch
+                          else jnp.int32(0))
             lax.fori_loop(e["v0"], e["v1"], vertical, None)
 
 
 def _tables(index: VSIndex, q_offset, kv_length, mask: MaskSpec, block_k: int, n_pairs: int):
     """Everything the kernel reads besides q, k, v: ``(sched, win, vpos, keep)`` (see ``_kernel``)."""
     index = pad_verticals(index, block_k)
-    ws, lo, hi = pair_windows(index.rel_start, index.rel_end, block_k)
-    sched = pair_schedule(index, ws, lo, hi, q_offset, kv_length, mask, block_k, n_pairs)
-    win = jnp.stack([ws, lo, hi, jnp.zeros_like(ws)], axis=-1)               # [B, Gs, N, P, TC, 4]
+    ws, lo, hi, who = pair_windows(index.rel_start, index.rel_end, block_k)
+    sched = pair_schedule(index, ws, lo, hi, who, q_offset, kv_length, mask, block_k, n_pairs)
+    win = jnp.stack([ws, lo, hi, who], axis=-1)                              # [B, Gs, N, P, cap, 4]
     nqb = index.keep.shape[2]
     keep = jnp.pad(index.keep, ((0, 0), (0, 0), (0, 2 * n_pairs - nqb), (0, 0), (0, 0))).astype(jnp.int8)
     return index, sched, win, index.vpos, keep
 
 
-@functools.partial(jax.jit, static_argnames=("mask", "block_k", "stages", "heavy_first", "pingpong"))
+@functools.partial(jax.jit, static_argnames=("mask", "block_k", "stages", "heavy_first", "pingpong", "prefetch"))
 def vslash_attention_mgpu(queries: tuple, k, v, q_offset, kv_length, scale, index: VSIndex, col_count=None, *,
                           mask: MaskSpec, block_k: int = 128, stages: int = 2, heavy_first: bool = True,
-                          pingpong: bool = True):
+                          pingpong: bool = True, prefetch: bool = True):
     """``queries``: one q [B, T, N, H] per mask phase (rotated); k, v [B, K, S, H]; q_offset [B] (multiple
     of 64), kv_length [B] int32; scale [B] float32; ``index`` from ``vslash.build_index`` (any tile
     width); ``col_count`` is unused (the padded ``index.vpos`` says it), kept for the common signature.
-    ``block_k``: keys per window (a multiple of 64); ``pingpong``: the consumers take turns on the tensor
-    cores (module docstring). Returns ``(out [B, T, N, H], lse [B, T, N] float32)``."""
+    ``block_k``: keys per window (a multiple of 16, at least 64; see ``pair_windows``); ``pingpong``: the
+    consumers take turns on the tensor cores (module docstring); ``prefetch``: each step's table entries
+    (a window's bounds, a vertical tile's first and last column) are read from GMEM one step ahead, so
+    their latency hides behind the previous step's matmuls. Returns ``(out [B, T, N, H], lse [B, T, N] float32)``."""
 
     del col_count
     check_supported(queries, k, v, block_k, stages)
@@ -416,7 +497,7 @@ def vslash_attention_mgpu(queries: tuple, k, v, q_offset, kv_length, scale, inde
     meta = jnp.stack([q_offset, kv_length], axis=1).astype(jnp.int32)
 
     body = functools.partial(_kernel, mask=mask, G=d.G, block_k=block_k, stages=stages, n_pairs=n_pairs,
-                             heavy_first=heavy_first, pingpong=pingpong)
+                             heavy_first=heavy_first, pingpong=pingpong, prefetch=prefetch)
     out, lse = launch(body, (meta, scale.astype(jnp.float32), sched, win, vpos, keep, *queries, k, v, kg, vg), B=B,
                       Tp=Tp, N=N, H=H, dtype=dtype, n_pairs=n_pairs, block_q=BAND, block_k=block_k, stages=stages)
     return out[:, :T], lse[:, :, :T].transpose(0, 2, 1)
@@ -429,3 +510,37 @@ def visited_pairs(index: VSIndex, q_offset, kv_length, mask: MaskSpec, block_k: 
     _, sched, _, _, _ = _tables(index, q_offset, kv_length, mask, block_k, n_pairs)
     steps = (sched[..., 1] - sched[..., 0] + sched[..., 3] - sched[..., 2]).astype(jnp.float32).sum()
     return steps * (2 * BAND * block_k)
+
+
+def computed_pairs(index: VSIndex, q_offset, kv_length, mask: MaskSpec, block_k: int = 128):
+    """(query, key) pairs in the windows and vertical tiles the consumers compute (SKIP steps left out),
+    decided as the kernel decides them, for benchmarks (float, traced). One head at a time."""
+    n_pairs = -(-index.block_seg.shape[1] // 2)
+    _, sched, win, vpos, _ = _tables(index, q_offset, kv_length, mask, block_k, n_pairs)
+    B = sched.shape[0]
+    W, cap, n_tiles = block_k, win.shape[4], vpos.shape[-1] // block_k
+    q0 = (q_offset[:, None] + 2 * BAND * jnp.arange(n_pairs, dtype=jnp.int32)[None])[:, :, None, None, None]
+    c = jnp.arange(2, dtype=jnp.int32)[None, None, None, :, None]             # [B, pairs, part, c, step]
+    b = jnp.arange(B)[:, None, None]
+
+    def head(n):
+        total = jnp.float32(0)
+        for p, phase in enumerate(mask.phases):
+            f = sched[:, n, :, p]                                                 # [B, pairs, part, FIELDS]
+            t0, t1, v0, v1, g = (f[..., i][..., None, None] for i in range(5))
+            act = jnp.stack([f[..., 5], f[..., 6]], -1)[..., None] != 0        # [B, pairs, part, c, 1]
+            span = row_span(mask, phase, q0 + BAND * c, kv_length[:, None, None, None, None])
+            rows = win[b, f[..., 4], n, p]                                       # [B, pairs, part, cap, 4]
+            ws, lo, hi, who = (rows[..., i][:, :, :, None] for i in range(4))
+            _, klo, khi = slash_bounds(ws, lo, hi, who, q0, c, W, BIG)
+            w = jnp.arange(cap, dtype=jnp.int32)
+            kind = slash_kind(jnp.zeros_like(klo), klo, khi, span, W, act)     # SKIP does not depend on start
+            total += jnp.sum(((w >= t0) & (w < t1) & (kind != SKIP)).astype(jnp.float32))
+            cols = vpos[b, f[..., 4], n, p].reshape(*f.shape[:3], n_tiles, W)   # [B, pairs, part, tiles, W]
+            j = jnp.arange(n_tiles, dtype=jnp.int32)
+            vkind = vertical_kind(cols[..., 0][:, :, :, None], cols[..., -1][:, :, :, None], span, act)
+            total += jnp.sum(((j >= v0) & (j < v1) & (vkind != SKIP)).astype(jnp.float32))
+        return total
+
+    steps = lax.map(head, jnp.arange(sched.shape[1]))
+    return steps.sum() * (BAND * block_k)

@@ -350,8 +350,8 @@ def mgpu_coverage(index, q_offset, kv_length, mask, T, S, block_k, qkv=None):
             a_rows, b_rows = map(np.asarray, mask.key_range(phase, rows, rows, kv_length[b]))
             span = vm.row_span(mask, phase, first, int(kv_length[b]))
             out_rows = rows - q_offset[b]
-            ws, lo, hi = (win[b, g, n, p, :, f] for f in range(3))            # decide for all windows at once
-            start, klo, khi = map(np.asarray, vm.slash_bounds(ws, lo, hi, q0, c, W, S))
+            ws, lo, hi, who = (win[b, g, n, p, :, f] for f in range(4))       # decide for all windows at once
+            start, klo, khi = map(np.asarray, vm.slash_bounds(ws, lo, hi, who, q0, c, W, S))
             kind = np.asarray(vm.slash_kind(start, klo, khi, span, W, bool(act[c])))
             start, klo, khi, kind = start[t0:t1], klo[t0:t1], khi[t0:t1], kind[t0:t1]
             assert ((0 <= start) & (start <= S - W) & (start % 8 == 0)).all()          # TMA into tiled smem
@@ -382,7 +382,8 @@ def mgpu_coverage(index, q_offset, kv_length, mask, T, S, block_k, qkv=None):
 
 
 @pytest.mark.parametrize("mask_name,q_offset,block_k", [("causal", (320, 128), 128), ("dca", (320, 128), 128),
-                                                        ("dca", (384, 64), 64), ("causal", (64, 192), 128)])
+                                                        ("dca", (384, 64), 64), ("causal", (64, 192), 128),
+                                                        ("dca", (320, 128), 80), ("causal", (64, 192), 96)])
 def test_mgpu_sparse_schedule_computes_each_visible_key_once(mask_name, q_offset, block_k):
     """The Mosaic GPU sparse kernel (no CPU interpreter) replayed in numpy from its own tables and step
     decisions: every key of the sparse mask is computed exactly once per query, no other key ever, and
@@ -401,6 +402,9 @@ def test_mgpu_sparse_schedule_computes_each_visible_key_once(mask_name, q_offset
     qs = tuple(rng.normal(size=(B, T, N, 16)) for _ in mask.phases)
     k, v = rng.normal(size=(2, B, 1, S, 16))
     scale = np.array([0.3, 0.2])
+    from pallas_kernels import vslash_mgpu as vm
+    who = np.asarray(vm.pair_windows(index.rel_start, index.rel_end, block_k)[3])
+    assert (block_k > 64) == (who != vm.BOTH).any()         # windows one consumer computes alone: wide windows only
     cover, kinds, out, lse = mgpu_coverage(index, q_offset, kv_length, mask, T, S, block_k, (qs, k, v, scale))
     positions = q_offset[:, None] + jnp.arange(T)[None]
     slots = jnp.arange(S)
@@ -411,6 +415,8 @@ def test_mgpu_sparse_schedule_computes_each_visible_key_once(mask_name, q_offset
         assert want.any()
         np.testing.assert_array_equal(cover[p], want.astype(np.int32), err_msg=f"phase {phase}")
     assert min(kinds.values()) > 0, kinds                                    # every kind of step occurs
+    computed = jax.jit(vm.computed_pairs, static_argnums=(3, 4))(index, q_offset, kv_length, mask, block_k)
+    assert float(computed) == (kinds[vm.WHOLE] + kinds[vm.MASKED]) * 64 * block_k     # the benchmark's count
     ref_out, ref_lse = masked_attention(tuple(map(jnp.asarray, qs)), jnp.asarray(k), jnp.asarray(v), positions,
                                         kv_length, jnp.asarray(scale), mask=mask, restrict=jnp.asarray(restrict))
     ref_out, ref_lse = np.asarray(ref_out), np.asarray(ref_lse)
@@ -439,12 +445,12 @@ def test_mgpu_sparse_schedule_on_the_block_sparse_primitive():
         np.testing.assert_array_equal(cover[p], (restrict[p] & visible[:, None]).astype(np.int32))
 
 
-@pytest.mark.parametrize("mask_name", ["causal", "dca"])
-def test_mgpu_sparse_kernel_lowers_for_cuda(mask_name):
+@pytest.mark.parametrize("mask_name,block_k", [("causal", 128), ("dca", 128), ("dca", 80)])
+def test_mgpu_sparse_kernel_lowers_for_cuda(mask_name, block_k):
     """Qwen2.5-7B heads (28 / 4, head_dim 128), bf16, a 4096-query chunk at an offset, budgets 6096 / 1000:
     the Mosaic GPU sparse kernel lowers to a Mosaic GPU custom call (no GPU needed)."""
     from jax import export
-    from pallas_kernels.vslash_mgpu import vslash_attention_mgpu
+    from pallas_kernels.vslash_mgpu import max_stages, vslash_attention_mgpu
     mask = MaskSpec(chunk_len=8192) if mask_name == "dca" else MaskSpec()
     B, T, N, K, H, S, D, V = 1, 4096, 28, 4, 128, 16384, 6096, 1000
     Gs, P = (2, 3) if mask_name == "dca" else (1, 1)
@@ -452,7 +458,8 @@ def test_mgpu_sparse_kernel_lowers_for_cuda(mask_name):
     def f(qs, k, v, qo, kl, sc, dist, dn, cols, cn, sb, se):
         sel = vslash.Selection(dist, dn, cols, cn, sb, se)
         index = vslash.build_index(sel, qo, T, kl, mask, vslash.BAND, S)
-        return vslash_attention_mgpu(qs, k, v, qo, kl, sc, index, cn, mask=mask)
+        return vslash_attention_mgpu(qs, k, v, qo, kl, sc, index, cn, mask=mask, block_k=block_k,
+                                     stages=max_stages(block_k), pingpong=block_k == 128)
 
     sd, i32 = jax.ShapeDtypeStruct, jnp.int32
     exported = export.export(jax.jit(f), platforms=["cuda"])(
@@ -479,8 +486,9 @@ def test_sparse_dispatch_picks_or_refuses_loudly():
         pallas_kernels._sparse_mgpu_block("mosaic_gpu", *f32, None)
     with pytest.raises(ValueError, match="head_dim a multiple of 64"):
         check_supported((q[..., :32],), k[..., :32], k[..., :32], 128, 2)
-    with pytest.raises(ValueError, match="multiples of 64"):
-        check_supported((q,), k, k, 96, 2)
+    with pytest.raises(ValueError, match="multiples of 16 keys"):
+        check_supported((q,), k, k, 72, 2)
+    check_supported((q,), k, k, 80, 4)                                 # 80-key windows: V takes a 32-byte swizzle
     with pytest.raises(ValueError, match="shared memory"):
         check_supported((q,), k, k, 256, 2)
     with pytest.raises(ValueError, match="multiple of 8"):

@@ -2,7 +2,7 @@
 
     python -m qwen_jax.bench.sparse [--lengths 128k,256k,512k,1m] [--inputs local,random]
                                     [--budgets 1000,6096] [--chunk 32768] [--dca 262144,8192]
-                                    [--kernels mosaic_gpu:64:4:free,mosaic_gpu:128:2:pp,triton]
+                                    [--kernels mosaic_gpu:64:4:free,mosaic_gpu:80:4:free:noprefetch,triton]
                                     [--estimate-only] [--key-blocks 16384] [--estimates auto,xla,triton]
                                     [--json out.json]
 
@@ -11,12 +11,14 @@ as sparse prefill does: the T queries in chunks of ``--chunk``, each chunk estim
 selection from its last 64 queries and attending to the keys before it; the times add up over the
 chunks. The dense baseline is one causal ``jax.nn.dot_product_attention(implementation="cudnn")``
 call over all T. Reported per length: dense ms, and per sparse kernel (``--kernels``: the Mosaic GPU
-``vslash_mgpu`` as ``mosaic_gpu[:block_k[:stages[:pp|free]]]``, pp = the consumers take turns, and the
+``vslash_mgpu`` as ``mosaic_gpu[:block_k[:stages[:pp|free[:prefetch|noprefetch]]]]``, pp = the consumers
+take turns, noprefetch = each step reads its table entries when it needs them (``vslash_attention_mgpu``), and the
 Triton-lowered ``vslash_gpu`` as ``triton``, all timed in the same run on the same index) its ms and
 speedup; estimate + index ms; the share of 64 x ``--block-k`` key tiles the sparse mask touches (what
 the Triton kernel computes), and each kernel's TFLOP/s over those tiles (so the rates compare kernels
 on the same work). The Mosaic GPU kernel's windows overhang the mask (module docstring);
-"<spec> windows / tiles" is what they span (both query blocks, skipped steps included) over the tiles.
+"<spec> windows / tiles" is what they span (both query blocks, skipped steps included) over the tiles,
+"<spec> computed / tiles" what its consumers compute (skipped steps left out).
 
 "estimate + index ms" times exactly ``sparse.estimate`` and ``vslash.build_index`` (one jitted call
 per chunk on a chunk of queries sliced beforehand), summed over the chunks; the median over
@@ -148,7 +150,8 @@ def main(argv=None) -> int:
     p.add_argument("--dca", default=None, help="chunk_size,local_size (default: one chunk, plain causal)")
     p.add_argument("--block-k", type=int, default=64, help="Triton kernel key tiles (and the tile count)")
     p.add_argument("--kernels", default="mosaic_gpu:128:2:pp,mosaic_gpu:64:4:free,triton",
-                   help="sparse kernels to time: mosaic_gpu[:block_k[:stages[:pp|free]]], triton")
+                   help="sparse kernels to time: mosaic_gpu[:block_k[:stages[:pp|free[:prefetch|noprefetch]]]], "
+                   "triton")
     p.add_argument("--num-warps", type=int, default=4)
     p.add_argument("--num-stages", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
@@ -169,11 +172,14 @@ def main(argv=None) -> int:
     kernels, mgpu = args.kernels.split(","), {}
     for spec in kernels:
         name, *opts = spec.split(":")
-        if name == "mosaic_gpu" and len(opts) <= 3 and (len(opts) < 3 or opts[2] in ("pp", "free")):
+        if (name == "mosaic_gpu" and len(opts) <= 4 and (len(opts) < 3 or opts[2] in ("pp", "free"))
+                and (len(opts) < 4 or opts[3] in ("prefetch", "noprefetch"))):
             mgpu[spec] = dict(block_k=int(opts[0]) if opts else 128, stages=int(opts[1]) if len(opts) > 1 else 2,
-                              pingpong=opts[2] == "pp" if len(opts) > 2 else True)
+                              pingpong=opts[2] == "pp" if len(opts) > 2 else True,
+                              prefetch=opts[3] == "prefetch" if len(opts) > 3 else True)
         elif spec != "triton":
-            raise SystemExit(f"unknown kernel {spec!r}: mosaic_gpu[:block_k[:stages[:pp|free]]] or triton")
+            raise SystemExit(f"unknown kernel {spec!r}: mosaic_gpu[:block_k[:stages[:pp|free[:prefetch|noprefetch]]]]"
+                             " or triton")
     if args.interpret and mgpu:
         raise SystemExit("the mosaic_gpu kernel has no interpreter: pass --kernels triton with --interpret")
     N, K, H = args.heads, args.kv_heads, args.head_dim
@@ -234,7 +240,9 @@ def main(argv=None) -> int:
     @functools.partial(jax.jit, static_argnames=("Tc", "block_k"))
     def mgpu_windows(index, start, Tc, block_k):     # accounting only: kept out of the timed calls
         lengths = jnp.full((1,), start + Tc, jnp.int32)
-        return vslash_mgpu.visited_pairs(index, jnp.full((1,), start, jnp.int32), lengths, mask, block_k)
+        q_offset = jnp.full((1,), start, jnp.int32)
+        return (vslash_mgpu.visited_pairs(index, q_offset, lengths, mask, block_k),
+                vslash_mgpu.computed_pairs(index, q_offset, lengths, mask, block_k))
 
     @functools.partial(jax.jit, static_argnames=("Tc", "kernel"))
     def attend(q_chunk, k, v, start, sel, index, Tc, kernel):
@@ -254,7 +262,7 @@ def main(argv=None) -> int:
         {Mosaic GPU spec: windows' (query, key) pairs} if counted). ``fixed``: per chunk, a recorded
         selection the kernels run on instead of the estimated one (whose cost is still timed)."""
         t_est, t_att = 0.0, dict.fromkeys(kernels, 0.0)
-        n_tiles, windows = 0, dict.fromkeys(mgpu, 0.0)
+        n_tiles, windows = 0, {spec: np.zeros(2) for spec in mgpu}
         for i, ((start, Tc), qc) in enumerate(zip(chunks, q_chunks)):
             t0 = time.perf_counter()
             sel, index = jax.block_until_ready(estimate_index(qc, k, start, Tc, kb, impl))
@@ -271,7 +279,7 @@ def main(argv=None) -> int:
             if count_tiles:
                 n_tiles += int(tiles(sel, index))
                 for spec, opts in mgpu.items():
-                    windows[spec] += float(mgpu_windows(index, start, Tc, opts["block_k"]))
+                    windows[spec] += np.asarray(mgpu_windows(index, start, Tc, opts["block_k"]), np.float64)
         return t_est, t_att, n_tiles, windows
 
     rows, layer_rows = [], []
@@ -320,7 +328,8 @@ def main(argv=None) -> int:
                     computed = n_tiles * 64 * bk                             # (query, key) pairs in the tiles
                     row["tiles computed / dense"] = computed / (T * T / 2 * N)
                     for spec in mgpu:
-                        row[f"{spec} windows / tiles"] = windows[spec] / computed
+                        row[f"{spec} windows / tiles"] = windows[spec][0] / computed
+                        row[f"{spec} computed / tiles"] = windows[spec][1] / computed
                     for kernel in kernels:
                         ms = float(np.median([a[kernel] for a in att]) * 1e3)
                         row[f"{kernel} ms"] = ms
