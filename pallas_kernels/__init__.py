@@ -122,10 +122,10 @@ def flash_attention(q, k, v, *, q_offset, kv_length, scale=None, mask: MaskSpec 
 
 SPARSE_IMPLS = ("auto", "mosaic_gpu", "triton", "mosaic_tpu", "reference")
 _SPARSE_NATIVE = {"gpu": "mosaic_gpu", "cuda": "mosaic_gpu", "tpu": "mosaic_tpu"}
-# The Mosaic GPU sparse kernel's defaults, the fastest measured on an H100 (qwen_jax/bench/GPU_NOTES.md):
-# 64-key windows (less overhang past the 64-wide bands) with 4 stages (128-key windows: 2 fit in shared
-# memory), consumers not taking turns.
-MGPU_SPARSE_BLOCK_K, MGPU_SPARSE_PINGPONG = 64, False
+# The Mosaic GPU sparse kernel's defaults, the fastest measured on an H100 (qwen_jax/bench/GPU_NOTES.md, eighth
+# session): 96-key windows (3 stages fit in shared memory; fewer, larger steps than 64-key windows for about 5%
+# more keys: 128 ms against 136 at 128K, 1.34 s against 1.48 at 1M), consumers not taking turns.
+MGPU_SPARSE_BLOCK_K, MGPU_SPARSE_PINGPONG = 96, False
 
 
 def _mgpu_sparse_stages(block_k: int) -> int:
@@ -180,7 +180,7 @@ def vslash_attention(q, k, v, selection, *, q_offset, kv_length, scale=None, mas
 
     Same arguments as ``flash_attention`` plus ``selection`` (a ``vslash.Selection``); ``q_offset``
     must be a multiple of 64 (the band height). ``impl``: ``mosaic_gpu`` (Hopper; bf16/f16, head_dim %
-    64 == 0, ``block_k`` >= 128 keys per window), ``triton`` (GPUs), ``mosaic_tpu`` (TPUs; Triton and
+    64 == 0; ``block_k`` keys per window, a multiple of 16 from 64, default 96), ``triton`` (GPUs), ``mosaic_tpu`` (TPUs; Triton and
     TPU on the CPU with ``interpret``), ``reference`` (dense masked jnp) or ``auto`` (GPU: mosaic_gpu
     where it applies, else triton)."""
     from pallas_kernels import vslash

@@ -477,7 +477,8 @@ def test_sparse_dispatch_picks_or_refuses_loudly():
     assert pallas_kernels._SPARSE_NATIVE["gpu"] == "mosaic_gpu"
     q = jnp.zeros((1, 256, 4, 128), jnp.bfloat16)
     k = jnp.zeros((1, 2, 512, 128), jnp.bfloat16)
-    assert pallas_kernels._sparse_mgpu_block("auto", (q,), k, k, None) == 64
+    assert pallas_kernels._sparse_mgpu_block("auto", (q,), k, k, None) == 96
+    assert pallas_kernels._mgpu_sparse_stages(96) == 3 and pallas_kernels._mgpu_sparse_stages(64) == 4
     assert pallas_kernels._sparse_mgpu_block("auto", (q[:, :64],), k, k, None) is None         # decode-sized: Triton
     assert pallas_kernels._sparse_mgpu_block("mosaic_gpu", (q[:, :64],), k, k, 128) == 128    # asked for: served
     f32 = (q.astype(jnp.float32),), k.astype(jnp.float32), k.astype(jnp.float32)
