@@ -3,13 +3,14 @@
 ``flash_mgpu``'s structure over a sparse key list. A program (grid ``(N, T / 128, B)``) owns a *pair* of
 64-row query blocks starting at ``q0`` and ``q0 + 64``; consumer warpgroup ``c`` computes block ``c``,
 the producer warpgroup streams ``block_k``-key windows into a ring of ``stages`` slots by TMA, and the
-consumers take turns on the tensor cores (a schedule barrier), as in the dense kernel.
+consumers compute their windows on the tensor cores (optionally taking turns, as in the dense kernel).
 
-The pair shares every window. Block ``c``'s band runs are the key ranges ``[q0 + 64 c + lo,
-q0 + 64 c + hi)`` (``lo, hi`` the run's bounds relative to the block start, ``vslash.run_tiles``): one
-run covers ``[q0 + lo, q0 + hi + 64)`` for the pair, cut into windows of ``block_k`` keys from the
-8-aligned slot at or below its start (TMA into wgmma-tiled shared memory starts on the 8-row grid);
-a consumer masks each window to its own run range. Vertical columns come pre-gathered
+Block ``c``'s band runs are the key ranges ``[q0 + 64 c + lo, q0 + 64 c + hi)`` (``lo, hi`` the run's
+bounds relative to the block start, ``vslash.run_tiles``). A run is cut into windows of ``block_k``
+keys starting on the 8-row grid (TMA into wgmma-tiled shared memory needs it) either *shared*, over
+``[q0 + lo, q0 + hi + 64)`` for both blocks, each consumer masking a window to its own run range, or
+*per consumer*, each block's keys in its own windows that the other consumer skips, whichever computes
+fewer windows (``pair_windows``). Vertical columns come pre-gathered
 into contiguous tiles (``vslash.gather_verticals``), masked per column by position and by the block's
 ``keep`` row (columns its bands already cover). Per window and consumer the step is one of
 
@@ -23,14 +24,14 @@ reloaded between phases, all phases in one online softmax. The two blocks of a p
 segment (their tables); a pair cut by a segment boundary walks two *parts*, one per block's segment,
 the other consumer skipping.
 
-Two knobs trade the cost of that shift. Windows of ``block_k = 128`` keys give full-width wgmma but
-a run of m diagonals (64 m keys per block) takes about ceil((m + 1) / 2) windows (one more when the
-alignment pushes it over) that both consumers compute whole: up to twice the keys of the mask for
-short runs. Windows of 64 keys cost each consumer its run's 64-key tiles plus about one (alignment),
-and one skipped window per run, at half-width wgmma. ``pingpong`` (the dense
+Knobs. ``block_k``: any multiple of 16 keys from 64 (wgmma's K for P V is a multiple of the swizzle's
+width, so V takes a 128-, 64- or 32-byte swizzle, ``flash_mgpu.v_swizzle``). A band of 64 keys at an
+unaligned start needs two 64-key windows but fits one of 80 or more, cut per consumer; on measured
+masks most keys lie in long runs, and the width matters through the steps' fixed costs: 96 keys (3
+stages) measured fastest on an H100 (``pallas_kernels.MGPU_SPARSE_BLOCK_K``). ``pingpong`` (the dense
 kernel's schedule barrier) overlaps one consumer's softmax with the other's matmuls, but a consumer
 that skips a window still waits for its partner's turn; without it a skipping consumer runs ahead
-(up to ``stages`` windows) instead.
+(up to ``stages`` windows) instead. ``prefetch`` reads each step's table entries a step ahead.
 
 The schedule is computed before the kernel, in XLA (``pair_windows``, ``pair_schedule``): per
 (row, head, pair, phase, part) the windows and vertical tiles that meet the consumers' key ranges.
