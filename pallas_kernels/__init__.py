@@ -180,9 +180,9 @@ def vslash_attention(q, k, v, selection, *, q_offset, kv_length, scale=None, mas
 
     Same arguments as ``flash_attention`` plus ``selection`` (a ``vslash.Selection``); ``q_offset``
     must be a multiple of 64 (the band height). ``impl``: ``mosaic_gpu`` (Hopper; bf16/f16, head_dim %
-    64 == 0; ``block_k`` keys per window, a multiple of 16 from 64, default 96), ``triton`` (GPUs), ``mosaic_tpu`` (TPUs; Triton and
-    TPU on the CPU with ``interpret``), ``reference`` (dense masked jnp) or ``auto`` (GPU: mosaic_gpu
-    where it applies, else triton)."""
+    64 == 0; ``block_k`` keys per window, a multiple of 16 from 64, default 96), ``triton`` (GPUs),
+    ``mosaic_tpu`` (TPUs; Triton and TPU on the CPU with ``interpret``), ``reference`` (dense masked
+    jnp) or ``auto`` (GPU: mosaic_gpu where it applies, else triton)."""
     from pallas_kernels import vslash
     queries, q_offset, kv_length, scale = _inputs(q, q_offset, kv_length, scale)
     requested, impl = impl, _sparse_impl(impl, interpret)
