@@ -612,3 +612,13 @@ def test_sparse_benchmark_compares_the_estimate_implementations(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["estimate"] for r in rows] == ["xla", "triton"]
     assert float(rows[1]["picks equal"]) == 1.0 and float(rows[1]["max score difference"]) < 1e-5
+
+
+def test_sparse_benchmark_refuses_unknown_kernel_options():
+    """``--kernels`` takes mosaic_gpu[:block_k[:stages[:pp|free[:prefetch|noprefetch]]]]; anything else is one line."""
+    from qwen_jax.bench import sparse as bench_sparse
+    for spec in ("mosaic_gpu:96:3:free:later", "mosaic_gpu:96:3:fast", "cutlass"):
+        with pytest.raises(SystemExit, match="unknown kernel"):
+            bench_sparse.main(["--kernels", spec, "--lengths", "2k"])
+    with pytest.raises(SystemExit, match="no interpreter"):                    # parsed, then refused on a CPU
+        bench_sparse.main(["--kernels", "mosaic_gpu:96:3:free:noprefetch", "--interpret", "--lengths", "2k"])
