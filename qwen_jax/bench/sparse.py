@@ -2,7 +2,7 @@
 
     python -m qwen_jax.bench.sparse [--lengths 128k,256k,512k,1m] [--inputs local,random]
                                     [--budgets 1000,6096] [--chunk 32768] [--dca 262144,8192]
-                                    [--kernels mosaic_gpu:64:4:free,mosaic_gpu:80:4:free:noprefetch,triton]
+                                    [--kernels mosaic_gpu:96:3:free,mosaic_gpu:64:4:free:noprefetch,triton]
                                     [--estimate-only] [--key-blocks 16384] [--estimates auto,xla,triton]
                                     [--json out.json]
 
@@ -149,7 +149,7 @@ def main(argv=None) -> int:
     p.add_argument("--chunk", type=int, default=32768, help="prefill chunk (queries per sparse call)")
     p.add_argument("--dca", default=None, help="chunk_size,local_size (default: one chunk, plain causal)")
     p.add_argument("--block-k", type=int, default=64, help="Triton kernel key tiles (and the tile count)")
-    p.add_argument("--kernels", default="mosaic_gpu:128:2:pp,mosaic_gpu:64:4:free,triton",
+    p.add_argument("--kernels", default="mosaic_gpu:96:3:free,mosaic_gpu:64:4:free,triton",
                    help="sparse kernels to time: mosaic_gpu[:block_k[:stages[:pp|free[:prefetch|noprefetch]]]], "
                    "triton")
     p.add_argument("--num-warps", type=int, default=4)
