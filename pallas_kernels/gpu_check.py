@@ -94,12 +94,12 @@ def run_sparse_case(mask_name: str, G: int, seed: int, T: int = 700, S: int = 20
     args = dict(q_offset=q_offset, kv_length=kv_length, scale=scale, mask=mask, impl=kernel)
     if options is not None:
         from pallas_kernels.vslash_mgpu import vslash_attention_mgpu
-        block_k, stages, pingpong, *prefetch = options
+        block_k, stages, pingpong, prefetch = (*options, True)[:4]      # prefetch: on unless given
         index = vslash.block_sparse_index(blocks, counts, q_offset, kv_length)[0] if mask_name == "block" else \
             vslash.build_index(sel, q_offset, T, kv_length, mask, vslash.BAND, k.shape[2])
         out, lse = vslash_attention_mgpu(qs, k, v, q_offset, kv_length, scale, index, None, mask=mask,
                                          block_k=block_k, stages=stages, pingpong=pingpong,
-                                         prefetch=prefetch[0] if prefetch else True)
+                                         prefetch=prefetch)
     elif mask_name == "block":
         out, lse = block_sparse_attention(qs, k, v, blocks, counts, **args)
     else:
@@ -113,8 +113,7 @@ def run_sparse_case(mask_name: str, G: int, seed: int, T: int = 700, S: int = 20
                                         restrict=restrict)
     res = _compare(f"vslash-{kernel}", mask_name, G, out, lse, ref_out, ref_lse)
     if options is not None:
-        res["block_k"], res["stages"], res["pingpong"] = options[:3]
-        res["prefetch"] = prefetch[0] if prefetch else True
+        res["block_k"], res["stages"], res["pingpong"], res["prefetch"] = block_k, stages, pingpong, prefetch
     return res
 
 

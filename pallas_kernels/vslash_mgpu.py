@@ -86,10 +86,10 @@ def check_supported(queries: tuple, k, v, block_k: int, stages: int) -> None:
         raise ValueError(f"the mosaic_gpu sparse kernel needs a cache of at least block_k={block_k} slots, "
                          f"got {k.shape[2]}")
     H, item = k.shape[-1], k.dtype.itemsize
-    if smem_bytes(block_k, stages, H, item) > SMEM_BYTES:
+    smem = smem_bytes(block_k, stages, H, item)
+    if smem > SMEM_BYTES:
         raise ValueError(f"mosaic_gpu sparse kernel: block_k={block_k}, stages={stages} and head_dim {H} need "
-                         f"{smem_bytes(block_k, stages, H, item)} bytes of shared memory, more than {SMEM_BYTES}; "
-                         f"lower block_k or stages")
+                         f"{smem} bytes of shared memory, more than {SMEM_BYTES}; lower block_k or stages")
 
 
 def smem_bytes(block_k: int, stages: int, H: int, item: int = 2) -> int:
