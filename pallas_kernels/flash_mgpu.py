@@ -233,25 +233,10 @@ def v_swizzle(block_k: int, item: int = 2) -> int:
     raise ValueError(f"block_k={block_k} is not a multiple of {32 // item} keys")
 
 
-def online_softmax(s, ok, m, l, scale2, dtype):
-    """One window's online-softmax update from raw logits ``s`` [rows, keys] (masked ones MASK_VALUE; where
-    ``ok`` is given, their probabilities are zeroed too) and the running max ``m`` (base-2, scaled) and sum
-    ``l`` [rows]: ``(m_new, alpha, p in dtype, l_new)``. The scale goes into the exponent's argument, one
-    fused multiply-add per logit (the max of the raw logits, scaled, is the max of the scaled ones:
-    ``scale2 > 0``). Without ``ok``, MASK_VALUE x ``scale2`` must stay far below the running max's start
-    (true for any ``scale2`` above 1e-8 with the sparse kernel's M_FLOOR)."""
-    m_new = jnp.maximum(m, s.max(axis=1) * scale2)
-    alpha = jnp.exp2(m - m_new)
-    p = jnp.exp2(s * scale2 - lax.broadcast_in_dim(m_new, s.shape, [0]))
-    if ok is not None:
-        p = jnp.where(ok, p, 0.0)
-    return m_new, alpha, p.astype(dtype), l * alpha + p.sum(axis=1)
-
-
 class WindowSteps:
     """A consumer warpgroup's steps over the key windows, shared by the dense and the sparse Mosaic GPU
     kernels: ``wait_keys(step)`` for the producer's keys, ``compute(carry, step, shape, masking)`` (QK^T,
-    ``masking(s)`` -> ``(s, ok or None)`` on the raw logits, online softmax, PV) and ``skip(carry,
+    ``masking(s)`` -> ``(s, ok or None)`` on the base-2 logits, online softmax, PV) and ``skip(carry,
     step)``, which keeps the barriers' phases in step without computing. ``turn``: the consumers' turn
     barrier, or None where they do not take turns around the softmax; ``take_turns`` is called inside
     the QK^T matmul and twice on a skip, as the kernels' turn order needs."""
@@ -286,8 +271,15 @@ class WindowSteps:
 
         s = pl.run_scoped(qk_scope, plgpu.ACC(shape, jnp.float32))
         plgpu.barrier_arrive(self.k_free.at[slot])
-        m_new, alpha, p16, l = online_softmax(*masking(s), m, l, self.scale2, self.qo_smem.dtype)
+        s, ok = masking(s * self.scale2)
+        m_new = jnp.maximum(m, s.max(axis=1))
+        alpha = jnp.exp2(m - m_new)
+        p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+        if ok is not None:
+            p = jnp.where(ok, p, 0.0)
         acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+        l = l * alpha + p.sum(axis=1)
+        p16 = p.astype(self.qo_smem.dtype)
         acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
         if self.turn is not None:
             plgpu.barrier_arrive(self.turn)               # softmax done: the other consumer may matmul
@@ -313,86 +305,6 @@ class WindowSteps:
         plgpu.barrier_arrive(self.v_free.at[slot])
         self.take_turns()
         self.take_turns()
-        return carry
-
-
-class OverlapSteps(WindowSteps):
-    """``WindowSteps`` with each window's P V deferred to the consumer's next computed window and issued
-    right behind that window's QK^T, so the softmax runs while the tensor cores do the previous window's
-    P V (FlashAttention-3's overlap inside a warpgroup; the consumers do not take turns). The carry is
-    ``start(carry, block_k)``'s: (acc, m, l) plus the deferred probabilities, the step they belong to
-    and whether one is due; ``finish(carry)`` does the last P V and returns (acc, m, l).
-
-    Ring discipline: the deferred step's V slot stays held until its P V is done, and a consumer never
-    waits for a step ``stages`` past the one it holds (the producer would need that slot back first), so
-    a skip that would flushes the deferred P V first. The first window has nothing deferred: it issues
-    P V with zero probabilities over its own (already waited) V, adding exactly 0."""
-
-    def start(self, carry, block_k: int):
-        import jax.experimental.pallas.mosaic_gpu as plgpu
-
-        acc, m, l = carry
-        p = plgpu.layout_cast(jnp.zeros((acc.shape[0], block_k), self.qo_smem.dtype), plgpu.Layout.WGMMA)
-        return acc, m, l, p, jnp.int32(0), jnp.int32(0)
-
-    def _flush(self, carry):
-        """The deferred P V now, its V slot handed back."""
-        import jax.experimental.pallas as pl
-        import jax.experimental.pallas.mosaic_gpu as plgpu
-
-        acc, m, l, p, prev, pending = carry
-        slot = lax.rem(prev, jnp.int32(self.stages))
-
-        def pv(acc_ref):
-            plgpu.wgmma(acc_ref, p, self.v_smem.at[slot])
-
-        acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-        plgpu.barrier_arrive(self.v_free.at[slot])
-        return acc, m, l, plgpu.layout_cast(jnp.zeros_like(p), plgpu.Layout.WGMMA), prev, jnp.int32(0)
-
-    def finish(self, carry):
-        carry = lax.cond(carry[5] != 0, self._flush, lambda c: c, carry)
-        return carry[:3]
-
-    def compute(self, carry, step, shape, masking):
-        import jax.experimental.pallas as pl
-        import jax.experimental.pallas.mosaic_gpu as plgpu
-
-        acc, m, l, p_prev, prev, pending = carry
-        due = pending != 0
-        slot = lax.rem(step, jnp.int32(self.stages))
-        plgpu.barrier_wait(self.v_bar.at[slot])
-        pv_slot = jnp.where(due, lax.rem(prev, jnp.int32(self.stages)), slot)
-        rows, H = acc.shape
-
-        def scope(s_ref, o_ref):
-            o_ref[...] = acc
-            plgpu.wgmma(s_ref, self.qo_smem, plgpu.transpose_ref(self.k_smem.at[slot], (1, 0)))
-            plgpu.wgmma(o_ref, p_prev, self.v_smem.at[pv_slot])       # the deferred P V, behind QK^T
-            s = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)          # QK^T done; P V may still run
-            plgpu.barrier_arrive(self.k_free.at[slot])
-            m_new, alpha, p16, l_new = online_softmax(*masking(s), m, l, self.scale2, self.qo_smem.dtype)
-            o = plgpu.wgmma_accumulator_load(o_ref, wait_n=0)
-            return o * lax.broadcast_in_dim(alpha, o.shape, [0]), m_new, l_new, p16
-
-        acc, m_new, l_new, p16 = pl.run_scoped(scope, plgpu.ACC(shape, jnp.float32), plgpu.ACC((rows, H), jnp.float32))
-
-        @pl.when(due)
-        def _():
-            plgpu.barrier_arrive(self.v_free.at[pv_slot])
-        self.wait_keys(step + 1)                           # after the hand-back: the producer may need that slot
-        return acc, m_new, l_new, p16, step, jnp.int32(1)
-
-    def skip(self, carry, step):
-        import jax.experimental.pallas.mosaic_gpu as plgpu
-
-        slot = lax.rem(step, jnp.int32(self.stages))
-        plgpu.barrier_wait(self.v_bar.at[slot])
-        # waiting for step + 1 while holding step + 1 - stages would wait on ourselves
-        carry = lax.cond((carry[5] != 0) & (step + 1 - self.stages >= carry[4]), self._flush, lambda c: c, carry)
-        self.wait_keys(step + 1)
-        plgpu.barrier_arrive(self.k_free.at[slot])
-        plgpu.barrier_arrive(self.v_free.at[slot])
         return carry
 
 

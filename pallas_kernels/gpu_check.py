@@ -48,7 +48,7 @@ def run_case(impl: str, mask_name: str, G: int, seed: int, T: int = 700, S: int 
 SPARSE_KERNELS = {"vslash": "triton", "vslash_mgpu": "mosaic_gpu"}
 # (mask, G, H, query offsets, Mosaic GPU options): offsets that are odd multiples of 64 put DCA chunk
 # starts inside a pair of query blocks (the Mosaic GPU kernel's two-part path); "block" is the
-# block-sparse primitive; options (block_k, stages, pingpong[, prefetch[, overlap]]) call vslash_mgpu directly
+# block-sparse primitive; options (block_k, stages, pingpong[, prefetch]) call vslash_mgpu directly
 SPARSE_CASES = {
     "vslash": [("causal", 1, 128, (1024, 256), None), ("dca", 4, 128, (1024, 256), None),
                ("dca", 7, 128, (1024, 256), None)],
@@ -59,13 +59,7 @@ SPARSE_CASES = {
                     ("dca", 7, 128, (1024, 256), (128, 2, False)), ("dca", 4, 128, (1088, 320), (80, 4, False)),
                     ("causal", 7, 128, (1024, 256), (80, 4, False)), ("dca", 7, 128, (1024, 256), (96, 3, True)),
                     ("dca", 4, 128, (1088, 320), (64, 4, False, False)),
-                    ("causal", 4, 64, (1088, 320), (80, 4, False, False)),
-                    ("causal", 1, 128, (1024, 256), (96, 3, False, True, True)),
-                    ("dca", 4, 128, (1088, 320), (96, 3, False, True, True)),
-                    ("dca", 7, 128, (1024, 256), (64, 4, False, True, True)),
-                    ("causal", 4, 64, (1088, 320), (80, 4, False, False, True)),
-                    ("block", 4, 128, (1024, 256), (96, 3, False, True, True)),
-                    ("dca", 4, 128, (1088, 320), (128, 2, False, True, True))],
+                    ("causal", 4, 64, (1088, 320), (80, 4, False, False))],
 }
 
 
@@ -100,13 +94,12 @@ def run_sparse_case(mask_name: str, G: int, seed: int, T: int = 700, S: int = 20
     args = dict(q_offset=q_offset, kv_length=kv_length, scale=scale, mask=mask, impl=kernel)
     if options is not None:
         from pallas_kernels.vslash_mgpu import vslash_attention_mgpu
-        # unless given: prefetch on, overlap off
-        block_k, stages, pingpong, prefetch, overlap = (*options, *(True, False)[len(options) - 3:])
+        block_k, stages, pingpong, prefetch = (*options, True)[:4]      # prefetch: on unless given
         index = vslash.block_sparse_index(blocks, counts, q_offset, kv_length)[0] if mask_name == "block" else \
             vslash.build_index(sel, q_offset, T, kv_length, mask, vslash.BAND, k.shape[2])
         out, lse = vslash_attention_mgpu(qs, k, v, q_offset, kv_length, scale, index, None, mask=mask,
                                          block_k=block_k, stages=stages, pingpong=pingpong,
-                                         prefetch=prefetch, overlap=overlap)
+                                         prefetch=prefetch)
     elif mask_name == "block":
         out, lse = block_sparse_attention(qs, k, v, blocks, counts, **args)
     else:
@@ -120,7 +113,7 @@ def run_sparse_case(mask_name: str, G: int, seed: int, T: int = 700, S: int = 20
                                         restrict=restrict)
     res = _compare(f"vslash-{kernel}", mask_name, G, out, lse, ref_out, ref_lse)
     if options is not None:
-        res.update(block_k=block_k, stages=stages, pingpong=pingpong, prefetch=prefetch, overlap=overlap)
+        res.update(block_k=block_k, stages=stages, pingpong=pingpong, prefetch=prefetch)
     return res
 
 

@@ -55,7 +55,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.flash_mgpu import OverlapSteps, WindowSteps, launch, store_rows
+from pallas_kernels.flash_mgpu import WindowSteps, launch, store_rows
 from pallas_kernels.masks import MASK_VALUE, MaskSpec
 from pallas_kernels.shapes import attention_dims, pad_queries
 from pallas_kernels.vslash import BAND, NO_KEY, VSIndex, gather_verticals, pad_verticals
@@ -258,12 +258,6 @@ def slash_kind(start, klo, khi, span, block_k: int, active):
     return jnp.where(empty, SKIP, jnp.where(whole, WHOLE, MASKED)).astype(jnp.int32)
 
 
-def in_window(col, lo, width):
-    """``lo <= col < lo + width`` as one unsigned compare per element, ``col - lo < width`` (a column below
-    ``lo`` wraps high); ``width`` >= 0."""
-    return (col - lo).astype(jnp.uint32) < width.astype(jnp.uint32)
-
-
 def vertical_kind(first_col, last_col, span, active):
     """SKIP or MASKED for a vertical tile whose (sorted) columns run from ``first_col`` to ``last_col``."""
     a_first, _, _, b_last = span
@@ -285,8 +279,7 @@ def _load_cols(ref, layout):
 
 
 def _kernel(meta_ref, scale_ref, sched_ref, win_ref, vpos_ref, keep_ref, *refs, mask: MaskSpec, G: int,
-            block_k: int, stages: int, n_pairs: int, heavy_first: bool, pingpong: bool, prefetch: bool,
-            overlap: bool):
+            block_k: int, stages: int, n_pairs: int, heavy_first: bool, pingpong: bool, prefetch: bool):
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -333,9 +326,8 @@ def _kernel(meta_ref, scale_ref, sched_ref, win_ref, vpos_ref, keep_ref, *refs, 
         scale2 = scale_ref[b] * LOG2E                     # logits in base 2: exp2 is one instruction
         total = part(*parts[-1])["end"]
         H = qo_smem.shape[-1]
-        steps = (OverlapSteps if overlap else WindowSteps)(
-            qo_smem, k_smem, v_smem, k_bar, k_free, v_bar, v_free, stages=stages, total=total, scale2=scale2,
-            take_turns=take_turns, turn=turn if pingpong else None)
+        steps = WindowSteps(qo_smem, k_smem, v_smem, k_bar, k_free, v_bar, v_free, stages=stages, total=total,
+                            scale2=scale2, take_turns=take_turns, turn=turn if pingpong else None)
         row_layout = plgpu.Layout.WGMMA.reduce(1)
 
         def compute(carry, step, visible, masked):
@@ -359,19 +351,10 @@ def _kernel(meta_ref, scale_ref, sched_ref, win_ref, vpos_ref, keep_ref, *refs, 
             return ((pos >= lax.broadcast_in_dim(lo_rows, shape, [0]))
                     & (pos < lax.broadcast_in_dim(hi_rows, shape, [0])))
 
-        def window_range(lo_rows, hi_rows, start):
-            """bool [64, W]: ``lo_r <= start + c < hi_r`` for the window's columns c, as one unsigned compare
-            per logit: ``c - (lo_r - start) < max(hi_r - lo_r, 0)`` (a negative difference wraps high)."""
-            shape = (BAND, W)
-            lo_rows, hi_rows = (plgpu.layout_cast(x, row_layout) for x in (lo_rows, hi_rows))
-            col = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
-            return in_window(col, *(lax.broadcast_in_dim(x, shape, [0]) for x in (lo_rows - start,
-                                                                                 jnp.maximum(hi_rows - lo_rows, 0))))
-
         m = plgpu.layout_cast(jnp.full((BAND,), M_FLOOR, jnp.float32), row_layout)
         l = plgpu.layout_cast(jnp.full((BAND,), 0.0, jnp.float32), row_layout)
         acc = plgpu.layout_cast(jnp.full((BAND, H), 0.0, jnp.float32), plgpu.Layout.WGMMA)
-        carry = steps.start((acc, m, l), W) if overlap else (acc, m, l)
+        carry = (acc, m, l)
         steps.wait_keys(jnp.int32(0))
         pl.when(wg == 1)(take_turns)
         for p, (phase, q_ref) in enumerate(zip(mask.phases, q_refs)):
@@ -397,7 +380,8 @@ def _kernel(meta_ref, scale_ref, sched_ref, win_ref, vpos_ref, keep_ref, *refs, 
                     kind = slash_kind(start, klo, khi, span, W, active)
 
                     def visible():
-                        return window_range(jnp.maximum(a_rows, klo), jnp.minimum(b_rows, khi), start)
+                        pos = start + plgpu.broadcasted_iota(jnp.int32, (BAND, W), 1, layout=plgpu.Layout.WGMMA)
+                        return between(jnp.maximum(a_rows, klo), jnp.minimum(b_rows, khi), pos)
 
                     carry = lax.cond(kind == SKIP, lambda c: skip(c, step),
                                      lambda c: compute(c, step, visible, kind == MASKED), carry)
@@ -434,8 +418,6 @@ def _kernel(meta_ref, scale_ref, sched_ref, win_ref, vpos_ref, keep_ref, *refs, 
                 first_tile = tile_ends(jnp.minimum(e["v0"], last_vtile)) if prefetch else (zero,) * 2
                 carry, _ = lax.fori_loop(e["v0"], e["v1"], vertical, (carry, first_tile))
         pl.when(wg == 0)(take_turns)
-        if overlap:
-            carry = steps.finish(carry)
 
         store_rows(carry, qo_smem, lse_smem, out_ref.at[b, pl.ds(row0, BAND), n], lse_ref.at[b, n, pl.ds(row0, BAND)])
 
@@ -491,26 +473,20 @@ def _tables(index: VSIndex, q_offset, kv_length, mask: MaskSpec, block_k: int, n
     return index, sched, win, index.vpos, keep
 
 
-@functools.partial(jax.jit, static_argnames=("mask", "block_k", "stages", "heavy_first", "pingpong", "prefetch",
-                                             "overlap"))
+@functools.partial(jax.jit, static_argnames=("mask", "block_k", "stages", "heavy_first", "pingpong", "prefetch"))
 def vslash_attention_mgpu(queries: tuple, k, v, q_offset, kv_length, scale, index: VSIndex, col_count=None, *,
                           mask: MaskSpec, block_k: int = 128, stages: int = 2, heavy_first: bool = True,
-                          pingpong: bool = True, prefetch: bool = True, overlap: bool = False):
+                          pingpong: bool = True, prefetch: bool = True):
     """``queries``: one q [B, T, N, H] per mask phase (rotated); k, v [B, K, S, H]; q_offset [B] (multiple
     of 64), kv_length [B] int32; scale [B] float32; ``index`` from ``vslash.build_index`` (any tile
     width); ``col_count`` is unused (the padded ``index.vpos`` says it), kept for the common signature.
     ``block_k``: keys per window (a multiple of 16, at least 64; see ``pair_windows``); ``pingpong``: the
     consumers take turns on the tensor cores (module docstring); ``prefetch``: each step's table entries
     (a window's bounds, a vertical tile's first and last column) are read from GMEM one step ahead, so
-    their latency hides behind the previous step's matmuls; ``overlap``: each window's P V is issued with
-    the consumer's next window's QK^T and runs under its softmax (``flash_mgpu.OverlapSteps``; not with
-    ``pingpong``). Returns ``(out [B, T, N, H], lse [B, T, N] float32)``."""
+    their latency hides behind the previous step's matmuls. Returns ``(out [B, T, N, H], lse [B, T, N] float32)``."""
 
     del col_count
     check_supported(queries, k, v, block_k, stages)
-    if overlap and pingpong:
-        raise ValueError("the mosaic_gpu sparse kernel overlaps a consumer's matmuls with its own softmax or takes "
-                         "turns with the other consumer, not both: pass pingpong=False with overlap=True")
     d = attention_dims(queries, k, mask)
     B, T, N, H = d.B, d.T, d.N, d.H
     dtype = queries[0].dtype
@@ -522,7 +498,7 @@ def vslash_attention_mgpu(queries: tuple, k, v, q_offset, kv_length, scale, inde
     meta = jnp.stack([q_offset, kv_length], axis=1).astype(jnp.int32)
 
     body = functools.partial(_kernel, mask=mask, G=d.G, block_k=block_k, stages=stages, n_pairs=n_pairs,
-                             heavy_first=heavy_first, pingpong=pingpong, prefetch=prefetch, overlap=overlap)
+                             heavy_first=heavy_first, pingpong=pingpong, prefetch=prefetch)
     out, lse = launch(body, (meta, scale.astype(jnp.float32), sched, win, vpos, keep, *queries, k, v, kg, vg), B=B,
                       Tp=Tp, N=N, H=H, dtype=dtype, n_pairs=n_pairs, block_q=BAND, block_k=block_k, stages=stages)
     return out[:, :T], lse[:, :, :T].transpose(0, 2, 1)

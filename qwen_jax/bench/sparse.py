@@ -11,13 +11,12 @@ as sparse prefill does: the T queries in chunks of ``--chunk``, each chunk estim
 selection from its last 64 queries and attending to the keys before it; the times add up over the
 chunks. The dense baseline is one causal ``jax.nn.dot_product_attention(implementation="cudnn")``
 call over all T. Reported per length: dense ms, and per sparse kernel (``--kernels``: the Mosaic GPU
-``vslash_mgpu`` as ``mosaic_gpu[:block_k[:stages[:pp|free|overlap[:prefetch|noprefetch]]]]``, pp = the
-consumers take turns, overlap = each window's P V runs under the consumer's next softmax, noprefetch = each
-step reads its table entries when it needs them (``vslash_attention_mgpu``), and the Triton-lowered
-``vslash_gpu`` as ``triton``, all timed in the same run on the same index) its ms and speedup; estimate +
-index ms; the share of 64 x ``--block-k`` key tiles the sparse mask touches (what the Triton kernel computes),
-and each kernel's TFLOP/s over those tiles (so the rates compare kernels on the same work). The Mosaic GPU
-kernel's windows overhang the mask (module docstring);
+``vslash_mgpu`` as ``mosaic_gpu[:block_k[:stages[:pp|free[:prefetch|noprefetch]]]]``, pp = the consumers
+take turns, noprefetch = each step reads its table entries when it needs them (``vslash_attention_mgpu``), and the
+Triton-lowered ``vslash_gpu`` as ``triton``, all timed in the same run on the same index) its ms and
+speedup; estimate + index ms; the share of 64 x ``--block-k`` key tiles the sparse mask touches (what
+the Triton kernel computes), and each kernel's TFLOP/s over those tiles (so the rates compare kernels
+on the same work). The Mosaic GPU kernel's windows overhang the mask (module docstring);
 "<spec> windows / tiles" is what they span (both query blocks, skipped steps included) over the tiles,
 "<spec> computed / tiles" what its consumers compute (skipped steps left out).
 
@@ -151,8 +150,8 @@ def main(argv=None) -> int:
     p.add_argument("--dca", default=None, help="chunk_size,local_size (default: one chunk, plain causal)")
     p.add_argument("--block-k", type=int, default=64, help="Triton kernel key tiles (and the tile count)")
     p.add_argument("--kernels", default="mosaic_gpu:96:3:free,mosaic_gpu:64:4:free,triton",
-                   help="sparse kernels to time: "
-                   "mosaic_gpu[:block_k[:stages[:pp|free|overlap[:prefetch|noprefetch]]]], triton")
+                   help="sparse kernels to time: mosaic_gpu[:block_k[:stages[:pp|free[:prefetch|noprefetch]]]], "
+                   "triton")
     p.add_argument("--num-warps", type=int, default=4)
     p.add_argument("--num-stages", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
@@ -173,15 +172,14 @@ def main(argv=None) -> int:
     kernels, mgpu = args.kernels.split(","), {}
     for spec in kernels:
         name, *opts = spec.split(":")
-        if (name == "mosaic_gpu" and len(opts) <= 4 and (len(opts) < 3 or opts[2] in ("pp", "free", "overlap"))
+        if (name == "mosaic_gpu" and len(opts) <= 4 and (len(opts) < 3 or opts[2] in ("pp", "free"))
                 and (len(opts) < 4 or opts[3] in ("prefetch", "noprefetch"))):
             mgpu[spec] = dict(block_k=int(opts[0]) if opts else 128, stages=int(opts[1]) if len(opts) > 1 else 2,
                               pingpong=opts[2] == "pp" if len(opts) > 2 else True,
-                              overlap=len(opts) > 2 and opts[2] == "overlap",
                               prefetch=opts[3] == "prefetch" if len(opts) > 3 else True)
         elif spec != "triton":
-            raise SystemExit(f"unknown kernel {spec!r}: "
-                             "mosaic_gpu[:block_k[:stages[:pp|free|overlap[:prefetch|noprefetch]]]] or triton")
+            raise SystemExit(f"unknown kernel {spec!r}: mosaic_gpu[:block_k[:stages[:pp|free[:prefetch|noprefetch]]]]"
+                             " or triton")
     if args.interpret and mgpu:
         raise SystemExit("the mosaic_gpu kernel has no interpreter: pass --kernels triton with --interpret")
     N, K, H = args.heads, args.kv_heads, args.head_dim
