@@ -7,7 +7,9 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import json  # noqa: E402
+import shutil  # noqa: E402
 import subprocess  # noqa: E402
+import tempfile  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -61,18 +63,53 @@ def tiny_checkpoint(tmp_path_factory):
     return folder, model
 
 
+_REAL_MODEL_BUILD = {}
+
+
+def _real_model_command():
+    """The command that builds the real model from ../shared (idempotent: it prints the model's folder)."""
+    build = os.path.join(ROOT, "..", "shared", "real_models", "build.sh")
+    assert os.path.isfile(build), f"set {REAL_MODEL_ENV} or provide {build}"
+    out = os.path.join(ROOT, ".cache", "real_models")
+    os.makedirs(out, exist_ok=True)
+    # one build at a time (pytest-xdist workers each start one): the others then find it built
+    lock = ["flock", os.path.join(out, ".lock")] if shutil.which("flock") else []
+    return [*lock, "bash", build, out]
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Start building the real model in the background as soon as a collected test needs it (about two
+    minutes of downloading and converting on a fresh checkout), so the tests that run before it hide that
+    time. Its output goes to files: a full pipe would stall it."""
+    if os.environ.get(REAL_MODEL_ENV) or "proc" in _REAL_MODEL_BUILD:
+        return
+    if any("real_model_path" in getattr(item, "fixturenames", ()) for item in items):
+        try:
+            command = _real_model_command()
+        except AssertionError:
+            return                                        # the fixture reports it, for the tests that need it
+        logs = [tempfile.TemporaryFile("w+") for _ in range(2)]
+        _REAL_MODEL_BUILD.update(proc=subprocess.Popen(command, stdout=logs[0], stderr=logs[1], text=True), logs=logs)
+
+
 @pytest.fixture(scope="session")
-def real_model_path(tmp_path_factory):
-    """The real Qwen2.5-Coder-0.5B-Instruct folder: $QWEN_JAX_REAL_MODEL, or built now from ../shared."""
+def real_model_path():
+    """The real Qwen2.5-Coder-0.5B-Instruct folder: $QWEN_JAX_REAL_MODEL, or built from ../shared (started in
+    the background at collection)."""
     path = os.environ.get(REAL_MODEL_ENV)
     if path:
         assert os.path.isfile(os.path.join(path, "model.safetensors")), f"{REAL_MODEL_ENV}={path} has no weights"
         return path
-    build = os.path.join(ROOT, "..", "shared", "real_models", "build.sh")
-    assert os.path.isfile(build), f"set {REAL_MODEL_ENV} or provide {build}"
-    out = os.path.join(ROOT, ".cache", "real_models")
-    result = subprocess.run(["bash", build, out], capture_output=True, text=True, check=True)
-    return result.stdout.strip().splitlines()[-1]
+    if "proc" not in _REAL_MODEL_BUILD:
+        result = subprocess.run(_real_model_command(), capture_output=True, text=True)
+        code, out, err = result.returncode, result.stdout, result.stderr
+    else:
+        code = _REAL_MODEL_BUILD["proc"].wait()
+        for log in _REAL_MODEL_BUILD["logs"]:
+            log.seek(0)
+        out, err = (log.read() for log in _REAL_MODEL_BUILD["logs"])
+    assert code == 0, f"building the real model failed ({code}):\n{err[-3000:]}"
+    return out.strip().splitlines()[-1]
 
 
 def rel_err(a, b):
