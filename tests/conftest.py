@@ -77,8 +77,9 @@ def _real_model_command():
     return [*lock, "bash", build, out]
 
 
+@pytest.hookimpl(trylast=True)               # after -k / -m deselection: only for tests that will run
 def pytest_collection_modifyitems(session, config, items):
-    """Start building the real model in the background as soon as a collected test needs it (about two
+    """Start building the real model in the background as soon as a selected test needs it (about two
     minutes of downloading and converting on a fresh checkout), so the tests that run before it hide that
     time. Its output goes to files: a full pipe would stall it."""
     if os.environ.get(REAL_MODEL_ENV) or "proc" in _REAL_MODEL_BUILD:
