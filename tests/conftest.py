@@ -77,20 +77,25 @@ def _real_model_command():
     return [*lock, "bash", build, out]
 
 
+def _start_real_model_build():
+    """Start the build in the background (once), its output going to files: a full pipe would stall it."""
+    if "proc" not in _REAL_MODEL_BUILD:
+        command = _real_model_command()
+        logs = [tempfile.TemporaryFile("w+") for _ in range(2)]
+        _REAL_MODEL_BUILD.update(proc=subprocess.Popen(command, stdout=logs[0], stderr=logs[1], text=True), logs=logs)
+
+
 @pytest.hookimpl(trylast=True)               # after -k / -m deselection: only for tests that will run
 def pytest_collection_modifyitems(session, config, items):
-    """Start building the real model in the background as soon as a selected test needs it (about two
-    minutes of downloading and converting on a fresh checkout), so the tests that run before it hide that
-    time. Its output goes to files: a full pipe would stall it."""
-    if os.environ.get(REAL_MODEL_ENV) or "proc" in _REAL_MODEL_BUILD:
+    """Start building the real model as soon as a selected test needs it (about two minutes of downloading
+    and converting on a fresh checkout), so the tests that run before it hide that time."""
+    if os.environ.get(REAL_MODEL_ENV):
         return
     if any("real_model_path" in getattr(item, "fixturenames", ()) for item in items):
         try:
-            command = _real_model_command()
+            _start_real_model_build()
         except AssertionError:
             return                                        # the fixture reports it, for the tests that need it
-        logs = [tempfile.TemporaryFile("w+") for _ in range(2)]
-        _REAL_MODEL_BUILD.update(proc=subprocess.Popen(command, stdout=logs[0], stderr=logs[1], text=True), logs=logs)
 
 
 @pytest.fixture(scope="session")
@@ -101,14 +106,11 @@ def real_model_path():
     if path:
         assert os.path.isfile(os.path.join(path, "model.safetensors")), f"{REAL_MODEL_ENV}={path} has no weights"
         return path
-    if "proc" not in _REAL_MODEL_BUILD:
-        result = subprocess.run(_real_model_command(), capture_output=True, text=True)
-        code, out, err = result.returncode, result.stdout, result.stderr
-    else:
-        code = _REAL_MODEL_BUILD["proc"].wait()
-        for log in _REAL_MODEL_BUILD["logs"]:
-            log.seek(0)
-        out, err = (log.read() for log in _REAL_MODEL_BUILD["logs"])
+    _start_real_model_build()
+    code = _REAL_MODEL_BUILD["proc"].wait()
+    for log in _REAL_MODEL_BUILD["logs"]:
+        log.seek(0)
+    out, err = (log.read() for log in _REAL_MODEL_BUILD["logs"])
     assert code == 0, f"building the real model failed ({code}):\n{err[-3000:]}"
     return out.strip().splitlines()[-1]
 
