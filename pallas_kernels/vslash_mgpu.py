@@ -9,8 +9,8 @@ Block ``c``'s band runs are the key ranges ``[q0 + 64 c + lo, q0 + 64 c + hi)`` 
 bounds relative to the block start, ``vslash.run_tiles``). A run is cut into windows of ``block_k``
 keys starting on the 8-row grid (TMA into wgmma-tiled shared memory needs it) either *shared*, over
 ``[q0 + lo, q0 + hi + 64)`` for both blocks, each consumer masking a window to its own run range, or
-*per consumer*, each block's keys in its own windows that the other consumer skips, whichever computes
-fewer windows (``pair_windows``). Vertical columns come pre-gathered
+*per consumer*, each block's keys in its own windows that the other consumer skips, whichever costs
+less, a skipped step counting ``SKIP_COST`` of a computed window (``pair_windows``). Vertical columns come pre-gathered
 into contiguous tiles (``vslash.gather_verticals``), masked per column by position and by the block's
 ``keep`` row (columns its bands already cover). Per window and consumer the step is one of
 
