@@ -10,8 +10,8 @@ bounds relative to the block start, ``vslash.run_tiles``). A run is cut into win
 keys starting on the 8-row grid (TMA into wgmma-tiled shared memory needs it) either *shared*, over
 ``[q0 + lo, q0 + hi + 64)`` for both blocks, each consumer masking a window to its own run range, or
 *per consumer*, each block's keys in its own windows that the other consumer skips, whichever costs
-less, a skipped step counting ``SKIP_COST`` of a computed window (``pair_windows``). Vertical columns come pre-gathered
-into contiguous tiles (``vslash.gather_verticals``), masked per column by position and by the block's
+less, a skipped step counting ``SKIP_COST`` of a computed window (``pair_windows``). Vertical columns
+come pre-gathered into contiguous tiles (``vslash.gather_verticals``), masked per column by position and by the block's
 ``keep`` row (columns its bands already cover). Per window and consumer the step is one of
 
     SKIP    nothing visible (or the block is not in this part): wait for the data, hand the slot back
