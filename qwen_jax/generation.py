@@ -17,7 +17,7 @@ from qwen_jax import attention
 from qwen_jax.cache import cache_length, init_cache, padded_prompt_length
 from qwen_jax.config import QwenConfig
 from qwen_jax.errors import QwenJaxError
-from qwen_jax.model import DEFAULT_PREFILL_CHUNK, decode_logits, params_dtype, prefill
+from qwen_jax.model import DEFAULT_PREFILL_CHUNK, decode_logits, params_dtype, prefill, relabel, shardings_of
 from qwen_jax.sampling import Sampling, sample
 from qwen_jax.sharding import to_host
 
@@ -109,6 +109,7 @@ def generate_ids(params, config: QwenConfig, prompts: Sequence[Sequence[int]], *
     key = jax.random.key(seed)
     next_tokens = _first_sample(logits, jax.random.fold_in(key, 0), sampling)
     positions = jnp.asarray(lengths)
+    carried = shardings_of((next_tokens, cache))     # each step's state spelled as the first step's (one program)
     eos = set(int(e) for e in eos_ids)
     rows = [StopChecker(decode, stop) for _ in range(B)]
     done = np.zeros(B, bool)
@@ -126,8 +127,9 @@ def generate_ids(params, config: QwenConfig, prompts: Sequence[Sequence[int]], *
                 done[row] = True
         if done.all() or step == max_new_tokens - 1:
             break
-        next_tokens, cache = decode_and_sample(params, next_tokens, positions, cache,
-                                               jax.random.fold_in(key, step + 1), config, spec, sampling)
+        next_tokens, cache = relabel(decode_and_sample(params, next_tokens, positions, cache,
+                                                       jax.random.fold_in(key, step + 1), config, spec, sampling),
+                                     carried)
         positions = positions + 1
     if on_text is not None:
         for row, state in enumerate(rows):

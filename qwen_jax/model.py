@@ -50,6 +50,29 @@ def placed_like(params, tree):
                         tree)
 
 
+def shardings_of(tree) -> list:
+    """The sharding of each leaf of ``tree`` (``None`` for a leaf that is not a jax array): for ``relabel``."""
+    return [x.sharding if isinstance(x, jax.Array) else None for x in jax.tree.leaves(tree)]
+
+
+def relabel(tree, shardings: list):
+    """``tree`` with each array's sharding replaced by the matching one of ``shardings`` (``shardings_of``) where
+    the two lay the data out the same way: the buffers are kept, nothing is copied.
+
+    jit keys its programs by how the arguments' shardings are spelled, and a step over a mesh hands its
+    carried state back with equivalent shardings spelled differently (``P(None, 'seq')`` for the
+    ``P(None, 'seq', None, None)`` it was given, ``P(None, None)`` for ``P()``): relabelled to the first
+    step's spelling, the state lets that step's compilation serve every later one.
+    """
+    def one(x, s):
+        if s is None or not isinstance(x, jax.Array) or x.sharding == s or not x.sharding.is_equivalent_to(s, x.ndim):
+            return x
+        return jax.device_put(x, s, donate=True)
+
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef.unflatten([one(x, s) for x, s in zip(leaves, shardings)])
+
+
 def _init_boxed(config: QwenConfig, dtype, rng):
     # The smallest inputs that trace every layer; parameter shapes do not depend on them.
     cache = init_cache(config, 1, 1, dtype)
@@ -173,9 +196,10 @@ def prefill(params, tokens, lengths, cache: KVCache, config: QwenConfig, *, chun
     cache, last_hidden = placed_like(params, (cache, last_hidden))
     if spec.mesh is not None:   # placed as the step returns it, so the first chunk's compilation serves all
         last_hidden = global_array(last_hidden, jax.sharding.NamedSharding(spec.mesh, jax.sharding.PartitionSpec()))
+    carried = shardings_of((last_hidden, cache))
     for begin, end in _chunks(T, chunk_size):
-        last_hidden, cache = _prefill_chunk(params, tokens[:, begin:end], jnp.int32(begin), lengths, last_hidden,
-                                            cache, config, spec, False)
+        last_hidden, cache = relabel(_prefill_chunk(params, tokens[:, begin:end], jnp.int32(begin), lengths,
+                                                    last_hidden, cache, config, spec, False), carried)
         if progress is not None:
             jax.block_until_ready(last_hidden)   # report work done, not work dispatched
             progress(end)
@@ -199,9 +223,11 @@ def prefill_logits(params, tokens, config: QwenConfig, *, chunk_size: int = DEFA
                                            mesh=spec.mesh))
     out = np.empty((B, T, config.vocab_size), np.float32)
     request_lengths = jnp.full((B,), T, jnp.int32)
+    carried = shardings_of(cache)
     for begin, end in _chunks(T, chunk_size):
         logits, cache = _prefill_chunk(params, tokens[:, begin:end], jnp.int32(begin), request_lengths, None, cache,
                                        config, spec, True)
+        cache = relabel(cache, carried)
         out[:, begin:end] = to_host(logits)
     return out
 

@@ -76,3 +76,28 @@ def test_mesh_that_does_not_split_the_heads_is_refused_before_loading(tiny_check
     from qwen_jax.errors import ConfigError
     with pytest.raises(ConfigError, match="4 attention heads do not split over tensor x seq = 8 devices"):
         qwen_jax.load(tiny_checkpoint[0], mesh="seq=8")
+
+
+def test_sharded_prefill_and_decode_compile_their_steps_once(mesh_checkpoint):
+    """A step over a mesh hands its carried state back with equivalent shardings spelled differently
+    (``P(None, 'seq')`` for ``P(None, 'seq', None, None)``, ``P(None, None)`` for ``P()``); jit keys its
+    programs by those spellings, so before the state was relabelled the prefill step compiled twice
+    and the decode step twice."""
+    import jax.numpy as jnp
+    import qwen_jax
+    from qwen_jax import generation, model as model_fns
+    from qwen_jax.cache import cache_length, init_cache
+    model = load(mesh_checkpoint, mesh="seq=4,tensor=2")
+    mesh = model.attention.mesh
+    tokens = np.random.default_rng(11).integers(0, 1000, (1, 384))              # three equal chunks of 128
+    before = model_fns._prefill_chunk._cache_size()
+    for _ in range(2):                                                          # a second prompt: no compilation
+        cache = init_cache(model.config, 1, cache_length(384), jnp.float32, mesh=mesh)
+        logits, cache = qwen_jax.prefill(model.params, tokens, np.array([384]), cache, model.config, chunk_size=128,
+                                         spec=model.attention)
+    assert model_fns._prefill_chunk._cache_size() == before + 1
+    before = generation.decode_and_sample._cache_size()
+    ids = generation.generate_ids(model.params, model.config, [list(tokens[0, :200])], max_new_tokens=5,
+                                  spec=model.attention, prefill_chunk_size=128)
+    assert len(ids[0]) == 5
+    assert generation.decode_and_sample._cache_size() == before + 1
