@@ -194,7 +194,7 @@ def prefill(params, tokens, lengths, cache: KVCache, config: QwenConfig, *, chun
     lengths = jnp.asarray(lengths, jnp.int32)
     last_hidden = jnp.zeros((B, config.hidden_size), params_dtype(params))
     cache, last_hidden = placed_like(params, (cache, last_hidden))
-    if spec.mesh is not None:   # placed as the step returns it, so the first chunk's compilation serves all
+    if spec.mesh is not None:   # one global, replicated array over the mesh (every process holds it)
         last_hidden = global_array(last_hidden, jax.sharding.NamedSharding(spec.mesh, jax.sharding.PartitionSpec()))
     carried = shardings_of((last_hidden, cache))
     for begin, end in _chunks(T, chunk_size):

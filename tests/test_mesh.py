@@ -81,8 +81,8 @@ def test_mesh_that_does_not_split_the_heads_is_refused_before_loading(tiny_check
 def test_sharded_prefill_and_decode_compile_their_steps_once(mesh_checkpoint):
     """A step over a mesh hands its carried state back with equivalent shardings spelled differently
     (``P(None, 'seq')`` for ``P(None, 'seq', None, None)``, ``P(None, None)`` for ``P()``); jit keys its
-    programs by those spellings, so before the state was relabelled the prefill step compiled twice
-    and the decode step twice."""
+    programs by those spellings, so before the state was relabelled each step (prefill, all-logits
+    prefill, decode) compiled twice."""
     import jax.numpy as jnp
     import qwen_jax
     from qwen_jax import generation, model as model_fns
@@ -96,6 +96,9 @@ def test_sharded_prefill_and_decode_compile_their_steps_once(mesh_checkpoint):
         logits, cache = qwen_jax.prefill(model.params, tokens, np.array([384]), cache, model.config, chunk_size=128,
                                          spec=model.attention)
     assert model_fns._prefill_chunk._cache_size() == before + 1
+    before = model_fns._prefill_chunk._cache_size()
+    qwen_jax.prefill_logits(model.params, tokens, model.config, chunk_size=128, spec=model.attention)
+    assert model_fns._prefill_chunk._cache_size() == before + 1                # the all-logits variant: once
     before = generation.decode_and_sample._cache_size()
     ids = generation.generate_ids(model.params, model.config, [list(tokens[0, :200])], max_new_tokens=5,
                                   spec=model.attention, prefill_chunk_size=128)
