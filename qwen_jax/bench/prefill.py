@@ -5,7 +5,9 @@
 
 For each mode the memory planner checks the run first (and refuses with the shortfall instead of
 running out of memory), one prefill chunk is run to compile, then the whole prompt is prefilled
-with a progress bar over the chunks. Reported: time to first token (the prefill plus the first
+with a progress bar over the chunks. Several modes run one after another, each in a process of its
+own: a device's peak memory only grows while a process lives, so one process for both would report
+the larger mode's peak for the other too. Reported: time to first token (the prefill plus the first
 token's logits, compile excluded: the count of compilations inside the timed prefill is reported, 0
 unless the last chunk is shorter), tokens/s, peak device memory (where the backend reports it),
 the planner's estimate, and model FLOP utilisation counting the linear layers plus dense causal
@@ -48,19 +50,8 @@ def model_flops(config, tokens: int) -> tuple[float, float]:
     return per_token * tokens, attention
 
 
-def main(argv=None) -> int:
-    import jax
-    import jax.numpy as jnp
-
-    import qwen_jax
-    from qwen_jax import memory
-    from qwen_jax.attention import AttentionSpec
-    from qwen_jax.bench import environment, print_table, write_json
-    from qwen_jax.cache import cache_length, init_cache
-    from qwen_jax.errors import QwenJaxError
-    from qwen_jax.model import _prefill_chunk, init_params
-    from qwen_jax.passkey import parse_length
-    from qwen_jax.presets import PRESETS, preset_config
+def _parser() -> argparse.ArgumentParser:
+    from qwen_jax.presets import PRESETS
 
     p = argparse.ArgumentParser(prog="qwen-jax bench prefill", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -76,9 +67,82 @@ def main(argv=None) -> int:
     p.add_argument("--peak-tflops", type=float, default=989.0, help="per-device peak for MFU (H100 SXM bf16: 989)")
     p.add_argument("--device-memory", type=float, default=None, help="GiB per device for the planner")
     p.add_argument("--json", default=None)
-    args = p.parse_args(argv)
+    return p
+
+
+def _child_argv(args, mode: str, json_path: str) -> list[str]:
+    """The command line of one mode's own run, every other option as given."""
+    argv = ["bench", "prefill", "--config", args.config, "--random-weights", "--tokens", args.tokens,
+            "--modes", mode, "--prefill-chunk", str(args.prefill_chunk), "--attention", args.attention,
+            "--dtype", args.dtype, "--kv-cache-dtype", args.kv_cache_dtype, "--peak-tflops", str(args.peak_tflops),
+            "--json", json_path]
+    if args.mesh:
+        argv += ["--mesh", args.mesh]
+    if args.device_memory is not None:
+        argv += ["--device-memory", str(args.device_memory)]
+    return argv
+
+
+def _modes_apart(args, modes: list[str]) -> int:
+    """Each mode in a child process (``python -m qwen_jax.cli bench prefill --modes MODE``), its rows
+    gathered into one report; the first failing mode's exit status ends the run."""
+    import os
+    import subprocess
+    import tempfile
+
+    rows, env, flops = [], None, None
+    with tempfile.TemporaryDirectory(prefix="qwen_jax_bench_") as tmp:
+        for mode in modes:
+            path = os.path.join(tmp, f"{mode}.json")
+            sys.stdout.flush()
+            sys.stderr.flush()
+            code = subprocess.call([sys.executable, "-m", "qwen_jax.cli", *_child_argv(args, mode, path)])
+            if code:
+                return code
+            with open(path) as f:
+                part = json.load(f)
+            rows += part["rows"]
+            env, flops = env or part["env"], part["flops"]
+    _report(args, rows, env, flops)
+    return 0
+
+
+def _report(args, rows: list[dict], env: dict, flops: dict) -> None:
+    from qwen_jax.bench import print_table, write_json
+    if len(rows) == 2:
+        speed = {r["mode"]: r["TTFT s"] for r in rows}
+        print(f"sparse over dense: {speed['dense'] / speed['sparse']:.2f}x", flush=True)
+    print(json.dumps(env))
+    print_table(rows, list(rows[0]))
+    write_json(args.json, {"env": env, "args": vars(args), "rows": rows, "flops": flops})
+
+
+def main(argv=None) -> int:
+    from qwen_jax.errors import QwenJaxError
+
+    args = _parser().parse_args(argv)
     if not args.random_weights:
         raise QwenJaxError("bench prefill runs an architecture with random weights: pass --random-weights")
+    modes = args.modes.split(",")
+    for mode in modes:
+        if mode not in ("sparse", "dense"):
+            raise QwenJaxError(f"unknown mode {mode!r} (sparse or dense)")
+    if len(modes) > 1:
+        return _modes_apart(args, modes)
+
+    import jax
+    import jax.numpy as jnp
+
+    import qwen_jax
+    from qwen_jax import memory
+    from qwen_jax.attention import AttentionSpec
+    from qwen_jax.bench import environment
+    from qwen_jax.cache import cache_length, init_cache
+    from qwen_jax.model import _prefill_chunk, init_params
+    from qwen_jax.passkey import parse_length
+    from qwen_jax.presets import preset_config
+
+    (mode,) = modes
     T = parse_length(args.tokens)
     base = preset_config(args.config)
     if base.dual_chunk_attention_config is None:
@@ -96,52 +160,40 @@ def main(argv=None) -> int:
     tokens = jax.random.randint(jax.random.key(1), (1, T), 0, base.vocab_size, jnp.int32)
     linear, attn = model_flops(base, T)
     n_dev = 1 if mesh is None else mesh.devices.size
-    rows = []
-    for mode in args.modes.split(","):
-        if mode not in ("sparse", "dense"):
-            raise QwenJaxError(f"unknown mode {mode!r} (sparse or dense)")
-        dca = dataclasses.replace(base.dual_chunk_attention_config, sparse_attention_enabled=mode == "sparse",
-                                  sparse_attention_threshold=0)
-        config = dataclasses.replace(base, dual_chunk_attention_config=dca)
-        spec = dataclasses.replace(AttentionSpec.of(args.attention), mesh=mesh)
-        plan = memory.plan(config, tokens=T, mesh=mesh, chunk_size=args.prefill_chunk, dtype=dtype,
-                           cache_dtype=kv_dtype, sparse=mode == "sparse", attention=spec.impl, capacity=capacity)
-        memory.check(plan, tokens=T, mesh=mesh, chunk_size=args.prefill_chunk)
-        cache = init_cache(config, 1, cache_length(T), kv_dtype, mesh)
-        lengths = jnp.full((1,), T, jnp.int32)
-        # compile: one chunk of the full-size cache (the cache is donated and handed back)
-        first = min(args.prefill_chunk, T)
-        t0 = time.perf_counter()
-        out, cache = qwen_jax.prefill(params, tokens[:, :first], lengths, cache, config,
-                                      chunk_size=args.prefill_chunk, spec=spec)
-        jax.block_until_ready(out)
-        compile_s = time.perf_counter() - t0
-        compiled = _prefill_chunk._cache_size()
-        t0 = time.perf_counter()
-        logits, cache = qwen_jax.prefill(params, tokens, lengths, cache, config, chunk_size=args.prefill_chunk,
-                                         spec=spec, progress=progress_bar(T, f"{mode} prefill"))
-        next_token = int(jnp.argmax(logits[0]))
-        ttft = time.perf_counter() - t0
-        recompiled = _prefill_chunk._cache_size() - compiled      # a ragged last chunk compiles once more
-        peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]
-        peak = None if None in peaks else max(peaks)
-        row = {"mode": mode, "tokens": T, "mesh": args.mesh or "one device", "kv cache": str(kv_dtype), "TTFT s": round(ttft, 2), "tokens/s": round(T / ttft),
-               "peak GiB per device": None if peak is None else round(peak / memory.GiB, 1),
-               "planned GiB": round(plan.total / memory.GiB, 1),
-               "MFU": round((linear + attn) / ttft / (args.peak_tflops * 1e12 * n_dev), 3),
-               "first chunk s (compile)": round(compile_s, 1), "compilations in the timed prefill": recompiled,
-               "next token": next_token}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        del cache, logits
-    if len(rows) == 2:
-        speed = {r["mode"]: r["TTFT s"] for r in rows}
-        print(f"sparse over dense: {speed['dense'] / speed['sparse']:.2f}x", flush=True)
-    env = environment()
-    print(json.dumps(env))
-    print_table(rows, list(rows[0]))
-    write_json(args.json, {"env": env, "args": vars(args), "rows": rows,
-                           "flops": {"linear": linear, "dense attention": attn}})
+    dca = dataclasses.replace(base.dual_chunk_attention_config, sparse_attention_enabled=mode == "sparse",
+                              sparse_attention_threshold=0)
+    config = dataclasses.replace(base, dual_chunk_attention_config=dca)
+    spec = dataclasses.replace(AttentionSpec.of(args.attention), mesh=mesh)
+    plan = memory.plan(config, tokens=T, mesh=mesh, chunk_size=args.prefill_chunk, dtype=dtype,
+                       cache_dtype=kv_dtype, sparse=mode == "sparse", attention=spec.impl, capacity=capacity)
+    memory.check(plan, tokens=T, mesh=mesh, chunk_size=args.prefill_chunk)
+    cache = init_cache(config, 1, cache_length(T), kv_dtype, mesh)
+    lengths = jnp.full((1,), T, jnp.int32)
+    # compile: one chunk of the full-size cache (the cache is donated and handed back)
+    first = min(args.prefill_chunk, T)
+    t0 = time.perf_counter()
+    out, cache = qwen_jax.prefill(params, tokens[:, :first], lengths, cache, config,
+                                  chunk_size=args.prefill_chunk, spec=spec)
+    jax.block_until_ready(out)
+    compile_s = time.perf_counter() - t0
+    compiled = _prefill_chunk._cache_size()
+    t0 = time.perf_counter()
+    logits, cache = qwen_jax.prefill(params, tokens, lengths, cache, config, chunk_size=args.prefill_chunk,
+                                     spec=spec, progress=progress_bar(T, f"{mode} prefill"))
+    next_token = int(jnp.argmax(logits[0]))
+    ttft = time.perf_counter() - t0
+    recompiled = _prefill_chunk._cache_size() - compiled      # a ragged last chunk compiles once more
+    peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]
+    peak = None if None in peaks else max(peaks)
+    row = {"mode": mode, "tokens": T, "mesh": args.mesh or "one device", "kv cache": str(kv_dtype),
+           "TTFT s": round(ttft, 2), "tokens/s": round(T / ttft),
+           "peak GiB per device": None if peak is None else round(peak / memory.GiB, 1),
+           "planned GiB": round(plan.total / memory.GiB, 1),
+           "MFU": round((linear + attn) / ttft / (args.peak_tflops * 1e12 * n_dev), 3),
+           "first chunk s (compile)": round(compile_s, 1), "compilations in the timed prefill": recompiled,
+           "next token": next_token}
+    print(json.dumps(row), flush=True)
+    _report(args, [row], environment(), {"linear": linear, "dense attention": attn})
     return 0
 
 
