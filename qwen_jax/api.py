@@ -121,8 +121,6 @@ def load(path: str | os.PathLike, *, dtype="bfloat16", mesh=None, **config_overr
                           f"devices, e.g. mesh=\"data={jax.process_count()},tensor={jax.local_device_count()}\"")
     mesh = make_mesh(mesh) if mesh is not None else None
     if mesh is not None:
-        from qwen_jax.attention.parallel import check_mesh
-        check_mesh(config, mesh)             # before any weight is read
         shardings = param_shardings(config, mesh)
     else:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])

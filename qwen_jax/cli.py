@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
@@ -370,6 +371,7 @@ def main(argv=None) -> int:
     from qwen_jax.errors import QwenJaxError
 
     args = build_parser().parse_args(argv)
+    warnings.formatwarning = lambda message, *_args, **_kw: f"qwen-jax: warning: {message}\n"   # one line each
     try:
         commands = {"convert": cmd_convert, "generate": cmd_generate, "passkey": cmd_passkey, "recall": cmd_recall,
                     "budgets": cmd_budgets, "plan": cmd_plan, "bench": cmd_bench, "demo": cmd_demo}

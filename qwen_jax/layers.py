@@ -111,8 +111,9 @@ class Attention(nn.Module):
             out, k_cache, v_cache = local(q, k, v, k_cache, v_cache, positions, request_lengths)
         else:
             k, v = (parallel.expand_kv(x, c, mesh) for x in (k, v))
-            out, k_cache, v_cache = parallel.attend(local, q, k, v, k_cache, v_cache, positions, request_lengths,
-                                                    mesh=mesh)
+            out, k_cache, v_cache = parallel.attend(local, parallel.pad_heads(q, c, mesh), k, v, k_cache, v_cache,
+                                                    positions, request_lengths, mesh=mesh)
+            out = parallel.unpad_heads(out, c, mesh)
         y = Projection((N, H, D), ("heads", "head_dim", "embed"), "btnh,nhd->btd", self.dtype, name="o_proj")(
             out.astype(self.dtype))
         return y, k_cache, v_cache

@@ -88,7 +88,7 @@ def plan(config: QwenConfig, *, tokens: int, batch: int = 1, mesh=None, chunk_si
          dtype="bfloat16", cache_dtype=None, sparse: bool | None = None, attention: str = "pallas",
          capacity: int | None = None) -> MemoryPlan:
     """Per-device bytes to prefill ``batch`` prompts of ``tokens`` tokens (see the module docstring)."""
-    from qwen_jax.attention.parallel import cache_kv_heads, check_mesh
+    from qwen_jax.attention.parallel import attention_heads, cache_kv_heads, check_mesh
     from qwen_jax.cache import CACHE_AXES, cache_length
 
     sizes = mesh_sizes(mesh)
@@ -106,7 +106,8 @@ def plan(config: QwenConfig, *, tokens: int, batch: int = 1, mesh=None, chunk_si
     B = batch // data
     dca = c.dual_chunk_attention_config
     phases = 3 if dca is not None else 1
-    N, H, D, F = c.num_attention_heads, c.head_dim, c.hidden_size, c.intermediate_size
+    # query heads inside attention (padded where they do not split over the mesh: parallel.pad_heads)
+    N, H, D, F = attention_heads(c, SimpleNamespace(shape=sizes)), c.head_dim, c.hidden_size, c.intermediate_size
     n_t = tensor if N % tensor == 0 else 1
     f_t = tensor if F % tensor == 0 else 1
     activations = (B * T * D * item * 6                            # residual, norms, attention/MLP outputs

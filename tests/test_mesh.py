@@ -71,11 +71,39 @@ def test_sharded_sparse_prefill_is_not_dense(mesh_checkpoint, single):
     assert np.abs(dense - ref).max() > 1e-3 * np.abs(ref).max()
 
 
-def test_mesh_that_does_not_split_the_heads_is_refused_before_loading(tiny_checkpoint):
+@pytest.fixture(scope="module")
+def uneven_checkpoint(tmp_path_factory):
+    """6 query heads over 2 kv heads (groups of 3, as the 7B's 28 / 4 are groups of 7): 8 shards do not
+    split them, so attention pads each group to 4 heads."""
+    model = make_hf_model(seed=5, num_attention_heads=6, num_key_value_heads=2, head_dim=16)
+    return save_hf_checkpoint(model, tmp_path_factory.mktemp("uneven") / "hf")
+
+
+@pytest.mark.parametrize("mesh", ["seq=8", "seq=4,tensor=2"])
+def test_heads_that_do_not_split_are_padded_and_equal_one_device(uneven_checkpoint, mesh):
     import qwen_jax
-    from qwen_jax.errors import ConfigError
-    with pytest.raises(ConfigError, match="4 attention heads do not split over tensor x seq = 8 devices"):
-        qwen_jax.load(tiny_checkpoint[0], mesh="seq=8")
+    from qwen_jax.attention.parallel import attention_heads, pad_per_head
+    from qwen_jax.generation import generate_ids
+    rng = np.random.default_rng(13)
+    tokens, prompt = rng.integers(0, 1000, (1, 389)), [list(rng.integers(0, 1000, 203))]
+    cfg = dict(DCA, sparse_attention_enabled=True, sparse_attention_threshold=0, sparse_attention_config=budgets(2, 6))
+
+    def run(mesh=None):
+        model = qwen_jax.load(uneven_checkpoint, dtype="float32", mesh=mesh, dual_chunk_attention_config=cfg,
+                              prefill_chunk_size=128)
+        ids = generate_ids(model.params, model.config, prompt, max_new_tokens=6, spec=model.attention,
+                           prefill_chunk_size=128)
+        return model, model.logits(tokens), ids
+
+    _, ref, ref_ids = run()
+    with pytest.warns(UserWarning, match=r"6 attention heads do not split over tensor x seq = 8 devices: attention "
+                                         r"runs 8 heads, zero heads padding each kv group \(33% more attention work\)"):
+        model, got, ids = run(mesh)
+    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
+    assert ids == ref_ids
+    assert attention_heads(model.config, model.attention.mesh) == 8
+    # padded heads sit at the end of each group, with the least budgets; the real heads keep theirs
+    assert pad_per_head((0, 1, 2, 3, 4, 5), model.config, model.attention.mesh, -1) == (0, 1, 2, -1, 3, 4, 5, -1)
 
 
 def test_sharded_prefill_and_decode_compile_their_steps_once(mesh_checkpoint):

@@ -178,6 +178,10 @@ def sparse_selection(q, k_cache, q_positions, request_lengths, *, rope: Rope, co
     (``attention.sparse``), with ``layer``'s budgets."""
     dca = config.dual_chunk_attention_config
     budgets = sparse_ops.layer_budgets(dca, layer, config.num_attention_heads)
+    if spec.mesh is not None:        # heads padded to split over the mesh (parallel.pad_heads): the least budgets
+        from qwen_jax.attention.parallel import pad_per_head
+        budgets = sparse_ops.Budgets(pad_per_head(budgets.vertical, config, spec.mesh, sparse_ops.MIN_VERTICAL),
+                                     pad_per_head(budgets.slash, config, spec.mesh, sparse_ops.MIN_SLASH))
     scale = dca_ops.softmax_scale(request_lengths, dca, q.shape[-1])
     return sparse_ops.estimate(q, k_cache, q_positions[:, 0], request_lengths, scale, dca=dca, rope=rope,
                                budgets=budgets, all_sparse=spec.sparse_rows == "all",

@@ -13,8 +13,11 @@ Why heads and not a ring of K/V blocks: per layer and chunk the exchange moves t
 and output (T x (2N + 2K) x H values), independent of how long the cache already is, while a ring
 moves the whole cache's K/V (a 1M cache: 1M x 2K x H) and needs causal load balancing; here every
 device does the same work by construction, and decode reads a head-sharded cache with no merge.
-The price: N must divide over tensor x seq, and when that exceeds the kv heads K, each kv head is
-stored once per device group that needs it (``cache_kv_heads``).
+The price: when tensor x seq exceeds the kv heads K, each kv head is stored once per device group that
+needs it (``cache_kv_heads``); and where the query heads do not split evenly (Qwen2.5-7B's 28 over 8
+devices), each kv group's query heads are padded with zero heads inside attention until they do
+(``attention_heads``; 28 -> 32 over 8 devices: a seventh more attention work), whose outputs are
+dropped before the output projection.
 
 A chunk whose length does not split over ``seq`` (decode's single token, odd tails) skips the
 exchange: every device sees the chunk's tokens and takes its heads' slice.
@@ -23,6 +26,7 @@ exchange: every device sees the chunk's tokens and takes its heads' slice.
 from __future__ import annotations
 
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -31,22 +35,66 @@ from jax.sharding import NamedSharding
 
 from qwen_jax.cache import CACHE_AXES
 from qwen_jax.config import QwenConfig
-from qwen_jax.errors import ConfigError
 from qwen_jax.sharding import SEQ, attention_degree, attention_shard_index, logical_to_spec
 
 
 def check_mesh(config: QwenConfig, mesh) -> None:
-    """Refuse a mesh whose ``tensor`` x ``seq`` does not divide the query heads."""
-    P = attention_degree(mesh)
-    if config.num_attention_heads % P:
-        raise ConfigError(f"{config.num_attention_heads} attention heads do not split over tensor x seq = {P} "
-                          "devices; choose tensor x seq dividing the head count (data= can take the rest)")
+    """Warn when the query heads must be padded to split over the mesh's ``tensor`` x ``seq``."""
+    N, padded = config.num_attention_heads, attention_heads(config, mesh)
+    if padded != N:
+        warnings.warn(f"{N} attention heads do not split over tensor x seq = {attention_degree(mesh)} devices: "
+                      f"attention runs {padded} heads, zero heads padding each kv group "
+                      f"({padded / N - 1:.0%} more attention work)", stacklevel=2)
 
 
 def cache_kv_heads(config: QwenConfig, mesh) -> int:
     """KV heads the cache stores: K, or with more attention shards than K, each kv head once per shard
     that needs it (lcm(K, tensor x seq))."""
     return math.lcm(config.num_key_value_heads, attention_degree(mesh))
+
+
+def group_size(config: QwenConfig, mesh) -> int:
+    """Query heads per kv group inside attention: the config's, rounded up to a multiple of the shards
+    each kv head is split over (``cache_kv_heads / K``), so that every shard gets whole heads of one
+    kv head (or whole groups)."""
+    K = config.num_key_value_heads
+    G, r = config.num_attention_heads // K, cache_kv_heads(config, mesh) // K
+    return -(-G // r) * r
+
+
+def attention_heads(config: QwenConfig, mesh) -> int:
+    """Query heads inside attention over ``mesh``: K x ``group_size`` (the config's N where it splits)."""
+    return config.num_key_value_heads * group_size(config, mesh)
+
+
+def _groups(config: QwenConfig, mesh) -> tuple[int, int, int]:
+    K = config.num_key_value_heads
+    return K, config.num_attention_heads // K, group_size(config, mesh)
+
+
+def pad_heads(q, config: QwenConfig, mesh):
+    """q [B, T, N, H] -> [B, T, attention_heads, H]: each kv group's heads, then zero heads to fill it."""
+    K, G, Gp = _groups(config, mesh)
+    if Gp == G:
+        return q
+    B, T, _, H = q.shape
+    q = jnp.pad(q.reshape(B, T, K, G, H), [(0, 0), (0, 0), (0, 0), (0, Gp - G), (0, 0)])
+    return q.reshape(B, T, K * Gp, H)
+
+
+def unpad_heads(out, config: QwenConfig, mesh):
+    """The inverse of ``pad_heads``: the padding heads' outputs dropped."""
+    K, G, Gp = _groups(config, mesh)
+    if Gp == G:
+        return out
+    B, T, _, H = out.shape
+    return out.reshape(B, T, K, Gp, H)[:, :, :, :G].reshape(B, T, K * G, H)
+
+
+def pad_per_head(values, config: QwenConfig, mesh, filler: int) -> tuple:
+    """Per-head values (N of them) laid out as ``pad_heads`` lays out the heads; padding heads get ``filler``."""
+    K, G, Gp = _groups(config, mesh)
+    return tuple(v for g in range(K) for v in tuple(values[g * G:(g + 1) * G]) + (filler,) * (Gp - G))
 
 
 def expand_kv(x, config: QwenConfig, mesh):
@@ -68,9 +116,9 @@ def attend(local, q, k, v, k_cache, v_cache, positions, request_lengths, *, mesh
 
     ``local(q, k, v, k_cache, v_cache, positions, request_lengths, head_offset) -> (out, k_cache,
     v_cache)`` sees q [b, T, n, H], k, v [b, T, k', H], the cache shard [b, k', S, H], all positions,
-    and ``head_offset``, the global index of its first query head. q [B, T, N, H]; k, v [B, T, K', H]
-    already expanded by ``expand_kv``; caches [B, K', S, H]. Returns ``(out [B, T, N, H], k_cache,
-    v_cache)``.
+    and ``head_offset``, the global index of its first query head. q [B, T, N, H] (N: ``attention_heads``,
+    as ``pad_heads`` returns it); k, v [B, T, K', H] already expanded by ``expand_kv``; caches [B, K', S, H].
+    Returns ``(out [B, T, N, H], k_cache, v_cache)``.
     """
     B, T, N, _ = q.shape
     seq = mesh.shape.get(SEQ, 1)

@@ -148,11 +148,8 @@ def main(argv=None) -> int:
     if base.dual_chunk_attention_config is None:
         raise QwenJaxError(f"{args.config} has no dual_chunk_attention_config; this benchmark runs DCA prefill")
     from qwen_jax.sharding import make_mesh
-    from qwen_jax.attention.parallel import check_mesh
     from qwen_jax.cache import cache_dtype
     mesh = make_mesh(args.mesh) if args.mesh else None
-    if mesh is not None:
-        check_mesh(base, mesh)
     dtype = jnp.dtype(args.dtype)
     kv_dtype = cache_dtype(args.kv_cache_dtype, dtype)
     capacity = int(args.device_memory * memory.GiB) if args.device_memory else memory.device_capacity()
