@@ -36,3 +36,12 @@ def test_each_mode_runs_with_every_option_given():
     child = _child_argv(args, "dense", "/tmp/dense.json")
     assert child[:2] == ["bench", "prefill"]
     assert vars(_parser().parse_args(child[2:])) == {**vars(args), "modes": "dense", "json": "/tmp/dense.json"}
+
+
+def test_a_mode_the_planner_refuses_ends_the_run_with_its_reason(tmp_path, capfd):
+    out = tmp_path / "prefill.json"
+    assert main(["bench", "prefill", "--config", "tiny-1m", "--random-weights", "--tokens", "2048",
+                 "--attention", "blockwise", "--device-memory", "0.5", "--json", str(out)]) == 1
+    err = capfd.readouterr().err
+    assert "qwen-jax: error: prefill of 2048 tokens needs" in err and "GiB short" in err
+    assert "sparse prefill [" not in err and not out.exists()      # refused before running; no partial report
