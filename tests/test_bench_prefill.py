@@ -45,3 +45,17 @@ def test_a_mode_the_planner_refuses_ends_the_run_with_its_reason(tmp_path, capfd
     err = capfd.readouterr().err
     assert "qwen-jax: error: prefill of 2048 tokens needs" in err and "GiB short" in err
     assert "sparse prefill [" not in err and not out.exists()      # refused before running; no partial report
+
+
+def test_several_modes_leave_the_devices_to_their_processes():
+    """The parent process never starts a JAX backend: on a GPU it would hold the memory its modes'
+    processes need."""
+    import subprocess
+    import sys
+    code = ("import sys; from qwen_jax.cli import main; from jax._src import xla_bridge\n"
+            "assert main(['bench', 'prefill', '--config', 'tiny-1m', '--random-weights', '--tokens', '1024', "
+            "'--prefill-chunk', '512', '--attention', 'blockwise', '--dtype', 'float32']) == 0\n"
+            "print('backend started:', xla_bridge.backends_are_initialized(), file=sys.stderr)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "sparse over dense" in done.stdout and "backend started: False" in done.stderr
