@@ -53,23 +53,19 @@ def cache_kv_heads(config: QwenConfig, mesh) -> int:
     return math.lcm(config.num_key_value_heads, attention_degree(mesh))
 
 
-def group_size(config: QwenConfig, mesh) -> int:
-    """Query heads per kv group inside attention: the config's, rounded up to a multiple of the shards
-    each kv head is split over (``cache_kv_heads / K``), so that every shard gets whole heads of one
-    kv head (or whole groups)."""
+def _groups(config: QwenConfig, mesh) -> tuple[int, int, int]:
+    """(K, G, G'): the kv heads, the config's query heads per kv group, and the query heads per group
+    inside attention: G rounded up to a multiple of the shards each kv head is split over
+    (``cache_kv_heads / K``), so that every shard gets whole heads of one kv head (or whole groups)."""
     K = config.num_key_value_heads
     G, r = config.num_attention_heads // K, cache_kv_heads(config, mesh) // K
-    return -(-G // r) * r
+    return K, G, -(-G // r) * r
 
 
 def attention_heads(config: QwenConfig, mesh) -> int:
-    """Query heads inside attention over ``mesh``: K x ``group_size`` (the config's N where it splits)."""
-    return config.num_key_value_heads * group_size(config, mesh)
-
-
-def _groups(config: QwenConfig, mesh) -> tuple[int, int, int]:
-    K = config.num_key_value_heads
-    return K, config.num_attention_heads // K, group_size(config, mesh)
+    """Query heads inside attention over ``mesh``: K x G' (``_groups``; the config's N where it splits)."""
+    K, _, Gp = _groups(config, mesh)
+    return K * Gp
 
 
 def pad_heads(q, config: QwenConfig, mesh):
