@@ -12,6 +12,7 @@ Pure functions underneath (parameters are a plain pytree, the config a static fr
 
 from qwen_jax.api import Model, load
 from qwen_jax.cache import KVCache, init_cache
+from qwen_jax.compile_cache import enable as enable_compile_cache
 from qwen_jax.config import DCAConfig, QwenConfig, RopeScaling
 from qwen_jax.errors import CheckpointError, ConfigError, QwenJaxError
 from qwen_jax.model import (abstract_params, decode_step, forward, init_params, logical_axes, param_shardings,
@@ -22,4 +23,4 @@ __version__ = "0.1.0"
 
 __all__ = ["load", "Model", "QwenConfig", "RopeScaling", "DCAConfig", "KVCache", "init_cache", "init_params",
            "abstract_params", "logical_axes", "param_shardings", "forward", "prefill", "prefill_logits",
-           "decode_step", "Sampling", "sample", "QwenJaxError", "ConfigError", "CheckpointError"]
+           "decode_step", "enable_compile_cache", "Sampling", "sample", "QwenJaxError", "ConfigError", "CheckpointError"]

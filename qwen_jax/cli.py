@@ -372,6 +372,8 @@ def main(argv=None) -> int:
 
     args = build_parser().parse_args(argv)
     warnings.formatwarning = lambda message, *_args, **_kw: f"qwen-jax: warning: {message}\n"   # one line each
+    from qwen_jax import compile_cache
+    compile_cache.enable()   # before anything compiles; QWEN_JAX_COMPILE_CACHE=off turns it off
     try:
         commands = {"convert": cmd_convert, "generate": cmd_generate, "passkey": cmd_passkey, "recall": cmd_recall,
                     "budgets": cmd_budgets, "plan": cmd_plan, "bench": cmd_bench, "demo": cmd_demo}

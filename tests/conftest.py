@@ -5,6 +5,9 @@ import os
 # 8 simulated CPU devices for mesh tests; must be set before jax initialises its backends.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the command line caches compiled programs under ~/.cache by default; tests run without (test_compile_cache.py
+# turns it on in folders of its own)
+os.environ.setdefault("QWEN_JAX_COMPILE_CACHE", "off")
 
 import json  # noqa: E402
 import shutil  # noqa: E402

@@ -9,7 +9,9 @@ with a progress bar over the chunks. Several modes run one after another, each i
 own: a device's peak memory only grows while a process lives, so one process for both would report
 the larger mode's peak for the other too. Reported: time to first token (the prefill plus the first
 token's logits, compile excluded: the count of compilations inside the timed prefill is reported, 0
-unless the last chunk is shorter), tokens/s, peak device memory (where the backend reports it),
+unless the last chunk is shorter), the first chunk's time (compilation; with a warm persistent
+compilation cache, ``qwen_jax.compile_cache``, loading: the row names the cache's folder or ``off``),
+tokens/s, peak device memory (where the backend reports it),
 the planner's estimate, and model FLOP utilisation counting the linear layers plus dense causal
 attention (so a sparse run's MFU is "effective": it did less attention work than it is credited
 with).
@@ -134,7 +136,7 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
 
     import qwen_jax
-    from qwen_jax import memory
+    from qwen_jax import compile_cache, memory
     from qwen_jax.attention import AttentionSpec
     from qwen_jax.bench import environment
     from qwen_jax.cache import cache_length, init_cache
@@ -187,7 +189,8 @@ def main(argv=None) -> int:
            "peak GiB per device": None if peak is None else round(peak / memory.GiB, 1),
            "planned GiB": round(plan.total / memory.GiB, 1),
            "MFU": round((linear + attn) / ttft / (args.peak_tflops * 1e12 * n_dev), 3),
-           "first chunk s (compile)": round(compile_s, 1), "compilations in the timed prefill": recompiled,
+           "first chunk s (compile)": round(compile_s, 1), "compile cache": compile_cache.state(),
+           "compilations in the timed prefill": recompiled,
            "next token": next_token}
     print(json.dumps(row), flush=True)
     _report(args, [row], environment(), {"linear": linear, "dense attention": attn})
