@@ -96,7 +96,8 @@ def _start_distributed(args) -> bool:
 
 
 BENCHMARKS = {"prefill": "qwen_jax.bench.prefill", "attention": "pallas_kernels.bench",
-              "sparse": "qwen_jax.bench.sparse", "generation": "qwen_jax.bench.generation"}
+              "sparse": "qwen_jax.bench.sparse", "generation": "qwen_jax.bench.generation",
+              "compile": "qwen_jax.bench.compile"}
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:

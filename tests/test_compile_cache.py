@@ -72,3 +72,19 @@ def test_the_second_run_loads_what_the_first_compiled(tiny_checkpoint, tmp_path)
     assert bad.returncode == 0 and bad.stdout == first.stdout
     warning = [line for line in bad.stderr.splitlines() if "compilation cache" in line]
     assert warning == [warning[0]] and warning[0].startswith("qwen-jax: warning: no compilation cache"), bad.stderr
+
+
+def test_compile_benchmark_reports_each_mode_and_depth(tmp_path):
+    import json
+
+    from qwen_jax.bench import compile as bench_compile
+    from qwen_jax.errors import QwenJaxError
+    out = tmp_path / "compile.json"
+    assert bench_compile.main(["--config", "tiny-1m", "--tokens", "16k", "--prefill-chunk", "4096", "--attention",
+                               "blockwise", "--layers", "1,all", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["mode"], r["layers"]) for r in rows] == [("sparse", 1), ("sparse", 2), ("dense", 1), ("dense", 2)]
+    assert all(r["compile s"] > 0 and r["lower s"] > 0 and r["compile cache"] == "off" for r in rows)
+    for bad in (["--layers", "0"], ["--layers", "3"], ["--modes", "sparse,fast"], ["--prefill-chunk", "100"]):
+        with pytest.raises(QwenJaxError):
+            bench_compile.main(["--config", "tiny-1m", "--tokens", "16k", "--attention", "blockwise", *bad])

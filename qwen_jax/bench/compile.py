@@ -1,0 +1,115 @@
+"""Compile-time benchmark: how long one prefill chunk step of an exact architecture takes to compile.
+
+    qwen-jax bench compile --config qwen2.5-7b-1m --tokens 1m [--prefill-chunk 32768] [--modes sparse,dense]
+                           [--layers 1,4,all] [--attention pallas] [--kv-cache-dtype fp8] [--json out.json]
+
+The step ``qwen_jax.prefill`` runs per chunk, for a cache of ``--tokens`` slots, is lowered and compiled
+from abstract inputs (no weights or cache are allocated, so the 7B-1M at 1M runs on any machine that
+can compile for it); ``--layers`` cuts the model to that many layers (``all``: every layer), which
+shows how the time grows with depth (the layers are unrolled, so each compiles on its own). Reported
+per mode and depth: seconds to trace and lower, seconds to compile, and the persistent compilation
+cache in use (``qwen_jax.compile_cache``: the folder, or ``off``). With a cache, a program compiled
+before is loaded instead: for a cold figure point ``QWEN_JAX_COMPILE_CACHE`` at an empty folder (or
+``off``), for a warm one run the same command again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+
+
+def _parser() -> argparse.ArgumentParser:
+    from qwen_jax.presets import PRESETS
+    p = argparse.ArgumentParser(prog="qwen-jax bench compile", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help=f"architecture preset: {', '.join(sorted(PRESETS))}")
+    p.add_argument("--tokens", required=True, help="KV cache slots (the prompt length), e.g. 1m")
+    p.add_argument("--prefill-chunk", type=int, default=32768)
+    p.add_argument("--modes", default="sparse,dense", help="sparse and/or dense prefill")
+    p.add_argument("--layers", default="all", help="comma-separated layer counts, or all")
+    p.add_argument("--attention", default="pallas", help="blockwise, pallas or reference")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    p.add_argument("--kv-cache-dtype", default="auto", help="auto (the model dtype) or fp8")
+    p.add_argument("--json", default=None)
+    return p
+
+
+def step_times(config, tokens: int, chunk: int, dtype, kv_dtype, spec) -> tuple[float, float]:
+    """(seconds to trace and lower, seconds to compile) of the prefill chunk step on abstract inputs."""
+    import jax
+    import jax.numpy as jnp
+
+    from qwen_jax.cache import KVCache, cache_length
+    from qwen_jax.model import _prefill_chunk, abstract_params
+
+    sd = jax.ShapeDtypeStruct
+    L = config.num_hidden_layers
+    kv = sd((1, config.num_key_value_heads, cache_length(tokens), config.head_dim), kv_dtype)
+    args = (abstract_params(config, dtype), sd((1, chunk), jnp.int32), sd((), jnp.int32), sd((1,), jnp.int32),
+            sd((1, config.hidden_size), dtype), KVCache((kv,) * L, (kv,) * L))
+    t0 = time.perf_counter()
+    lowered = _prefill_chunk.trace(*args, config=config, spec=spec, all_logits=False).lower()
+    t1 = time.perf_counter()
+    lowered.compile()
+    return t1 - t0, time.perf_counter() - t1
+
+
+def main(argv=None) -> int:
+    import jax.numpy as jnp
+
+    from qwen_jax import attention, compile_cache
+    from qwen_jax.bench import environment, print_table, write_json
+    from qwen_jax.cache import cache_dtype
+    from qwen_jax.errors import QwenJaxError
+    from qwen_jax.passkey import parse_length
+    from qwen_jax.presets import preset_config
+
+    args = _parser().parse_args(argv)
+    tokens = parse_length(args.tokens)
+    base = preset_config(args.config)
+    modes = args.modes.split(",")
+    for mode in modes:
+        if mode not in ("sparse", "dense"):
+            raise QwenJaxError(f"unknown mode {mode!r} (sparse or dense)")
+    if "sparse" in modes and base.dual_chunk_attention_config is None:
+        raise QwenJaxError(f"{args.config} has no dual_chunk_attention_config: sparse prefill runs on DCA")
+    if "sparse" in modes and args.prefill_chunk % 64:
+        raise QwenJaxError(f"sparse prefill needs a prefill chunk that is a multiple of 64, got {args.prefill_chunk}")
+    depths = []
+    for part in args.layers.split(","):
+        if part == "all":
+            depths.append(base.num_hidden_layers)
+        elif part.isdigit() and 1 <= int(part) <= base.num_hidden_layers:
+            depths.append(int(part))
+        else:
+            raise QwenJaxError(f"bad --layers {args.layers!r}: layer counts from 1 to {base.num_hidden_layers}, or all")
+    dtype = jnp.dtype(args.dtype)
+    kv_dtype = cache_dtype(args.kv_cache_dtype, dtype)
+    chunk = min(args.prefill_chunk, tokens)
+    rows = []
+    for mode in modes:
+        for layers in depths:
+            config = dataclasses.replace(base, num_hidden_layers=layers)
+            if config.dual_chunk_attention_config is not None:
+                dca = dataclasses.replace(config.dual_chunk_attention_config, sparse_attention_enabled=mode == "sparse",
+                                          sparse_attention_threshold=0)
+                config = dataclasses.replace(config, dual_chunk_attention_config=dca)
+            spec = attention.with_sparse_rows(attention.AttentionSpec.of(args.attention), config, [tokens])
+            lower_s, compile_s = step_times(config, tokens, chunk, dtype, kv_dtype, spec)
+            rows.append({"mode": mode, "layers": layers, "tokens": tokens, "prefill chunk": chunk,
+                         "lower s": round(lower_s, 2), "compile s": round(compile_s, 2),
+                         "compile cache": compile_cache.state()})
+            print(json.dumps(rows[-1]), flush=True)
+    env = environment()
+    print(json.dumps(env))
+    print_table(rows, list(rows[0]))
+    write_json(args.json, {"env": env, "args": vars(args), "rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
