@@ -29,6 +29,16 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-k", type=int, default=None, help="key tile of the attention (default: per implementation)")
 
 
+def _size(text: str) -> int:
+    """argparse type for a memory size (``memory.parse_size``): a usage error, not a traceback."""
+    from qwen_jax.errors import QwenJaxError
+    from qwen_jax.memory import parse_size
+    try:
+        return parse_size(text)
+    except QwenJaxError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _model_overrides(args) -> dict:
     from qwen_jax.attention import AttentionSpec
     from qwen_jax.errors import QwenJaxError
@@ -170,8 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dense", action="store_true", help="plan dense prefill even where the config enables sparse")
     p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "bfloat16", "float32", "fp8"),
                    help="KV cache storage (auto: the model dtype)")
-    p.add_argument("--device-memory", type=float, default=None,
-                   help="GiB per device (default: what the first device reports, if it does)")
+    p.add_argument("--device-memory", type=_size, default=None,
+                   help="memory per device: GiB, or with a unit (80GB, 79.6GiB); default: what the first device "
+                        "reports, if it does")
 
     p = sub.add_parser("bench", help="benchmarks: prefill (random-weight architectures), attention kernels, "
                                      "sparse attention, generation", add_help=False)
@@ -346,7 +357,7 @@ def cmd_plan(args) -> int:
     else:
         from qwen_jax.errors import QwenJaxError
         raise QwenJaxError(f"--config {args.config!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a folder")
-    capacity = int(args.device_memory * memory.GiB) if args.device_memory else memory.device_capacity()
+    capacity = args.device_memory or memory.device_capacity()
     from qwen_jax.cache import cache_dtype
     p = memory.plan(config, tokens=tokens, batch=args.batch, mesh=args.mesh, chunk_size=args.prefill_chunk,
                     dtype=args.dtype, cache_dtype=cache_dtype(args.kv_cache_dtype, args.dtype),

@@ -33,6 +33,20 @@ from qwen_jax.errors import QwenJaxError
 
 GiB = 1024 ** 3
 XLA_RESERVE = 1 * GiB
+_UNITS = {"b": 1, "kib": 1024, "mib": 1024 ** 2, "gib": GiB, "tib": 1024 ** 4, "k": 1024, "m": 1024 ** 2, "g": GiB,
+          "t": 1024 ** 4, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from a size such as ``80``, ``79.6GiB``, ``80GB`` or ``81559MiB`` (a bare number is GiB; G, GiB
+    are powers of 1024, GB of 1000), for ``--device-memory``."""
+    import re
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    unit = m.group(2).lower() if m else ""
+    if not m or (unit and unit not in _UNITS) or float(m.group(1)) <= 0:
+        raise QwenJaxError(f"bad memory size {text!r}: a positive number of GiB, or with a unit such as 80GB, "
+                           f"79.6GiB, 81559MiB")
+    return int(float(m.group(1)) * (_UNITS[unit] if unit else GiB))
 
 
 @dataclasses.dataclass(frozen=True)

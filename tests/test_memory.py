@@ -65,3 +65,20 @@ def test_refusal_names_the_shortfall_and_the_options(capsys):
     err = capsys.readouterr().err
     assert err.startswith("qwen-jax: error: prefill of 1048576 tokens needs") and err.count("\n") == 1
     assert np.isfinite(p.total)
+    assert main(["plan", "--config", "qwen2.5-7b-1m", "--tokens", "1m", "--mesh", "seq=2",
+                 "--device-memory", "80GB"]) == 0
+    assert "per device of 74.5 GiB" in capsys.readouterr().out
+
+
+def test_memory_sizes_take_units_and_refuse_garbage_in_one_line(capsys):
+    from qwen_jax.cli import main
+    assert memory.parse_size("80") == memory.parse_size("80GiB") == memory.parse_size("80 g") == 80 * memory.GiB
+    assert memory.parse_size("80GB") == 80 * 10 ** 9 and memory.parse_size("81559MiB") == 81559 * 2 ** 20
+    assert memory.parse_size("79.5") == int(79.5 * memory.GiB) and memory.parse_size("1024B") == 1024
+    for bad in ("", "GiB", "-3", "0", "80XB", "eighty", "8 0"):
+        with pytest.raises(QwenJaxError, match="bad memory size"):
+            memory.parse_size(bad)
+    with pytest.raises(SystemExit) as e:
+        main(["plan", "--config", "qwen2.5-7b-1m", "--tokens", "1m", "--device-memory", "80XB"])
+    assert e.value.code == 2
+    assert "argument --device-memory: bad memory size '80XB'" in capsys.readouterr().err

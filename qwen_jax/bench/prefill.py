@@ -52,6 +52,11 @@ def model_flops(config, tokens: int) -> tuple[float, float]:
     return per_token * tokens, attention
 
 
+def _size(text: str) -> int:
+    from qwen_jax.cli import _size as size
+    return size(text)
+
+
 def _parser() -> argparse.ArgumentParser:
     from qwen_jax.presets import PRESETS
 
@@ -67,7 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--mesh", default=None, help='device mesh, e.g. "seq=2" or "seq=4,tensor=2"')
     p.add_argument("--kv-cache-dtype", default="auto", help="auto (the model dtype) or fp8")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="per-device peak for MFU (H100 SXM bf16: 989)")
-    p.add_argument("--device-memory", type=float, default=None, help="GiB per device for the planner")
+    p.add_argument("--device-memory", type=_size, default=None,
+                   help="memory per device for the planner: GiB, or with a unit (80GB, 79.6GiB)")
     p.add_argument("--json", default=None)
     return p
 
@@ -81,7 +87,7 @@ def _child_argv(args, mode: str, json_path: str) -> list[str]:
     if args.mesh:
         argv += ["--mesh", args.mesh]
     if args.device_memory is not None:
-        argv += ["--device-memory", str(args.device_memory)]
+        argv += ["--device-memory", f"{args.device_memory}B"]
     return argv
 
 
@@ -154,7 +160,7 @@ def main(argv=None) -> int:
     mesh = make_mesh(args.mesh) if args.mesh else None
     dtype = jnp.dtype(args.dtype)
     kv_dtype = cache_dtype(args.kv_cache_dtype, dtype)
-    capacity = int(args.device_memory * memory.GiB) if args.device_memory else memory.device_capacity()
+    capacity = args.device_memory or memory.device_capacity()
     params = init_params(base, jax.random.key(0), dtype=dtype, mesh=mesh)
     tokens = jax.random.randint(jax.random.key(1), (1, T), 0, base.vocab_size, jnp.int32)
     linear, attn = model_flops(base, T)
