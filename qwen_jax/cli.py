@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "reports, if it does")
 
     p = sub.add_parser("bench", help="benchmarks: prefill (random-weight architectures), attention kernels, "
-                                     "sparse attention, generation", add_help=False)
+                                     "sparse attention, generation, compile time", add_help=False)
     p.add_argument("which", choices=sorted(BENCHMARKS), help="which benchmark")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="its arguments (qwen-jax bench WHICH --help)")
 
