@@ -1,12 +1,14 @@
 """JAX's persistent compilation cache, on for the command line.
 
 Compiling the 7B-1M's sparse prefill step takes minutes on an H100 (28 unrolled layers, each with its
-own estimate, index and kernels): the first chunk of a 1M prefill waited 215 s for it. With the cache
-a later process with the same shapes loads the compiled program instead (GPU_NOTES, twelfth session).
+own estimate, index and kernels): 203 s, so the first chunk of a 1M prefill took 203-241 s. With the
+cache a later process with the same shapes loads the compiled program instead: 25 s (GPU_NOTES,
+twelfth session).
 
 ``qwen-jax`` calls ``enable()`` before anything compiles. Where the cache goes, first match wins:
 
-- ``QWEN_JAX_COMPILE_CACHE``: a folder, or ``off`` (also ``0``, ``false``, ``none``) for no cache;
+- ``QWEN_JAX_COMPILE_CACHE``: a folder, or ``off`` (also ``0``, ``false``, ``none``, ``no``) for no cache
+  (set but empty counts as unset);
 - ``JAX_COMPILATION_CACHE_DIR`` (JAX's own setting): left as it is;
 - ``$XDG_CACHE_HOME/qwen-jax/xla`` (default ``~/.cache/qwen-jax/xla``).
 
@@ -34,7 +36,7 @@ def default_dir() -> str:
 def resolve(path: str | None = None) -> str | None:
     """The folder the cache would use (None: off), from ``path`` or the environment (module docstring)."""
     if path is None:
-        path = os.environ.get(ENV)
+        path = os.environ.get(ENV) or None     # set but empty: as if unset
     if path is not None:
         return None if path.strip().lower() in OFF else os.path.abspath(os.path.expanduser(path))
     import jax
