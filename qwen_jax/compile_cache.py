@@ -48,7 +48,9 @@ def enable(path: str | None = None) -> str | None:
     or None when it is off. Call it before the first compilation: JAX reads the setting once."""
     import jax
     folder = resolve(path)
-    if folder is None:
+    if folder is None:    # off, even where JAX_COMPILATION_CACHE_DIR set one
+        if jax.config.jax_compilation_cache_dir:
+            jax.config.update("jax_compilation_cache_dir", None)
         return None
     try:
         os.makedirs(folder, exist_ok=True)

@@ -34,6 +34,8 @@ def test_folder_from_env_then_jax_then_xdg(monkeypatch, tmp_path, no_jax_dir):
     assert compile_cache.resolve() == str(tmp_path / "xdg" / "qwen-jax" / "xla")
     jax.config.update("jax_compilation_cache_dir", str(tmp_path / "jax"))
     assert compile_cache.resolve() == str(tmp_path / "jax")
+    monkeypatch.setenv(compile_cache.ENV, "off")      # off wins over JAX's own setting
+    assert compile_cache.enable() is None and compile_cache.state() == "off"
 
 
 def test_a_folder_that_cannot_be_made_warns_once_and_stays_off(tmp_path, no_jax_dir):
