@@ -73,15 +73,21 @@ def gather_verticals(k, v, index: VSIndex):
     return k[b, kvh, pos], v[b, kvh, pos]
 
 
-def unroll_loops() -> bool:
-    """Whether the index's binary searches are unrolled: on GPUs, where it measured 3x faster (0.53 ms
-    against 1.55 ms for a 32K-query chunk's ``build_index`` on an H100); elsewhere they stay loops
-    (compile time). The estimate's top-k: its binary search likewise (0.57 -> 0.26 ms for [2, 28, 65536]
-    scores); its digit loop gained 4% for 4x the compile time: it stays a loop."""
-    return UNROLL if UNROLL is not None else jax.default_backend() == "gpu"
+def unroll_loops() -> bool | int:
+    """How the index's binary searches are unrolled (``fori_loop``'s ``unroll``): by 4 on GPUs, where a
+    loop step costs a launch and a host round trip (``build_index`` 1.55 ms as a loop against 0.53 ms
+    fully unrolled for a 32K-query chunk on an H100; the top-k's search 0.57 -> 0.26 ms for [2, 28,
+    65536] scores) and full unrolling cost ~3.5 s of compile per sparse layer: by 4, estimate + index at
+    128K took 9.9 ms (fully unrolled 10.2, loops 17) and 4 of the 7B's sparse layers compiled in 25.2 s
+    (fully unrolled 36.0; GPU_NOTES, twelfth session). Elsewhere they stay loops (compile time). The
+    estimate's digit loop gained 4% unrolled for 4x the compile time: it stays a loop."""
+    if UNROLL is not None:
+        return UNROLL
+    return GPU_UNROLL if jax.default_backend() == "gpu" else False
 
 
-UNROLL = None      # None: unroll_loops decides by backend; True / False force it (benchmarks)
+GPU_UNROLL = 4
+UNROLL = None      # None: unroll_loops decides by backend; True / False / a count force it (benchmarks)
 
 
 def search(rows, row, x, *, right: bool = False):

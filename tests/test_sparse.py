@@ -504,11 +504,11 @@ def test_sparse_dispatch_picks_or_refuses_loudly():
         vslash_attention(q, k, k, sel, q_offset=0, kv_length=256, impl="cutlass")
 
 
-@pytest.mark.parametrize("S,unroll", [(700, False), (3072, False), (3072, True)])
+@pytest.mark.parametrize("S,unroll", [(700, False), (3072, False), (3072, True), (700, 4)])
 def test_top_indices_pick_what_a_stable_sort_picks_ties_included(S, unroll, monkeypatch):
     """The sort-free top-k against numpy's stable argsort: ties (zeros, repeated values, +-inf) go to the
     lower index, every row has its own count, and n = 0 and n = k work (3072: rows cut in blocks;
-    ``unroll``: the binary search unrolled, as GPUs run it)."""
+    ``unroll``: the binary search unrolled, wholly or by 4 as GPUs run it)."""
     monkeypatch.setattr(vslash, "UNROLL", unroll)
     rng = np.random.default_rng(S)
     R, k = 12, 300
@@ -583,19 +583,19 @@ def test_estimate_kernel_lowers_for_cuda():
 
 
 def test_unrolled_binary_searches_equal_the_loop(monkeypatch):
-    """``vslash.search`` unrolled (what GPUs run) and as a loop (elsewhere) give the same counts."""
+    """``vslash.search`` unrolled (by 4: what GPUs run; wholly) and as a loop (elsewhere) give the same counts."""
     rng = np.random.default_rng(5)
     rows = jnp.asarray(np.sort(rng.integers(0, 1000, (5, 300)), -1), jnp.int32)
     row = jnp.asarray(rng.integers(0, 5, (7, 11)), jnp.int32)
     x = jnp.asarray(rng.integers(-5, 1005, (7, 11)), jnp.int32)
     got = {}
-    for unroll in (False, True):
+    for unroll in (False, True, 4):
         monkeypatch.setattr(vslash, "UNROLL", unroll)
         got[unroll] = [np.asarray(vslash.search(rows, row, x, right=right)) for right in (False, True)]
     want = [np.stack([np.searchsorted(np.asarray(rows)[i], v, side=side) for i, v in
                       zip(np.asarray(row).ravel(), np.asarray(x).ravel())]).reshape(x.shape)
             for side in ("left", "right")]
-    for unroll in (False, True):
+    for unroll in (False, True, 4):
         for g, w in zip(got[unroll], want):
             np.testing.assert_array_equal(g, w)
 
