@@ -63,22 +63,21 @@ def main(argv=None) -> int:
 
     from qwen_jax import attention, compile_cache
     from qwen_jax.bench import environment, print_table, write_json
+    from qwen_jax.bench.prefill import mode_config, parse_modes
     from qwen_jax.cache import cache_dtype
     from qwen_jax.errors import QwenJaxError
+    from qwen_jax.model import _check_sparse_chunks
     from qwen_jax.passkey import parse_length
     from qwen_jax.presets import preset_config
 
     args = _parser().parse_args(argv)
     tokens = parse_length(args.tokens)
     base = preset_config(args.config)
-    modes = args.modes.split(",")
-    for mode in modes:
-        if mode not in ("sparse", "dense"):
-            raise QwenJaxError(f"unknown mode {mode!r} (sparse or dense)")
-    if "sparse" in modes and base.dual_chunk_attention_config is None:
-        raise QwenJaxError(f"{args.config} has no dual_chunk_attention_config: sparse prefill runs on DCA")
-    if "sparse" in modes and args.prefill_chunk % 64:
-        raise QwenJaxError(f"sparse prefill needs a prefill chunk that is a multiple of 64, got {args.prefill_chunk}")
+    modes = parse_modes(args.modes)
+    if "sparse" in modes:
+        if base.dual_chunk_attention_config is None:
+            raise QwenJaxError(f"{args.config} has no dual_chunk_attention_config: sparse prefill runs on DCA")
+        _check_sparse_chunks(mode_config(base, "sparse"), args.prefill_chunk)   # as prefill refuses it
     depths = []
     for part in args.layers.split(","):
         if part == "all":
@@ -95,9 +94,7 @@ def main(argv=None) -> int:
         for layers in depths:
             config = dataclasses.replace(base, num_hidden_layers=layers)
             if config.dual_chunk_attention_config is not None:
-                dca = dataclasses.replace(config.dual_chunk_attention_config, sparse_attention_enabled=mode == "sparse",
-                                          sparse_attention_threshold=0)
-                config = dataclasses.replace(config, dual_chunk_attention_config=dca)
+                config = mode_config(config, mode)
             spec = attention.with_sparse_rows(attention.AttentionSpec.of(args.attention), config, [tokens])
             lower_s, compile_s = step_times(config, tokens, chunk, dtype, kv_dtype, spec)
             rows.append({"mode": mode, "layers": layers, "tokens": tokens, "prefill chunk": chunk,

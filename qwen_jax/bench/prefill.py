@@ -52,12 +52,25 @@ def model_flops(config, tokens: int) -> tuple[float, float]:
     return per_token * tokens, attention
 
 
-def _size(text: str) -> int:
-    from qwen_jax.cli import _size as size
-    return size(text)
+def parse_modes(text: str) -> list[str]:
+    """``--modes``: "sparse", "dense" or both, comma-separated; anything else refused in one line."""
+    from qwen_jax.errors import QwenJaxError
+    modes = text.split(",")
+    for mode in modes:
+        if mode not in ("sparse", "dense"):
+            raise QwenJaxError(f"unknown mode {mode!r} (sparse or dense)")
+    return modes
+
+
+def mode_config(config, mode: str):
+    """``config`` with DCA's sparse prefill on for every prompt length (``sparse``) or off (``dense``)."""
+    dca = dataclasses.replace(config.dual_chunk_attention_config, sparse_attention_enabled=mode == "sparse",
+                              sparse_attention_threshold=0)
+    return dataclasses.replace(config, dual_chunk_attention_config=dca)
 
 
 def _parser() -> argparse.ArgumentParser:
+    from qwen_jax.cli import _size
     from qwen_jax.presets import PRESETS
 
     p = argparse.ArgumentParser(prog="qwen-jax bench prefill", description=__doc__,
@@ -131,10 +144,7 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     if not args.random_weights:
         raise QwenJaxError("bench prefill runs an architecture with random weights: pass --random-weights")
-    modes = args.modes.split(",")
-    for mode in modes:
-        if mode not in ("sparse", "dense"):
-            raise QwenJaxError(f"unknown mode {mode!r} (sparse or dense)")
+    modes = parse_modes(args.modes)
     if len(modes) > 1:
         return _modes_apart(args, modes)
 
@@ -165,9 +175,7 @@ def main(argv=None) -> int:
     tokens = jax.random.randint(jax.random.key(1), (1, T), 0, base.vocab_size, jnp.int32)
     linear, attn = model_flops(base, T)
     n_dev = 1 if mesh is None else mesh.devices.size
-    dca = dataclasses.replace(base.dual_chunk_attention_config, sparse_attention_enabled=mode == "sparse",
-                              sparse_attention_threshold=0)
-    config = dataclasses.replace(base, dual_chunk_attention_config=dca)
+    config = mode_config(base, mode)
     spec = dataclasses.replace(AttentionSpec.of(args.attention), mesh=mesh)
     plan = memory.plan(config, tokens=T, mesh=mesh, chunk_size=args.prefill_chunk, dtype=dtype,
                        cache_dtype=kv_dtype, sparse=mode == "sparse", attention=spec.impl, capacity=capacity)
