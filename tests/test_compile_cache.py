@@ -89,6 +89,7 @@ def test_compile_benchmark_reports_each_mode_and_depth(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [(r["mode"], r["layers"]) for r in rows] == [("sparse", 1), ("sparse", 2), ("dense", 1), ("dense", 2)]
     assert all(r["compile s"] > 0 and r["lower s"] > 0 and r["compile cache"] == "off" for r in rows)
+    assert all(r["programs"] == 3 for r in rows)       # embedding, the one layer program, the final rows
     for bad in (["--layers", "0"], ["--layers", "3"], ["--modes", "sparse,fast"], ["--prefill-chunk", "100"]):
         with pytest.raises(QwenJaxError):
             bench_compile.main(["--config", "tiny-1m", "--tokens", "16k", "--attention", "blockwise", *bad])

@@ -23,20 +23,23 @@ def test_chunked_prefill_equals_one_shot(model, chunk):
     np.testing.assert_allclose(chunked, one_shot, rtol=0, atol=1e-5 * np.abs(one_shot).max())
 
 
-def test_a_chunked_prefill_compiles_its_step_once(model):
-    """The carried cache and hidden state start where the parameters are, so the first chunk's compiled step
-    serves every later chunk of the same size (before: two more compilations, inside the timed prefill)."""
+def test_a_chunked_prefill_compiles_each_step_once_and_shares_it_across_layers(model):
+    """The carried cache and hidden state start where the parameters are, so the first chunk's compiled steps
+    serve every later chunk of the same size (before: two more compilations, inside the timed prefill); and
+    every decoder layer runs one compiled program (the 7B-1M's 28 layers as one program: 203 s to compile)."""
     from qwen_jax import model as model_fns
     from qwen_jax.cache import cache_length, init_cache
+    assert model.config.num_hidden_layers > 1
     tokens = jnp.asarray(np.random.default_rng(5).integers(0, 1000, (1, 4 * 24)), jnp.int32)   # a size no other test uses
     lengths = jnp.full((1,), tokens.shape[1], jnp.int32)
-    before = model_fns._prefill_chunk._cache_size()
+    before, layers_before = model_fns.prefill_programs(), model_fns._layer_step._cache_size()
     cache = init_cache(model.config, 1, cache_length(tokens.shape[1]), jnp.float32)
     assert not cache.k[0].committed          # as jnp.zeros makes it: placed by prefill
     _, cache = qwen_jax.prefill(model.params, tokens, lengths, cache, model.config, chunk_size=24)
-    assert model_fns._prefill_chunk._cache_size() == before + 1
+    assert model_fns.prefill_programs() == before + 3           # embedding, one layer program, final rows
+    assert model_fns._layer_step._cache_size() == layers_before + 1
     logits = qwen_jax.prefill_logits(model.params, np.asarray(tokens), model.config, chunk_size=24)
-    assert model_fns._prefill_chunk._cache_size() == before + 2     # the all-logits variant: one more, once
+    assert model_fns.prefill_programs() == before + 4           # the all-logits variant: only its final step
     assert np.isfinite(logits).all()
 
 

@@ -118,15 +118,15 @@ def test_sharded_prefill_and_decode_compile_their_steps_once(mesh_checkpoint):
     model = load(mesh_checkpoint, mesh="seq=4,tensor=2")
     mesh = model.attention.mesh
     tokens = np.random.default_rng(11).integers(0, 1000, (1, 384))              # three equal chunks of 128
-    before = model_fns._prefill_chunk._cache_size()
+    before = model_fns.prefill_programs()
     for _ in range(2):                                                          # a second prompt: no compilation
         cache = init_cache(model.config, 1, cache_length(384), jnp.float32, mesh=mesh)
         logits, cache = qwen_jax.prefill(model.params, tokens, np.array([384]), cache, model.config, chunk_size=128,
                                          spec=model.attention)
-    assert model_fns._prefill_chunk._cache_size() == before + 1
-    before = model_fns._prefill_chunk._cache_size()
+    assert model_fns.prefill_programs() == before + 3              # embedding, one program for every layer, final
+    before = model_fns.prefill_programs()
     qwen_jax.prefill_logits(model.params, tokens, model.config, chunk_size=128, spec=model.attention)
-    assert model_fns._prefill_chunk._cache_size() == before + 1                # the all-logits variant: once
+    assert model_fns.prefill_programs() == before + 1                # the all-logits variant: its final step, once
     before = generation.decode_and_sample._cache_size()
     ids = generation.generate_ids(model.params, model.config, [list(tokens[0, :200])], max_new_tokens=5,
                                   spec=model.attention, prefill_chunk_size=128)

@@ -155,6 +155,35 @@ def test_sparse_prefill_paths_agree_and_budgets_matter(tiny_checkpoint):
     assert np.abs(high - dense).max() <= 1e-5 * np.abs(dense).max()
 
 
+def test_layers_share_a_prefill_program_only_where_their_budgets_agree(tiny_checkpoint):
+    """Prefill runs one compiled program per distinct layer budgets (``model.program_layers``); with different
+    budgets per layer each layer keeps its own: the layer-by-layer prefill equals the one-program forward,
+    which reads every layer's budgets by its index, and swapping the two layers' budgets changes the logits."""
+    import jax.numpy as jnp
+    import qwen_jax
+    from qwen_jax import model as model_fns
+    from qwen_jax.cache import init_cache
+    tokens = np.random.default_rng(4).integers(0, 1000, (1, 384))
+    small, covering = budgets_json(1, 4, 30, 50), budgets_json(1, 4, 10000, 10000)
+    logits = {}
+    for name, layers in (("small, covering", small + covering), ("covering, small", covering + small),
+                         ("small, small", small + small)):
+        cfg = dict(DCA_TINY, sparse_attention_enabled=True, sparse_attention_threshold=0,
+                   sparse_attention_config=layers)
+        model = qwen_jax.load(tiny_checkpoint[0], dtype="float32", dual_chunk_attention_config=cfg,
+                              prefill_chunk_size=384)
+        assert model_fns.program_layers(model.config) == ((0, 0) if name == "small, small" else (0, 1))
+        logits[name] = model.logits(tokens)
+        positions = jnp.arange(384, dtype=jnp.int32)[None]
+        whole, _ = model_fns.forward(model.params, jnp.asarray(tokens, jnp.int32), positions,
+                                     init_cache(model.config, 1, 384, jnp.float32), model.config,
+                                     spec=model.attention)
+        assert np.abs(logits[name] - np.asarray(whole)).max() <= 1e-5 * np.abs(logits[name]).max(), name
+    scale = np.abs(logits["small, small"]).max()
+    assert np.abs(logits["small, covering"] - logits["covering, small"]).max() > 1e-3 * scale
+    assert np.abs(logits["small, covering"] - logits["small, small"]).max() > 1e-3 * scale
+
+
 def test_sparse_config_errors_are_clear(tiny_checkpoint):
     import qwen_jax
     from qwen_jax.errors import ConfigError

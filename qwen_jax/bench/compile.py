@@ -3,11 +3,12 @@
     qwen-jax bench compile --config qwen2.5-7b-1m --tokens 1m [--prefill-chunk 32768] [--modes sparse,dense]
                            [--layers 1,4,all] [--attention pallas] [--kv-cache-dtype fp8] [--json out.json]
 
-The step ``qwen_jax.prefill`` runs per chunk, for a cache of ``--tokens`` slots, is lowered and compiled
-from abstract inputs (no weights or cache are allocated, so the 7B-1M at 1M runs on any machine that
-can compile for it); ``--layers`` cuts the model to that many layers (``all``: every layer), which
-shows how the time grows with depth (the layers are unrolled, so each compiles on its own). Reported
-per mode and depth: seconds to trace and lower, seconds to compile, and the persistent compilation
+The programs ``qwen_jax.prefill`` runs per chunk, for a cache of ``--tokens`` slots (the embedding, one
+program per distinct decoder layer, the final rows), are lowered and compiled from abstract inputs (no
+weights or cache are allocated, so the 7B-1M at 1M runs on any machine that can compile for it);
+``--layers`` cuts the model to that many layers (``all``: every layer): layers with the same sparse
+budgets share one program, so depth adds programs only where budgets differ. Reported per mode and
+depth: programs, seconds to trace and lower, seconds to compile, and the persistent compilation
 cache in use (``qwen_jax.compile_cache``: the folder, or ``off``). With a cache, a program compiled
 before is loaded instead: for a cold figure point ``QWEN_JAX_COMPILE_CACHE`` at an empty folder (or
 ``off``), for a warm one run the same command again.
@@ -38,24 +39,31 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def step_times(config, tokens: int, chunk: int, dtype, kv_dtype, spec) -> tuple[float, float]:
-    """(seconds to trace and lower, seconds to compile) of the prefill chunk step on abstract inputs."""
+def step_times(config, tokens: int, chunk: int, dtype, kv_dtype, spec) -> tuple[float, float, int]:
+    """(seconds to trace and lower, seconds to compile, programs) of one prefill chunk on abstract inputs:
+    the embedding step, each distinct layer program (``model.program_layers``) and the final step."""
     import jax
     import jax.numpy as jnp
 
-    from qwen_jax.cache import KVCache, cache_length
-    from qwen_jax.model import _prefill_chunk, abstract_params
+    from qwen_jax.cache import cache_length
+    from qwen_jax.model import _embed_step, _final_step, _layer_step, abstract_params, program_layers
 
     sd = jax.ShapeDtypeStruct
-    L = config.num_hidden_layers
+    params = abstract_params(config, dtype)
     kv = sd((1, config.num_key_value_heads, cache_length(tokens), config.head_dim), kv_dtype)
-    args = (abstract_params(config, dtype), sd((1, chunk), jnp.int32), sd((), jnp.int32), sd((1,), jnp.int32),
-            sd((1, config.hidden_size), dtype), KVCache((kv,) * L, (kv,) * L))
+    x = sd((1, chunk, config.hidden_size), dtype)
+    start, lengths = sd((), jnp.int32), sd((1,), jnp.int32)
+    traced = [_embed_step.trace(params["embed"]["embedding"], sd((1, chunk), jnp.int32), config=config, spec=spec)]
+    traced += [_layer_step.trace(params[f"layers_{i}"], x, start, lengths, kv, kv, config=config, spec=spec, layer=i)
+               for i in sorted(set(program_layers(config)))]
+    traced.append(_final_step.trace({"norm": params["norm"]}, x, start, lengths, sd((1, config.hidden_size), dtype),
+                                    config=config, all_logits=False))
     t0 = time.perf_counter()
-    lowered = _prefill_chunk.trace(*args, config=config, spec=spec, all_logits=False).lower()
+    lowered = [t.lower() for t in traced]
     t1 = time.perf_counter()
-    lowered.compile()
-    return t1 - t0, time.perf_counter() - t1
+    for low in lowered:
+        low.compile()
+    return t1 - t0, time.perf_counter() - t1, len(lowered)
 
 
 def main(argv=None) -> int:
@@ -96,9 +104,9 @@ def main(argv=None) -> int:
             if config.dual_chunk_attention_config is not None:
                 config = mode_config(config, mode)
             spec = attention.with_sparse_rows(attention.AttentionSpec.of(args.attention), config, [tokens])
-            lower_s, compile_s = step_times(config, tokens, chunk, dtype, kv_dtype, spec)
+            lower_s, compile_s, programs = step_times(config, tokens, chunk, dtype, kv_dtype, spec)
             rows.append({"mode": mode, "layers": layers, "tokens": tokens, "prefill chunk": chunk,
-                         "lower s": round(lower_s, 2), "compile s": round(compile_s, 2),
+                         "programs": programs, "lower s": round(lower_s, 2), "compile s": round(compile_s, 2),
                          "compile cache": compile_cache.state()})
             print(json.dumps(rows[-1]), flush=True)
     env = environment()

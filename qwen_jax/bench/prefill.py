@@ -156,7 +156,7 @@ def main(argv=None) -> int:
     from qwen_jax.attention import AttentionSpec
     from qwen_jax.bench import environment
     from qwen_jax.cache import cache_length, init_cache
-    from qwen_jax.model import _prefill_chunk, init_params
+    from qwen_jax.model import init_params, prefill_programs
     from qwen_jax.passkey import parse_length
     from qwen_jax.presets import preset_config
 
@@ -189,13 +189,13 @@ def main(argv=None) -> int:
                                   chunk_size=args.prefill_chunk, spec=spec)
     jax.block_until_ready(out)
     compile_s = time.perf_counter() - t0
-    compiled = _prefill_chunk._cache_size()
+    compiled = prefill_programs()
     t0 = time.perf_counter()
     logits, cache = qwen_jax.prefill(params, tokens, lengths, cache, config, chunk_size=args.prefill_chunk,
                                      spec=spec, progress=progress_bar(T, f"{mode} prefill"))
     next_token = int(jnp.argmax(logits[0]))
     ttft = time.perf_counter() - t0
-    recompiled = _prefill_chunk._cache_size() - compiled      # a ragged last chunk compiles once more
+    recompiled = prefill_programs() - compiled      # a ragged last chunk compiles once more
     peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]
     peak = None if None in peaks else max(peaks)
     row = {"mode": mode, "tokens": T, "mesh": args.mesh or "one device", "kv cache": str(kv_dtype),
