@@ -27,27 +27,43 @@ import numpy as np
 
 from pallas_kernels import vslash
 from qwen_jax import attention
-from qwen_jax.cache import cache_length, init_cache
+from qwen_jax.cache import KVCache, cache_length, init_cache
 from qwen_jax.config import QwenConfig
 from qwen_jax.errors import QwenJaxError
-from qwen_jax.model import _check_sparse_chunks, _module, params_dtype, placed_like
+from qwen_jax.layers import DecoderLayer
+from qwen_jax.model import _check_sparse_chunks, _embed_step, _positions, params_dtype, placed_like, program_layers
 
 
-@functools.partial(jax.jit, static_argnames=("config", "spec", "selections"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("config", "spec", "layer", "selections"),
+                   donate_argnames=("x", "k_cache", "v_cache"))
+def _layer(layer_params, x, start, request_lengths, k_cache, v_cache, config, spec, layer, selections):
+    """One decoder layer of a recall chunk (a program per layer kind, as prefill runs them):
+    ``(x, k_cache, v_cache, kept [N], count [N], tiles [N], selection or None)``."""
+    positions = _positions(start, *x.shape[:2])
+    (x, k_cache, v_cache), state = DecoderLayer(config, x.dtype, spec, layer).apply(
+        {"params": layer_params}, x, positions, k_cache, v_cache, request_lengths, mutable=["intermediates"])
+    attn = state.get("intermediates", {}).get("attn")
+    if attn is None:     # this chunk ran dense (one query, or sparse off): nothing to record
+        zeros = jnp.zeros((config.num_attention_heads,), jnp.float32)
+        return x, k_cache, v_cache, zeros, zeros, zeros, None
+    kept, count, tiles = (attn["recall"][0][j].astype(jnp.float32) for j in range(3))
+    return x, k_cache, v_cache, kept, count, tiles, attn["selection"][0] if selections else None
+
+
 def _chunk(params, tokens, start, request_lengths, cache, config, spec, selections=False):
-    B, T = tokens.shape
-    positions = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
-    (_, cache), state = _module(config, params_dtype(params), spec).apply(
-        {"params": params}, tokens, positions, cache, request_lengths, mutable=["intermediates"])
-    layers = state.get("intermediates", {})
-    L = config.num_hidden_layers
-    if not layers:       # this chunk ran dense (one query, or sparse off): nothing to record
-        zeros = jnp.zeros((L, config.num_attention_heads), jnp.float32)
-        return zeros, zeros, zeros, None, cache
-    attn = [layers[f"layers_{i}"]["attn"] for i in range(L)]
-    kept, count, tiles = (jnp.stack([a["recall"][0][j] for a in attn]).astype(jnp.float32) for j in range(3))
-    sel = _stack_layers([a["selection"][0] for a in attn]) if selections else None
-    return kept, count, tiles, sel, cache
+    """Recall of one prefill chunk, per layer and head: ``(kept, count, tiles [L, N], selections with a leading
+    layer axis or None, cache)``; the cache is donated."""
+    x = _embed_step(params["embed"]["embedding"], tokens, config, spec)
+    out, ks, vs = [], [], []
+    for i, shared in enumerate(program_layers(config)):
+        x, k, v, *rest = _layer(params[f"layers_{i}"], x, start, request_lengths, cache.k[i], cache.v[i], config,
+                                spec, shared, selections)
+        ks.append(k)
+        vs.append(v)
+        out.append(rest)
+    kept, count, tiles = (jnp.stack([o[j] for o in out]) for j in range(3))
+    sel = _stack_layers([o[3] for o in out]) if selections and out[0][3] is not None else None
+    return kept, count, tiles, sel, KVCache(tuple(ks), tuple(vs))
 
 
 def _stack_layers(sels: list[vslash.Selection]) -> vslash.Selection:
