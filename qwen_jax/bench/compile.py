@@ -53,12 +53,12 @@ def step_times(config, tokens: int, chunk: int, dtype, kv_dtype, spec) -> tuple[
     kv = sd((1, config.num_key_value_heads, cache_length(tokens), config.head_dim), kv_dtype)
     x = sd((1, chunk, config.hidden_size), dtype)
     start, lengths = sd((), jnp.int32), sd((1,), jnp.int32)
+    t0 = time.perf_counter()
     traced = [_embed_step.trace(params["embed"]["embedding"], sd((1, chunk), jnp.int32), config=config, spec=spec)]
     traced += [_layer_step.trace(params[f"layers_{i}"], x, start, lengths, kv, kv, config=config, spec=spec, layer=i)
                for i in sorted(set(program_layers(config)))]
     traced.append(_final_step.trace({"norm": params["norm"]}, x, start, lengths, sd((1, config.hidden_size), dtype),
                                     config=config, all_logits=False))
-    t0 = time.perf_counter()
     lowered = [t.lower() for t in traced]
     t1 = time.perf_counter()
     for low in lowered:
