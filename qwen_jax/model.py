@@ -220,20 +220,31 @@ def _head(params, config: QwenConfig) -> dict:
     return {k: params[k] for k in keys}
 
 
-def _prefill_chunk(params, tokens, start, request_lengths, last_hidden, cache, config, spec, all_logits):
-    """One prefill chunk: ``(logits [B, T, V] | last hidden [B, D], cache)``; the cache is donated."""
-    x = _embed_step(params["embed"]["embedding"], tokens, config, spec)
-    # over a mesh a step hands back equivalent shardings spelled differently: relabelled (``relabel``) so
-    # one compiled program serves every layer
-    carried = shardings_of((x, cache.k[0], cache.v[0]))
-    ks, vs = [], []
+def through_layers(params, x, cache: KVCache, config: QwenConfig, step):
+    """``x`` through every decoder layer, one call each: ``step(layer_params, x, k_cache, v_cache, layer)`` ->
+    ``(x, k_cache, v_cache, *extra)``, where ``layer`` is the layer whose program it shares (``program_layers``).
+    Returns ``(x, cache, [extra per layer])``; the cache's arrays go to ``step`` one layer at a time."""
+    ks, vs, extras = [], [], []
     for i, shared in enumerate(program_layers(config)):
-        x, k, v = _layer_step(params[f"layers_{i}"], x, start, request_lengths, cache.k[i], cache.v[i], config, spec,
-                              shared)
-        x, k, v = relabel((x, k, v), carried)
+        x, k, v, *extra = step(params[f"layers_{i}"], x, cache.k[i], cache.v[i], shared)
         ks.append(k)
         vs.append(v)
-    cache = KVCache(tuple(ks), tuple(vs))
+        extras.append(extra)
+    return x, KVCache(tuple(ks), tuple(vs)), extras
+
+
+def _prefill_chunk(params, tokens, start, request_lengths, last_hidden, cache, config, spec, all_logits):
+    """One prefill chunk: ``(logits [B, T, V] | last hidden [B, D], cache)``; the cache is donated and comes
+    back spelled as it was given (``relabel``)."""
+    x = _embed_step(params["embed"]["embedding"], tokens, config, spec)
+    # over a mesh a step hands back equivalent shardings spelled differently: relabelled (``relabel``) so
+    # one compiled program serves every layer and every chunk
+    carried = shardings_of((x, cache.k[0], cache.v[0]))
+
+    def step(layer_params, x, k, v, layer):
+        return relabel(_layer_step(layer_params, x, start, request_lengths, k, v, config, spec, layer), carried)
+
+    x, cache, _ = through_layers(params, x, cache, config, step)
     head = _head(params, config) if all_logits else {"norm": params["norm"]}
     return _final_step(head, x, start, request_lengths, last_hidden, config, all_logits), cache
 
@@ -263,10 +274,11 @@ def prefill(params, tokens, lengths, cache: KVCache, config: QwenConfig, *, chun
     cache, last_hidden = placed_like(params, (cache, last_hidden))
     if spec.mesh is not None:   # one global, replicated array over the mesh (every process holds it)
         last_hidden = global_array(last_hidden, jax.sharding.NamedSharding(spec.mesh, jax.sharding.PartitionSpec()))
-    carried = shardings_of((last_hidden, cache))
+    carried = shardings_of(last_hidden)     # (the cache comes back from each chunk spelled as it went in)
     for begin, end in _chunks(T, chunk_size):
-        last_hidden, cache = relabel(_prefill_chunk(params, tokens[:, begin:end], jnp.int32(begin), lengths,
-                                                    last_hidden, cache, config, spec, False), carried)
+        last_hidden, cache = _prefill_chunk(params, tokens[:, begin:end], jnp.int32(begin), lengths, last_hidden,
+                                            cache, config, spec, False)
+        last_hidden = relabel(last_hidden, carried)
         if progress is not None:
             jax.block_until_ready(last_hidden)   # report work done, not work dispatched
             progress(end)
@@ -290,11 +302,9 @@ def prefill_logits(params, tokens, config: QwenConfig, *, chunk_size: int = DEFA
                                            mesh=spec.mesh))
     out = np.empty((B, T, config.vocab_size), np.float32)
     request_lengths = jnp.full((B,), T, jnp.int32)
-    carried = shardings_of(cache)
     for begin, end in _chunks(T, chunk_size):
         logits, cache = _prefill_chunk(params, tokens[:, begin:end], jnp.int32(begin), request_lengths, None, cache,
                                        config, spec, True)
-        cache = relabel(cache, carried)
         out[:, begin:end] = to_host(logits)
     return out
 

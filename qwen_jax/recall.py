@@ -27,11 +27,11 @@ import numpy as np
 
 from pallas_kernels import vslash
 from qwen_jax import attention
-from qwen_jax.cache import KVCache, cache_length, init_cache
+from qwen_jax.cache import cache_length, init_cache
 from qwen_jax.config import QwenConfig
 from qwen_jax.errors import QwenJaxError
 from qwen_jax.layers import DecoderLayer
-from qwen_jax.model import _check_sparse_chunks, _embed_step, _positions, params_dtype, placed_like, program_layers
+from qwen_jax.model import _check_sparse_chunks, _embed_step, _positions, params_dtype, placed_like, through_layers
 
 
 @functools.partial(jax.jit, static_argnames=("config", "spec", "layer", "selections"),
@@ -54,16 +54,14 @@ def _chunk(params, tokens, start, request_lengths, cache, config, spec, selectio
     """Recall of one prefill chunk, per layer and head: ``(kept, count, tiles [L, N], selections with a leading
     layer axis or None, cache)``; the cache is donated."""
     x = _embed_step(params["embed"]["embedding"], tokens, config, spec)
-    out, ks, vs = [], [], []
-    for i, shared in enumerate(program_layers(config)):
-        x, k, v, *rest = _layer(params[f"layers_{i}"], x, start, request_lengths, cache.k[i], cache.v[i], config,
-                                spec, shared, selections)
-        ks.append(k)
-        vs.append(v)
-        out.append(rest)
+
+    def step(layer_params, x, k, v, layer):
+        return _layer(layer_params, x, start, request_lengths, k, v, config, spec, layer, selections)
+
+    _, cache, out = through_layers(params, x, cache, config, step)
     kept, count, tiles = (jnp.stack([o[j] for o in out]) for j in range(3))
     sel = _stack_layers([o[3] for o in out]) if selections and out[0][3] is not None else None
-    return kept, count, tiles, sel, KVCache(tuple(ks), tuple(vs))
+    return kept, count, tiles, sel, cache
 
 
 def _stack_layers(sels: list[vslash.Selection]) -> vslash.Selection:
