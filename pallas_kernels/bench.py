@@ -5,7 +5,8 @@
                                    [--json out.json]
 
 ``--kernels`` lists ``impl:block_q:block_k:stages`` (Triton: stages = num_stages, with 8 warps at
-head_dim 128; Mosaic GPU: a fifth field ``lf`` launches light query blocks first); each is timed
+head_dim 128; Mosaic GPU: further fields ``lf`` launch light query blocks first, ``free`` lets the
+consumers run without taking turns, ``c3`` runs three consumer warpgroups, free); each is timed
 causal, and with ``--dca`` also through DCA.
 
 Causal prefill of T queries over T keys, batch 1, bf16. FLOPs counted as 2 * 2 * T^2 / 2 * N * H
@@ -59,10 +60,14 @@ def main(argv=None) -> int:
             cudnn = jax.jit(functools.partial(jax.nn.dot_product_attention, is_causal=True, implementation="cudnn"))
             cases.append(("cudnn", cudnn, (q, kt, vt), flops))
         for spec in args.kernels.split(","):
-            impl, bq, bk, stages, *order = spec.split(":")
-            if impl == "mosaic_gpu":  # a fifth field "lf" launches light query blocks first (default: heavy first)
+            impl, bq, bk, stages, *extra = spec.split(":")
+            if impl == "mosaic_gpu":  # "lf": light query blocks first (default heavy first); "free": no turns
+                if set(extra) - {"lf", "free", "c3"}:
+                    raise SystemExit(f"unknown option in {spec!r}: mosaic_gpu:block_q:block_k:stages[:lf][:free][:c3]")
+                c3 = "c3" in extra
                 kernel = functools.partial(flash_attention_mgpu, block_q=int(bq), block_k=int(bk), stages=int(stages),
-                                           heavy_first=order != ["lf"])
+                                           heavy_first="lf" not in extra, pingpong=not c3 and "free" not in extra,
+                                           consumers=3 if c3 else 2)
             elif impl == "triton":
                 kernel = functools.partial(flash_attention_gpu, block_q=int(bq), block_k=int(bk),
                                            num_stages=int(stages))

@@ -5,9 +5,11 @@ three warpgroups. Warpgroup 2 is the producer: it streams the K/V blocks the two
 phase after phase (see ``masks``), into a ring of ``stages`` shared-memory slots with TMA. Warpgroups
 0 and 1 each own ``block_q`` query rows, run QK^T and PV on the tensor cores (wgmma) and the online
 softmax in registers, taking turns on the tensor cores (a schedule barrier) so one's softmax hides
-behind the other's matmuls.
+behind the other's matmuls. With ``consumers=3`` a program has three consumer warpgroups (three query
+blocks, warpgroup 3 the producer) running free: 1.02-1.15x cuDNN against the two consumers' 0.97-1.05x
+on an H100 (GPU_NOTES, fourteenth session; not the default yet).
 
-Both consumers walk the same step list (the producer's), so every barrier sees the same arrivals; a
+The consumers walk the same step list (the producer's), so every barrier sees the same arrivals; a
 step outside a consumer's own key range only waits for its data and hands the slot back. The mask is
 applied only on edge blocks (``MaskSpec.interior`` tells which blocks every query sees whole). DCA
 needs one query copy per phase: a consumer reloads its query tile between phases, and the phases run
@@ -58,7 +60,7 @@ def _blocks(lo, hi, block_k: int):
 
 
 def _kernel(meta_ref, scale_ref, *refs, mask: MaskSpec, G: int, block_q: int, block_k: int, stages: int,
-            n_pairs: int, heavy_first: bool):
+            n_pairs: int, heavy_first: bool, pingpong: bool = True, consumers: int = 2):
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -72,8 +74,9 @@ def _kernel(meta_ref, scale_ref, *refs, mask: MaskSpec, G: int, block_q: int, bl
     wg = lax.axis_index("wg")
     kvh = lax.div(n, jnp.int32(G))
     q_offset, kv_length = meta_ref[b, 0], meta_ref[b, 1]
-    pair_first = q_offset + qi * (2 * block_q)
-    pair_last = pair_first + 2 * block_q - 1
+    C = consumers
+    pair_first = q_offset + qi * (C * block_q)          # the program's C query blocks (a pair by default)
+    pair_last = pair_first + C * block_q - 1
 
     # The step list both consumers and the producer walk: per phase, the key blocks either query block needs.
     schedule, total = [], jnp.int32(0)
@@ -83,20 +86,24 @@ def _kernel(meta_ref, scale_ref, *refs, mask: MaskSpec, G: int, block_q: int, bl
         total = total + (U1 - U0)
 
     def take_turns():
-        plgpu.barrier_arrive(turn)
-        plgpu.barrier_wait(turn)
+        if pingpong:
+            plgpu.barrier_arrive(turn)
+            plgpu.barrier_wait(turn)
 
-    @pl.when(wg < 2)
+    # registers: 65536 per SM over C + 1 warpgroups of 128 threads (3 consumers: 3 x 160 + 24)
+    regs, producer_regs = (232, 40) if C == 2 else (160, 24)
+
+    @pl.when(wg < C)
     def _consumer():
-        plgpu.set_max_registers(232, action="increase")
+        plgpu.set_max_registers(regs, action="increase")
         qo_smem, lse_smem = qo_smem2.at[wg], lse_smem2.at[wg]
-        row0 = qi * (2 * block_q) + wg * block_q
+        row0 = qi * (C * block_q) + wg * block_q
         first = pair_first + wg * block_q
         last = first + block_q - 1
         scale2 = scale_ref[b] * LOG2E                     # logits in base 2: exp2 is one instruction
         H = qo_smem.shape[-1]
         steps = WindowSteps(qo_smem, k_smem, v_smem, k_bar, k_free, v_bar, v_free, stages=stages, total=total,
-                            scale2=scale2, take_turns=take_turns, turn=turn)
+                            scale2=scale2, take_turns=take_turns, turn=turn if pingpong else None)
 
         def compute(j, carry, *, phase, offset, masked):
             def masking(s):
@@ -139,9 +146,9 @@ def _kernel(meta_ref, scale_ref, *refs, mask: MaskSpec, G: int, block_q: int, bl
 
         store_rows(carry, qo_smem, lse_smem, out_ref.at[b, pl.ds(row0, block_q), n], lse_ref.at[b, n, pl.ds(row0, block_q)])
 
-    @pl.when(wg == 2)
+    @pl.when(wg == C)
     def _producer():
-        plgpu.set_max_registers(40, action="decrease")
+        plgpu.set_max_registers(producer_regs, action="decrease")
         for _, U0, U1, offset in schedule:
             def load(j, carry, offset=offset):
                 step = j + offset
@@ -162,33 +169,44 @@ def _kernel(meta_ref, scale_ref, *refs, mask: MaskSpec, G: int, block_q: int, bl
             lax.fori_loop(U0, U1, load, None)
 
 
-@functools.partial(jax.jit, static_argnames=("mask", "block_q", "block_k", "stages", "heavy_first"))
+@functools.partial(jax.jit, static_argnames=("mask", "block_q", "block_k", "stages", "heavy_first", "pingpong",
+                                             "consumers"))
 def flash_attention_mgpu(queries: tuple, k, v, q_offset, kv_length, scale, *, mask: MaskSpec, block_q: int = 64,
-                         block_k: int = 128, stages: int = 2, heavy_first: bool = True):
+                         block_k: int = 128, stages: int = 2, heavy_first: bool = True, pingpong: bool = True,
+                         consumers: int = 2):
     """``queries``: one q [B, T, N, H] per mask phase (already rotated); k, v [B, K, S, H];
     q_offset, kv_length [B] int32; scale [B] float32. Returns ``(out [B, T, N, H], lse [B, T, N] f32)``.
 
-    ``block_q`` is each consumer warpgroup's query rows (a program covers 2 block_q)."""
+    ``block_q`` is each consumer warpgroup's query rows (a program covers ``consumers`` block_q: 2, or 3
+    running free); ``pingpong``: two consumers take turns on the tensor cores (False: they run free)."""
 
     check_supported(queries, k, v, block_q, block_k, stages)
+    if consumers not in (2, 3) or (consumers == 3 and pingpong):
+        raise ValueError(f"the mosaic_gpu kernel runs 2 consumer warpgroups, or 3 without turns (pingpong=False); "
+                         f"got consumers={consumers}, pingpong={pingpong}")
+    smem = (consumers * block_q + 2 * stages * block_k) * queries[0].shape[-1] * queries[0].dtype.itemsize
+    if smem > 232448 - 4096:
+        raise ValueError(f"mosaic_gpu: {consumers} query tiles and {stages} stages of {block_k}-key blocks need "
+                         f"{smem} bytes of shared memory, more than {232448 - 4096}; lower stages or block_k")
     d = attention_dims(queries, k, mask, block_k)
     B, T, N, H = d.B, d.T, d.N, d.H
     dtype = queries[0].dtype
-    queries, nq = pad_queries(queries, 2 * block_q)
-    Tp = nq * 2 * block_q
+    queries, nq = pad_queries(queries, consumers * block_q)
+    Tp = nq * consumers * block_q
     meta = jnp.stack([q_offset, kv_length], axis=1).astype(jnp.int32)
 
     body = functools.partial(_kernel, mask=mask, G=d.G, block_q=block_q, block_k=block_k, stages=stages,
-                             n_pairs=nq, heavy_first=heavy_first)
+                             n_pairs=nq, heavy_first=heavy_first, pingpong=pingpong, consumers=consumers)
     out, lse = launch(body, (meta, scale.astype(jnp.float32), *queries, k, v), B=B, Tp=Tp, N=N, H=H, dtype=dtype,
-                      n_pairs=nq, block_q=block_q, block_k=block_k, stages=stages)
+                      n_pairs=nq, block_q=block_q, block_k=block_k, stages=stages, consumers=consumers)
     return out[:, :T], lse[:, :, :T].transpose(0, 2, 1)
 
 
-def launch(body, inputs, *, B, Tp, N, H, dtype, n_pairs, block_q, block_k, stages):
-    """Run a kernel of this file's shape (also the sparse kernel's): a producer warpgroup and two consumer
-    warpgroups per program on grid (heads, query-block pairs, batch), with the scratch and barriers
-    ``_kernel`` expects. ``body(*input_refs, out_ref, lse_ref, scoped)``; returns ``(out [B, Tp, N, H],
+def launch(body, inputs, *, B, Tp, N, H, dtype, n_pairs, block_q, block_k, stages, consumers: int = 2):
+    """Run a kernel of this file's shape (also the sparse kernel's): a producer warpgroup and ``consumers``
+    consumer warpgroups per program on grid (heads, groups of ``consumers`` query blocks, batch), with the
+    scratch and barriers ``_kernel`` expects. ``body(*input_refs, out_ref, lse_ref, scoped)``; returns
+    ``(out [B, Tp, N, H],
     lse [B, N, Tp] float32)``."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
@@ -200,16 +218,17 @@ def launch(body, inputs, *, B, Tp, N, H, dtype, n_pairs, block_q, block_k, stage
         swizzle = v_swizzle(block_k, jnp.dtype(dtype).itemsize)
         v_tiled = (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle))
         scratch = (
-            plgpu.SMEM((2, block_q, H), dtype, transforms=tiled),
+            plgpu.SMEM((consumers, block_q, H), dtype, transforms=tiled),
             plgpu.SMEM((stages, block_k, H), dtype, transforms=tiled),
             plgpu.SMEM((stages, block_k, H), dtype, transforms=v_tiled),
-            plgpu.SMEM((2, block_q), jnp.float32),
+            plgpu.SMEM((consumers, block_q), jnp.float32),
         )
         pl.run_scoped(
             lambda *scoped: body(*refs, scoped),
             scratch,
-            (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=2)),
-            (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2,
+            (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
+             plgpu.Barrier(num_barriers=consumers)),
+            (plgpu.Barrier(num_arrivals=consumers, num_barriers=stages),) * 2,
             plgpu.Barrier(num_arrivals=2),
             collective_axes="wg",
         )
@@ -219,7 +238,7 @@ def launch(body, inputs, *, B, Tp, N, H, dtype, n_pairs, block_q, block_k, stage
         out_type=[jax.ShapeDtypeStruct((B, Tp, N, H), dtype), jax.ShapeDtypeStruct((B, N, Tp), jnp.float32)],
         grid=(N, n_pairs, B),
         grid_names=("heads", "q_seq", "batch"),
-        num_threads=3,
+        num_threads=consumers + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
     )(*inputs)

@@ -38,7 +38,13 @@ def run_case(impl: str, mask_name: str, G: int, seed: int, T: int = 700, S: int 
     q_offset = jnp.array([803, 0, 10], jnp.int32)
     kv_length = jnp.array([1503, 450, 0], jnp.int32)
     scale = jnp.asarray(rng.uniform(0.05, 0.12, B), jnp.float32)
-    out, lse = flash_attention(qs, k, v, q_offset=q_offset, kv_length=kv_length, scale=scale, mask=mask, impl=impl)
+    if impl == "mosaic_gpu_c3":    # flash_mgpu's option: three consumer warpgroups, running free
+        from pallas_kernels.flash_mgpu import flash_attention_mgpu
+        out, lse = flash_attention_mgpu(qs, k, v, q_offset, kv_length, scale, mask=mask, block_q=64, block_k=128,
+                                        stages=2, pingpong=False, consumers=3)
+    else:
+        out, lse = flash_attention(qs, k, v, q_offset=q_offset, kv_length=kv_length, scale=scale, mask=mask,
+                                   impl=impl)
     positions = q_offset[:, None] + jnp.arange(T)[None]
     f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
     ref_out, ref_lse = masked_attention(tuple(map(f32, qs)), f32(k), f32(v), positions, kv_length, scale, mask=mask)
@@ -48,7 +54,7 @@ def run_case(impl: str, mask_name: str, G: int, seed: int, T: int = 700, S: int 
 SPARSE_KERNELS = {"vslash": "triton", "vslash_mgpu": "mosaic_gpu"}
 # (mask, G, H, query offsets, Mosaic GPU options): offsets that are odd multiples of 64 put DCA chunk
 # starts inside a pair of query blocks (the Mosaic GPU kernel's two-part path); "block" is the
-# block-sparse primitive; options (block_k, stages, pingpong[, prefetch]) call vslash_mgpu directly
+# block-sparse primitive; options (block_k, stages, pingpong[, prefetch[, consumers]]) call vslash_mgpu directly
 SPARSE_CASES = {
     "vslash": [("causal", 1, 128, (1024, 256), None), ("dca", 4, 128, (1024, 256), None),
                ("dca", 7, 128, (1024, 256), None)],
@@ -59,7 +65,13 @@ SPARSE_CASES = {
                     ("dca", 7, 128, (1024, 256), (128, 2, False)), ("dca", 4, 128, (1088, 320), (80, 4, False)),
                     ("causal", 7, 128, (1024, 256), (80, 4, False)), ("dca", 7, 128, (1024, 256), (96, 3, True)),
                     ("dca", 4, 128, (1088, 320), (64, 4, False, False)),
-                    ("causal", 4, 64, (1088, 320), (80, 4, False, False))],
+                    ("causal", 4, 64, (1088, 320), (80, 4, False, False)),
+                    ("dca", 4, 128, (1088, 320), (96, 3, False, True, 3)),
+                    ("causal", 7, 128, (1024, 256), (128, 2, False, True, 3)),
+                    ("block", 4, 128, (1024, 256), (96, 3, False, True, 3)),
+                    ("dca", 7, 128, (1024, 256), (80, 4, False, True, 3)),
+                    ("causal", 4, 64, (1088, 320), (96, 3, False, True, 3)),
+                    ("dca", 1, 128, (1024, 256), (64, 4, False, True, 3))],
 }
 
 
@@ -94,12 +106,13 @@ def run_sparse_case(mask_name: str, G: int, seed: int, T: int = 700, S: int = 20
     args = dict(q_offset=q_offset, kv_length=kv_length, scale=scale, mask=mask, impl=kernel)
     if options is not None:
         from pallas_kernels.vslash_mgpu import vslash_attention_mgpu
-        block_k, stages, pingpong, prefetch = (*options, True)[:4]      # prefetch: on unless given
+        block_k, stages, pingpong, prefetch, consumers = (*options, True, 2)[:5] if len(options) < 4 else \
+            (*options, 2)[:5]                                          # prefetch on, two consumers unless given
         index = vslash.block_sparse_index(blocks, counts, q_offset, kv_length)[0] if mask_name == "block" else \
             vslash.build_index(sel, q_offset, T, kv_length, mask, vslash.BAND, k.shape[2])
         out, lse = vslash_attention_mgpu(qs, k, v, q_offset, kv_length, scale, index, None, mask=mask,
                                          block_k=block_k, stages=stages, pingpong=pingpong,
-                                         prefetch=prefetch)
+                                         prefetch=prefetch, consumers=consumers)
     elif mask_name == "block":
         out, lse = block_sparse_attention(qs, k, v, blocks, counts, **args)
     else:
@@ -113,7 +126,7 @@ def run_sparse_case(mask_name: str, G: int, seed: int, T: int = 700, S: int = 20
                                         restrict=restrict)
     res = _compare(f"vslash-{kernel}", mask_name, G, out, lse, ref_out, ref_lse)
     if options is not None:
-        res.update(block_k=block_k, stages=stages, pingpong=pingpong, prefetch=prefetch)
+        res.update(block_k=block_k, stages=stages, pingpong=pingpong, prefetch=prefetch, consumers=consumers)
     return res
 
 
@@ -138,7 +151,8 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--impls", default="mosaic_gpu,triton",
-                   help="dense kernels; 'vslash' / 'vslash_mgpu' add the sparse Triton / Mosaic GPU kernel")
+                   help="dense kernels (mosaic_gpu_c3: three consumer warpgroups); 'vslash' / 'vslash_mgpu' add "
+                   "the sparse Triton / Mosaic GPU kernel")
     p.add_argument("--head-dims", default="128", help="comma-separated head dims to check (dense kernels)")
     p.add_argument("--cases", default=None, help="comma-separated case numbers to run (default: all)")
     p.add_argument("--json", default=None)

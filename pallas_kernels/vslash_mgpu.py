@@ -1,7 +1,8 @@
 """Vertical-slash sparse attention for Hopper GPUs in Pallas Mosaic GPU: TMA, wgmma, warp specialisation.
 
 ``flash_mgpu``'s structure over a sparse key list. A program (grid ``(N, T / 128, B)``) owns a *pair* of
-64-row query blocks starting at ``q0`` and ``q0 + 64``; consumer warpgroup ``c`` computes block ``c``,
+64-row query blocks starting at ``q0`` and ``q0 + 64`` (``consumers=3``: three blocks, grid ``(N, T /
+192, B)``, each rule below for C blocks); consumer warpgroup ``c`` computes block ``c``,
 the producer warpgroup streams ``block_k``-key windows into a ring of ``stages`` slots by TMA, and the
 consumers compute their windows on the tensor cores (optionally taking turns, as in the dense kernel).
 
@@ -63,17 +64,23 @@ from pallas_kernels.vslash import BAND, NO_KEY, VSIndex, gather_verticals, pad_v
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 SKIP, WHOLE, MASKED = 0, 1, 2
-FIRST, SECOND, BOTH = 0, 1, 2   # which consumers a slash window serves (``pair_windows``)
+FIRST, SECOND, BOTH = 0, 1, -1  # which consumers a slash window serves (``pair_windows``): c, or all of them
 SKIP_COST = 0.25  # a skipped window's cost against a computed one, when choosing how to cut a run (measured:
                   # 0.25 / 0.1 2% faster than 0.5 at 128K and 1M on an H100, 1.0 12% slower; GPU_NOTES, 9th session)
-FIELDS = 8        # per (row, head, pair, phase, part): t0, t1, v0, v1, segment, active0, active1, first step
+CONSUMERS = (2, 3)  # consumer warpgroups a program may run (query blocks per program); 3 run without turns
+
+
+def fields(consumers: int = 2) -> int:
+    """Per (row, head, group, phase, part): t0, t1, v0, v1, segment, active per consumer, first step."""
+    return 6 + consumers
 BIG = 2 ** 30
 SMEM_BYTES = 232448 - 4096   # Hopper's 227 KiB per block, less room for barriers and alignment
 ROW_ALIGN = 8     # TMA into wgmma-tiled shared memory starts at a multiple of the 8-row tile
 M_FLOOR = -1e30   # the running max's start: above MASK_VALUE, below any real logit
 
 
-def check_supported(queries: tuple, k, v, block_k: int, stages: int) -> None:
+def check_supported(queries: tuple, k, v, block_k: int, stages: int, consumers: int = 2,
+                    pingpong: bool = False) -> None:
     """A clear error for what this kernel cannot do (``impl='triton'`` can)."""
     from pallas_kernels.flash_mgpu import check_supported as check_dense
     check_dense(queries, k, v, BAND, BAND, stages)          # dtypes, head_dim, stages
@@ -86,22 +93,26 @@ def check_supported(queries: tuple, k, v, block_k: int, stages: int) -> None:
     if k.shape[2] < block_k:
         raise ValueError(f"the mosaic_gpu sparse kernel needs a cache of at least block_k={block_k} slots, "
                          f"got {k.shape[2]}")
+    if consumers not in CONSUMERS or (consumers == 3 and pingpong):
+        raise ValueError(f"the mosaic_gpu sparse kernel runs 2 consumer warpgroups, or 3 without turns "
+                         f"(pingpong=False); got consumers={consumers}, pingpong={pingpong}")
     H, item = k.shape[-1], k.dtype.itemsize
-    smem = smem_bytes(block_k, stages, H, item)
+    smem = smem_bytes(block_k, stages, H, item, consumers)
     if smem > SMEM_BYTES:
-        raise ValueError(f"mosaic_gpu sparse kernel: block_k={block_k}, stages={stages} and head_dim {H} need "
-                         f"{smem} bytes of shared memory, more than {SMEM_BYTES}; lower block_k or stages")
+        raise ValueError(f"mosaic_gpu sparse kernel: block_k={block_k}, stages={stages}, {consumers} consumers and "
+                         f"head_dim {H} need {smem} bytes of shared memory, more than {SMEM_BYTES}; lower block_k "
+                         f"or stages")
 
 
-def smem_bytes(block_k: int, stages: int, H: int, item: int = 2) -> int:
-    """Shared memory of one program: the two query tiles, the K/V ring and the lse rows."""
-    return (2 * BAND + 2 * stages * block_k) * H * item + 2 * BAND * 4
+def smem_bytes(block_k: int, stages: int, H: int, item: int = 2, consumers: int = 2) -> int:
+    """Shared memory of one program: the consumers' query tiles, the K/V ring and the lse rows."""
+    return (consumers * BAND + 2 * stages * block_k) * H * item + consumers * BAND * 4
 
 
-def max_stages(block_k: int, H: int = 128, item: int = 2, most: int = 4) -> int:
+def max_stages(block_k: int, H: int = 128, item: int = 2, most: int = 4, consumers: int = 2) -> int:
     """The deepest K/V ring (at most ``most``) that fits in shared memory."""
     stages = most
-    while stages > 2 and smem_bytes(block_k, stages, H, item) > SMEM_BYTES:
+    while stages > 2 and smem_bytes(block_k, stages, H, item, consumers) > SMEM_BYTES:
         stages -= 1
     return stages
 
@@ -110,26 +121,29 @@ def max_stages(block_k: int, H: int = 128, item: int = 2, most: int = 4) -> int:
 # The schedule (XLA, before the kernel)
 
 
-def pair_windows(rel_start, rel_end, block_k: int):
-    """The windows of a pair of blocks: ``(ws, lo, hi, who)`` [..., cap] int32 from the tiles [..., TC] of
-    ``vslash.run_tiles`` (or ``block_sparse_index``), all relative to the first block's start.
+def pair_windows(rel_start, rel_end, block_k: int, consumers: int = 2):
+    """The windows of a program's C = ``consumers`` blocks (a pair by default): ``(ws, lo, hi, who)``
+    [..., cap] int32 from the tiles [..., TC] of ``vslash.run_tiles`` (or ``block_sparse_index``), all
+    relative to the first block's start.
 
-    Window ``w`` loads keys ``[ws, ws + block_k)`` for the run ``[lo, hi)`` (block 0's keys; block 1's
-    are ``[lo + 64, hi + 64)``) and serves the consumers ``who`` says (``BOTH``, ``FIRST`` or
-    ``SECOND``); padding windows have ``ws = lo = hi = NO_KEY``. Windows start on the 8-row grid
-    (``ROW_ALIGN``: TMA into wgmma-tiled shared memory needs it). A run is cut one of two ways:
+    Window ``w`` loads keys ``[ws, ws + block_k)`` for the run ``[lo, hi)`` (block 0's keys; block c's
+    are ``[lo + 64 c, hi + 64 c)``) and serves the consumers ``who`` says (``BOTH``: all of them, or
+    consumer ``who`` alone: ``FIRST``, ``SECOND``, 2); padding windows have ``ws = lo = hi = NO_KEY``.
+    Windows start on the 8-row grid (``ROW_ALIGN``: TMA into wgmma-tiled shared memory needs it). A run
+    is cut one of two ways:
 
-    shared  windows from the run's 8-aligned start over ``[lo, hi + 64)``, both consumers masking each
-            to their own keys: a run of m distances (at most 64 m keys) takes at most
-            ceil((64 m + 71) / block_k) <= m ceil(135 / block_k) windows
-    split   each consumer its own windows over its own keys (block 0 from the 8-aligned start, block 1
-            64 keys later), the other consumer skipping them: with windows wider than 71 keys a lone
-            diagonal's band fits one window per consumer (two computed windows, not three)
+    shared  windows from the run's 8-aligned start over ``[lo, hi + 64 (C - 1))``, every consumer masking
+            each to its own keys: a run of m distances (at most 64 m keys) takes at most
+            ceil((64 m + 64 (C - 1) + 7) / block_k) <= m ceil((64 C + 7) / block_k) windows
+    split   each consumer its own windows over its own keys (block c's from the 8-aligned start + 64 c),
+            the others skipping them: with windows wider than 71 keys a lone diagonal's band fits one
+            window per consumer (C computed windows, not C + 1)
 
     whichever costs less, counting a computed window 1 and a skipped step ``SKIP_COST`` (and split only
-    where its windows fit the run's rows of the table). The table has TC ceil(135 / block_k) rows."""
+    where its windows fit the run's rows of the table). The table has TC ceil((64 C + 7) / block_k) rows."""
+    C = consumers
     TC = rel_start.shape[-1]
-    per_tile = -(-(2 * BAND + ROW_ALIGN - 1) // block_k)
+    per_tile = -(-(C * BAND + ROW_ALIGN - 1) // block_k)
     cap = TC * per_tile
     valid = rel_start < NO_KEY
     prev_end = jnp.concatenate([jnp.full_like(rel_end[..., :1], -BIG), rel_end[..., :-1]], axis=-1)
@@ -144,13 +158,14 @@ def pair_windows(rel_start, rel_end, block_k: int):
     run_tiles = lax.cummin(jnp.where(last, idx, BIG), axis=axis, reverse=True) - idx + 1   # at a run's first tile
     run_lo8 = run_lo // ROW_ALIGN * ROW_ALIGN            # windows start on the 8-row grid (q0 is on it too)
     ceil = lambda x: -(-x // block_k)  # noqa: E731
-    shared = ceil(run_hi + BAND - run_lo8)
+    shared = ceil(run_hi + BAND * (C - 1) - run_lo8)
     own = ceil(run_hi - run_lo8)                           # one consumer's windows over its own keys
-    computed = own + shared - (BAND + run_lo - run_lo8) // block_k     # block 1's keys start 64 later
-    cost_shared = computed + SKIP_COST * (2 * shared - computed)
-    cost_split = 2 * own * (1 + SKIP_COST)
-    split = (cost_split < cost_shared) & (2 * own <= run_tiles * per_tile)
-    n_win = jnp.where(first, jnp.where(split, 2 * own, shared), 0)
+    # shared windows consumer c computes: those meeting its keys [lo + 64 c, hi + 64 c)
+    computed = sum(ceil(run_hi + BAND * c - run_lo8) - (BAND * c + run_lo - run_lo8) // block_k for c in range(C))
+    cost_shared = computed + SKIP_COST * (C * shared - computed)
+    cost_split = C * own * (1 + (C - 1) * SKIP_COST)
+    split = (cost_split < cost_shared) & (C * own <= run_tiles * per_tile)
+    n_win = jnp.where(first, jnp.where(split, C * own, shared), 0)
     cum = jnp.cumsum(n_win, axis=-1)
     w = jnp.arange(cap, dtype=jnp.int32)
     flat = cum.reshape(-1, TC)
@@ -160,40 +175,46 @@ def pair_windows(rel_start, rel_end, block_k: int):
     lo, hi = take(run_lo), take(run_hi)
     i = w - take(cum - n_win)                               # the window's place in its run
     n_own, is_split = take(own), take(split)
-    second = is_split & (i >= n_own)
-    ws = take(run_lo8) + jnp.where(second, BAND + (i - n_own) * block_k, i * block_k)
-    who = jnp.where(is_split, jnp.where(second, SECOND, FIRST), BOTH)
+    mine = i // jnp.maximum(n_own, 1)                       # split: the consumer whose window it is
+    ws = take(run_lo8) + jnp.where(is_split, BAND * mine + (i - mine * n_own) * block_k, i * block_k)
+    who = jnp.where(is_split, mine, BOTH)
     live = w < cum[..., -1:]
     far = jnp.int32(NO_KEY)
     return (jnp.where(live, ws, far), jnp.where(live, lo, far), jnp.where(live, hi, far),
             jnp.where(live, who, BOTH).astype(jnp.int32))      # [..., cap]
 
 
-def useful(ws, lo, hi, who, block_k: int):
+def useful(ws, lo, hi, who, block_k: int, consumers: int = 2):
     """The keys of window ``(ws, lo, hi, who)`` its consumers use, relative to the first block's start:
-    ``[max(ws, lo + 64 [second only]), min(ws + block_k, hi + 64 [not first only]))``."""
-    return (jnp.maximum(ws, lo + BAND * (who == SECOND)),
-            jnp.minimum(ws + block_k, hi + BAND * (who != FIRST)))
+    ``[max(ws, lo + 64 c_first), min(ws + block_k, hi + 64 c_last))`` over the consumers it serves."""
+    alone = who != BOTH
+    return (jnp.maximum(ws, lo + BAND * jnp.where(alone, who, 0)),
+            jnp.minimum(ws + block_k, hi + BAND * jnp.where(alone, who, consumers - 1)))
 
 
-def pair_schedule(index: VSIndex, ws, lo, hi, who, q_offset, kv_length, mask: MaskSpec, block_k: int, n_pairs: int):
-    """``sched`` [B, N, n_pairs, P, 2, FIELDS] int32: per pair, phase and part (the segment of block 0,
-    then block 1's if it differs) the windows ``[t0, t1)`` and vertical tiles ``[v0, v1)`` that meet the
-    key range of a consumer in that part, the part's segment, which consumers are in it, and the index
-    of its first step in the program's step list (windows then vertical tiles, part after part)."""
+def pair_schedule(index: VSIndex, ws, lo, hi, who, q_offset, kv_length, mask: MaskSpec, block_k: int, n_pairs: int,
+                  consumers: int = 2):
+    """``sched`` [B, N, n_pairs, P, C, fields(C)] int32: per program (C = ``consumers`` blocks), phase and
+    part (the segment of block 0, then each later block's if no earlier block has it) the windows ``[t0,
+    t1)`` and vertical tiles ``[v0, v1)`` that meet the key range of a consumer in that part, the part's
+    segment, which consumers are in it, and the index of its first step in the program's step list
+    (windows then vertical tiles, part after part)."""
+    C = consumers
     B, Gs, N, P, TC = ws.shape
     nqb = index.block_seg.shape[1]
-    seg = jnp.pad(index.block_seg, ((0, 0), (0, 2 * n_pairs - nqb)), constant_values=-1).reshape(B, n_pairs, 2)
+    seg = jnp.pad(index.block_seg, ((0, 0), (0, C * n_pairs - nqb)), constant_values=-1).reshape(B, n_pairs, C)
     valid = seg >= 0                                                           # [B, n_pairs, c]
-    live = valid & jnp.stack([jnp.ones_like(seg[..., 0], bool), seg[..., 1] != seg[..., 0]], axis=-1)   # parts
+    earlier = jnp.tril(jnp.ones((C, C), bool), -1)                             # [part, c]: c < part
+    new = ~jnp.any(earlier & (seg[..., :, None] == seg[..., None, :]), axis=-1)
+    live = valid & new                                                         # parts: each segment once
     act = live[..., :, None] & valid[..., None, :] & (seg[..., :, None] == seg[..., None, :])  # [B, pairs, part, c]
     part_seg = jnp.maximum(seg, 0)
-    q0 = q_offset[:, None] + 2 * BAND * jnp.arange(n_pairs, dtype=jnp.int32)[None]           # [B, n_pairs]
+    q0 = q_offset[:, None] + C * BAND * jnp.arange(n_pairs, dtype=jnp.int32)[None]           # [B, n_pairs]
     # Windows overlap where one run's tail window reaches past the next run's start, so neither starts
     # nor ends are sorted: search the running max of the ends (windows before t0 all end by the range
     # start) and the suffix min of the useful starts (windows from t1 on all start past its end).
     live = ws < NO_KEY
-    u_lo, u_hi = useful(ws, lo, hi, who, block_k)
+    u_lo, u_hi = useful(ws, lo, hi, who, block_k, C)
     end = lax.cummax(jnp.where(live, u_hi, NO_KEY), axis=4)
     start = lax.cummin(jnp.where(live, u_lo, NO_KEY), axis=4, reverse=True)
     vpos = index.vpos
@@ -207,7 +228,7 @@ def pair_schedule(index: VSIndex, ws, lo, hi, who, q_offset, kv_length, mask: Ma
 
     per_phase = []
     for p, phase in enumerate(mask.phases):
-        first = q0[..., None] + BAND * jnp.arange(2, dtype=jnp.int32)                        # [B, pairs, c]
+        first = q0[..., None] + BAND * jnp.arange(C, dtype=jnp.int32)                        # [B, pairs, c]
         klo, khi = mask.key_range(phase, first, first + BAND - 1, kv_length[:, None, None])
         k_lo = jnp.min(jnp.where(act, klo[:, :, None, :], BIG), axis=-1)                    # [B, pairs, part]
         k_hi = jnp.max(jnp.where(act, khi[:, :, None, :], -BIG), axis=-1)
@@ -217,13 +238,14 @@ def pair_schedule(index: VSIndex, ws, lo, hi, who, q_offset, kv_length, mask: Ma
         v0 = search(vpos[:, :, :, p], k_lo, "left") // block_k
         v1 = jnp.maximum(-(-search(vpos[:, :, :, p], k_hi, "left") // block_k), v0)
         ranges = jnp.where(some.reshape(B, -1, 1, 1), jnp.stack([t0, t1, v0, v1], -1), 0)   # [B, Q, N, 4]
-        part = jnp.stack([part_seg, act[..., 0], act[..., 1]], -1).astype(jnp.int32)
-        part = jnp.broadcast_to(part.reshape(B, -1, 1, 3), ranges.shape[:-1] + (3,))
-        per_phase.append(jnp.concatenate([ranges, part], -1).astype(jnp.int32))           # [B, Q, N, 7]
-    sched = jnp.stack(per_phase, axis=2)                                       # [B, Q, P, N, 7]
-    sched = sched.reshape(B, n_pairs, 2, P, N, 7).transpose(0, 4, 1, 3, 2, 5)  # [B, N, n_pairs, P, 2, 7]
-    steps = (sched[..., 1] - sched[..., 0] + sched[..., 3] - sched[..., 2]).reshape(B, N, n_pairs, 2 * P)
-    first_step = (jnp.cumsum(steps, axis=-1) - steps).reshape(B, N, n_pairs, P, 2, 1)
+        part = jnp.concatenate([part_seg[..., None], act], -1).astype(jnp.int32)          # [B, pairs, part, 1 + C]
+        part = jnp.broadcast_to(part.reshape(B, -1, 1, 1 + C), ranges.shape[:-1] + (1 + C,))
+        per_phase.append(jnp.concatenate([ranges, part], -1).astype(jnp.int32))           # [B, Q, N, 5 + C]
+    F = 5 + C
+    sched = jnp.stack(per_phase, axis=2)                                       # [B, Q, P, N, F]
+    sched = sched.reshape(B, n_pairs, C, P, N, F).transpose(0, 4, 1, 3, 2, 5)  # [B, N, n_pairs, P, C, F]
+    steps = (sched[..., 1] - sched[..., 0] + sched[..., 3] - sched[..., 2]).reshape(B, N, n_pairs, C * P)
+    first_step = (jnp.cumsum(steps, axis=-1) - steps).reshape(B, N, n_pairs, P, C, 1)
     return jnp.concatenate([sched, first_step.astype(jnp.int32)], axis=-1)
 
 
@@ -234,7 +256,7 @@ def pair_schedule(index: VSIndex, ws, lo, hi, who, q_offset, kv_length, mask: Ma
 def slash_bounds(ws, lo, hi, who, q0, c, block_k: int, n_keys: int):
     """Window ``(ws, lo, hi, who)`` for consumer ``c``: ``(start, klo, khi)``, the loaded keys ``[start,
     start + block_k)`` (clipped into the cache) and the consumer's run keys ``[klo, khi)`` inside the
-    window (empty where the window serves the other consumer only)."""
+    window (empty where the window serves another consumer only)."""
     start = jnp.clip(q0 + ws, 0, n_keys - block_k)
     klo = q0 + jnp.maximum(ws, lo + BAND * c)
     khi = q0 + jnp.minimum(ws + block_k, hi + BAND * c)
@@ -280,7 +302,8 @@ def _load_cols(ref, layout):
 
 
 def _kernel(meta_ref, scale_ref, sched_ref, win_ref, vpos_ref, keep_ref, *refs, mask: MaskSpec, G: int,
-            block_k: int, stages: int, n_pairs: int, heavy_first: bool, pingpong: bool, prefetch: bool):
+            block_k: int, stages: int, n_pairs: int, heavy_first: bool, pingpong: bool, prefetch: bool,
+            consumers: int = 2):
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -295,7 +318,8 @@ def _kernel(meta_ref, scale_ref, sched_ref, win_ref, vpos_ref, keep_ref, *refs, 
     wg = lax.axis_index("wg")
     kvh = lax.div(n, jnp.int32(G))
     q_offset, kv_length = meta_ref[b, 0], meta_ref[b, 1]
-    q0 = q_offset + qi * (2 * BAND)
+    C = consumers
+    q0 = q_offset + qi * (C * BAND)
     Gs, N, P = vpos_ref.shape[1:4]
     n_keys = k_ref.shape[2]
     last_win, last_vtile = max(win_ref.shape[4] - 1, 0), max(vpos_ref.shape[4] // W - 1, 0)   # prefetch clamps
@@ -304,11 +328,13 @@ def _kernel(meta_ref, scale_ref, sched_ref, win_ref, vpos_ref, keep_ref, *refs, 
     def part(p: int, part: int):
         """Phase ``p``'s part ``part`` of the step list all three warpgroups walk: its windows, then its
         vertical tiles. Read where it is used, so few scalars stay live (the producer has 40 registers)."""
-        t0, t1, v0, v1, g, act0, act1, first_step = (sched_ref[b, n, qi, p, part, f] for f in range(FIELDS))
-        return dict(p=p, g=g, act=(act0, act1), t0=t0, t1=t1, v0=v0, v1=v1, slash_off=first_step - t0,
+        t0, t1, v0, v1, g, *act, first_step = (sched_ref[b, n, qi, p, part, f] for f in range(fields(C)))
+        return dict(p=p, g=g, act=act, t0=t0, t1=t1, v0=v0, v1=v1, slash_off=first_step - t0,
                     vert_off=first_step + (t1 - t0) - v0, end=first_step + (t1 - t0) + (v1 - v0))
 
-    parts = [(p, q) for p in range(n_phases) for q in range(2)]
+    parts = [(p, q) for p in range(n_phases) for q in range(C)]
+    # registers: 65536 per SM over C + 1 warpgroups of 128 threads (3 consumers: 3 x 160 + 24)
+    regs, producer_regs = (232, 40) if C == 2 else (160, 24)
 
     def take_turns():
         if pingpong:
@@ -318,11 +344,11 @@ def _kernel(meta_ref, scale_ref, sched_ref, win_ref, vpos_ref, keep_ref, *refs, 
     def tile_row(e):                      # the gathered vertical tiles of (row, segment, head, phase)
         return ((b * Gs + e["g"]) * N + n) * P + e["p"]
 
-    @pl.when(wg < 2)
+    @pl.when(wg < C)
     def _consumer():
-        plgpu.set_max_registers(232, action="increase")
+        plgpu.set_max_registers(regs, action="increase")
         qo_smem, lse_smem = qo_smem2.at[wg], lse_smem2.at[wg]
-        row0 = qi * (2 * BAND) + wg * BAND
+        row0 = qi * (C * BAND) + wg * BAND
         first = q0 + wg * BAND
         scale2 = scale_ref[b] * LOG2E                     # logits in base 2: exp2 is one instruction
         total = part(*parts[-1])["end"]
@@ -365,7 +391,8 @@ def _kernel(meta_ref, scale_ref, sched_ref, win_ref, vpos_ref, keep_ref, *refs, 
             a_rows, b_rows = mask.key_range(phase, rows, rows, kv_length)      # [64]: row r sees [a_r, b_r)
             span = row_span(mask, phase, first, kv_length)
             for e in (part(p_, q) for p_, q in parts if p_ == p):
-                active = jnp.where(wg == 0, e["act"][0], e["act"][1]) != 0
+                active = functools.reduce(lambda x, c: jnp.where(wg == c, e["act"][c], x), range(1, C),
+                                          e["act"][0]) != 0
 
                 def slash_fields(w, e=e):
                     return tuple(win_ref[b, e["g"], n, e["p"], w, f] for f in range(4))
@@ -405,7 +432,7 @@ def _kernel(meta_ref, scale_ref, sched_ref, win_ref, vpos_ref, keep_ref, *refs, 
                         # Issued before the matmul so the loads' latency hides behind it.
                         col_layout = plgpu.Layout.WGMMA.reduce(0)
                         pos = _load_cols(vpos_ref.at[b, g, n, p_, pl.ds(j * W, W)], col_layout)
-                        keep = _load_cols(keep_ref.at[b, n, 2 * qi + wg, p_, pl.ds(j * W, W)], col_layout)
+                        keep = _load_cols(keep_ref.at[b, n, C * qi + wg, p_, pl.ds(j * W, W)], col_layout)
                         pos = jnp.where(keep != 0, pos, NO_KEY)
                         pos = lax.broadcast_in_dim(pos, (BAND, W), [1])
                         return compute(carry, step, lambda: between(a_rows, b_rows, pos), True)
@@ -422,9 +449,9 @@ def _kernel(meta_ref, scale_ref, sched_ref, win_ref, vpos_ref, keep_ref, *refs, 
 
         store_rows(carry, qo_smem, lse_smem, out_ref.at[b, pl.ds(row0, BAND), n], lse_ref.at[b, n, pl.ds(row0, BAND)])
 
-    @pl.when(wg == 2)
+    @pl.when(wg == C)
     def _producer():
-        plgpu.set_max_registers(40, action="decrease")
+        plgpu.set_max_registers(producer_regs, action="decrease")
 
         def load(step, src_k, src_v):
             slot = lax.rem(step, jnp.int32(stages))
@@ -463,66 +490,70 @@ def _kernel(meta_ref, scale_ref, sched_ref, win_ref, vpos_ref, keep_ref, *refs, 
             lax.fori_loop(e["v0"], e["v1"], vertical, None)
 
 
-def _tables(index: VSIndex, q_offset, kv_length, mask: MaskSpec, block_k: int, n_pairs: int):
+def _tables(index: VSIndex, q_offset, kv_length, mask: MaskSpec, block_k: int, n_pairs: int, consumers: int = 2):
     """Everything the kernel reads besides q, k, v: ``(sched, win, vpos, keep)`` (see ``_kernel``)."""
     index = pad_verticals(index, block_k)
-    ws, lo, hi, who = pair_windows(index.rel_start, index.rel_end, block_k)
-    sched = pair_schedule(index, ws, lo, hi, who, q_offset, kv_length, mask, block_k, n_pairs)
+    ws, lo, hi, who = pair_windows(index.rel_start, index.rel_end, block_k, consumers)
+    sched = pair_schedule(index, ws, lo, hi, who, q_offset, kv_length, mask, block_k, n_pairs, consumers)
     win = jnp.stack([ws, lo, hi, who], axis=-1)                              # [B, Gs, N, P, cap, 4]
     nqb = index.keep.shape[2]
-    keep = jnp.pad(index.keep, ((0, 0), (0, 0), (0, 2 * n_pairs - nqb), (0, 0), (0, 0))).astype(jnp.int8)
+    keep = jnp.pad(index.keep, ((0, 0), (0, 0), (0, consumers * n_pairs - nqb), (0, 0), (0, 0))).astype(jnp.int8)
     return index, sched, win, index.vpos, keep
 
 
-@functools.partial(jax.jit, static_argnames=("mask", "block_k", "stages", "heavy_first", "pingpong", "prefetch"))
+@functools.partial(jax.jit, static_argnames=("mask", "block_k", "stages", "heavy_first", "pingpong", "prefetch",
+                                             "consumers"))
 def vslash_attention_mgpu(queries: tuple, k, v, q_offset, kv_length, scale, index: VSIndex, col_count=None, *,
                           mask: MaskSpec, block_k: int = 128, stages: int = 2, heavy_first: bool = True,
-                          pingpong: bool = True, prefetch: bool = True):
+                          pingpong: bool = True, prefetch: bool = True, consumers: int = 2):
     """``queries``: one q [B, T, N, H] per mask phase (rotated); k, v [B, K, S, H]; q_offset [B] (multiple
     of 64), kv_length [B] int32; scale [B] float32; ``index`` from ``vslash.build_index`` (any tile
     width); ``col_count`` is unused (the padded ``index.vpos`` says it), kept for the common signature.
     ``block_k``: keys per window (a multiple of 16, at least 64; see ``pair_windows``); ``pingpong``: the
     consumers take turns on the tensor cores (module docstring); ``prefetch``: each step's table entries
     (a window's bounds, a vertical tile's first and last column) are read from GMEM one step ahead, so
-    their latency hides behind the previous step's matmuls. Returns ``(out [B, T, N, H], lse [B, T, N] float32)``."""
+    their latency hides behind the previous step's matmuls; ``consumers``: query blocks per program, one
+    consumer warpgroup each (2, or 3 with ``pingpong=False``). Returns ``(out [B, T, N, H], lse [B, T, N] float32)``."""
 
     del col_count
-    check_supported(queries, k, v, block_k, stages)
+    check_supported(queries, k, v, block_k, stages, consumers, pingpong)
     d = attention_dims(queries, k, mask)
     B, T, N, H = d.B, d.T, d.N, d.H
     dtype = queries[0].dtype
-    queries, n_pairs = pad_queries(queries, 2 * BAND)
-    Tp = n_pairs * 2 * BAND
-    index, sched, win, vpos, keep = _tables(index, q_offset, kv_length, mask, block_k, n_pairs)
+    queries, n_pairs = pad_queries(queries, consumers * BAND)
+    Tp = n_pairs * consumers * BAND
+    index, sched, win, vpos, keep = _tables(index, q_offset, kv_length, mask, block_k, n_pairs, consumers)
     kg, vg = gather_verticals(k, v, index)                                   # [B, Gs, N, P, VC, H]
     kg, vg = (x.reshape(-1, *x.shape[-2:]) for x in (kg, vg))
     meta = jnp.stack([q_offset, kv_length], axis=1).astype(jnp.int32)
 
     body = functools.partial(_kernel, mask=mask, G=d.G, block_k=block_k, stages=stages, n_pairs=n_pairs,
-                             heavy_first=heavy_first, pingpong=pingpong, prefetch=prefetch)
+                             heavy_first=heavy_first, pingpong=pingpong, prefetch=prefetch, consumers=consumers)
     out, lse = launch(body, (meta, scale.astype(jnp.float32), sched, win, vpos, keep, *queries, k, v, kg, vg), B=B,
-                      Tp=Tp, N=N, H=H, dtype=dtype, n_pairs=n_pairs, block_q=BAND, block_k=block_k, stages=stages)
+                      Tp=Tp, N=N, H=H, dtype=dtype, n_pairs=n_pairs, block_q=BAND, block_k=block_k, stages=stages,
+                      consumers=consumers)
     return out[:, :T], lse[:, :, :T].transpose(0, 2, 1)
 
 
-def visited_pairs(index: VSIndex, q_offset, kv_length, mask: MaskSpec, block_k: int = 128):
-    """(query, key) pairs the kernel's windows span, both consumers, SKIP steps included: an upper
+def visited_pairs(index: VSIndex, q_offset, kv_length, mask: MaskSpec, block_k: int = 128, consumers: int = 2):
+    """(query, key) pairs the kernel's windows span, all consumers, SKIP steps included: an upper
     bound of what it computes, for benchmarks (int, traced)."""
-    n_pairs = -(-index.block_seg.shape[1] // 2)
-    _, sched, _, _, _ = _tables(index, q_offset, kv_length, mask, block_k, n_pairs)
+    n_pairs = -(-index.block_seg.shape[1] // consumers)
+    _, sched, _, _, _ = _tables(index, q_offset, kv_length, mask, block_k, n_pairs, consumers)
     steps = (sched[..., 1] - sched[..., 0] + sched[..., 3] - sched[..., 2]).astype(jnp.float32).sum()
-    return steps * (2 * BAND * block_k)
+    return steps * (consumers * BAND * block_k)
 
 
-def computed_pairs(index: VSIndex, q_offset, kv_length, mask: MaskSpec, block_k: int = 128):
+def computed_pairs(index: VSIndex, q_offset, kv_length, mask: MaskSpec, block_k: int = 128, consumers: int = 2):
     """(query, key) pairs in the windows and vertical tiles the consumers compute (SKIP steps left out),
     decided as the kernel decides them, for benchmarks (float, traced). One head at a time."""
-    n_pairs = -(-index.block_seg.shape[1] // 2)
-    _, sched, win, vpos, _ = _tables(index, q_offset, kv_length, mask, block_k, n_pairs)
+    C = consumers
+    n_pairs = -(-index.block_seg.shape[1] // C)
+    _, sched, win, vpos, _ = _tables(index, q_offset, kv_length, mask, block_k, n_pairs, C)
     B = sched.shape[0]
     W, cap, n_tiles = block_k, win.shape[4], vpos.shape[-1] // block_k
-    q0 = (q_offset[:, None] + 2 * BAND * jnp.arange(n_pairs, dtype=jnp.int32)[None])[:, :, None, None, None]
-    c = jnp.arange(2, dtype=jnp.int32)[None, None, None, :, None]             # [B, pairs, part, c, step]
+    q0 = (q_offset[:, None] + C * BAND * jnp.arange(n_pairs, dtype=jnp.int32)[None])[:, :, None, None, None]
+    c = jnp.arange(C, dtype=jnp.int32)[None, None, None, :, None]             # [B, pairs, part, c, step]
     b = jnp.arange(B)[:, None, None]
 
     def head(n):
@@ -530,7 +561,7 @@ def computed_pairs(index: VSIndex, q_offset, kv_length, mask: MaskSpec, block_k:
         for p, phase in enumerate(mask.phases):
             f = sched[:, n, :, p]                                                 # [B, pairs, part, FIELDS]
             t0, t1, v0, v1, g = (f[..., i][..., None, None] for i in range(5))
-            act = jnp.stack([f[..., 5], f[..., 6]], -1)[..., None] != 0        # [B, pairs, part, c, 1]
+            act = f[..., 5:5 + C][..., None] != 0                                 # [B, pairs, part, c, 1]
             span = row_span(mask, phase, q0 + BAND * c, kv_length[:, None, None, None, None])
             rows = win[b, f[..., 4], n, p]                                       # [B, pairs, part, cap, 4]
             ws, lo, hi, who = (rows[..., i][:, :, :, None] for i in range(4))

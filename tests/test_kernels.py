@@ -98,16 +98,19 @@ def test_dca_model_through_the_kernels_equals_the_blockwise_op(tiny_checkpoint):
         assert generate_ids(blockwise.params, blockwise.config, prompts, max_new_tokens=6, spec=spec) == expected_ids
 
 
-@pytest.mark.parametrize("kernel,platform", [("mosaic_gpu", "cuda"), ("triton", "cuda"), ("mosaic_tpu", "tpu")])
+@pytest.mark.parametrize("kernel,platform", [("mosaic_gpu", "cuda"), ("mosaic_gpu_free", "cuda"),
+                                             ("mosaic_gpu_c3", "cuda"), ("triton", "cuda"), ("mosaic_tpu", "tpu")])
 @pytest.mark.parametrize("mask_name", ["causal", "dca"])
 def test_kernels_lower_for_their_hardware(kernel, platform, mask_name):
     """Lowering proved without the hardware: Qwen2.5-7B heads (28 / 4, head_dim 128), bf16."""
     mask = MaskSpec(chunk_len=1024) if mask_name == "dca" else MaskSpec()
     sd = jax.ShapeDtypeStruct
     B, T, N, K, H, S = 1, 1024, 28, 4, 128, 4096
-    if kernel == "mosaic_gpu":
+    if kernel.startswith("mosaic_gpu"):       # "_free": the consumers do not take turns; "_c3": three, free
         from pallas_kernels.flash_mgpu import flash_attention_mgpu as fn
-        fn = functools.partial(fn, mask=mask, block_q=64, block_k=128)
+        fn = functools.partial(fn, mask=mask, block_q=64, block_k=64 if kernel == "mosaic_gpu_c3" else 128,
+                               stages=4 if kernel == "mosaic_gpu_c3" else 2, pingpong=kernel == "mosaic_gpu",
+                               consumers=3 if kernel == "mosaic_gpu_c3" else 2)
         checks, marker = [], "mosaic_gpu"
     elif kernel == "triton":
         from pallas_kernels.flash_gpu import flash_attention_gpu as fn
@@ -173,3 +176,12 @@ def test_interior_blocks_are_wholly_visible(mask_name):
                 k_pos = jnp.arange(j * bk, (j + 1) * bk)[None, :]
                 assert np.asarray(mask.visible(phase, q_pos, k_pos, kv_length)).all(), (phase, first, last, j)
     assert all(n > 0 for n in claimed.values()), claimed  # the shortcut is really taken
+
+
+def test_kernel_benchmark_refuses_unknown_mosaic_gpu_options():
+    """``pallas_kernels.bench --kernels mosaic_gpu:bq:bk:stages[:lf][:free][:c3]``: anything else is one line."""
+    from pallas_kernels import bench
+    with pytest.raises(SystemExit, match="unknown option in 'mosaic_gpu:64:128:2:fast'"):
+        bench.main(["--lengths", "1k", "--no-cudnn", "--kernels", "mosaic_gpu:64:128:2:fast"])
+    with pytest.raises(SystemExit, match="unknown kernel 'cutlass'"):
+        bench.main(["--lengths", "1k", "--no-cudnn", "--kernels", "cutlass:64:128:2"])

@@ -327,22 +327,24 @@ def test_rows_over_and_under_the_threshold_in_one_batch(tiny_checkpoint):
     assert np.abs(np.asarray(dense_logits)[0] - both[0]).max() > 1e-4     # the long row really ran sparse
 
 
-def mgpu_coverage(index, q_offset, kv_length, mask, T, S, block_k, qkv=None):
+def mgpu_coverage(index, q_offset, kv_length, mask, T, S, block_k, qkv=None, consumers=2):
     """Replay the Mosaic GPU sparse kernel's schedule in numpy: how often each (phase, row, head, query,
     key) is computed unmasked, using the kernel's own tables and per-step decisions. Also counts steps
     by kind. Returns ``(cover [P, B, N, T, S] int, kinds {kind: count}, out, lse)``; with ``qkv = (qs, k,
-    v, scale)`` also the kernel's arithmetic (base-2 online softmax from M_FLOOR) in float64."""
+    v, scale)`` also the kernel's arithmetic (base-2 online softmax from M_FLOOR) in float64.
+    ``consumers``: query blocks per program (the kernel's consumer warpgroups)."""
     from pallas_kernels import vslash_mgpu as vm
+    C = consumers
     B, N = index.t0.shape[:2]
     P, nqb = len(mask.phases), index.block_seg.shape[1]
-    n_pairs = -(-nqb // 2)
+    n_pairs = -(-nqb // C)
     W = block_k
-    _, *tables = jax.jit(vm._tables, static_argnums=(3, 4, 5))(index, q_offset, kv_length, mask, W, n_pairs)
+    _, *tables = jax.jit(vm._tables, static_argnums=(3, 4, 5, 6))(index, q_offset, kv_length, mask, W, n_pairs, C)
     sched, win, vpos, keep = map(np.asarray, tables)
     q_offset, kv_length = np.asarray(q_offset), np.asarray(kv_length)
-    cover = np.zeros((P, B, N, 2 * n_pairs * 64, S + 1), np.int32)           # column S: keys that do not exist
+    cover = np.zeros((P, B, N, C * n_pairs * 64, S + 1), np.int32)           # column S: keys that do not exist
     kinds = {vm.SKIP: 0, vm.WHOLE: 0, vm.MASKED: 0}
-    Tp = 2 * n_pairs * 64
+    Tp = C * n_pairs * 64
     if qkv is not None:
         qs, k, v, scale = qkv
         qs, k, v, scale = [np.asarray(q, np.float64) for q in qs], np.asarray(k), np.asarray(v), np.asarray(scale)
@@ -368,12 +370,12 @@ def mgpu_coverage(index, q_offset, kv_length, mask, T, S, block_k, qkv=None):
     for b, n, qi in np.ndindex(B, N, n_pairs):                                 # the step numbering the kernel uses
         lengths = (sched[b, n, qi, :, :, 1] - sched[b, n, qi, :, :, 0] + sched[b, n, qi, :, :, 3]
                    - sched[b, n, qi, :, :, 2]).reshape(-1)
-        np.testing.assert_array_equal(sched[b, n, qi, :, :, 7].reshape(-1), np.cumsum(lengths) - lengths)
-    for b, n, qi, p, part in np.ndindex(B, N, n_pairs, P, 2):
+        np.testing.assert_array_equal(sched[b, n, qi, :, :, 5 + C].reshape(-1), np.cumsum(lengths) - lengths)
+    for b, n, qi, p, part in np.ndindex(B, N, n_pairs, P, C):
         phase = mask.phases[p]
-        t0, t1, v0, v1, g, *act = sched[b, n, qi, p, part, :7]
-        q0 = int(q_offset[b]) + 128 * qi
-        for c in range(2):
+        t0, t1, v0, v1, g, *act = sched[b, n, qi, p, part, :5 + C]
+        q0 = int(q_offset[b]) + 64 * C * qi
+        for c in range(C):
             first = q0 + 64 * c
             rows = first + np.arange(64)
             a_rows, b_rows = map(np.asarray, mask.key_range(phase, rows, rows, kv_length[b]))
@@ -397,7 +399,7 @@ def mgpu_coverage(index, q_offset, kv_length, mask, T, S, block_k, qkv=None):
             vkind = np.asarray(vm.vertical_kind(tiles[:, 0], tiles[:, -1], span, bool(act[c])))
             for i in range(v0, v1):
                 kinds[int(vkind[i])] += 1
-                pos = np.where(keep[b, n, 2 * qi + c, p, i * W:(i + 1) * W] != 0, tiles[i], vslash.NO_KEY)
+                pos = np.where(keep[b, n, C * qi + c, p, i * W:(i + 1) * W] != 0, tiles[i], vslash.NO_KEY)
                 ok = (pos >= a_rows[:, None]) & (pos < b_rows[:, None])
                 assert vkind[i] == vm.MASKED or not act[c] or not ok.any()
                 if vkind[i] == vm.MASKED:
@@ -410,14 +412,15 @@ def mgpu_coverage(index, q_offset, kv_length, mask, T, S, block_k, qkv=None):
     return cover[:, :, :, :T, :S], kinds, out[:, :, :T].transpose(0, 2, 1, 3), lse[:, :, :T].transpose(0, 2, 1)
 
 
-@pytest.mark.parametrize("mask_name,q_offset,block_k", [("causal", (320, 128), 128), ("dca", (320, 128), 128),
-                                                        ("dca", (384, 64), 64), ("causal", (64, 192), 96),
-                                                        ("dca", (320, 128), 80)])
-def test_mgpu_sparse_schedule_computes_each_visible_key_once(mask_name, q_offset, block_k):
+@pytest.mark.parametrize("mask_name,q_offset,block_k,consumers", [
+    ("causal", (320, 128), 128, 2), ("dca", (320, 128), 128, 2), ("dca", (384, 64), 64, 2),
+    ("causal", (64, 192), 96, 2), ("dca", (320, 128), 80, 2), ("dca", (320, 128), 96, 3),
+    ("causal", (64, 192), 128, 3), ("dca", (384, 64), 64, 3)])
+def test_mgpu_sparse_schedule_computes_each_visible_key_once(mask_name, q_offset, block_k, consumers):
     """The Mosaic GPU sparse kernel (no CPU interpreter) replayed in numpy from its own tables and step
     decisions: every key of the sparse mask is computed exactly once per query, no other key ever, and
-    windows it calls whole or skipped really are. Pairs of query blocks cut by segment boundaries, rows
-    whose cache ends early, queries past the cache."""
+    windows it calls whole or skipped really are. Programs of two or three query blocks cut by segment
+    boundaries, rows whose cache ends early, queries past the cache."""
     rng = np.random.default_rng(len(mask_name) + block_k)
     B, T, N, S = 2, 456, 3, 1024
     mask = MaskSpec(chunk_len=128) if mask_name == "dca" else MaskSpec()
@@ -432,9 +435,12 @@ def test_mgpu_sparse_schedule_computes_each_visible_key_once(mask_name, q_offset
     k, v = rng.normal(size=(2, B, 1, S, 16))
     scale = np.array([0.3, 0.2])
     from pallas_kernels import vslash_mgpu as vm
-    who = np.asarray(vm.pair_windows(index.rel_start, index.rel_end, block_k)[3])
-    assert (block_k > 64) == (who != vm.BOTH).any()         # windows one consumer computes alone: wide windows only
-    cover, kinds, out, lse = mgpu_coverage(index, q_offset, kv_length, mask, T, S, block_k, (qs, k, v, scale))
+    who = np.asarray(vm.pair_windows(index.rel_start, index.rel_end, block_k, consumers)[3])
+    if consumers == 2:                                     # windows one consumer computes alone: wide windows only
+        assert (block_k > 64) == (who != vm.BOTH).any()
+    assert set(np.unique(who)) <= {vm.BOTH, *range(consumers)}
+    cover, kinds, out, lse = mgpu_coverage(index, q_offset, kv_length, mask, T, S, block_k, (qs, k, v, scale),
+                                           consumers)
     positions = q_offset[:, None] + jnp.arange(T)[None]
     slots = jnp.arange(S)
     restrict = np.asarray(jax.jit(vslash.dense_mask, static_argnums=2)(sel, positions, S))    # [P, B, N, T, S]
@@ -444,7 +450,8 @@ def test_mgpu_sparse_schedule_computes_each_visible_key_once(mask_name, q_offset
         assert want.any()
         np.testing.assert_array_equal(cover[p], want.astype(np.int32), err_msg=f"phase {phase}")
     assert min(kinds.values()) > 0, kinds                                    # every kind of step occurs
-    computed = jax.jit(vm.computed_pairs, static_argnums=(3, 4))(index, q_offset, kv_length, mask, block_k)
+    computed = jax.jit(vm.computed_pairs, static_argnums=(3, 4, 5))(index, q_offset, kv_length, mask, block_k,
+                                                                     consumers)
     assert float(computed) == (kinds[vm.WHOLE] + kinds[vm.MASKED]) * 64 * block_k     # the benchmark's count
     ref_out, ref_lse = masked_attention(tuple(map(jnp.asarray, qs)), jnp.asarray(k), jnp.asarray(v), positions,
                                         kv_length, jnp.asarray(scale), mask=mask, restrict=jnp.asarray(restrict))
@@ -455,8 +462,9 @@ def test_mgpu_sparse_schedule_computes_each_visible_key_once(mask_name, q_offset
     np.testing.assert_allclose(out, ref_out, atol=2e-5, rtol=1e-5)          # empty rows: 0
 
 
-def test_mgpu_sparse_schedule_on_the_block_sparse_primitive():
-    """Block-sparse tables (each query block its own segment: every pair walks two parts)."""
+@pytest.mark.parametrize("consumers", [2, 3])
+def test_mgpu_sparse_schedule_on_the_block_sparse_primitive(consumers):
+    """Block-sparse tables (each query block its own segment: every program walks a part per block)."""
     rng = np.random.default_rng(7)
     B, T, N, S, M = 2, 320, 2, 512, 5
     mask = MaskSpec(chunk_len=128)
@@ -465,7 +473,7 @@ def test_mgpu_sparse_schedule_on_the_block_sparse_primitive():
     counts = jnp.asarray(rng.integers(0, M + 1, (B, N, nqb, P)), jnp.int32)
     q_offset, kv_length = jnp.array([192, 64], jnp.int32), jnp.array([512, 300], jnp.int32)
     index, _ = vslash.block_sparse_index(blocks, counts, q_offset, kv_length)
-    cover, *_ = mgpu_coverage(index, q_offset, kv_length, mask, T, S, 128)
+    cover, *_ = mgpu_coverage(index, q_offset, kv_length, mask, T, S, 128, consumers=consumers)
     positions = q_offset[:, None] + jnp.arange(T)[None]
     restrict = np.asarray(vslash.block_sparse_dense_mask(blocks, counts, positions, S))
     for p, phase in enumerate(mask.phases):
@@ -474,8 +482,9 @@ def test_mgpu_sparse_schedule_on_the_block_sparse_primitive():
         np.testing.assert_array_equal(cover[p], (restrict[p] & visible[:, None]).astype(np.int32))
 
 
-@pytest.mark.parametrize("mask_name,block_k", [("causal", 96), ("dca", 128), ("dca", 80)])
-def test_mgpu_sparse_kernel_lowers_for_cuda(mask_name, block_k):
+@pytest.mark.parametrize("mask_name,block_k,consumers", [("causal", 96, 2), ("dca", 128, 2), ("dca", 80, 2),
+                                                         ("dca", 96, 3), ("causal", 128, 3)])
+def test_mgpu_sparse_kernel_lowers_for_cuda(mask_name, block_k, consumers):
     """Qwen2.5-7B heads (28 / 4, head_dim 128), bf16, a 4096-query chunk at an offset, budgets 6096 / 1000:
     the Mosaic GPU sparse kernel lowers to a Mosaic GPU custom call (no GPU needed)."""
     from jax import export
@@ -488,7 +497,8 @@ def test_mgpu_sparse_kernel_lowers_for_cuda(mask_name, block_k):
         sel = vslash.Selection(dist, dn, cols, cn, sb, se)
         index = vslash.build_index(sel, qo, T, kl, mask, vslash.BAND, S)
         return vslash_attention_mgpu(qs, k, v, qo, kl, sc, index, cn, mask=mask, block_k=block_k,
-                                     stages=max_stages(block_k), pingpong=block_k == 128)
+                                     stages=max_stages(block_k, consumers=consumers),
+                                     pingpong=block_k == 128 and consumers == 2, consumers=consumers)
 
     sd, i32 = jax.ShapeDtypeStruct, jnp.int32
     exported = export.export(jax.jit(f), platforms=["cuda"])(
@@ -644,10 +654,13 @@ def test_sparse_benchmark_compares_the_estimate_implementations(tmp_path):
 
 
 def test_sparse_benchmark_refuses_unknown_kernel_options():
-    """``--kernels`` takes mosaic_gpu[:block_k[:stages[:pp|free[:prefetch|noprefetch]]]]; anything else is one line."""
+    """``--kernels`` takes mosaic_gpu[:block_k[:stages[:pp|free|c3[:prefetch|noprefetch]]]]; anything else is one
+    line."""
     from qwen_jax.bench import sparse as bench_sparse
     for spec in ("mosaic_gpu:96:3:free:later", "mosaic_gpu:96:3:fast", "cutlass"):
         with pytest.raises(SystemExit, match="unknown kernel"):
             bench_sparse.main(["--kernels", spec, "--lengths", "2k"])
     with pytest.raises(SystemExit, match="no interpreter"):                    # parsed, then refused on a CPU
         bench_sparse.main(["--kernels", "mosaic_gpu:96:3:free:noprefetch", "--interpret", "--lengths", "2k"])
+    with pytest.raises(SystemExit, match="no interpreter"):
+        bench_sparse.main(["--kernels", "mosaic_gpu:96:3:c3", "--interpret", "--lengths", "2k"])
