@@ -327,7 +327,8 @@ def _kernel(meta_ref, scale_ref, sched_ref, win_ref, vpos_ref, keep_ref, *refs, 
 
     def part(p: int, part: int):
         """Phase ``p``'s part ``part`` of the step list every warpgroup walks: its windows, then its
-        vertical tiles. Read where it is used, so few scalars stay live (the producer has 40 registers, 24 beside three consumers)."""
+        vertical tiles. Read where it is used, so few scalars stay live (the producer has 40 registers, 24
+        beside three consumers)."""
         t0, t1, v0, v1, g, *act, first_step = (sched_ref[b, n, qi, p, part, f] for f in range(fields(C)))
         return dict(p=p, g=g, act=act, t0=t0, t1=t1, v0=v0, v1=v1, slash_off=first_step - t0,
                     vert_off=first_step + (t1 - t0) - v0, end=first_step + (t1 - t0) + (v1 - v0))
