@@ -35,6 +35,7 @@ from pallas_kernels.shapes import attention_dims, pad_queries
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
+SMEM_BYTES = 232448 - 4096   # Hopper's 227 KiB per block, less room for barriers and alignment
 
 
 def check_supported(queries: tuple, k, v, block_q: int, block_k: int, stages: int) -> None:
@@ -78,7 +79,7 @@ def _kernel(meta_ref, scale_ref, *refs, mask: MaskSpec, G: int, block_q: int, bl
     pair_first = q_offset + qi * (C * block_q)          # the program's C query blocks (a pair by default)
     pair_last = pair_first + C * block_q - 1
 
-    # The step list both consumers and the producer walk: per phase, the key blocks either query block needs.
+    # The step list the consumers and the producer walk: per phase, the key blocks any query block needs.
     schedule, total = [], jnp.int32(0)
     for phase in mask.phases:
         U0, U1 = _blocks(*mask.key_range(phase, pair_first, pair_last, kv_length), block_k)
@@ -185,9 +186,9 @@ def flash_attention_mgpu(queries: tuple, k, v, q_offset, kv_length, scale, *, ma
         raise ValueError(f"the mosaic_gpu kernel runs 2 consumer warpgroups, or 3 without turns (pingpong=False); "
                          f"got consumers={consumers}, pingpong={pingpong}")
     smem = (consumers * block_q + 2 * stages * block_k) * queries[0].shape[-1] * queries[0].dtype.itemsize
-    if smem > 232448 - 4096:
+    if smem > SMEM_BYTES:
         raise ValueError(f"mosaic_gpu: {consumers} query tiles and {stages} stages of {block_k}-key blocks need "
-                         f"{smem} bytes of shared memory, more than {232448 - 4096}; lower stages or block_k")
+                         f"{smem} bytes of shared memory, more than {SMEM_BYTES}; lower stages or block_k")
     d = attention_dims(queries, k, mask, block_k)
     B, T, N, H = d.B, d.T, d.N, d.H
     dtype = queries[0].dtype
@@ -206,8 +207,7 @@ def launch(body, inputs, *, B, Tp, N, H, dtype, n_pairs, block_q, block_k, stage
     """Run a kernel of this file's shape (also the sparse kernel's): a producer warpgroup and ``consumers``
     consumer warpgroups per program on grid (heads, groups of ``consumers`` query blocks, batch), with the
     scratch and barriers ``_kernel`` expects. ``body(*input_refs, out_ref, lse_ref, scoped)``; returns
-    ``(out [B, Tp, N, H],
-    lse [B, N, Tp] float32)``."""
+    ``(out [B, Tp, N, H], lse [B, N, Tp] float32)``."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 

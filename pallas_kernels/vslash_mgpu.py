@@ -56,7 +56,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.flash_mgpu import WindowSteps, launch, store_rows
+from pallas_kernels.flash_mgpu import SMEM_BYTES, WindowSteps, launch, store_rows
 from pallas_kernels.masks import MASK_VALUE, MaskSpec
 from pallas_kernels.shapes import attention_dims, pad_queries
 from pallas_kernels.vslash import BAND, NO_KEY, VSIndex, gather_verticals, pad_verticals
@@ -68,15 +68,14 @@ FIRST, SECOND, BOTH = 0, 1, -1  # which consumers a slash window serves (``pair_
 SKIP_COST = 0.25  # a skipped window's cost against a computed one, when choosing how to cut a run (measured:
                   # 0.25 / 0.1 2% faster than 0.5 at 128K and 1M on an H100, 1.0 12% slower; GPU_NOTES, 9th session)
 CONSUMERS = (2, 3)  # consumer warpgroups a program may run (query blocks per program); 3 run without turns
+BIG = 2 ** 30
+ROW_ALIGN = 8     # TMA into wgmma-tiled shared memory starts at a multiple of the 8-row tile
+M_FLOOR = -1e30   # the running max's start: above MASK_VALUE, below any real logit
 
 
 def fields(consumers: int = 2) -> int:
     """Per (row, head, group, phase, part): t0, t1, v0, v1, segment, active per consumer, first step."""
     return 6 + consumers
-BIG = 2 ** 30
-SMEM_BYTES = 232448 - 4096   # Hopper's 227 KiB per block, less room for barriers and alignment
-ROW_ALIGN = 8     # TMA into wgmma-tiled shared memory starts at a multiple of the 8-row tile
-M_FLOOR = -1e30   # the running max's start: above MASK_VALUE, below any real logit
 
 
 def check_supported(queries: tuple, k, v, block_k: int, stages: int, consumers: int = 2,
