@@ -27,9 +27,13 @@ from pallas_kernels.reference import masked_attention
 
 IMPLS = ("auto", "mosaic_gpu", "triton", "mosaic_tpu", "reference")
 _NATIVE = {"gpu": ("mosaic_gpu", "triton"), "cuda": ("mosaic_gpu", "triton"), "tpu": ("mosaic_tpu",)}
-# (block_q, block_k); mosaic_gpu's block_q is per consumer warpgroup (a program covers two)
+# (block_q, block_k); mosaic_gpu's block_q is per consumer warpgroup (a program covers MGPU_CONSUMERS)
 DEFAULT_BLOCKS = {"mosaic_gpu": (64, 128), "triton": (128, 64), "mosaic_tpu": (256, 512)}
-MGPU_MIN_QUERIES = 128  # below this (decode, short chunks) auto takes the Triton kernel: no 128-row padding
+MGPU_MIN_QUERIES = 128  # below this (decode, short chunks) auto takes the Triton kernel: little row padding
+# The dense Mosaic GPU kernel's consumer warpgroups: three running free, measured on an H100 against two
+# taking turns (qwen_jax/bench/GPU_NOTES.md, fourteenth session): 642 / 652 / 639 TFLOP/s at 32K / 128K /
+# 512K against 612 / 596 / 588 (cuDNN 630 / 569 / 509); DCA at 512K 615 against 575
+MGPU_CONSUMERS = 3
 
 
 def resolve_impl(impl: str, interpret: bool = False, backend: str | None = None) -> str:
@@ -104,7 +108,8 @@ def flash_attention(q, k, v, *, q_offset, kv_length, scale=None, mask: MaskSpec 
                 raise
             bk = None                    # auto: what Mosaic GPU does not cover (float32, ...) goes to Triton
         if bk is not None and (requested != "auto" or T >= MGPU_MIN_QUERIES):
-            return flash_attention_mgpu(queries, k, v, q_offset, kv_length, scale, mask=mask, block_q=bq, block_k=bk)
+            return flash_attention_mgpu(queries, k, v, q_offset, kv_length, scale, mask=mask, block_q=bq, block_k=bk,
+                                        consumers=MGPU_CONSUMERS, pingpong=MGPU_CONSUMERS == 2)
         impl = "triton"                  # ... and so do decode-sized chunks
     default_q, default_k = DEFAULT_BLOCKS[impl]
     if impl == "triton":

@@ -1,7 +1,7 @@
 """Attention kernel benchmark: qwen-jax kernels against cuDNN, same run, same card.
 
     python -m pallas_kernels.bench [--lengths 8k,32k,128k] [--heads 28 --kv-heads 4 --head-dim 128]
-                                   [--kernels mosaic_gpu:64:128:2,triton:128:64:3] [--dca 262144,8192]
+                                   [--kernels mosaic_gpu:64:128:2:c3,triton:128:64:3] [--dca 262144,8192]
                                    [--json out.json]
 
 ``--kernels`` lists ``impl:block_q:block_k:stages`` (Triton: stages = num_stages, with 8 warps at
@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     p.add_argument("--heads", type=int, default=28)
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--kernels", default="mosaic_gpu:64:128:2,triton:128:64:3")
+    p.add_argument("--kernels", default="mosaic_gpu:64:128:2:c3,triton:128:64:3")
     p.add_argument("--dca", default=None, help="chunk_size,local_size: also time DCA through the kernel")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-cudnn", action="store_true")

@@ -6,8 +6,8 @@ phase after phase (see ``masks``), into a ring of ``stages`` shared-memory slots
 0 and 1 each own ``block_q`` query rows, run QK^T and PV on the tensor cores (wgmma) and the online
 softmax in registers, taking turns on the tensor cores (a schedule barrier) so one's softmax hides
 behind the other's matmuls. With ``consumers=3`` a program has three consumer warpgroups (three query
-blocks, warpgroup 3 the producer) running free: 1.02-1.15x cuDNN against the two consumers' 0.97-1.05x
-on an H100 (GPU_NOTES, fourteenth session; not the default yet).
+blocks, warpgroup 3 the producer) running free: 1.02-1.26x cuDNN against the two consumers' 0.97-1.16x
+on an H100 at 32K-512K (GPU_NOTES, fourteenth session), the default of ``pallas_kernels.flash_attention``.
 
 The consumers walk the same step list (the producer's), so every barrier sees the same arrivals; a
 step outside a consumer's own key range only waits for its data and hands the slot back. The mask is

@@ -99,9 +99,10 @@ def test_dca_model_through_the_kernels_equals_the_blockwise_op(tiny_checkpoint):
 
 
 @pytest.mark.parametrize("kernel,platform", [("mosaic_gpu", "cuda"), ("mosaic_gpu_free", "cuda"),
-                                             ("mosaic_gpu_c3", "cuda"), ("triton", "cuda"), ("mosaic_tpu", "tpu")])
+                                             ("mosaic_gpu_c3", "cuda"), ("dispatch", "cuda"), ("triton", "cuda"),
+                                             ("mosaic_tpu", "tpu")])
 @pytest.mark.parametrize("mask_name", ["causal", "dca"])
-def test_kernels_lower_for_their_hardware(kernel, platform, mask_name):
+def test_kernels_lower_for_their_hardware(kernel, platform, mask_name, monkeypatch):
     """Lowering proved without the hardware: Qwen2.5-7B heads (28 / 4, head_dim 128), bf16."""
     mask = MaskSpec(chunk_len=1024) if mask_name == "dca" else MaskSpec()
     sd = jax.ShapeDtypeStruct
@@ -111,6 +112,13 @@ def test_kernels_lower_for_their_hardware(kernel, platform, mask_name):
         fn = functools.partial(fn, mask=mask, block_q=64, block_k=64 if kernel == "mosaic_gpu_c3" else 128,
                                stages=4 if kernel == "mosaic_gpu_c3" else 2, pingpong=kernel == "mosaic_gpu",
                                consumers=3 if kernel == "mosaic_gpu_c3" else 2)
+        checks, marker = [], "mosaic_gpu"
+    elif kernel == "dispatch":                 # pallas_kernels.flash_attention's own Mosaic GPU defaults
+        monkeypatch.setattr(pallas_kernels, "resolve_impl", lambda impl, interpret=False: impl)   # as on a GPU
+
+        def fn(qs, k, v, q_offset, kv_length, scale):
+            return flash_attention(qs, k, v, q_offset=q_offset, kv_length=kv_length, scale=scale, mask=mask,
+                                   impl="mosaic_gpu")
         checks, marker = [], "mosaic_gpu"
     elif kernel == "triton":
         from pallas_kernels.flash_gpu import flash_attention_gpu as fn
