@@ -102,7 +102,7 @@ def flash_attention(q, k, v, *, q_offset, kv_length, scale=None, mask: MaskSpec 
         bq = block_q or DEFAULT_BLOCKS[impl][0]
         try:
             bk = _fit(block_k or DEFAULT_BLOCKS[impl][1], k.shape[2], 64)
-            check_supported(queries, k, v, bq, bk, 2)
+            check_supported(queries, k, v, bq, bk, 2, MGPU_CONSUMERS)
         except ValueError:
             if requested != "auto":
                 raise

@@ -38,7 +38,7 @@ SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
 SMEM_BYTES = 232448 - 4096   # Hopper's 227 KiB per block, less room for barriers and alignment
 
 
-def check_supported(queries: tuple, k, v, block_q: int, block_k: int, stages: int) -> None:
+def check_supported(queries: tuple, k, v, block_q: int, block_k: int, stages: int, consumers: int = 2) -> None:
     """A clear error for what this kernel cannot do (callers may fall back to the Triton kernel)."""
     dtype = queries[0].dtype
     if dtype not in [jnp.dtype(d) for d in SUPPORTED_DTYPES]:
@@ -52,6 +52,10 @@ def check_supported(queries: tuple, k, v, block_q: int, block_k: int, stages: in
         raise ValueError(f"mosaic_gpu blocks must be multiples of 64, got block_q={block_q} block_k={block_k}")
     if stages < 2:
         raise ValueError(f"mosaic_gpu needs at least 2 pipeline stages, got {stages}")
+    smem = (consumers * block_q + 2 * stages * block_k) * H * jnp.dtype(dtype).itemsize
+    if smem > SMEM_BYTES:
+        raise ValueError(f"mosaic_gpu: {consumers} query tiles and {stages} stages of {block_k}-key blocks need "
+                         f"{smem} bytes of shared memory, more than {SMEM_BYTES}; lower stages or block_k")
 
 
 def _blocks(lo, hi, block_k: int):
@@ -181,14 +185,10 @@ def flash_attention_mgpu(queries: tuple, k, v, q_offset, kv_length, scale, *, ma
     ``block_q`` is each consumer warpgroup's query rows (a program covers ``consumers`` block_q: 2, or 3
     running free); ``pingpong``: two consumers take turns on the tensor cores (False: they run free)."""
 
-    check_supported(queries, k, v, block_q, block_k, stages)
+    check_supported(queries, k, v, block_q, block_k, stages, consumers)
     if consumers not in (2, 3) or (consumers == 3 and pingpong):
         raise ValueError(f"the mosaic_gpu kernel runs 2 consumer warpgroups, or 3 without turns (pingpong=False); "
                          f"got consumers={consumers}, pingpong={pingpong}")
-    smem = (consumers * block_q + 2 * stages * block_k) * queries[0].shape[-1] * queries[0].dtype.itemsize
-    if smem > SMEM_BYTES:
-        raise ValueError(f"mosaic_gpu: {consumers} query tiles and {stages} stages of {block_k}-key blocks need "
-                         f"{smem} bytes of shared memory, more than {SMEM_BYTES}; lower stages or block_k")
     d = attention_dims(queries, k, mask, block_k)
     B, T, N, H = d.B, d.T, d.N, d.H
     dtype = queries[0].dtype
