@@ -109,7 +109,7 @@ def flash_attention(q, k, v, *, q_offset, kv_length, scale=None, mask: MaskSpec 
             bk = None                    # auto: what Mosaic GPU does not cover (float32, ...) goes to Triton
         if bk is not None and (requested != "auto" or T >= MGPU_MIN_QUERIES):
             return flash_attention_mgpu(queries, k, v, q_offset, kv_length, scale, mask=mask, block_q=bq, block_k=bk,
-                                        consumers=MGPU_CONSUMERS, pingpong=MGPU_CONSUMERS == 2)
+                                        consumers=MGPU_CONSUMERS)
         impl = "triton"                  # ... and so do decode-sized chunks
     default_q, default_k = DEFAULT_BLOCKS[impl]
     if impl == "triton":

@@ -64,10 +64,9 @@ def main(argv=None) -> int:
             if impl == "mosaic_gpu":  # "lf": light query blocks first (default heavy first); "free": no turns
                 if set(extra) - {"lf", "free", "c3"}:
                     raise SystemExit(f"unknown option in {spec!r}: mosaic_gpu:block_q:block_k:stages[:lf][:free][:c3]")
-                c3 = "c3" in extra
                 kernel = functools.partial(flash_attention_mgpu, block_q=int(bq), block_k=int(bk), stages=int(stages),
-                                           heavy_first="lf" not in extra, pingpong=not c3 and "free" not in extra,
-                                           consumers=3 if c3 else 2)
+                                           heavy_first="lf" not in extra, pingpong=False if "free" in extra else None,
+                                           consumers=3 if "c3" in extra else 2)
             elif impl == "triton":
                 kernel = functools.partial(flash_attention_gpu, block_q=int(bq), block_k=int(bk),
                                            num_stages=int(stages))

@@ -36,6 +36,26 @@ LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
 SMEM_BYTES = 232448 - 4096   # Hopper's 227 KiB per block, less room for barriers and alignment
+CONSUMERS = (2, 3)  # consumer warpgroups a program may run (query blocks per program); 3 run without turns
+
+
+def check_consumers(consumers: int, pingpong: bool) -> None:
+    """A clear error for a consumer count the kernels (this one and the sparse one) cannot run."""
+    if consumers not in CONSUMERS or (consumers == 3 and pingpong):
+        raise ValueError(f"the mosaic_gpu kernels run 2 consumer warpgroups, or 3 without turns (pingpong=False); "
+                         f"got consumers={consumers}, pingpong={pingpong}")
+
+
+def smem_bytes(block_q: int, block_k: int, stages: int, H: int, item: int = 2, consumers: int = 2) -> int:
+    """Shared memory of one program (``launch``'s scratch): the consumers' query tiles, the K/V ring and the
+    lse rows."""
+    return (consumers * block_q + 2 * stages * block_k) * H * item + consumers * block_q * 4
+
+
+def registers(consumers: int) -> tuple[int, int]:
+    """Registers per thread (consumers, producer): 65536 per SM over consumers + 1 warpgroups of 128
+    threads (three consumers: 3 x 160 + 24)."""
+    return (232, 40) if consumers == 2 else (160, 24)
 
 
 def check_supported(queries: tuple, k, v, block_q: int, block_k: int, stages: int, consumers: int = 2) -> None:
@@ -52,7 +72,7 @@ def check_supported(queries: tuple, k, v, block_q: int, block_k: int, stages: in
         raise ValueError(f"mosaic_gpu blocks must be multiples of 64, got block_q={block_q} block_k={block_k}")
     if stages < 2:
         raise ValueError(f"mosaic_gpu needs at least 2 pipeline stages, got {stages}")
-    smem = (consumers * block_q + 2 * stages * block_k) * H * jnp.dtype(dtype).itemsize
+    smem = smem_bytes(block_q, block_k, stages, H, jnp.dtype(dtype).itemsize, consumers)
     if smem > SMEM_BYTES:
         raise ValueError(f"mosaic_gpu: {consumers} query tiles and {stages} stages of {block_k}-key blocks need "
                          f"{smem} bytes of shared memory, more than {SMEM_BYTES}; lower stages or block_k")
@@ -95,8 +115,7 @@ def _kernel(meta_ref, scale_ref, *refs, mask: MaskSpec, G: int, block_q: int, bl
             plgpu.barrier_arrive(turn)
             plgpu.barrier_wait(turn)
 
-    # registers: 65536 per SM over C + 1 warpgroups of 128 threads (3 consumers: 3 x 160 + 24)
-    regs, producer_regs = (232, 40) if C == 2 else (160, 24)
+    regs, producer_regs = registers(C)
 
     @pl.when(wg < C)
     def _consumer():
@@ -177,18 +196,18 @@ def _kernel(meta_ref, scale_ref, *refs, mask: MaskSpec, G: int, block_q: int, bl
 @functools.partial(jax.jit, static_argnames=("mask", "block_q", "block_k", "stages", "heavy_first", "pingpong",
                                              "consumers"))
 def flash_attention_mgpu(queries: tuple, k, v, q_offset, kv_length, scale, *, mask: MaskSpec, block_q: int = 64,
-                         block_k: int = 128, stages: int = 2, heavy_first: bool = True, pingpong: bool = True,
+                         block_k: int = 128, stages: int = 2, heavy_first: bool = True, pingpong: bool | None = None,
                          consumers: int = 2):
     """``queries``: one q [B, T, N, H] per mask phase (already rotated); k, v [B, K, S, H];
     q_offset, kv_length [B] int32; scale [B] float32. Returns ``(out [B, T, N, H], lse [B, T, N] f32)``.
 
     ``block_q`` is each consumer warpgroup's query rows (a program covers ``consumers`` block_q: 2, or 3
-    running free); ``pingpong``: two consumers take turns on the tensor cores (False: they run free)."""
+    running free); ``pingpong``: the consumers take turns on the tensor cores (default: where there are two;
+    False: they run free)."""
 
+    pingpong = consumers == 2 if pingpong is None else pingpong
+    check_consumers(consumers, pingpong)
     check_supported(queries, k, v, block_q, block_k, stages, consumers)
-    if consumers not in (2, 3) or (consumers == 3 and pingpong):
-        raise ValueError(f"the mosaic_gpu kernel runs 2 consumer warpgroups, or 3 without turns (pingpong=False); "
-                         f"got consumers={consumers}, pingpong={pingpong}")
     d = attention_dims(queries, k, mask, block_k)
     B, T, N, H = d.B, d.T, d.N, d.H
     dtype = queries[0].dtype

@@ -41,7 +41,7 @@ def run_case(impl: str, mask_name: str, G: int, seed: int, T: int = 700, S: int 
     if impl == "mosaic_gpu_c3":    # flash_mgpu's option: three consumer warpgroups, running free
         from pallas_kernels.flash_mgpu import flash_attention_mgpu
         out, lse = flash_attention_mgpu(qs, k, v, q_offset, kv_length, scale, mask=mask, block_q=64, block_k=128,
-                                        stages=2, pingpong=False, consumers=3)
+                                        stages=2, consumers=3)
     else:
         out, lse = flash_attention(qs, k, v, q_offset=q_offset, kv_length=kv_length, scale=scale, mask=mask,
                                    impl=impl)

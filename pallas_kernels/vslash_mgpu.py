@@ -56,7 +56,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.flash_mgpu import SMEM_BYTES, WindowSteps, launch, store_rows
+from pallas_kernels.flash_mgpu import (SMEM_BYTES, WindowSteps, check_consumers, launch, registers, smem_bytes,
+                                       store_rows)
 from pallas_kernels.masks import MASK_VALUE, MaskSpec
 from pallas_kernels.shapes import attention_dims, pad_queries
 from pallas_kernels.vslash import BAND, NO_KEY, VSIndex, gather_verticals, pad_verticals
@@ -67,7 +68,6 @@ SKIP, WHOLE, MASKED = 0, 1, 2
 FIRST, SECOND, BOTH = 0, 1, -1  # which consumers a slash window serves (``pair_windows``): c, or all of them
 SKIP_COST = 0.25  # a skipped window's cost against a computed one, when choosing how to cut a run (measured:
                   # 0.25 / 0.1 2% faster than 0.5 at 128K and 1M on an H100, 1.0 12% slower; GPU_NOTES, 9th session)
-CONSUMERS = (2, 3)  # consumer warpgroups a program may run (query blocks per program); 3 run without turns
 BIG = 2 ** 30
 ROW_ALIGN = 8     # TMA into wgmma-tiled shared memory starts at a multiple of the 8-row tile
 M_FLOOR = -1e30   # the running max's start: above MASK_VALUE, below any real logit
@@ -92,26 +92,19 @@ def check_supported(queries: tuple, k, v, block_k: int, stages: int, consumers: 
     if k.shape[2] < block_k:
         raise ValueError(f"the mosaic_gpu sparse kernel needs a cache of at least block_k={block_k} slots, "
                          f"got {k.shape[2]}")
-    if consumers not in CONSUMERS or (consumers == 3 and pingpong):
-        raise ValueError(f"the mosaic_gpu sparse kernel runs 2 consumer warpgroups, or 3 without turns "
-                         f"(pingpong=False); got consumers={consumers}, pingpong={pingpong}")
+    check_consumers(consumers, pingpong)
     H, item = k.shape[-1], k.dtype.itemsize
-    smem = smem_bytes(block_k, stages, H, item, consumers)
+    smem = smem_bytes(BAND, block_k, stages, H, item, consumers)
     if smem > SMEM_BYTES:
         raise ValueError(f"mosaic_gpu sparse kernel: block_k={block_k}, stages={stages}, {consumers} consumers and "
                          f"head_dim {H} need {smem} bytes of shared memory, more than {SMEM_BYTES}; lower block_k "
                          f"or stages")
 
 
-def smem_bytes(block_k: int, stages: int, H: int, item: int = 2, consumers: int = 2) -> int:
-    """Shared memory of one program: the consumers' query tiles, the K/V ring and the lse rows."""
-    return (consumers * BAND + 2 * stages * block_k) * H * item + consumers * BAND * 4
-
-
 def max_stages(block_k: int, H: int = 128, item: int = 2, most: int = 4, consumers: int = 2) -> int:
     """The deepest K/V ring (at most ``most``) that fits in shared memory."""
     stages = most
-    while stages > 2 and smem_bytes(block_k, stages, H, item, consumers) > SMEM_BYTES:
+    while stages > 2 and smem_bytes(BAND, block_k, stages, H, item, consumers) > SMEM_BYTES:
         stages -= 1
     return stages
 
@@ -333,8 +326,7 @@ def _kernel(meta_ref, scale_ref, sched_ref, win_ref, vpos_ref, keep_ref, *refs, 
                     vert_off=first_step + (t1 - t0) - v0, end=first_step + (t1 - t0) + (v1 - v0))
 
     parts = [(p, q) for p in range(n_phases) for q in range(C)]
-    # registers: 65536 per SM over C + 1 warpgroups of 128 threads (3 consumers: 3 x 160 + 24)
-    regs, producer_regs = (232, 40) if C == 2 else (160, 24)
+    regs, producer_regs = registers(C)
 
     def take_turns():
         if pingpong:
@@ -505,17 +497,19 @@ def _tables(index: VSIndex, q_offset, kv_length, mask: MaskSpec, block_k: int, n
                                              "consumers"))
 def vslash_attention_mgpu(queries: tuple, k, v, q_offset, kv_length, scale, index: VSIndex, col_count=None, *,
                           mask: MaskSpec, block_k: int = 128, stages: int = 2, heavy_first: bool = True,
-                          pingpong: bool = True, prefetch: bool = True, consumers: int = 2):
+                          pingpong: bool | None = None, prefetch: bool = True, consumers: int = 2):
     """``queries``: one q [B, T, N, H] per mask phase (rotated); k, v [B, K, S, H]; q_offset [B] (multiple
     of 64), kv_length [B] int32; scale [B] float32; ``index`` from ``vslash.build_index`` (any tile
     width); ``col_count`` is unused (the padded ``index.vpos`` says it), kept for the common signature.
     ``block_k``: keys per window (a multiple of 16, at least 64; see ``pair_windows``); ``pingpong``: the
-    consumers take turns on the tensor cores (module docstring); ``prefetch``: each step's table entries
-    (a window's bounds, a vertical tile's first and last column) are read from GMEM one step ahead, so
-    their latency hides behind the previous step's matmuls; ``consumers``: query blocks per program, one
-    consumer warpgroup each (2, or 3 with ``pingpong=False``). Returns ``(out [B, T, N, H], lse [B, T, N] float32)``."""
+    consumers take turns on the tensor cores (module docstring; default: where there are two); ``prefetch``:
+    each step's table entries (a window's bounds, a vertical tile's first and last column) are read from
+    GMEM one step ahead, so their latency hides behind the previous step's matmuls; ``consumers``: query
+    blocks per program, one consumer warpgroup each (2, or 3 not taking turns). Returns ``(out [B, T, N,
+    H], lse [B, T, N] float32)``."""
 
     del col_count
+    pingpong = consumers == 2 if pingpong is None else pingpong
     check_supported(queries, k, v, block_k, stages, consumers, pingpong)
     d = attention_dims(queries, k, mask)
     B, T, N, H = d.B, d.T, d.N, d.H

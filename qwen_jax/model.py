@@ -176,8 +176,13 @@ def program_layers(config: QwenConfig) -> tuple[int, ...]:
     return tuple(budgets.index(b) for b in budgets)
 
 
-def _positions(start, B: int, T: int):
-    return jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
+def apply_layer(layer_params, x, start, request_lengths, k_cache, v_cache, config, spec, layer, **apply_kwargs):
+    """Decoder layer ``layer`` over a chunk of ``x`` [B, T, D] starting at position ``start``: what the
+    prefill's and the recall tool's layer programs compile (``apply_kwargs`` go to ``Module.apply``)."""
+    B, T = x.shape[:2]
+    positions = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
+    return DecoderLayer(config, x.dtype, spec, layer).apply({"params": layer_params}, x, positions, k_cache, v_cache,
+                                                           request_lengths, **apply_kwargs)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "spec"))
@@ -188,9 +193,7 @@ def _embed_step(table, tokens, config, spec):
 
 @functools.partial(jax.jit, static_argnames=("config", "spec", "layer"), donate_argnames=("x", "k_cache", "v_cache"))
 def _layer_step(layer_params, x, start, request_lengths, k_cache, v_cache, config, spec, layer):
-    positions = _positions(start, *x.shape[:2])
-    return DecoderLayer(config, x.dtype, spec, layer).apply({"params": layer_params}, x, positions, k_cache, v_cache,
-                                                           request_lengths)
+    return apply_layer(layer_params, x, start, request_lengths, k_cache, v_cache, config, spec, layer)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "all_logits"))

@@ -30,8 +30,7 @@ from qwen_jax import attention
 from qwen_jax.cache import cache_length, init_cache
 from qwen_jax.config import QwenConfig
 from qwen_jax.errors import QwenJaxError
-from qwen_jax.layers import DecoderLayer
-from qwen_jax.model import _check_sparse_chunks, _embed_step, _positions, params_dtype, placed_like, through_layers
+from qwen_jax.model import _check_sparse_chunks, _embed_step, apply_layer, params_dtype, placed_like, through_layers
 
 
 @functools.partial(jax.jit, static_argnames=("config", "spec", "layer", "selections"),
@@ -39,9 +38,8 @@ from qwen_jax.model import _check_sparse_chunks, _embed_step, _positions, params
 def _layer(layer_params, x, start, request_lengths, k_cache, v_cache, config, spec, layer, selections):
     """One decoder layer of a recall chunk (a program per layer kind, as prefill runs them):
     ``(x, k_cache, v_cache, kept [N], count [N], tiles [N], selection or None)``."""
-    positions = _positions(start, *x.shape[:2])
-    (x, k_cache, v_cache), state = DecoderLayer(config, x.dtype, spec, layer).apply(
-        {"params": layer_params}, x, positions, k_cache, v_cache, request_lengths, mutable=["intermediates"])
+    (x, k_cache, v_cache), state = apply_layer(layer_params, x, start, request_lengths, k_cache, v_cache, config,
+                                               spec, layer, mutable=["intermediates"])
     attn = state.get("intermediates", {}).get("attn")
     if attn is None:     # this chunk ran dense (one query, or sparse off): nothing to record
         zeros = jnp.zeros((config.num_attention_heads,), jnp.float32)

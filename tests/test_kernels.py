@@ -200,8 +200,8 @@ def test_mosaic_gpu_kernel_refuses_what_it_cannot_run():
     three consumers taking turns."""
     from pallas_kernels.flash_mgpu import check_supported, flash_attention_mgpu
     q, k = jnp.zeros((1, 256, 4, 128), jnp.bfloat16), jnp.zeros((1, 1, 512, 128), jnp.bfloat16)
-    check_supported((q,), k, k, 64, 128, 2, consumers=3)          # 3 x 64 + 2 x 2 x 128 rows of 256 B: 180224 B
-    with pytest.raises(ValueError, match="3 query tiles and 3 stages of 128-key blocks need 245760 bytes"):
+    check_supported((q,), k, k, 64, 128, 2, consumers=3)          # 3 x 64 + 2 x 2 x 128 rows of 256 B + lse rows
+    with pytest.raises(ValueError, match="3 query tiles and 3 stages of 128-key blocks need 246528 bytes"):
         check_supported((q,), k, k, 64, 128, 3, consumers=3)
     with pytest.raises(ValueError, match="3 without turns"):
         flash_attention_mgpu((q,), k, k, jnp.zeros((1,), jnp.int32), jnp.full((1,), 512, jnp.int32),
