@@ -52,10 +52,10 @@ def smem_bytes(block_q: int, block_k: int, stages: int, H: int, item: int = 2, c
     return (consumers * block_q + 2 * stages * block_k) * H * item + consumers * block_q * 4
 
 
-def registers(consumers: int, producers: int = 1) -> tuple[int, int]:
-    """Registers per thread (consumers, producers): 65536 per SM over consumers + producers warpgroups
-    of 128 threads (three consumers: 3 x 160 + 24; two consumers with a producer each: 2 x 216 + 2 x 40)."""
-    return {(2, 1): (232, 40), (3, 1): (160, 24), (2, 2): (216, 40)}[consumers, producers]
+def registers(consumers: int) -> tuple[int, int]:
+    """Registers per thread (consumers, producer): 65536 per SM over consumers + 1 warpgroups of 128
+    threads (three consumers: 3 x 160 + 24)."""
+    return (232, 40) if consumers == 2 else (160, 24)
 
 
 def check_supported(queries: tuple, k, v, block_q: int, block_k: int, stages: int, consumers: int = 2) -> None:
@@ -222,14 +222,11 @@ def flash_attention_mgpu(queries: tuple, k, v, q_offset, kv_length, scale, *, ma
     return out[:, :T], lse[:, :, :T].transpose(0, 2, 1)
 
 
-def launch(body, inputs, *, B, Tp, N, H, dtype, n_pairs, block_q, block_k, stages, consumers: int = 2,
-           producers: int = 1):
-    """Run a kernel of this file's shape (also the sparse kernel's): ``consumers`` consumer warpgroups and
-    ``producers`` producer warpgroups per program (warpgroups ``consumers`` on) on grid (heads, groups of
-    ``consumers`` query blocks, batch), with the scratch and barriers ``_kernel`` expects: a K/V ring of
-    ``stages`` slots per producer (one producer: every consumer frees each slot; one per consumer: producer
-    ``c``'s ring is consumer ``c``'s alone, slots ``c stages`` on). ``body(*input_refs, out_ref, lse_ref,
-    scoped)``; returns ``(out [B, Tp, N, H], lse [B, N, Tp] float32)``."""
+def launch(body, inputs, *, B, Tp, N, H, dtype, n_pairs, block_q, block_k, stages, consumers: int = 2):
+    """Run a kernel of this file's shape (also the sparse kernel's): a producer warpgroup and ``consumers``
+    consumer warpgroups per program on grid (heads, groups of ``consumers`` query blocks, batch), with the
+    scratch and barriers ``_kernel`` expects. ``body(*input_refs, out_ref, lse_ref, scoped)``; returns
+    ``(out [B, Tp, N, H], lse [B, N, Tp] float32)``."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -241,16 +238,16 @@ def launch(body, inputs, *, B, Tp, N, H, dtype, n_pairs, block_q, block_k, stage
         v_tiled = (plgpu.TilingTransform((8, swizzle // jnp.dtype(dtype).itemsize)), plgpu.SwizzleTransform(swizzle))
         scratch = (
             plgpu.SMEM((consumers, block_q, H), dtype, transforms=tiled),
-            plgpu.SMEM((producers * stages, block_k, H), dtype, transforms=tiled),
-            plgpu.SMEM((producers * stages, block_k, H), dtype, transforms=v_tiled),
+            plgpu.SMEM((stages, block_k, H), dtype, transforms=tiled),
+            plgpu.SMEM((stages, block_k, H), dtype, transforms=v_tiled),
             plgpu.SMEM((consumers, block_q), jnp.float32),
         )
         pl.run_scoped(
             lambda *scoped: body(*refs, scoped),
             scratch,
-            (plgpu.Barrier(num_barriers=producers * stages), plgpu.Barrier(num_barriers=producers * stages),
+            (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
              plgpu.Barrier(num_barriers=consumers)),
-            (plgpu.Barrier(num_arrivals=1 if producers > 1 else consumers, num_barriers=producers * stages),) * 2,
+            (plgpu.Barrier(num_arrivals=consumers, num_barriers=stages),) * 2,
             plgpu.Barrier(num_arrivals=2),
             collective_axes="wg",
         )
@@ -260,7 +257,7 @@ def launch(body, inputs, *, B, Tp, N, H, dtype, n_pairs, block_q, block_k, stage
         out_type=[jax.ShapeDtypeStruct((B, Tp, N, H), dtype), jax.ShapeDtypeStruct((B, N, Tp), jnp.float32)],
         grid=(N, n_pairs, B),
         grid_names=("heads", "q_seq", "batch"),
-        num_threads=consumers + producers,
+        num_threads=consumers + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
     )(*inputs)
@@ -280,18 +277,13 @@ class WindowSteps:
     ``masking(s)`` -> ``(s, ok or None)`` on the base-2 logits, online softmax, PV) and ``skip(carry,
     step)``, which keeps the barriers' phases in step without computing. ``turn``: the consumers' turn
     barrier, or None where they do not take turns around the softmax; ``take_turns`` is called inside
-    the QK^T matmul and twice on a skip, as the kernels' turn order needs. Step ``i`` uses ring slot
-    ``slot0 + i % stages`` (``slot0``: the consumer's own ring's first slot, where it has one)."""
+    the QK^T matmul and twice on a skip, as the kernels' turn order needs."""
 
     def __init__(self, qo_smem, k_smem, v_smem, k_bar, k_free, v_bar, v_free, *, stages: int, total, scale2,
-                 take_turns, turn, slot0=0):
+                 take_turns, turn):
         self.qo_smem, self.k_smem, self.v_smem = qo_smem, k_smem, v_smem
         self.k_bar, self.k_free, self.v_bar, self.v_free = k_bar, k_free, v_bar, v_free
         self.stages, self.total, self.scale2, self.take_turns, self.turn = stages, total, scale2, take_turns, turn
-        self.slot0 = slot0
-
-    def slot(self, step):
-        return self.slot0 + lax.rem(step, jnp.int32(self.stages))
 
     def wait_keys(self, step):
         import jax.experimental.pallas as pl
@@ -299,7 +291,7 @@ class WindowSteps:
 
         @pl.when(step < self.total)
         def _():
-            plgpu.barrier_wait(self.k_bar.at[self.slot(step)])
+            plgpu.barrier_wait(self.k_bar.at[lax.rem(step, jnp.int32(self.stages))])
 
     def compute(self, carry, step, shape, masking):
         """One window of ``shape`` (query rows, keys). Masked logits become MASK_VALUE; where ``masking``
@@ -308,7 +300,7 @@ class WindowSteps:
         import jax.experimental.pallas.mosaic_gpu as plgpu
 
         acc, m, l = carry
-        slot = self.slot(step)
+        slot = lax.rem(step, jnp.int32(self.stages))
 
         def qk_scope(acc_ref):
             plgpu.wgmma(acc_ref, self.qo_smem, plgpu.transpose_ref(self.k_smem.at[slot], (1, 0)))
@@ -344,7 +336,7 @@ class WindowSteps:
     def skip(self, carry, step):
         import jax.experimental.pallas.mosaic_gpu as plgpu
 
-        slot = self.slot(step)
+        slot = lax.rem(step, jnp.int32(self.stages))
         plgpu.barrier_wait(self.v_bar.at[slot])           # keeps this consumer's barrier phases in step
         self.wait_keys(step + 1)
         plgpu.barrier_arrive(self.k_free.at[slot])

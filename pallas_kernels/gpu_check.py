@@ -54,8 +54,7 @@ def run_case(impl: str, mask_name: str, G: int, seed: int, T: int = 700, S: int 
 SPARSE_KERNELS = {"vslash": "triton", "vslash_mgpu": "mosaic_gpu"}
 # (mask, G, H, query offsets, Mosaic GPU options): offsets that are odd multiples of 64 put DCA chunk
 # starts inside a pair of query blocks (the Mosaic GPU kernel's two-part path); "block" is the
-# block-sparse primitive; options (block_k, stages, pingpong[, prefetch[, consumers[, independent]]]) call
-# vslash_mgpu directly
+# block-sparse primitive; options (block_k, stages, pingpong[, prefetch[, consumers]]) call vslash_mgpu directly
 SPARSE_CASES = {
     "vslash": [("causal", 1, 128, (1024, 256), None), ("dca", 4, 128, (1024, 256), None),
                ("dca", 7, 128, (1024, 256), None)],
@@ -72,12 +71,7 @@ SPARSE_CASES = {
                     ("block", 4, 128, (1024, 256), (96, 3, False, True, 3)),
                     ("dca", 7, 128, (1024, 256), (80, 4, False, True, 3)),
                     ("causal", 4, 64, (1088, 320), (96, 3, False, True, 3)),
-                    ("dca", 1, 128, (1024, 256), (64, 4, False, True, 3)),
-                    ("dca", 4, 128, (1088, 320), (80, 2, False, True, 2, True)),
-                    ("causal", 7, 128, (1024, 256), (64, 2, False, True, 2, True)),
-                    ("block", 4, 128, (1024, 256), (80, 2, False, True, 2, True)),
-                    ("dca", 7, 128, (1024, 256), (80, 2, False, False, 2, True)),
-                    ("causal", 4, 64, (1088, 320), (96, 2, False, True, 2, True))],
+                    ("dca", 1, 128, (1024, 256), (64, 4, False, True, 3))],
 }
 
 
@@ -112,13 +106,13 @@ def run_sparse_case(mask_name: str, G: int, seed: int, T: int = 700, S: int = 20
     args = dict(q_offset=q_offset, kv_length=kv_length, scale=scale, mask=mask, impl=kernel)
     if options is not None:
         from pallas_kernels.vslash_mgpu import vslash_attention_mgpu
-        # prefetch on, two consumers sharing windows unless given
-        block_k, stages, pingpong, prefetch, consumers, independent = (*options, *(True, 2, False)[len(options) - 3:])
+        block_k, stages, pingpong, prefetch, consumers = (*options, True, 2)[:5] if len(options) < 4 else \
+            (*options, 2)[:5]                                          # prefetch on, two consumers unless given
         index = vslash.block_sparse_index(blocks, counts, q_offset, kv_length)[0] if mask_name == "block" else \
             vslash.build_index(sel, q_offset, T, kv_length, mask, vslash.BAND, k.shape[2])
         out, lse = vslash_attention_mgpu(qs, k, v, q_offset, kv_length, scale, index, None, mask=mask,
                                          block_k=block_k, stages=stages, pingpong=pingpong,
-                                         prefetch=prefetch, consumers=consumers, independent=independent)
+                                         prefetch=prefetch, consumers=consumers)
     elif mask_name == "block":
         out, lse = block_sparse_attention(qs, k, v, blocks, counts, **args)
     else:
@@ -132,8 +126,7 @@ def run_sparse_case(mask_name: str, G: int, seed: int, T: int = 700, S: int = 20
                                         restrict=restrict)
     res = _compare(f"vslash-{kernel}", mask_name, G, out, lse, ref_out, ref_lse)
     if options is not None:
-        res.update(block_k=block_k, stages=stages, pingpong=pingpong, prefetch=prefetch, consumers=consumers,
-                   independent=independent)
+        res.update(block_k=block_k, stages=stages, pingpong=pingpong, prefetch=prefetch, consumers=consumers)
     return res
 
 

@@ -34,12 +34,6 @@ kernel's schedule barrier) overlaps one consumer's softmax with the other's matm
 that skips a window still waits for its partner's turn; without it a skipping consumer runs ahead
 (up to ``stages`` windows) instead. ``prefetch`` reads each step's table entries a step ahead.
 
-``independent`` (two consumers): nothing is shared but the SM. Consumer ``c`` walks block ``c``'s own
-windows (the tables of one-block programs) through its own ring of ``stages`` slots, which producer
-warpgroup ``2 + c`` fills (registers 2 x 216 + 2 x 40): no window is skipped, and no consumer waits for
-the other's pace, at the price of loading the keys of a run both blocks see twice and of a shallower
-ring (shared memory holds two).
-
 The schedule is computed before the kernel, in XLA (``pair_windows``, ``pair_schedule``): per
 (row, head, pair, phase, part) the windows and vertical tiles that meet the consumers' key ranges.
 In the kernel every warpgroup reads the same scalars from GMEM, so they all walk one step list
@@ -85,7 +79,7 @@ def fields(consumers: int = 2) -> int:
 
 
 def check_supported(queries: tuple, k, v, block_k: int, stages: int, consumers: int = 2,
-                    pingpong: bool = False, independent: bool = False) -> None:
+                    pingpong: bool = False) -> None:
     """A clear error for what this kernel cannot do (``impl='triton'`` can)."""
     from pallas_kernels.flash_mgpu import check_supported as check_dense
     check_dense(queries, k, v, BAND, BAND, stages)          # dtypes, head_dim, stages
@@ -99,24 +93,18 @@ def check_supported(queries: tuple, k, v, block_k: int, stages: int, consumers: 
         raise ValueError(f"the mosaic_gpu sparse kernel needs a cache of at least block_k={block_k} slots, "
                          f"got {k.shape[2]}")
     check_consumers(consumers, pingpong)
-    if independent and (consumers != 2 or pingpong):
-        raise ValueError(f"the mosaic_gpu sparse kernel's independent consumers are two, running free; got "
-                         f"consumers={consumers}, pingpong={pingpong}")
     H, item = k.shape[-1], k.dtype.itemsize
-    rings = consumers if independent else 1
-    smem = smem_bytes(BAND, block_k, stages * rings, H, item, consumers)
+    smem = smem_bytes(BAND, block_k, stages, H, item, consumers)
     if smem > SMEM_BYTES:
-        raise ValueError(f"mosaic_gpu sparse kernel: block_k={block_k}, stages={stages}, {consumers} consumers"
-                         f"{' with a ring each' if independent else ''} and head_dim {H} need {smem} bytes of shared "
-                         f"memory, more than {SMEM_BYTES}; lower block_k or stages")
+        raise ValueError(f"mosaic_gpu sparse kernel: block_k={block_k}, stages={stages}, {consumers} consumers and "
+                         f"head_dim {H} need {smem} bytes of shared memory, more than {SMEM_BYTES}; lower block_k "
+                         f"or stages")
 
 
-def max_stages(block_k: int, H: int = 128, item: int = 2, most: int = 4, consumers: int = 2,
-               independent: bool = False) -> int:
-    """The deepest K/V ring (at most ``most``; with independent consumers, each one's) that fits in shared
-    memory."""
-    stages, rings = most, consumers if independent else 1
-    while stages > 2 and smem_bytes(BAND, block_k, stages * rings, H, item, consumers) > SMEM_BYTES:
+def max_stages(block_k: int, H: int = 128, item: int = 2, most: int = 4, consumers: int = 2) -> int:
+    """The deepest K/V ring (at most ``most``) that fits in shared memory."""
+    stages = most
+    while stages > 2 and smem_bytes(BAND, block_k, stages, H, item, consumers) > SMEM_BYTES:
         stages -= 1
     return stages
 
@@ -307,7 +295,7 @@ def _load_cols(ref, layout):
 
 def _kernel(meta_ref, scale_ref, sched_ref, win_ref, vpos_ref, keep_ref, *refs, mask: MaskSpec, G: int,
             block_k: int, stages: int, n_pairs: int, heavy_first: bool, pingpong: bool, prefetch: bool,
-            consumers: int = 2, independent: bool = False):
+            consumers: int = 2):
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -323,24 +311,22 @@ def _kernel(meta_ref, scale_ref, sched_ref, win_ref, vpos_ref, keep_ref, *refs, 
     kvh = lax.div(n, jnp.int32(G))
     q_offset, kv_length = meta_ref[b, 0], meta_ref[b, 1]
     C = consumers
-    TC = 1 if independent else C          # blocks one table entry's windows serve
     q0 = q_offset + qi * (C * BAND)
     Gs, N, P = vpos_ref.shape[1:4]
     n_keys = k_ref.shape[2]
     last_win, last_vtile = max(win_ref.shape[4] - 1, 0), max(vpos_ref.shape[4] // W - 1, 0)   # prefetch clamps
 
 
-    def part(p: int, part: int, me):
-        """Phase ``p``'s part ``part`` of the step list the warpgroups walk (all of them; with independent
-        consumers, consumer ``me`` and its producer): its windows, then its vertical tiles. Read where it is
-        used, so few scalars stay live (the producer has 40 registers, 24 beside three consumers)."""
-        at = (b, n, C * qi + me if independent else qi, p, part)
-        t0, t1, v0, v1, g, *act, first_step = (sched_ref[(*at, f)] for f in range(fields(TC)))
+    def part(p: int, part: int):
+        """Phase ``p``'s part ``part`` of the step list every warpgroup walks: its windows, then its
+        vertical tiles. Read where it is used, so few scalars stay live (the producer has 40 registers, 24
+        beside three consumers)."""
+        t0, t1, v0, v1, g, *act, first_step = (sched_ref[b, n, qi, p, part, f] for f in range(fields(C)))
         return dict(p=p, g=g, act=act, t0=t0, t1=t1, v0=v0, v1=v1, slash_off=first_step - t0,
                     vert_off=first_step + (t1 - t0) - v0, end=first_step + (t1 - t0) + (v1 - v0))
 
-    parts = [(p, q) for p in range(n_phases) for q in range(TC)]
-    regs, producer_regs = registers(C, C if independent else 1)
+    parts = [(p, q) for p in range(n_phases) for q in range(C)]
+    regs, producer_regs = registers(C)
 
     def take_turns():
         if pingpong:
@@ -357,12 +343,10 @@ def _kernel(meta_ref, scale_ref, sched_ref, win_ref, vpos_ref, keep_ref, *refs, 
         row0 = qi * (C * BAND) + wg * BAND
         first = q0 + wg * BAND
         scale2 = scale_ref[b] * LOG2E                     # logits in base 2: exp2 is one instruction
-        total = part(*parts[-1], wg)["end"]
+        total = part(*parts[-1])["end"]
         H = qo_smem.shape[-1]
         steps = WindowSteps(qo_smem, k_smem, v_smem, k_bar, k_free, v_bar, v_free, stages=stages, total=total,
-                            scale2=scale2, take_turns=take_turns, turn=turn if pingpong else None,
-                            slot0=wg * stages if independent else 0)
-        origin, mine = (first, 0) if independent else (q0, wg)     # windows' origin, the consumer they mean
+                            scale2=scale2, take_turns=take_turns, turn=turn if pingpong else None)
         row_layout = plgpu.Layout.WGMMA.reduce(1)
 
         def compute(carry, step, visible, masked):
@@ -398,8 +382,8 @@ def _kernel(meta_ref, scale_ref, sched_ref, win_ref, vpos_ref, keep_ref, *refs, 
             rows = first + plgpu.broadcasted_iota(jnp.int32, (BAND,), 0, layout=row_layout)
             a_rows, b_rows = mask.key_range(phase, rows, rows, kv_length)      # [64]: row r sees [a_r, b_r)
             span = row_span(mask, phase, first, kv_length)
-            for e in (part(p_, q, wg) for p_, q in parts if p_ == p):
-                active = functools.reduce(lambda x, c: jnp.where(wg == c, e["act"][c], x), range(1, TC),
+            for e in (part(p_, q) for p_, q in parts if p_ == p):
+                active = functools.reduce(lambda x, c: jnp.where(wg == c, e["act"][c], x), range(1, C),
                                           e["act"][0]) != 0
 
                 def slash_fields(w, e=e):
@@ -412,7 +396,7 @@ def _kernel(meta_ref, scale_ref, sched_ref, win_ref, vpos_ref, keep_ref, *refs, 
                         ahead = slash_fields(jnp.minimum(w + 1, last_win))
                     else:
                         fields = ahead = slash_fields(w)
-                    start, klo, khi = slash_bounds(*fields, origin, mine, W, n_keys)
+                    start, klo, khi = slash_bounds(*fields, q0, wg, W, n_keys)
                     kind = slash_kind(start, klo, khi, span, W, active)
 
                     def visible():
@@ -457,14 +441,12 @@ def _kernel(meta_ref, scale_ref, sched_ref, win_ref, vpos_ref, keep_ref, *refs, 
 
         store_rows(carry, qo_smem, lse_smem, out_ref.at[b, pl.ds(row0, BAND), n], lse_ref.at[b, n, pl.ds(row0, BAND)])
 
-    @pl.when(wg >= C)
-    def _producer():                      # one for all consumers, or (independent) warpgroup C + c for consumer c
+    @pl.when(wg == C)
+    def _producer():
         plgpu.set_max_registers(producer_regs, action="decrease")
-        me = wg - C
-        origin = q0 + BAND * me if independent else q0
 
         def load(step, src_k, src_v):
-            slot = me * stages + lax.rem(step, jnp.int32(stages))
+            slot = lax.rem(step, jnp.int32(stages))
 
             @pl.when(step >= stages)
             def _():
@@ -476,9 +458,9 @@ def _kernel(meta_ref, scale_ref, sched_ref, win_ref, vpos_ref, keep_ref, *refs, 
                 plgpu.barrier_wait(v_free.at[slot])
             plgpu.copy_gmem_to_smem(src_v, v_smem.at[slot], v_bar.at[slot])
 
-        for e in (part(p, q, me) for p, q in parts):
+        for e in (part(p, q) for p, q in parts):
             def window_start(w, e=e):
-                return jnp.clip(origin + win_ref[b, e["g"], n, e["p"], w, 0], 0, n_keys - W)
+                return jnp.clip(q0 + win_ref[b, e["g"], n, e["p"], w, 0], 0, n_keys - W)
 
             def slash(w, start, e=e):
                 if prefetch:
@@ -500,14 +482,11 @@ def _kernel(meta_ref, scale_ref, sched_ref, win_ref, vpos_ref, keep_ref, *refs, 
             lax.fori_loop(e["v0"], e["v1"], vertical, None)
 
 
-def _tables(index: VSIndex, q_offset, kv_length, mask: MaskSpec, block_k: int, n_pairs: int, consumers: int = 2,
-            independent: bool = False):
-    """Everything the kernel reads besides q, k, v: ``(sched, win, vpos, keep)`` (see ``_kernel``). With
-    ``independent`` consumers each block's windows are its own: the tables of one-block programs."""
+def _tables(index: VSIndex, q_offset, kv_length, mask: MaskSpec, block_k: int, n_pairs: int, consumers: int = 2):
+    """Everything the kernel reads besides q, k, v: ``(sched, win, vpos, keep)`` (see ``_kernel``)."""
     index = pad_verticals(index, block_k)
-    C, blocks = (1, consumers * n_pairs) if independent else (consumers, n_pairs)
-    ws, lo, hi, who = pair_windows(index.rel_start, index.rel_end, block_k, C)
-    sched = pair_schedule(index, ws, lo, hi, who, q_offset, kv_length, mask, block_k, blocks, C)
+    ws, lo, hi, who = pair_windows(index.rel_start, index.rel_end, block_k, consumers)
+    sched = pair_schedule(index, ws, lo, hi, who, q_offset, kv_length, mask, block_k, n_pairs, consumers)
     win = jnp.stack([ws, lo, hi, who], axis=-1)                              # [B, Gs, N, P, cap, 4]
     nqb = index.keep.shape[2]
     keep = jnp.pad(index.keep, ((0, 0), (0, 0), (0, consumers * n_pairs - nqb), (0, 0), (0, 0))).astype(jnp.int8)
@@ -515,11 +494,10 @@ def _tables(index: VSIndex, q_offset, kv_length, mask: MaskSpec, block_k: int, n
 
 
 @functools.partial(jax.jit, static_argnames=("mask", "block_k", "stages", "heavy_first", "pingpong", "prefetch",
-                                             "consumers", "independent"))
+                                             "consumers"))
 def vslash_attention_mgpu(queries: tuple, k, v, q_offset, kv_length, scale, index: VSIndex, col_count=None, *,
                           mask: MaskSpec, block_k: int = 128, stages: int = 2, heavy_first: bool = True,
-                          pingpong: bool | None = None, prefetch: bool = True, consumers: int = 2,
-                          independent: bool = False):
+                          pingpong: bool | None = None, prefetch: bool = True, consumers: int = 2):
     """``queries``: one q [B, T, N, H] per mask phase (rotated); k, v [B, K, S, H]; q_offset [B] (multiple
     of 64), kv_length [B] int32; scale [B] float32; ``index`` from ``vslash.build_index`` (any tile
     width); ``col_count`` is unused (the padded ``index.vpos`` says it), kept for the common signature.
@@ -527,37 +505,33 @@ def vslash_attention_mgpu(queries: tuple, k, v, q_offset, kv_length, scale, inde
     consumers take turns on the tensor cores (module docstring; default: where there are two); ``prefetch``:
     each step's table entries (a window's bounds, a vertical tile's first and last column) are read from
     GMEM one step ahead, so their latency hides behind the previous step's matmuls; ``consumers``: query
-    blocks per program, one consumer warpgroup each (2, or 3 not taking turns); ``independent``: each of
-    two consumers walks its own block's windows through its own ring of ``stages`` slots, filled by its own
-    producer warpgroup (no windows shared, so no skipped steps; module docstring). Returns ``(out [B, T, N,
+    blocks per program, one consumer warpgroup each (2, or 3 not taking turns). Returns ``(out [B, T, N,
     H], lse [B, T, N] float32)``."""
 
     del col_count
-    pingpong = consumers == 2 and not independent if pingpong is None else pingpong
-    check_supported(queries, k, v, block_k, stages, consumers, pingpong, independent)
+    pingpong = consumers == 2 if pingpong is None else pingpong
+    check_supported(queries, k, v, block_k, stages, consumers, pingpong)
     d = attention_dims(queries, k, mask)
     B, T, N, H = d.B, d.T, d.N, d.H
     dtype = queries[0].dtype
     queries, n_pairs = pad_queries(queries, consumers * BAND)
     Tp = n_pairs * consumers * BAND
-    index, sched, win, vpos, keep = _tables(index, q_offset, kv_length, mask, block_k, n_pairs, consumers, independent)
+    index, sched, win, vpos, keep = _tables(index, q_offset, kv_length, mask, block_k, n_pairs, consumers)
     kg, vg = gather_verticals(k, v, index)                                   # [B, Gs, N, P, VC, H]
     kg, vg = (x.reshape(-1, *x.shape[-2:]) for x in (kg, vg))
     meta = jnp.stack([q_offset, kv_length], axis=1).astype(jnp.int32)
 
     body = functools.partial(_kernel, mask=mask, G=d.G, block_k=block_k, stages=stages, n_pairs=n_pairs,
-                             heavy_first=heavy_first, pingpong=pingpong, prefetch=prefetch, consumers=consumers,
-                             independent=independent)
+                             heavy_first=heavy_first, pingpong=pingpong, prefetch=prefetch, consumers=consumers)
     out, lse = launch(body, (meta, scale.astype(jnp.float32), sched, win, vpos, keep, *queries, k, v, kg, vg), B=B,
                       Tp=Tp, N=N, H=H, dtype=dtype, n_pairs=n_pairs, block_q=BAND, block_k=block_k, stages=stages,
-                      consumers=consumers, producers=consumers if independent else 1)
+                      consumers=consumers)
     return out[:, :T], lse[:, :, :T].transpose(0, 2, 1)
 
 
 def visited_pairs(index: VSIndex, q_offset, kv_length, mask: MaskSpec, block_k: int = 128, consumers: int = 2):
     """(query, key) pairs the kernel's windows span, all consumers, SKIP steps included: an upper
-    bound of what it computes, for benchmarks (int, traced). Independent consumers walk the schedule of
-    one-block programs: ``consumers=1`` (also for ``computed_pairs``)."""
+    bound of what it computes, for benchmarks (int, traced)."""
     n_pairs = -(-index.block_seg.shape[1] // consumers)
     _, sched, _, _, _ = _tables(index, q_offset, kv_length, mask, block_k, n_pairs, consumers)
     steps = (sched[..., 1] - sched[..., 0] + sched[..., 3] - sched[..., 2]).astype(jnp.float32).sum()

@@ -327,23 +327,19 @@ def test_rows_over_and_under_the_threshold_in_one_batch(tiny_checkpoint):
     assert np.abs(np.asarray(dense_logits)[0] - both[0]).max() > 1e-4     # the long row really ran sparse
 
 
-def mgpu_coverage(index, q_offset, kv_length, mask, T, S, block_k, qkv=None, consumers=2, independent=False):
+def mgpu_coverage(index, q_offset, kv_length, mask, T, S, block_k, qkv=None, consumers=2):
     """Replay the Mosaic GPU sparse kernel's schedule in numpy: how often each (phase, row, head, query,
     key) is computed unmasked, using the kernel's own tables and per-step decisions. Also counts steps
     by kind. Returns ``(cover [P, B, N, T, S] int, kinds {kind: count}, out, lse)``; with ``qkv = (qs, k,
     v, scale)`` also the kernel's arithmetic (base-2 online softmax from M_FLOOR) in float64.
-    ``consumers``: query blocks per program (the kernel's consumer warpgroups); ``independent``: each
-    consumer walks its own block's windows (the kernel's tables then are those of one-block programs)."""
+    ``consumers``: query blocks per program (the kernel's consumer warpgroups)."""
     from pallas_kernels import vslash_mgpu as vm
     C = consumers
     B, N = index.t0.shape[:2]
     P, nqb = len(mask.phases), index.block_seg.shape[1]
     n_pairs = -(-nqb // C)
     W = block_k
-    _, *tables = jax.jit(vm._tables, static_argnums=(3, 4, 5, 6, 7))(index, q_offset, kv_length, mask, W, n_pairs, C,
-                                                                      independent)
-    if independent:
-        C, n_pairs = 1, C * n_pairs
+    _, *tables = jax.jit(vm._tables, static_argnums=(3, 4, 5, 6))(index, q_offset, kv_length, mask, W, n_pairs, C)
     sched, win, vpos, keep = map(np.asarray, tables)
     q_offset, kv_length = np.asarray(q_offset), np.asarray(kv_length)
     cover = np.zeros((P, B, N, C * n_pairs * 64, S + 1), np.int32)           # column S: keys that do not exist
@@ -416,17 +412,15 @@ def mgpu_coverage(index, q_offset, kv_length, mask, T, S, block_k, qkv=None, con
     return cover[:, :, :, :T, :S], kinds, out[:, :, :T].transpose(0, 2, 1, 3), lse[:, :, :T].transpose(0, 2, 1)
 
 
-@pytest.mark.parametrize("mask_name,q_offset,block_k,consumers,independent", [
-    ("causal", (320, 128), 128, 2, False), ("dca", (320, 128), 128, 2, False), ("dca", (384, 64), 64, 2, False),
-    ("causal", (64, 192), 96, 2, False), ("dca", (320, 128), 80, 2, False), ("dca", (320, 128), 96, 3, False),
-    ("causal", (64, 192), 128, 3, False), ("dca", (384, 64), 64, 3, False), ("dca", (320, 128), 80, 2, True),
-    ("causal", (64, 192), 64, 2, True)])
-def test_mgpu_sparse_schedule_computes_each_visible_key_once(mask_name, q_offset, block_k, consumers, independent):
+@pytest.mark.parametrize("mask_name,q_offset,block_k,consumers", [
+    ("causal", (320, 128), 128, 2), ("dca", (320, 128), 128, 2), ("dca", (384, 64), 64, 2),
+    ("causal", (64, 192), 96, 2), ("dca", (320, 128), 80, 2), ("dca", (320, 128), 96, 3),
+    ("causal", (64, 192), 128, 3), ("dca", (384, 64), 64, 3)])
+def test_mgpu_sparse_schedule_computes_each_visible_key_once(mask_name, q_offset, block_k, consumers):
     """The Mosaic GPU sparse kernel (no CPU interpreter) replayed in numpy from its own tables and step
     decisions: every key of the sparse mask is computed exactly once per query, no other key ever, and
     windows it calls whole or skipped really are. Programs of two or three query blocks cut by segment
-    boundaries (or independent consumers: a block each), rows whose cache ends early, queries past the
-    cache."""
+    boundaries, rows whose cache ends early, queries past the cache."""
     rng = np.random.default_rng(len(mask_name) + block_k)
     B, T, N, S = 2, 456, 3, 1024
     mask = MaskSpec(chunk_len=128) if mask_name == "dca" else MaskSpec()
@@ -441,13 +435,12 @@ def test_mgpu_sparse_schedule_computes_each_visible_key_once(mask_name, q_offset
     k, v = rng.normal(size=(2, B, 1, S, 16))
     scale = np.array([0.3, 0.2])
     from pallas_kernels import vslash_mgpu as vm
-    C = 1 if independent else consumers                     # query blocks a window serves
-    who = np.asarray(vm.pair_windows(index.rel_start, index.rel_end, block_k, C)[3])
-    if C == 2:                                             # windows one consumer computes alone: wide windows only
+    who = np.asarray(vm.pair_windows(index.rel_start, index.rel_end, block_k, consumers)[3])
+    if consumers == 2:                                     # windows one consumer computes alone: wide windows only
         assert (block_k > 64) == (who != vm.BOTH).any()
-    assert set(np.unique(who)) <= ({vm.BOTH} if C == 1 else {vm.BOTH, *range(C)})
+    assert set(np.unique(who)) <= {vm.BOTH, *range(consumers)}
     cover, kinds, out, lse = mgpu_coverage(index, q_offset, kv_length, mask, T, S, block_k, (qs, k, v, scale),
-                                           consumers, independent)
+                                           consumers)
     positions = q_offset[:, None] + jnp.arange(T)[None]
     slots = jnp.arange(S)
     restrict = np.asarray(jax.jit(vslash.dense_mask, static_argnums=2)(sel, positions, S))    # [P, B, N, T, S]
@@ -456,9 +449,9 @@ def test_mgpu_sparse_schedule_computes_each_visible_key_once(mask_name, q_offset
         want = restrict[p] & visible[:, None]
         assert want.any()
         np.testing.assert_array_equal(cover[p], want.astype(np.int32), err_msg=f"phase {phase}")
-    # every kind of step occurs, but independent consumers never skip a step: no window is another's
-    assert min(kinds[vm.WHOLE], kinds[vm.MASKED]) > 0 and (kinds[vm.SKIP] > 0) != independent, kinds
-    computed = jax.jit(vm.computed_pairs, static_argnums=(3, 4, 5))(index, q_offset, kv_length, mask, block_k, C)
+    assert min(kinds.values()) > 0, kinds                                    # every kind of step occurs
+    computed = jax.jit(vm.computed_pairs, static_argnums=(3, 4, 5))(index, q_offset, kv_length, mask, block_k,
+                                                                     consumers)
     assert float(computed) == (kinds[vm.WHOLE] + kinds[vm.MASKED]) * 64 * block_k     # the benchmark's count
     ref_out, ref_lse = masked_attention(tuple(map(jnp.asarray, qs)), jnp.asarray(k), jnp.asarray(v), positions,
                                         kv_length, jnp.asarray(scale), mask=mask, restrict=jnp.asarray(restrict))
@@ -489,10 +482,9 @@ def test_mgpu_sparse_schedule_on_the_block_sparse_primitive(consumers):
         np.testing.assert_array_equal(cover[p], (restrict[p] & visible[:, None]).astype(np.int32))
 
 
-@pytest.mark.parametrize("mask_name,block_k,consumers,independent", [
-    ("causal", 96, 2, False), ("dca", 128, 2, False), ("dca", 80, 2, False), ("dca", 96, 3, False),
-    ("causal", 128, 3, False), ("dca", 80, 2, True), ("causal", 64, 2, True)])
-def test_mgpu_sparse_kernel_lowers_for_cuda(mask_name, block_k, consumers, independent):
+@pytest.mark.parametrize("mask_name,block_k,consumers", [("causal", 96, 2), ("dca", 128, 2), ("dca", 80, 2),
+                                                         ("dca", 96, 3), ("causal", 128, 3)])
+def test_mgpu_sparse_kernel_lowers_for_cuda(mask_name, block_k, consumers):
     """Qwen2.5-7B heads (28 / 4, head_dim 128), bf16, a 4096-query chunk at an offset, budgets 6096 / 1000:
     the Mosaic GPU sparse kernel lowers to a Mosaic GPU custom call (no GPU needed)."""
     from jax import export
@@ -505,9 +497,8 @@ def test_mgpu_sparse_kernel_lowers_for_cuda(mask_name, block_k, consumers, indep
         sel = vslash.Selection(dist, dn, cols, cn, sb, se)
         index = vslash.build_index(sel, qo, T, kl, mask, vslash.BAND, S)
         return vslash_attention_mgpu(qs, k, v, qo, kl, sc, index, cn, mask=mask, block_k=block_k,
-                                     stages=max_stages(block_k, consumers=consumers, independent=independent),
-                                     pingpong=block_k == 128 and consumers == 2 and not independent,
-                                     consumers=consumers, independent=independent)
+                                     stages=max_stages(block_k, consumers=consumers),
+                                     pingpong=block_k == 128 and consumers == 2, consumers=consumers)
 
     sd, i32 = jax.ShapeDtypeStruct, jnp.int32
     exported = export.export(jax.jit(f), platforms=["cuda"])(

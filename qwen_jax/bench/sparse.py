@@ -11,9 +11,8 @@ as sparse prefill does: the T queries in chunks of ``--chunk``, each chunk estim
 selection from its last 64 queries and attending to the keys before it; the times add up over the
 chunks. The dense baseline is one causal ``jax.nn.dot_product_attention(implementation="cudnn")``
 call over all T. Reported per length: dense ms, and per sparse kernel (``--kernels``: the Mosaic GPU
-``vslash_mgpu`` as ``mosaic_gpu[:block_k[:stages[:pp|free|c3|ind[:prefetch|noprefetch]]]]``, pp = the consumers
-take turns, c3 = three consumer warpgroups (query blocks per program) running free, ind = two independent
-consumers (each its own windows, ring of ``stages`` slots and producer), noprefetch = each step
+``vslash_mgpu`` as ``mosaic_gpu[:block_k[:stages[:pp|free|c3[:prefetch|noprefetch]]]]``, pp = the consumers
+take turns, c3 = three consumer warpgroups (query blocks per program) running free, noprefetch = each step
 reads its table entries when it needs them (``vslash_attention_mgpu``), and the
 Triton-lowered ``vslash_gpu`` as ``triton``, all timed in the same run on the same index) its ms and
 speedup; estimate + index ms; the share of 64 x ``--block-k`` key tiles the sparse mask touches (what
@@ -152,7 +151,7 @@ def main(argv=None) -> int:
     p.add_argument("--dca", default=None, help="chunk_size,local_size (default: one chunk, plain causal)")
     p.add_argument("--block-k", type=int, default=64, help="Triton kernel key tiles (and the tile count)")
     p.add_argument("--kernels", default="mosaic_gpu:96:3:free,mosaic_gpu:64:4:free,triton",
-                   help="sparse kernels to time: mosaic_gpu[:block_k[:stages[:pp|free|c3|ind[:prefetch|noprefetch]]]], "
+                   help="sparse kernels to time: mosaic_gpu[:block_k[:stages[:pp|free|c3[:prefetch|noprefetch]]]], "
                    "triton")
     p.add_argument("--num-warps", type=int, default=4)
     p.add_argument("--num-stages", type=int, default=2)
@@ -174,16 +173,15 @@ def main(argv=None) -> int:
     kernels, mgpu = args.kernels.split(","), {}
     for spec in kernels:
         name, *opts = spec.split(":")
-        if (name == "mosaic_gpu" and len(opts) <= 4 and (len(opts) < 3 or opts[2] in ("pp", "free", "c3", "ind"))
+        if (name == "mosaic_gpu" and len(opts) <= 4 and (len(opts) < 3 or opts[2] in ("pp", "free", "c3"))
                 and (len(opts) < 4 or opts[3] in ("prefetch", "noprefetch"))):
             mgpu[spec] = dict(block_k=int(opts[0]) if opts else 128, stages=int(opts[1]) if len(opts) > 1 else 2,
                               pingpong=opts[2] == "pp" if len(opts) > 2 else True,
                               consumers=3 if len(opts) > 2 and opts[2] == "c3" else 2,
-                              independent=len(opts) > 2 and opts[2] == "ind",
                               prefetch=opts[3] == "prefetch" if len(opts) > 3 else True)
         elif spec != "triton":
             raise SystemExit(f"unknown kernel {spec!r}: "
-                             "mosaic_gpu[:block_k[:stages[:pp|free|c3|ind[:prefetch|noprefetch]]]]"
+                             "mosaic_gpu[:block_k[:stages[:pp|free|c3[:prefetch|noprefetch]]]]"
                              " or triton")
     if args.interpret and mgpu:
         raise SystemExit("the mosaic_gpu kernel has no interpreter: pass --kernels triton with --interpret")
@@ -284,8 +282,7 @@ def main(argv=None) -> int:
             if count_tiles:
                 n_tiles += int(tiles(sel, index))
                 for spec, opts in mgpu.items():
-                    counts = mgpu_windows(index, start, Tc, opts["block_k"],      # independent: one-block programs
-                                          1 if opts["independent"] else opts["consumers"])
+                    counts = mgpu_windows(index, start, Tc, opts["block_k"], opts["consumers"])
                     windows[spec] += np.asarray(counts, np.float64)
         return t_est, t_att, n_tiles, windows
 
