@@ -35,9 +35,7 @@ from pallas_kernels.shapes import attention_dims, pad_queries
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
-SMEM_BYTES = 232448 - 2944   # Hopper's 227 KiB per block, less what Pallas / Mosaic GPU add to the buffers
-                             # ``smem_bytes`` counts (barriers, alignment): a program whose count was 128
-                             # bytes over this failed to lower (its query tiles, ring and one lse row)
+SMEM_BYTES = 232448 - 4096   # Hopper's 227 KiB per block, less room for barriers and alignment
 CONSUMERS = (2, 3)  # consumer warpgroups a program may run (query blocks per program); 3 run without turns
 
 
@@ -48,11 +46,10 @@ def check_consumers(consumers: int, pingpong: bool) -> None:
                          f"got consumers={consumers}, pingpong={pingpong}")
 
 
-def smem_bytes(block_q: int, block_k: int, stages: int, H: int, item: int = 2, consumers: int = 2,
-               lse_rows: bool = True) -> int:
-    """Shared memory of one program (``launch``'s scratch): the consumers' query tiles, the K/V ring and
-    (``lse_rows``) the lse staging rows."""
-    return (consumers * block_q + 2 * stages * block_k) * H * item + consumers * block_q * 4 * lse_rows
+def smem_bytes(block_q: int, block_k: int, stages: int, H: int, item: int = 2, consumers: int = 2) -> int:
+    """Shared memory of one program (``launch``'s scratch): the consumers' query tiles, the K/V ring and the
+    lse rows."""
+    return (consumers * block_q + 2 * stages * block_k) * H * item + consumers * block_q * 4
 
 
 def registers(consumers: int) -> tuple[int, int]:
@@ -225,13 +222,11 @@ def flash_attention_mgpu(queries: tuple, k, v, q_offset, kv_length, scale, *, ma
     return out[:, :T], lse[:, :, :T].transpose(0, 2, 1)
 
 
-def launch(body, inputs, *, B, Tp, N, H, dtype, n_pairs, block_q, block_k, stages, consumers: int = 2,
-           lse_rows: bool = True):
+def launch(body, inputs, *, B, Tp, N, H, dtype, n_pairs, block_q, block_k, stages, consumers: int = 2):
     """Run a kernel of this file's shape (also the sparse kernel's): a producer warpgroup and ``consumers``
     consumer warpgroups per program on grid (heads, groups of ``consumers`` query blocks, batch), with the
-    scratch and barriers ``_kernel`` expects (the lse staging rows None without ``lse_rows``: ``store_rows``
-    then writes lse from registers). ``body(*input_refs, out_ref, lse_ref, scoped)``; returns ``(out [B,
-    Tp, N, H], lse [B, N, Tp] float32)``."""
+    scratch and barriers ``_kernel`` expects. ``body(*input_refs, out_ref, lse_ref, scoped)``; returns
+    ``(out [B, Tp, N, H], lse [B, N, Tp] float32)``."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -245,9 +240,10 @@ def launch(body, inputs, *, B, Tp, N, H, dtype, n_pairs, block_q, block_k, stage
             plgpu.SMEM((consumers, block_q, H), dtype, transforms=tiled),
             plgpu.SMEM((stages, block_k, H), dtype, transforms=tiled),
             plgpu.SMEM((stages, block_k, H), dtype, transforms=v_tiled),
-        ) + ((plgpu.SMEM((consumers, block_q), jnp.float32),) if lse_rows else ())
+            plgpu.SMEM((consumers, block_q), jnp.float32),
+        )
         pl.run_scoped(
-            lambda buffers, *scoped: body(*refs, ((*buffers, *(() if lse_rows else (None,))), *scoped)),
+            lambda *scoped: body(*refs, scoped),
             scratch,
             (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
              plgpu.Barrier(num_barriers=consumers)),
@@ -353,20 +349,14 @@ class WindowSteps:
 def store_rows(carry, qo_smem, lse_smem, out_dst, lse_dst):
     """A consumer's epilogue: normalise its online-softmax ``carry`` (acc, m, l; m in log2 units) and
     copy out and lse (natural log; -inf for rows that saw no key) through shared memory to ``out_dst``
-    [rows, H] and ``lse_dst`` [rows] in global memory (``lse_smem=None``: lse from registers straight to
-    global memory, for a program with no shared memory left for a staging row)."""
+    [rows, H] and ``lse_dst`` [rows] in global memory."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     acc, m, l = carry
     acc = acc / lax.broadcast_in_dim(jnp.maximum(l, 1e-30), acc.shape, [0])
     qo_smem[...] = acc.astype(qo_smem.dtype)
-    lse = jnp.where(l > 0, (m + jnp.log(jnp.maximum(l, 1e-30)) * LOG2E) * LN2, -jnp.inf)
-    if lse_smem is None:
-        lse_dst[...] = lse
-    else:
-        lse_smem[...] = lse
+    lse_smem[...] = jnp.where(l > 0, (m + jnp.log(jnp.maximum(l, 1e-30)) * LOG2E) * LN2, -jnp.inf)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(qo_smem, out_dst)
-    if lse_smem is not None:
-        plgpu.copy_smem_to_gmem(lse_smem, lse_dst)
+    plgpu.copy_smem_to_gmem(lse_smem, lse_dst)
     plgpu.wait_smem_to_gmem(0)

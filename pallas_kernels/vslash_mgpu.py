@@ -94,22 +94,15 @@ def check_supported(queries: tuple, k, v, block_k: int, stages: int, consumers: 
                          f"got {k.shape[2]}")
     check_consumers(consumers, pingpong)
     H, item = k.shape[-1], k.dtype.itemsize
-    smem = smem_bytes(BAND, block_k, stages, H, item, consumers, lse_rows(block_k, stages, H, item, consumers))
+    smem = smem_bytes(BAND, block_k, stages, H, item, consumers)
     if smem > SMEM_BYTES:
         raise ValueError(f"mosaic_gpu sparse kernel: block_k={block_k}, stages={stages}, {consumers} consumers and "
                          f"head_dim {H} need {smem} bytes of shared memory, more than {SMEM_BYTES}; lower block_k "
                          f"or stages")
 
 
-def lse_rows(block_k: int, stages: int, H: int = 128, item: int = 2, consumers: int = 2) -> bool:
-    """Whether the lse staging rows fit beside the query tiles and the ring; without them (e.g. 128-key
-    windows in 3 stages) the consumers write lse from registers (``flash_mgpu.store_rows``)."""
-    return smem_bytes(BAND, block_k, stages, H, item, consumers) <= SMEM_BYTES
-
-
 def max_stages(block_k: int, H: int = 128, item: int = 2, most: int = 4, consumers: int = 2) -> int:
-    """The deepest K/V ring (at most ``most``) that fits in shared memory with the lse staging rows (a
-    ring one stage deeper, where leaving them out makes it fit, is for asking: ``check_supported``)."""
+    """The deepest K/V ring (at most ``most``) that fits in shared memory."""
     stages = most
     while stages > 2 and smem_bytes(BAND, block_k, stages, H, item, consumers) > SMEM_BYTES:
         stages -= 1
@@ -346,7 +339,7 @@ def _kernel(meta_ref, scale_ref, sched_ref, win_ref, vpos_ref, keep_ref, *refs, 
     @pl.when(wg < C)
     def _consumer():
         plgpu.set_max_registers(regs, action="increase")
-        qo_smem, lse_smem = qo_smem2.at[wg], None if lse_smem2 is None else lse_smem2.at[wg]
+        qo_smem, lse_smem = qo_smem2.at[wg], lse_smem2.at[wg]
         row0 = qi * (C * BAND) + wg * BAND
         first = q0 + wg * BAND
         scale2 = scale_ref[b] * LOG2E                     # logits in base 2: exp2 is one instruction
@@ -532,7 +525,7 @@ def vslash_attention_mgpu(queries: tuple, k, v, q_offset, kv_length, scale, inde
                              heavy_first=heavy_first, pingpong=pingpong, prefetch=prefetch, consumers=consumers)
     out, lse = launch(body, (meta, scale.astype(jnp.float32), sched, win, vpos, keep, *queries, k, v, kg, vg), B=B,
                       Tp=Tp, N=N, H=H, dtype=dtype, n_pairs=n_pairs, block_q=BAND, block_k=block_k, stages=stages,
-                      consumers=consumers, lse_rows=lse_rows(block_k, stages, H, jnp.dtype(dtype).itemsize, consumers))
+                      consumers=consumers)
     return out[:, :T], lse[:, :, :T].transpose(0, 2, 1)
 
 

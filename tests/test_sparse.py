@@ -482,13 +482,11 @@ def test_mgpu_sparse_schedule_on_the_block_sparse_primitive(consumers):
         np.testing.assert_array_equal(cover[p], (restrict[p] & visible[:, None]).astype(np.int32))
 
 
-@pytest.mark.parametrize("mask_name,block_k,consumers,stages", [
-    ("causal", 96, 2, None), ("dca", 128, 2, None), ("dca", 80, 2, None), ("dca", 96, 3, None), ("causal", 128, 3, None),
-    ("dca", 128, 2, 3)])
-def test_mgpu_sparse_kernel_lowers_for_cuda(mask_name, block_k, consumers, stages):
+@pytest.mark.parametrize("mask_name,block_k,consumers", [("causal", 96, 2), ("dca", 128, 2), ("dca", 80, 2),
+                                                         ("dca", 96, 3), ("causal", 128, 3)])
+def test_mgpu_sparse_kernel_lowers_for_cuda(mask_name, block_k, consumers):
     """Qwen2.5-7B heads (28 / 4, head_dim 128), bf16, a 4096-query chunk at an offset, budgets 6096 / 1000:
-    the Mosaic GPU sparse kernel lowers to a Mosaic GPU custom call (no GPU needed). 128-key windows in
-    3 stages fit with lse written from registers (no staging rows)."""
+    the Mosaic GPU sparse kernel lowers to a Mosaic GPU custom call (no GPU needed)."""
     from jax import export
     from pallas_kernels.vslash_mgpu import max_stages, vslash_attention_mgpu
     mask = MaskSpec(chunk_len=8192) if mask_name == "dca" else MaskSpec()
@@ -499,7 +497,7 @@ def test_mgpu_sparse_kernel_lowers_for_cuda(mask_name, block_k, consumers, stage
         sel = vslash.Selection(dist, dn, cols, cn, sb, se)
         index = vslash.build_index(sel, qo, T, kl, mask, vslash.BAND, S)
         return vslash_attention_mgpu(qs, k, v, qo, kl, sc, index, cn, mask=mask, block_k=block_k,
-                                     stages=stages or max_stages(block_k, consumers=consumers),
+                                     stages=max_stages(block_k, consumers=consumers),
                                      pingpong=block_k == 128 and consumers == 2, consumers=consumers)
 
     sd, i32 = jax.ShapeDtypeStruct, jnp.int32
@@ -520,11 +518,6 @@ def test_sparse_dispatch_picks_or_refuses_loudly():
     k = jnp.zeros((1, 2, 512, 128), jnp.bfloat16)
     assert pallas_kernels._sparse_mgpu_block("auto", (q,), k, k, None) == 96
     assert pallas_kernels._mgpu_sparse_stages(96) == 3 and pallas_kernels._mgpu_sparse_stages(64) == 4
-    from pallas_kernels import vslash_mgpu
-    assert vslash_mgpu.lse_rows(128, 2) and not vslash_mgpu.lse_rows(128, 3)    # a third stage: no lse staging rows
-    check_supported((q,), k, k, 128, 3)
-    with pytest.raises(ValueError, match="shared memory"):
-        check_supported((q,), k, k, 128, 4)
     assert pallas_kernels._sparse_mgpu_block("auto", (q[:, :64],), k, k, None) is None         # decode-sized: Triton
     assert pallas_kernels._sparse_mgpu_block("mosaic_gpu", (q[:, :64],), k, k, 128) == 128    # asked for: served
     f32 = (q.astype(jnp.float32),), k.astype(jnp.float32), k.astype(jnp.float32)
