@@ -106,8 +106,8 @@ def run_sparse_case(mask_name: str, G: int, seed: int, T: int = 700, S: int = 20
     args = dict(q_offset=q_offset, kv_length=kv_length, scale=scale, mask=mask, impl=kernel)
     if options is not None:
         from pallas_kernels.vslash_mgpu import vslash_attention_mgpu
-        block_k, stages, pingpong, prefetch, consumers = (*options, True, 2)[:5] if len(options) < 4 else \
-            (*options, 2)[:5]                                          # prefetch on, two consumers unless given
+        # prefetch on, two consumers unless given
+        block_k, stages, pingpong, prefetch, consumers = (*options, *(True, 2)[len(options) - 3:])
         index = vslash.block_sparse_index(blocks, counts, q_offset, kv_length)[0] if mask_name == "block" else \
             vslash.build_index(sel, q_offset, T, kv_length, mask, vslash.BAND, k.shape[2])
         out, lse = vslash_attention_mgpu(qs, k, v, q_offset, kv_length, scale, index, None, mask=mask,

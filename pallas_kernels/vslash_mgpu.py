@@ -65,7 +65,7 @@ from pallas_kernels.vslash import BAND, NO_KEY, VSIndex, gather_verticals, pad_v
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 SKIP, WHOLE, MASKED = 0, 1, 2
-FIRST, SECOND, BOTH = 0, 1, -1  # which consumers a slash window serves (``pair_windows``): c, or all of them
+BOTH = -1         # a slash window every consumer uses (``pair_windows``; else ``who`` is the one consumer's index)
 SKIP_COST = 0.25  # a skipped window's cost against a computed one, when choosing how to cut a run (measured:
                   # 0.25 / 0.1 2% faster than 0.5 at 128K and 1M on an H100, 1.0 12% slower; GPU_NOTES, 9th session)
 BIG = 2 ** 30
@@ -120,7 +120,7 @@ def pair_windows(rel_start, rel_end, block_k: int, consumers: int = 2):
 
     Window ``w`` loads keys ``[ws, ws + block_k)`` for the run ``[lo, hi)`` (block 0's keys; block c's
     are ``[lo + 64 c, hi + 64 c)``) and serves the consumers ``who`` says (``BOTH``: all of them, or
-    consumer ``who`` alone: ``FIRST``, ``SECOND``, 2); padding windows have ``ws = lo = hi = NO_KEY``.
+    consumer ``who`` alone: 0, 1 or 2); padding windows have ``ws = lo = hi = NO_KEY``.
     Windows start on the 8-row grid (``ROW_ALIGN``: TMA into wgmma-tiled shared memory needs it). A run
     is cut one of two ways:
 
