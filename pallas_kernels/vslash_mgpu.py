@@ -321,8 +321,9 @@ def _kernel(meta_ref, scale_ref, sched_ref, win_ref, vpos_ref, keep_ref, *refs, 
         """Phase ``p``'s part ``part`` of the step list every warpgroup walks: its windows, then its
         vertical tiles. Read where it is used, so few scalars stay live (the producer has 40 registers, 24
         beside three consumers)."""
-        t0, t1, v0, v1, g, *act, first_step = (sched_ref[b, n, qi, p, part, f] for f in range(fields(C)))
-        return dict(p=p, g=g, act=act, t0=t0, t1=t1, v0=v0, v1=v1, slash_off=first_step - t0,
+        t0, t1, v0, v1, g = (sched_ref[b, n, qi, p, part, f] for f in range(5))
+        first_step = sched_ref[b, n, qi, p, part, 5 + C]
+        return dict(p=p, part=part, g=g, t0=t0, t1=t1, v0=v0, v1=v1, slash_off=first_step - t0,
                     vert_off=first_step + (t1 - t0) - v0, end=first_step + (t1 - t0) + (v1 - v0))
 
     parts = [(p, q) for p in range(n_phases) for q in range(C)]
@@ -383,8 +384,7 @@ def _kernel(meta_ref, scale_ref, sched_ref, win_ref, vpos_ref, keep_ref, *refs, 
             a_rows, b_rows = mask.key_range(phase, rows, rows, kv_length)      # [64]: row r sees [a_r, b_r)
             span = row_span(mask, phase, first, kv_length)
             for e in (part(p_, q) for p_, q in parts if p_ == p):
-                active = functools.reduce(lambda x, c: jnp.where(wg == c, e["act"][c], x), range(1, C),
-                                          e["act"][0]) != 0
+                active = sched_ref[b, n, qi, e["p"], e["part"], 5 + wg] != 0
 
                 def slash_fields(w, e=e):
                     return tuple(win_ref[b, e["g"], n, e["p"], w, f] for f in range(4))
