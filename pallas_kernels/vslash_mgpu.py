@@ -150,24 +150,11 @@ def pair_windows(rel_start, rel_end, block_k: int, consumers: int = 2):
     run_tiles = lax.cummin(jnp.where(last, idx, BIG), axis=axis, reverse=True) - idx + 1   # at a run's first tile
     run_lo8 = run_lo // ROW_ALIGN * ROW_ALIGN            # windows start on the 8-row grid (q0 is on it too)
     ceil = lambda x: -(-x // block_k)  # noqa: E731
+    shared = ceil(run_hi + BAND * (C - 1) - run_lo8)
     own = ceil(run_hi - run_lo8)                           # one consumer's windows over its own keys
-
-    def shared_cost(base):
-        """Shared windows from ``base``: their count and cost (consumer c computes those meeting its keys
-        [lo + 64 c, hi + 64 c), and skips the others)."""
-        shared = ceil(run_hi + BAND * (C - 1) - base)
-        computed = sum(ceil(run_hi + BAND * c - base) - (BAND * c + run_lo - base) // block_k for c in range(C))
-        return shared, computed + SKIP_COST * (C * shared - computed)
-
-    # The shared windows' grid: from the run's 8-aligned start, or earlier by a multiple of 8 keys where that
-    # costs less (the consumers' keys end nearer window ends) without adding a window (the table's rows).
-    shared, cost_shared = shared_cost(run_lo8)
-    base = run_lo8
-    for back in range(ROW_ALIGN, block_k, ROW_ALIGN):
-        n, cost = shared_cost(run_lo8 - back)
-        better = (cost < cost_shared) & (n <= shared)
-        base, cost_shared = jnp.where(better, run_lo8 - back, base), jnp.where(better, cost, cost_shared)
-    shared = ceil(run_hi + BAND * (C - 1) - base)
+    # shared windows consumer c computes: those meeting its keys [lo + 64 c, hi + 64 c)
+    computed = sum(ceil(run_hi + BAND * c - run_lo8) - (BAND * c + run_lo - run_lo8) // block_k for c in range(C))
+    cost_shared = computed + SKIP_COST * (C * shared - computed)
     cost_split = C * own * (1 + (C - 1) * SKIP_COST)
     split = (cost_split < cost_shared) & (C * own <= run_tiles * per_tile)
     n_win = jnp.where(first, jnp.where(split, C * own, shared), 0)
@@ -181,7 +168,7 @@ def pair_windows(rel_start, rel_end, block_k: int, consumers: int = 2):
     i = w - take(cum - n_win)                               # the window's place in its run
     n_own, is_split = take(own), take(split)
     mine = i // jnp.maximum(n_own, 1)                       # split: the consumer whose window it is
-    ws = jnp.where(is_split, take(run_lo8) + BAND * mine + (i - mine * n_own) * block_k, take(base) + i * block_k)
+    ws = take(run_lo8) + jnp.where(is_split, BAND * mine + (i - mine * n_own) * block_k, i * block_k)
     who = jnp.where(is_split, mine, BOTH)
     live = w < cum[..., -1:]
     far = jnp.int32(NO_KEY)
