@@ -322,7 +322,7 @@ def _kernel(meta_ref, scale_ref, sched_ref, win_ref, vpos_ref, keep_ref, *refs, 
         vertical tiles. Read where it is used, so few scalars stay live (the producer has 40 registers, 24
         beside three consumers)."""
         t0, t1, v0, v1, g = (sched_ref[b, n, qi, p, part, f] for f in range(5))
-        first_step = sched_ref[b, n, qi, p, part, 5 + C]
+        first_step = sched_ref[b, n, qi, p, part, fields(C) - 1]             # the last field
         return dict(p=p, part=part, g=g, t0=t0, t1=t1, v0=v0, v1=v1, slash_off=first_step - t0,
                     vert_off=first_step + (t1 - t0) - v0, end=first_step + (t1 - t0) + (v1 - v0))
 
