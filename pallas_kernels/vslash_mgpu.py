@@ -73,9 +73,12 @@ ROW_ALIGN = 8     # TMA into wgmma-tiled shared memory starts at a multiple of t
 M_FLOOR = -1e30   # the running max's start: above MASK_VALUE, below any real logit
 
 
+ACTIVE = 5        # schedule field of consumer 0's active flag (after t0, t1, v0, v1, segment; consumer c's at 5 + c)
+
+
 def fields(consumers: int = 2) -> int:
     """Per (row, head, group, phase, part): t0, t1, v0, v1, segment, active per consumer, first step."""
-    return 6 + consumers
+    return ACTIVE + consumers + 1
 
 
 def check_supported(queries: tuple, k, v, block_k: int, stages: int, consumers: int = 2,
@@ -233,7 +236,7 @@ def pair_schedule(index: VSIndex, ws, lo, hi, who, q_offset, kv_length, mask: Ma
         part = jnp.concatenate([part_seg[..., None], act], -1).astype(jnp.int32)          # [B, pairs, part, 1 + C]
         part = jnp.broadcast_to(part.reshape(B, -1, 1, 1 + C), ranges.shape[:-1] + (1 + C,))
         per_phase.append(jnp.concatenate([ranges, part], -1).astype(jnp.int32))           # [B, Q, N, 5 + C]
-    F = 5 + C
+    F = ACTIVE + C
     sched = jnp.stack(per_phase, axis=2)                                       # [B, Q, P, N, F]
     sched = sched.reshape(B, n_pairs, C, P, N, F).transpose(0, 4, 1, 3, 2, 5)  # [B, N, n_pairs, P, C, F]
     steps = (sched[..., 1] - sched[..., 0] + sched[..., 3] - sched[..., 2]).reshape(B, N, n_pairs, C * P)
@@ -321,8 +324,8 @@ def _kernel(meta_ref, scale_ref, sched_ref, win_ref, vpos_ref, keep_ref, *refs, 
         """Phase ``p``'s part ``part`` of the step list every warpgroup walks: its windows, then its
         vertical tiles. Read where it is used, so few scalars stay live (the producer has 40 registers, 24
         beside three consumers)."""
-        t0, t1, v0, v1, g = (sched_ref[b, n, qi, p, part, f] for f in range(5))
-        first_step = sched_ref[b, n, qi, p, part, fields(C) - 1]             # the last field
+        t0, t1, v0, v1, g = (sched_ref[b, n, qi, p, part, f] for f in range(ACTIVE))
+        first_step = sched_ref[b, n, qi, p, part, ACTIVE + C]
         return dict(p=p, part=part, g=g, t0=t0, t1=t1, v0=v0, v1=v1, slash_off=first_step - t0,
                     vert_off=first_step + (t1 - t0) - v0, end=first_step + (t1 - t0) + (v1 - v0))
 
@@ -384,7 +387,7 @@ def _kernel(meta_ref, scale_ref, sched_ref, win_ref, vpos_ref, keep_ref, *refs, 
             a_rows, b_rows = mask.key_range(phase, rows, rows, kv_length)      # [64]: row r sees [a_r, b_r)
             span = row_span(mask, phase, first, kv_length)
             for e in (part(p_, q) for p_, q in parts if p_ == p):
-                active = sched_ref[b, n, qi, e["p"], e["part"], 5 + wg] != 0
+                active = sched_ref[b, n, qi, e["p"], e["part"], ACTIVE + wg] != 0
 
                 def slash_fields(w, e=e):
                     return tuple(win_ref[b, e["g"], n, e["p"], w, f] for f in range(4))
@@ -554,8 +557,8 @@ def computed_pairs(index: VSIndex, q_offset, kv_length, mask: MaskSpec, block_k:
         total = jnp.float32(0)
         for p, phase in enumerate(mask.phases):
             f = sched[:, n, :, p]                                                 # [B, pairs, part, FIELDS]
-            t0, t1, v0, v1, g = (f[..., i][..., None, None] for i in range(5))
-            act = f[..., 5:5 + C][..., None] != 0                                 # [B, pairs, part, c, 1]
+            t0, t1, v0, v1, g = (f[..., i][..., None, None] for i in range(ACTIVE))
+            act = f[..., ACTIVE:ACTIVE + C][..., None] != 0                                 # [B, pairs, part, c, 1]
             span = row_span(mask, phase, q0 + BAND * c, kv_length[:, None, None, None, None])
             rows = win[b, f[..., 4], n, p]                                       # [B, pairs, part, cap, 4]
             ws, lo, hi, who = (rows[..., i][:, :, :, None] for i in range(4))
