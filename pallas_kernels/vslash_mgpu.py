@@ -15,12 +15,15 @@ less, a skipped step counting ``SKIP_COST`` of a computed window (``pair_windows
 come pre-gathered into contiguous tiles (``vslash.gather_verticals``), masked per column by position and by the block's
 ``keep`` row (columns its bands already cover). Per window and consumer the step is one of
 
-    SKIP    nothing visible (or the block is not in this part): wait for the data, hand the slot back
-    WHOLE   every row sees every key of the window: no mask
-    MASKED  rows see the keys in ``[max(a_r, lo), min(b_r, hi))``, ``[a_r, b_r)`` the row's phase range
-            (``MaskSpec.key_range`` of one row is an interval, and it grows with the row)
+    SKIP     nothing visible (or the block is not in this part): wait for the data, hand the slot back
+    WHOLE    every row sees every key of the window: no mask
+    COLUMNS  every row sees the keys in ``[lo, hi)``, the run's part of the window (no row's phase range
+             cuts it): a mask of the window's columns, the same for every row
+    MASKED   rows see the keys in ``[max(a_r, lo), min(b_r, hi))``, ``[a_r, b_r)`` the row's phase range
+             (``MaskSpec.key_range`` of one row is an interval, and it grows with the row)
 
-so the mask costs two compares per logit, and only on edge windows. DCA: one query copy per phase,
+so only edge windows are masked, and most of them (a run's ends away from the diagonal and the phase
+bounds) by a compare per column rather than two per logit. DCA: one query copy per phase,
 reloaded between phases, all phases in one online softmax. The two blocks of a pair usually share a
 segment (their tables); a pair cut by a segment boundary walks two *parts*, one per block's segment,
 the other consumer skipping.
@@ -64,7 +67,7 @@ from pallas_kernels.vslash import BAND, NO_KEY, VSIndex, gather_verticals, pad_v
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
-SKIP, WHOLE, MASKED = 0, 1, 2
+SKIP, WHOLE, MASKED, COLUMNS = 0, 1, 2, 3
 BOTH = -1         # a slash window every consumer uses (``pair_windows``; else ``who`` is the one consumer's index)
 SKIP_COST = 0.25  # a skipped window's cost against a computed one, when choosing how to cut a run (measured:
                   # 0.25 / 0.1 2% faster than 0.5 at 128K and 1M on an H100, 1.0 12% slower; GPU_NOTES, 9th session)
@@ -269,11 +272,12 @@ def row_span(mask: MaskSpec, phase: str, first, kv_length):
 
 
 def slash_kind(start, klo, khi, span, block_k: int, active):
-    """SKIP, WHOLE or MASKED for a consumer's window (``span`` from ``row_span``)."""
+    """SKIP, WHOLE, COLUMNS or MASKED for a consumer's window (``span`` from ``row_span``)."""
     a_first, a_last, b_first, b_last = span
     empty = jnp.logical_not(active) | (jnp.maximum(klo, a_first) >= jnp.minimum(khi, b_last))
-    whole = (start >= jnp.maximum(klo, a_last)) & (start + block_k <= jnp.minimum(khi, b_first))
-    return jnp.where(empty, SKIP, jnp.where(whole, WHOLE, MASKED)).astype(jnp.int32)
+    rows_free = (klo >= a_last) & (khi <= b_first)          # every row's range holds [klo, khi)
+    whole = rows_free & (start >= klo) & (start + block_k <= khi)
+    return jnp.where(empty, SKIP, jnp.where(whole, WHOLE, jnp.where(rows_free, COLUMNS, MASKED))).astype(jnp.int32)
 
 
 def vertical_kind(first_col, last_col, span, active):
@@ -351,18 +355,22 @@ def _kernel(meta_ref, scale_ref, sched_ref, win_ref, vpos_ref, keep_ref, *refs, 
         H = qo_smem.shape[-1]
         steps = WindowSteps(qo_smem, k_smem, v_smem, k_bar, k_free, v_bar, v_free, stages=stages, total=total,
                             scale2=scale2, take_turns=take_turns, turn=turn if pingpong else None)
-        row_layout = plgpu.Layout.WGMMA.reduce(1)
+        row_layout, col_layout = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
 
-        def compute(carry, step, visible, masked):
-            """One window, masked where ``masked`` (a bool, or a traced one) by ``visible()`` -> bool [64, W].
-            Masked logits become MASK_VALUE and the running max starts at M_FLOOR above it, so their
-            probabilities underflow to exactly 0 with no second select."""
-            def masking(s):
+        def compute(carry, step, masks):
+            """One window, masked by the first ``visible()`` -> bool [64, W] of ``masks``, a list of ``(when,
+            visible)`` whose ``when`` (a bool, or a traced one) holds; by none where none does. Masked logits
+            become MASK_VALUE and the running max starts at M_FLOOR above it, so their probabilities
+            underflow to exactly 0 with no second select."""
+            def masking(s, masks=masks):
+                if not masks:
+                    return s
+                (when, visible), rest = masks[0], masks[1:]
                 apply = lambda s: jnp.where(visible(), s, MASK_VALUE)  # noqa: E731
-                # elementwise work only under the condition: the wgmma stay in straight-line code
-                return (apply(s) if masked is True else lax.cond(masked, apply, lambda s: s, s)), None
+                # elementwise work only under the conditions: the wgmma stay in straight-line code
+                return apply(s) if when is True else lax.cond(when, apply, lambda s: masking(s, rest), s)
 
-            return steps.compute(carry, step, (BAND, W), masking)
+            return steps.compute(carry, step, (BAND, W), lambda s: (masking(s), None))
 
         skip = steps.skip
 
@@ -402,12 +410,16 @@ def _kernel(meta_ref, scale_ref, sched_ref, win_ref, vpos_ref, keep_ref, *refs, 
                     start, klo, khi = slash_bounds(*fields, q0, wg, W, n_keys)
                     kind = slash_kind(start, klo, khi, span, W, active)
 
-                    def visible():
+                    def rows_and_columns():
                         pos = start + plgpu.broadcasted_iota(jnp.int32, (BAND, W), 1, layout=plgpu.Layout.WGMMA)
                         return between(jnp.maximum(a_rows, klo), jnp.minimum(b_rows, khi), pos)
 
-                    carry = lax.cond(kind == SKIP, lambda c: skip(c, step),
-                                     lambda c: compute(c, step, visible, kind == MASKED), carry)
+                    def columns():
+                        pos = start + plgpu.broadcasted_iota(jnp.int32, (W,), 0, layout=col_layout)
+                        return lax.broadcast_in_dim((pos >= klo) & (pos < khi), (BAND, W), [1])
+
+                    masks = [(kind == COLUMNS, columns), (kind == MASKED, rows_and_columns)]
+                    carry = lax.cond(kind == SKIP, lambda c: skip(c, step), lambda c: compute(c, step, masks), carry)
                     return carry, ahead
 
                 def tile_ends(j, e=e):
@@ -425,12 +437,11 @@ def _kernel(meta_ref, scale_ref, sched_ref, win_ref, vpos_ref, keep_ref, *refs, 
 
                     def masked(carry):
                         # Issued before the matmul so the loads' latency hides behind it.
-                        col_layout = plgpu.Layout.WGMMA.reduce(0)
                         pos = _load_cols(vpos_ref.at[b, g, n, p_, pl.ds(j * W, W)], col_layout)
                         keep = _load_cols(keep_ref.at[b, n, C * qi + wg, p_, pl.ds(j * W, W)], col_layout)
                         pos = jnp.where(keep != 0, pos, NO_KEY)
                         pos = lax.broadcast_in_dim(pos, (BAND, W), [1])
-                        return compute(carry, step, lambda: between(a_rows, b_rows, pos), True)
+                        return compute(carry, step, [(True, lambda: between(a_rows, b_rows, pos))])
 
                     carry = lax.cond(kind == MASKED, masked, lambda c: skip(c, step), carry)
                     return carry, ahead

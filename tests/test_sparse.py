@@ -343,7 +343,7 @@ def mgpu_coverage(index, q_offset, kv_length, mask, T, S, block_k, qkv=None, con
     sched, win, vpos, keep = map(np.asarray, tables)
     q_offset, kv_length = np.asarray(q_offset), np.asarray(kv_length)
     cover = np.zeros((P, B, N, C * n_pairs * 64, S + 1), np.int32)           # column S: keys that do not exist
-    kinds = {vm.SKIP: 0, vm.WHOLE: 0, vm.MASKED: 0}
+    kinds = {vm.SKIP: 0, vm.WHOLE: 0, vm.COLUMNS: 0, vm.MASKED: 0}
     Tp = C * n_pairs * 64
     if qkv is not None:
         qs, k, v, scale = qkv
@@ -391,6 +391,8 @@ def mgpu_coverage(index, q_offset, kv_length, mask, T, S, block_k, qkv=None, con
                 pos = start[i] + np.arange(W)
                 ok = (pos >= np.maximum(a_rows, klo[i])[:, None]) & (pos < np.minimum(b_rows, khi[i])[:, None])
                 assert kind[i] != vm.WHOLE or ok.all()
+                # a window masked by its columns alone: every row sees the run's part of it, [klo, khi)
+                assert kind[i] != vm.COLUMNS or (ok == ((pos >= klo[i]) & (pos < khi[i]))[None]).all()
                 assert kind[i] != vm.SKIP or not act[c] or not ok.any()      # a skipped window has nothing to see
                 cover[p, b, n, out_rows[:, None], pos[None]] += ok & (kind[i] != vm.SKIP)
                 if kind[i] != vm.SKIP:
@@ -452,7 +454,8 @@ def test_mgpu_sparse_schedule_computes_each_visible_key_once(mask_name, q_offset
     assert min(kinds.values()) > 0, kinds                                    # every kind of step occurs
     computed = jax.jit(vm.computed_pairs, static_argnums=(3, 4, 5))(index, q_offset, kv_length, mask, block_k,
                                                                      consumers)
-    assert float(computed) == (kinds[vm.WHOLE] + kinds[vm.MASKED]) * 64 * block_k     # the benchmark's count
+    computed_steps = kinds[vm.WHOLE] + kinds[vm.COLUMNS] + kinds[vm.MASKED]
+    assert float(computed) == computed_steps * 64 * block_k                  # the benchmark's count
     ref_out, ref_lse = masked_attention(tuple(map(jnp.asarray, qs)), jnp.asarray(k), jnp.asarray(v), positions,
                                         kv_length, jnp.asarray(scale), mask=mask, restrict=jnp.asarray(restrict))
     ref_out, ref_lse = np.asarray(ref_out), np.asarray(ref_lse)
