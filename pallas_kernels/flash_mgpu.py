@@ -293,11 +293,9 @@ class WindowSteps:
         def _():
             plgpu.barrier_wait(self.k_bar.at[lax.rem(step, jnp.int32(self.stages))])
 
-    def compute(self, carry, step, shape, masking, bias=None):
+    def compute(self, carry, step, shape, masking):
         """One window of ``shape`` (query rows, keys). Masked logits become MASK_VALUE; where ``masking``
-        also returns ``ok``, their probabilities are zeroed as well. ``bias``: None, or float32 [keys] (0 or
-        MASK_VALUE) added to every row's logits with the scale, one fused multiply-add a logit: a mask of
-        columns at no cost over the scaling."""
+        also returns ``ok``, their probabilities are zeroed as well."""
         import jax.experimental.pallas as pl
         import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -311,8 +309,7 @@ class WindowSteps:
 
         s = pl.run_scoped(qk_scope, plgpu.ACC(shape, jnp.float32))
         plgpu.barrier_arrive(self.k_free.at[slot])
-        s = s * self.scale2 if bias is None else s * self.scale2 + lax.broadcast_in_dim(bias, shape, [1])
-        s, ok = masking(s)
+        s, ok = masking(s * self.scale2)
         m_new = jnp.maximum(m, s.max(axis=1))
         alpha = jnp.exp2(m - m_new)
         p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))

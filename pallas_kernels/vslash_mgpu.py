@@ -18,13 +18,12 @@ come pre-gathered into contiguous tiles (``vslash.gather_verticals``), masked pe
     SKIP     nothing visible (or the block is not in this part): wait for the data, hand the slot back
     WHOLE    every row sees every key of the window: no mask
     COLUMNS  every row sees the keys in ``[lo, hi)``, the run's part of the window (no row's phase range
-             cuts it): a mask of the window's columns, the same for every row, added to the logits as a
-             bias (0 or MASK_VALUE) in the scaling's multiply-add, so WHOLE and COLUMNS are one code path
+             cuts it): a mask of the window's columns, the same for every row
     MASKED   rows see the keys in ``[max(a_r, lo), min(b_r, hi))``, ``[a_r, b_r)`` the row's phase range
              (``MaskSpec.key_range`` of one row is an interval, and it grows with the row)
 
-so only edge windows are masked per logit, and few of them (local inputs at 1M, the last chunk: ~0.3% of the
-steps, against ~50% COLUMNS and ~19% WHOLE; the rest SKIP). DCA: one query copy per phase,
+so only edge windows are masked, and most of them (a run's ends away from the diagonal and the phase
+bounds) by a compare per column rather than two per logit. DCA: one query copy per phase,
 reloaded between phases, all phases in one online softmax. The two blocks of a pair usually share a
 segment (their tables); a pair cut by a segment boundary walks two *parts*, one per block's segment,
 the other consumer skipping.
@@ -358,12 +357,11 @@ def _kernel(meta_ref, scale_ref, sched_ref, win_ref, vpos_ref, keep_ref, *refs, 
                             scale2=scale2, take_turns=take_turns, turn=turn if pingpong else None)
         row_layout, col_layout = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
 
-        def compute(carry, step, masks, bias=None):
+        def compute(carry, step, masks):
             """One window, masked by the first ``visible()`` -> bool [64, W] of ``masks``, a list of ``(when,
-            visible)`` whose ``when`` (a bool, or a traced one) holds; by none where none does; and by the
-            columns ``bias`` [W] (0 or MASK_VALUE, ``WindowSteps.compute``), if given. Masked logits become
-            MASK_VALUE and the running max starts at M_FLOOR above it, so their probabilities underflow to
-            exactly 0 with no second select."""
+            visible)`` whose ``when`` (a bool, or a traced one) holds; by none where none does. Masked logits
+            become MASK_VALUE and the running max starts at M_FLOOR above it, so their probabilities
+            underflow to exactly 0 with no second select."""
             def masking(s, masks=masks):
                 if not masks:
                     return s
@@ -372,7 +370,7 @@ def _kernel(meta_ref, scale_ref, sched_ref, win_ref, vpos_ref, keep_ref, *refs, 
                 # elementwise work only under the conditions: the wgmma stay in straight-line code
                 return apply(s) if when is True else lax.cond(when, apply, lambda s: masking(s, rest), s)
 
-            return steps.compute(carry, step, (BAND, W), lambda s: (masking(s), None), bias)
+            return steps.compute(carry, step, (BAND, W), lambda s: (masking(s), None))
 
         skip = steps.skip
 
@@ -416,14 +414,12 @@ def _kernel(meta_ref, scale_ref, sched_ref, win_ref, vpos_ref, keep_ref, *refs, 
                         pos = start + plgpu.broadcasted_iota(jnp.int32, (BAND, W), 1, layout=plgpu.Layout.WGMMA)
                         return between(jnp.maximum(a_rows, klo), jnp.minimum(b_rows, khi), pos)
 
-                    def columns():         # [W]: 0 on the run's keys [klo, khi), MASK_VALUE elsewhere
+                    def columns():
                         pos = start + plgpu.broadcasted_iota(jnp.int32, (W,), 0, layout=col_layout)
-                        return jnp.where((pos >= klo) & (pos < khi), jnp.float32(0), jnp.float32(MASK_VALUE))
+                        return lax.broadcast_in_dim((pos >= klo) & (pos < khi), (BAND, W), [1])
 
-                    # WHOLE and COLUMNS windows are one path (a WHOLE window's bias is all 0); MASKED adds rows
-                    masks = [(kind == MASKED, rows_and_columns)]
-                    carry = lax.cond(kind == SKIP, lambda c: skip(c, step),
-                                     lambda c: compute(c, step, masks, columns()), carry)
+                    masks = [(kind == COLUMNS, columns), (kind == MASKED, rows_and_columns)]
+                    carry = lax.cond(kind == SKIP, lambda c: skip(c, step), lambda c: compute(c, step, masks), carry)
                     return carry, ahead
 
                 def tile_ends(j, e=e):
