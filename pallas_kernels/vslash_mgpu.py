@@ -76,12 +76,8 @@ ROW_ALIGN = 8     # TMA into wgmma-tiled shared memory starts at a multiple of t
 M_FLOOR = -1e30   # the running max's start: above MASK_VALUE, below any real logit
 
 
-ACTIVE = 5        # schedule field of consumer 0's active flag (after t0, t1, v0, v1, segment; consumer c's at 5 + c)
-
-
-def fields(consumers: int = 2) -> int:
-    """Per (row, head, group, phase, part): t0, t1, v0, v1, segment, active per consumer, first step."""
-    return ACTIVE + consumers + 1
+# A schedule row (``pair_schedule``): t0, t1, v0, v1, segment, an active flag per consumer, the first step.
+ACTIVE = 5        # consumer 0's active flag; consumer c's at ACTIVE + c, the first step at ACTIVE + C
 
 
 def check_supported(queries: tuple, k, v, block_k: int, stages: int, consumers: int = 2,
@@ -192,7 +188,7 @@ def useful(ws, lo, hi, who, block_k: int, consumers: int = 2):
 
 def pair_schedule(index: VSIndex, ws, lo, hi, who, q_offset, kv_length, mask: MaskSpec, block_k: int, n_pairs: int,
                   consumers: int = 2):
-    """``sched`` [B, N, n_pairs, P, C, fields(C)] int32: per program (C = ``consumers`` blocks), phase and
+    """``sched`` [B, N, n_pairs, P, C, ACTIVE + C + 1] int32: per program (C = ``consumers`` blocks), phase and
     part (the segment of block 0, then each later block's if no earlier block has it) the windows ``[t0,
     t1)`` and vertical tiles ``[v0, v1)`` that meet the key range of a consumer in that part, the part's
     segment, which consumers are in it, and the index of its first step in the program's step list
