@@ -564,16 +564,17 @@ def computed_pairs(index: VSIndex, q_offset, kv_length, mask: MaskSpec, block_k:
         total = jnp.float32(0)
         for p, phase in enumerate(mask.phases):
             f = sched[:, n, :, p]                                                 # [B, pairs, part, FIELDS]
-            t0, t1, v0, v1, g = (f[..., i][..., None, None] for i in range(ACTIVE))
-            act = f[..., ACTIVE:ACTIVE + C][..., None] != 0                                 # [B, pairs, part, c, 1]
+            t0, t1, v0, v1, g = (f[..., i] for i in range(ACTIVE))              # [B, pairs, part]
+            t0, t1, v0, v1 = (x[..., None, None] for x in (t0, t1, v0, v1))
+            act = f[..., ACTIVE:ACTIVE + C][..., None] != 0                       # [B, pairs, part, c, 1]
             span = row_span(mask, phase, q0 + BAND * c, kv_length[:, None, None, None, None])
-            rows = win[b, f[..., 4], n, p]                                       # [B, pairs, part, cap, 4]
+            rows = win[b, g, n, p]                                               # [B, pairs, part, cap, 4]
             ws, lo, hi, who = (rows[..., i][:, :, :, None] for i in range(4))
             _, klo, khi = slash_bounds(ws, lo, hi, who, q0, c, W, BIG)
             w = jnp.arange(cap, dtype=jnp.int32)
             kind = slash_kind(jnp.zeros_like(klo), klo, khi, span, W, act)     # SKIP does not depend on start
             total += jnp.sum(((w >= t0) & (w < t1) & (kind != SKIP)).astype(jnp.float32))
-            cols = vpos[b, f[..., 4], n, p].reshape(*f.shape[:3], n_tiles, W)   # [B, pairs, part, tiles, W]
+            cols = vpos[b, g, n, p].reshape(*f.shape[:3], n_tiles, W)            # [B, pairs, part, tiles, W]
             j = jnp.arange(n_tiles, dtype=jnp.int32)
             vkind = vertical_kind(cols[..., 0][:, :, :, None], cols[..., -1][:, :, :, None], span, act)
             total += jnp.sum(((j >= v0) & (j < v1) & (vkind != SKIP)).astype(jnp.float32))
