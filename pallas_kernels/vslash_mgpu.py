@@ -563,7 +563,7 @@ def computed_pairs(index: VSIndex, q_offset, kv_length, mask: MaskSpec, block_k:
     def head(n):
         total = jnp.float32(0)
         for p, phase in enumerate(mask.phases):
-            f = sched[:, n, :, p]                                                 # [B, pairs, part, FIELDS]
+            f = sched[:, n, :, p]                                                 # [B, pairs, part, ACTIVE + C + 1]
             t0, t1, v0, v1, g = (f[..., i] for i in range(ACTIVE))              # [B, pairs, part]
             t0, t1, v0, v1 = (x[..., None, None] for x in (t0, t1, v0, v1))
             act = f[..., ACTIVE:ACTIVE + C][..., None] != 0                       # [B, pairs, part, c, 1]
