@@ -42,9 +42,11 @@ def resolve_impl(impl: str, interpret: bool = False, backend: str | None = None)
         raise ValueError(f"unknown attention kernel {impl!r}; choose one of {list(IMPLS)}")
     backend = backend or jax.default_backend()
     if impl == "auto":
+        if interpret:                       # emulate the kernel that has an interpreter for this kind of chip
+            return "mosaic_tpu" if backend == "tpu" else "triton"
         if backend not in _NATIVE:
-            raise ValueError(f"no Pallas attention kernel runs natively on {backend!r}; pass impl='reference', or "
-                             "impl='triton' / 'mosaic_tpu' with interpret=True")
+            raise ValueError(f"no Pallas attention kernel runs natively on {backend!r}; pass impl='reference', "
+                             "interpret=True (the Triton kernel, emulated), or impl='triton' / 'mosaic_tpu' with it")
         impl = _NATIVE[backend][0]
     if impl == "mosaic_gpu" and interpret:
         raise ValueError("the mosaic_gpu kernel has no CPU interpreter; use impl='triton' with interpret=True")
@@ -142,6 +144,8 @@ def _sparse_impl(impl: str, interpret: bool) -> str:
     if impl not in SPARSE_IMPLS:
         raise ValueError(f"sparse attention kernel {impl!r} is not available; choose one of {list(SPARSE_IMPLS)}")
     if impl == "auto":
+        if interpret:
+            return resolve_impl("auto", interpret)
         impl = _SPARSE_NATIVE.get(jax.default_backend(), "reference")
     return impl if impl == "reference" else resolve_impl(impl, interpret)
 

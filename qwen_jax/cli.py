@@ -370,6 +370,7 @@ def cmd_plan(args) -> int:
 
 def cmd_bench(args) -> int:
     import importlib
+    sys.argv[0] = f"qwen-jax bench {args.which}"     # the benchmarks' argparse names itself after argv[0]
     return importlib.import_module(BENCHMARKS[args.which]).main(args.rest)
 
 

@@ -96,6 +96,10 @@ def test_dca_model_through_the_kernels_equals_the_blockwise_op(tiny_checkpoint):
         assert np.abs(via_kernel - ref).max() <= 1e-5 * np.abs(ref).max(), kernel
         # decode steps (one query row per sequence) through the kernel too
         assert generate_ids(blockwise.params, blockwise.config, prompts, max_new_tokens=6, spec=spec) == expected_ids
+    # the README's CPU recipe: the backend's kernel left to choose, emulated
+    emulated = qwen_jax.load(tiny_checkpoint[0], dtype="float32", dual_chunk_attention_config=dca,
+                             attn_implementation=AttentionSpec(impl="pallas", interpret=True), prefill_chunk_size=64)
+    assert np.abs(emulated.logits(tokens) - ref).max() <= 1e-5 * np.abs(ref).max()
 
 
 @pytest.mark.parametrize("kernel,platform", [("mosaic_gpu", "cuda"), ("mosaic_gpu_free", "cuda"),
@@ -145,6 +149,10 @@ def test_dispatch_picks_or_refuses_loudly():
     assert resolve_impl("auto", backend="tpu") == "mosaic_tpu"
     with pytest.raises(ValueError, match="no Pallas attention kernel runs natively on 'cpu'"):
         resolve_impl("auto", backend="cpu")
+    # interpret=True emulates the kernel that has an interpreter for the chip (the docs' CPU recipe)
+    assert resolve_impl("auto", interpret=True, backend="cpu") == "triton"
+    assert resolve_impl("auto", interpret=True, backend="gpu") == "triton"
+    assert resolve_impl("auto", interpret=True, backend="tpu") == "mosaic_tpu"
     with pytest.raises(ValueError, match="does not run on 'tpu'"):
         resolve_impl("triton", backend="tpu")
     with pytest.raises(ValueError, match="unknown attention kernel"):
@@ -154,6 +162,8 @@ def test_dispatch_picks_or_refuses_loudly():
     out, lse = flash_attention(qs[0], k, v, q_offset=q_offset, kv_length=kv_length, scale=scale, impl="reference")
     ref = expected(qs, k, v, q_offset, kv_length, scale, MaskSpec())
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref[0]), atol=1e-6)
+    out, lse = flash_attention(qs[0], k, v, q_offset=q_offset, kv_length=kv_length, scale=scale, interpret=True)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref[0]), atol=1e-5)        # auto, emulated: Triton
     with pytest.raises(ValueError, match="no key block of at least 16 divides"):
         flash_attention(qs[0], k[:, :, :100], v[:, :, :100], q_offset=q_offset, kv_length=kv_length, impl="triton",
                         interpret=True)
