@@ -68,7 +68,7 @@ def convert_checkpoint(src: str, dst: str, *, to: str = "jax", dtype=None, progr
         raise CheckpointError(f"unknown conversion target {to!r} (use 'jax' or 'hf')")
     if not os.path.isdir(src):
         raise CheckpointError(f"{src}: not a folder")
-    check_destination(dst)
+    check_destination(dst, src)
     if to == "jax":
         if is_converted(src):
             raise CheckpointError(f"{src} is already a qwen-jax checkpoint (use --to hf to go back)")

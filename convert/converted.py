@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
+import sys
 import tempfile
 
 from qwen_jax.errors import CheckpointError
@@ -27,7 +29,15 @@ def is_converted(folder: str) -> bool:
     return os.path.isfile(os.path.join(folder, MARKER))
 
 
-def check_destination(dst: str) -> None:
+def check_destination(dst: str, src: str | None = None) -> None:
+    """Refuse a destination that exists, has no parent folder, or is ``src`` or inside it."""
+    if not dst:
+        raise CheckpointError("the destination folder is an empty name; give a new folder's path")
+    if src is not None:
+        root, target = os.path.realpath(src), os.path.realpath(dst)
+        if os.path.commonpath([root, target]) == root:
+            where = "the source folder" if target == root else f"inside the source folder {src}"
+            raise CheckpointError(f"{dst}: the destination is {where}; choose a new folder outside it")
     if os.path.lexists(dst):
         raise CheckpointError(f"{dst}: already exists; choose a new destination or remove it first")
     parent = os.path.dirname(os.path.abspath(dst))
@@ -84,23 +94,86 @@ def read_marker(folder: str) -> dict:
 
 def restore_params(folder: str, target, *, as_numpy: bool = False):
     """Restore ``folder/params`` into ``target``, a pytree of ``jax.ShapeDtypeStruct``: dtype and sharding
-    are honoured, so each device reads only its own shards. ``as_numpy``: host arrays in the stored dtype."""
+    are honoured, so each device reads only its own shards. ``as_numpy``: host arrays in the stored dtype.
+
+    A damaged checkpoint (unreadable metadata or array data) raises ``CheckpointError`` naming the folder."""
     import jax
     import numpy as np
     import orbax.checkpoint as ocp
 
     path = os.path.join(os.path.abspath(folder), "params")
+    read_marker(folder)
     if not os.path.isdir(path):
         raise CheckpointError(f"{folder}: no params/ folder (incomplete conversion?)")
+    previous_hook = sys.unraisablehook
+    sys.unraisablehook = _drop_orbax_leftovers(previous_hook)
     with ocp.StandardCheckpointer() as checkpointer:
-        meta = checkpointer.metadata(path)
+        with _quiet_absl(), _damaged(folder):  # orbax logs unreadable metadata as a warning and returns none
+            meta = checkpointer.metadata(path)
         stored = getattr(meta, "item_metadata", meta)
         stored = getattr(stored, "tree", stored)
+        if stored is None:
+            raise CheckpointError(f"{folder}: params/ is damaged (its parameter metadata cannot be read); "
+                                  "convert the checkpoint again")
         _check_tree(stored, target, folder)
-        if as_numpy:
-            restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
-            return ocp.PyTreeCheckpointer().restore(path, restore_args=restore_args)
-        return checkpointer.restore(path, target)
+        with _damaged(folder):
+            if as_numpy:
+                restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+                params = ocp.PyTreeCheckpointer().restore(path, restore_args=restore_args)
+            else:
+                params = checkpointer.restore(path, target)
+    # only a failed read leaves reads in flight: after one the filter stays in place
+    sys.unraisablehook = previous_hook
+    return params
+
+
+@contextlib.contextmanager
+def _damaged(folder: str):
+    """Orbax and TensorStore raise bare ``Exception``s (the cause chained) for unreadable data: one line instead."""
+    try:
+        yield
+    except Exception as e:
+        raise CheckpointError(f"{folder}: params/ is damaged and cannot be read ({_root_cause(e)}); "
+                              "convert the checkpoint again") from None
+
+
+@contextlib.contextmanager
+def _quiet_absl():
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _root_cause(e: BaseException, limit: int = 240) -> str:
+    while e.__cause__ is not None:
+        e = e.__cause__
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _drop_orbax_leftovers(previous):
+    """An unraisable-exception hook dropping what a failed read leaves behind: reads still in flight finish
+    into orbax's closed event loop ("Event loop is closed") or die with their coroutines, each printing a
+    traceback long after the one-line error. Anything else goes to ``previous``."""
+
+    def hook(unraisable):
+        exc = unraisable.exc_value
+        code = getattr(unraisable.object, "cr_code", None)
+        tb, frames = unraisable.exc_traceback, []
+        while tb is not None:
+            frames.append(tb.tb_frame.f_code.co_filename)
+            tb = tb.tb_next
+        if code is not None:
+            frames.append(code.co_filename)
+        if not ((isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed")
+                or any(f"{os.sep}orbax{os.sep}" in name for name in frames)):
+            previous(unraisable)
+
+    return hook
 
 
 def _check_tree(stored, target, folder):

@@ -30,6 +30,8 @@ def main(argv=None) -> int:
     from pallas_kernels.flash_mgpu import flash_attention_mgpu
     from pallas_kernels.masks import MaskSpec
     from qwen_jax.bench import environment, median_time, print_table, write_json
+    from qwen_jax.bench import below_one, output_problem
+    from qwen_jax.bench.sparse import parse_dca_pair
     from qwen_jax.passkey import parse_length
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -43,6 +45,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-cudnn", action="store_true")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    dca = parse_dca_pair(args.dca) if args.dca else None
+    if problem := below_one(args, "repeats") or output_problem(args.json):
+        raise SystemExit(problem)
 
     N, K, H = args.heads, args.kv_heads, args.head_dim
     rows = []
@@ -74,8 +79,8 @@ def main(argv=None) -> int:
                 raise SystemExit(f"unknown kernel {impl!r} in --kernels (mosaic_gpu or triton)")
             cases.append((f"{spec} causal", functools.partial(kernel, mask=MaskSpec()),
                           ((q,), k, v, zero, length, scale), flops))
-            if args.dca:
-                C, W = (int(x) for x in args.dca.split(","))
+            if dca:
+                C, W = dca
                 cases.append((f"{spec} DCA {C}/{W}", functools.partial(kernel, mask=MaskSpec(chunk_len=C - W)),
                               ((q, q, q), k, v, zero, length, scale), flops))
         base = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import os
 import re
 from typing import Any, Callable, Sequence
@@ -15,7 +16,7 @@ import numpy as np
 from qwen_jax import attention
 from qwen_jax.config import QwenConfig, read_config_json
 from qwen_jax.errors import CheckpointError, ConfigError, QwenJaxError
-from qwen_jax.generation import generate_ids, truncate_at_stop
+from qwen_jax.generation import check_generation_args, generate_ids, stop_strings, truncate_at_stop
 from qwen_jax.cache import cache_dtype
 from qwen_jax.model import DEFAULT_PREFILL_CHUNK, abstract_params, param_shardings, params_dtype, prefill_logits
 from qwen_jax.sampling import Sampling
@@ -27,11 +28,19 @@ _HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.jinja"]
 
 
 def _dtype(dtype) -> jnp.dtype:
+    """A name from ``DTYPES`` or one of their dtypes (``jnp.bfloat16``, ``np.float32``, ...)."""
+    allowed = f"use one of {', '.join(DTYPES)} (or the jnp dtype)"
     if isinstance(dtype, str):
         if dtype not in DTYPES:
-            raise ConfigError(f"unknown dtype {dtype!r}; use bfloat16 or float32")
+            raise ConfigError(f"unknown dtype {dtype!r}; {allowed}")
         return jnp.dtype(DTYPES[dtype])
-    return jnp.dtype(dtype)
+    try:
+        resolved = jnp.dtype(dtype)
+    except TypeError:
+        raise ConfigError(f"unknown dtype {dtype!r}; {allowed}") from None
+    if resolved not in {jnp.dtype(d) for d in DTYPES.values()}:
+        raise ConfigError(f"dtype {resolved.name} is not supported for parameters; {allowed}")
+    return resolved
 
 
 class Model:
@@ -51,9 +60,14 @@ class Model:
 
     def logits(self, tokens) -> np.ndarray:
         """Full-sequence forward, through the chunked-prefill path: int tokens [B, T] -> float32 [B, T, V]."""
-        tokens = np.asarray(tokens)
-        if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
-            raise QwenJaxError(f"tokens must be an integer array [batch, length], got {tokens.dtype}{list(tokens.shape)}")
+        try:
+            tokens = np.asarray(tokens)
+        except ValueError:  # ragged rows
+            raise QwenJaxError("tokens must be an integer array [batch, length] (rows of equal length); "
+                               "pad ragged rows, or run them one at a time") from None
+        if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer) or not tokens.size:
+            raise QwenJaxError(f"tokens must be a non-empty integer array [batch, length], got "
+                               f"{tokens.dtype}{list(tokens.shape)}")
         if tokens.size and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
             raise QwenJaxError(f"token ids must be in [0, {self.config.vocab_size})")
         return prefill_logits(self.params, tokens, self.config, chunk_size=self.prefill_chunk_size,
@@ -65,16 +79,20 @@ class Model:
             prompts = [prompts]
         if not isinstance(prompts, (list, tuple)) or not prompts:
             raise QwenJaxError("prompts must be a string, a list of chat messages, or a non-empty list of those")
+        for i, prompt in enumerate(prompts):
+            chat = isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt)
+            if not (isinstance(prompt, str) or chat):
+                raise QwenJaxError(
+                    f"prompt {i} is {_describe(prompt)}: a prompt is a string or a chat (a non-empty list of "
+                    "{'role': ..., 'content': ...} dicts); token ids go to qwen_jax.generate_ids")
         if self.tokenizer is None:
             raise CheckpointError("this checkpoint has no tokenizer.json, so text prompts cannot be encoded")
         out = []
         for prompt in prompts:
             if isinstance(prompt, str):
                 text = prompt
-            elif isinstance(prompt, (list, tuple)):
-                text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
             else:
-                raise QwenJaxError(f"unsupported prompt {type(prompt).__name__}: use a string or a list of messages")
+                text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
             ids = self.tokenizer.encode(text)
             if not ids:
                 raise QwenJaxError("a prompt encodes to zero tokens")
@@ -83,15 +101,19 @@ class Model:
 
     def generate(self, prompts, *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, seed: int = 0, stop: str | Sequence[str] | None = None,
-                 on_text: Callable[[int, str], None] | None = None) -> list[str]:
+                 on_text: Callable[[int, str], None] | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> list[str]:
         """Continue each prompt; returns one completion string per prompt (prompt and EOS excluded,
-        cut before the first stop string). ``on_text(row, text)`` receives text as it is produced."""
-        stop = [stop] if isinstance(stop, str) else list(stop or [])
+        cut before the first stop string). ``on_text(row, text)`` receives text as it is produced;
+        ``progress(done, total)`` the prefill's tokens after each chunk, for prompts longer than one chunk."""
+        stop = stop_strings(stop)
+        sampling = Sampling(temperature, top_k, top_p)
+        check_generation_args(max_new_tokens=max_new_tokens, seed=seed, on_text=on_text)  # before the prompts encode
         ids = generate_ids(self.params, self.config, self.encode_prompts(prompts), max_new_tokens=max_new_tokens,
-                           sampling=Sampling(float(temperature), int(top_k), float(top_p)), seed=seed,
+                           sampling=sampling, seed=seed,
                            eos_ids=self.eos_token_ids, stop=stop, decode=self.tokenizer.decode, on_text=on_text,
                            spec=self.attention, prefill_chunk_size=self.prefill_chunk_size,
-                           cache_dtype=self.kv_cache_dtype)
+                           cache_dtype=self.kv_cache_dtype, progress=progress)
         return [truncate_at_stop(self.tokenizer.decode(row), stop)[0] for row in ids]
 
 
@@ -110,12 +132,16 @@ def load(path: str | os.PathLike, *, dtype="bfloat16", mesh=None, **config_overr
     from qwen_jax.sharding import global_array, make_mesh
 
     impl = attention.AttentionSpec.of(config_overrides.pop("attn_implementation", None))
-    chunk = int(config_overrides.pop("prefill_chunk_size", DEFAULT_PREFILL_CHUNK))
+    chunk = config_overrides.pop("prefill_chunk_size", DEFAULT_PREFILL_CHUNK)
+    if isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk < 1:
+        raise ConfigError(f"prefill_chunk_size must be a positive integer (tokens per prefill chunk), got {chunk!r}")
+    chunk = int(chunk)
     kv_dtype = config_overrides.pop("kv_cache_dtype", None)
     cache_dtype(kv_dtype, jnp.float32)           # a bad name is refused before any weight is read
+    dtype = _dtype(dtype)
     folder = _resolve(str(path))
     config = QwenConfig.from_hf_dict(read_config_json(folder, config_overrides))
-    dtype = _dtype(dtype)
+    generation_eos = _generation_config_eos(folder)       # a malformed side file is refused before the weights
     if mesh is None and jax.process_count() > 1:
         raise ConfigError(f"this is a {jax.process_count()}-process job: pass a mesh over all {jax.device_count()} "
                           f"devices, e.g. mesh=\"data={jax.process_count()},tensor={jax.local_device_count()}\"")
@@ -137,20 +163,36 @@ def load(path: str | os.PathLike, *, dtype="bfloat16", mesh=None, **config_overr
             return global_array(array, node)
         params = read_hf_params(folder, config, dtype=dtype, place=place, progress=jax.process_index() == 0)
     tokenizer = Tokenizer(folder) if os.path.isfile(os.path.join(folder, "tokenizer.json")) else None
-    return Model(config, params, tokenizer, mesh=mesh, eos_token_ids=_eos_ids(folder, config, tokenizer),
+    eos_ids = [*config.eos_token_ids, *generation_eos]
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        eos_ids.append(tokenizer.eos_token_id)
+    return Model(config, params, tokenizer, mesh=mesh, eos_token_ids=eos_ids,
                  attn_implementation=impl, prefill_chunk_size=chunk, kv_cache_dtype=kv_dtype)
 
 
-def _eos_ids(folder: str, config: QwenConfig, tokenizer: Tokenizer | None) -> list[int]:
-    ids = list(config.eos_token_ids)
+def _generation_config_eos(folder: str) -> list[int]:
+    """The EOS ids ``generation_config.json`` names (none without the file)."""
     path = os.path.join(folder, "generation_config.json")
-    if os.path.isfile(path):
+    if not os.path.isfile(path):
+        return []
+    try:
         with open(path) as f:
-            eos = json.load(f).get("eos_token_id")
-        ids += eos if isinstance(eos, list) else ([eos] if eos is not None else [])
-    if tokenizer is not None and tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-    return ids
+            generation_config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(generation_config, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(generation_config).__name__}")
+    eos = generation_config.get("eos_token_id")
+    eos = eos if isinstance(eos, list) else ([eos] if eos is not None else [])
+    if not all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in eos):
+        raise CheckpointError(f"{path}: eos_token_id must be a token id or a list of token ids (integers >= 0), "
+                              f"got {generation_config['eos_token_id']!r}")
+    return eos
+
+
+def _describe(value) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
 
 
 def _resolve(path: str) -> str:

@@ -19,6 +19,7 @@ takes the run with its highest recall. The file's ``score`` is the head's measur
 from __future__ import annotations
 
 import json
+import os
 from typing import NamedTuple
 
 import numpy as np
@@ -58,7 +59,22 @@ def read_run(path: str) -> tuple[Run, dict]:
     if recall.ndim != 2 or tiles.shape != recall.shape or budgets.shape != recall.shape + (2,):
         raise QwenJaxError(f"{path}: recall, tile share and head budgets disagree in shape")
     key = {k: d.get(k) for k in _SAME} | {k: dca.get(k) for k in _SAME_DCA} | {"heads": recall.shape}
+    key["model"] = d.get("model")       # compared by _same_model
     return Run(path, recall, tiles, budgets), key
+
+
+def _same_model(a, b) -> bool:
+    """Whether two recorded ``--model`` values (a folder or a hub repo id, as typed; None: not recorded) name
+    one model: one spelled two ways ("ckpt/" and "ckpt", or two paths to one folder) counts as the same."""
+    if a is None or b is None:
+        return True
+    a, b = str(a), str(b)
+    if os.path.normpath(a) == os.path.normpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)      # both local folders (relative paths: as seen from here)
+    except OSError:
+        return False
 
 
 def refine(runs: list[Run], target: float) -> tuple[list[dict], np.ndarray]:
@@ -91,7 +107,11 @@ def combine(paths: list[str], target: float) -> tuple[list[dict], dict]:
         raise QwenJaxError("give at least one recall file")
     runs, keys = zip(*(read_run(p) for p in paths))
     for path, key in zip(paths[1:], keys[1:]):
-        diff = [k for k in key if key[k] != keys[0][k] and None not in (key[k], keys[0][k])]   # None: not recorded
+        if not _same_model(key["model"], keys[0]["model"]):
+            raise QwenJaxError(f"{path} and {paths[0]} measured different models ({key['model']} and "
+                               f"{keys[0]['model']}): combine runs of one model only")
+        diff = [k for k in key if k != "model" and key[k] != keys[0][k]
+                and None not in (key[k], keys[0][k])]   # None: not recorded
         if diff:
             raise QwenJaxError(f"{path} and {paths[0]} measured different runs ({', '.join(map(str, diff))} differ)")
     config, choice = refine(list(runs), target)

@@ -8,6 +8,14 @@ import time
 import warnings
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors as one line (``qwen-jax: error: ...``, exit 2) instead of the whole usage."""
+
+    def error(self, message):
+        command = self.prog.partition(" ")[2]     # subparsers are named "qwen-jax generate"
+        self.exit(2, f"qwen-jax: error: {command + ': ' if command else ''}{message} (see {self.prog} --help)\n")
+
+
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-chunk", type=int, default=None, help="prefill chunk size in tokens (default 32768)")
     p.add_argument("--attention", default=None,
@@ -39,15 +47,94 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _positive(args, *flags: str) -> None:
+    """Refuse a given integer flag below 1 (None: not given), before any work starts."""
+    from qwen_jax.errors import QwenJaxError
+    for flag in flags:
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value is not None and value < 1:
+            raise QwenJaxError(f"{flag} must be a positive integer, got {value}")
+
+
+def _read_text(path: str, flag: str) -> str:
+    """A UTF-8 text file ('-': standard input), or a one-line error naming it."""
+    from qwen_jax.errors import QwenJaxError
+    try:
+        if path == "-":
+            return sys.stdin.read()
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        name = "standard input" if path == "-" else path
+        raise QwenJaxError(f"{flag} {name}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _check_outputs(**paths) -> None:
+    """Refuse output files that could not be written (missing or read-only folder, a folder in the way, the
+    same file twice), before the long run whose results they keep: ``_check_outputs(json=args.json, ...)``."""
+    import os
+
+    from qwen_jax.errors import QwenJaxError
+    seen = {}
+    for name, path in paths.items():
+        if path is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        full = os.path.realpath(path)
+        parent = os.path.dirname(full)
+        if os.path.isdir(full):
+            raise QwenJaxError(f"{flag} {path}: is a folder; give a file name")
+        if not os.path.isdir(parent):
+            raise QwenJaxError(f"{flag} {path}: the folder {parent} does not exist")
+        if not os.access(parent, os.W_OK | os.X_OK) or (os.path.exists(full) and not os.access(full, os.W_OK)):
+            raise QwenJaxError(f"{flag} {path}: not writable (permission denied)")
+        if full in seen:
+            raise QwenJaxError(f"{seen[full]} and {flag} name the same file {path}")
+        seen[full] = flag
+
+
+def _read_sparse_config(path: str):
+    """Qwen's sparse_attention_config.json (``config.check_sparse_layers`` says what it must hold), or a one-line
+    error naming the file."""
+    import json
+
+    from qwen_jax.config import check_sparse_layers
+    from qwen_jax.errors import QwenJaxError
+    try:
+        with open(path, encoding="utf-8") as f:
+            layers = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise QwenJaxError(f"--sparse-config {path}: not valid JSON ({e})") from None
+    check_sparse_layers(layers, f"--sparse-config {path}")
+    return layers
+
+
+def _check_attention(args) -> None:
+    """``--attention pallas`` where no Pallas kernel runs natively: say which choices do, in the CLI's words."""
+    if args.attention != "pallas":
+        return
+    import jax
+
+    import pallas_kernels
+    from qwen_jax.errors import QwenJaxError
+    try:
+        pallas_kernels.resolve_impl("auto")
+    except ValueError:
+        raise QwenJaxError(f"--attention pallas needs a GPU or TPU; on {jax.default_backend()!r} use --attention "
+                           "blockwise (the default there) or reference") from None
+
+
 def _model_overrides(args) -> dict:
     from qwen_jax.attention import AttentionSpec
     from qwen_jax.errors import QwenJaxError
+    _positive(args, "--prefill-chunk", "--window", "--block-q", "--block-k")
+    _check_attention(args)
     overrides = {}
-    if args.prefill_chunk:
+    if args.prefill_chunk is not None:
         overrides["prefill_chunk_size"] = args.prefill_chunk
     if args.kv_cache_dtype:
         overrides["kv_cache_dtype"] = args.kv_cache_dtype
-    if args.attention or args.window or args.block_q or args.block_k:
+    if args.attention or any(x is not None for x in (args.window, args.block_q, args.block_k)):
         overrides["attn_implementation"] = AttentionSpec(
             impl=args.attention or AttentionSpec.impl, window=args.window, block_q=args.block_q, block_k=args.block_k)
     if args.dca:
@@ -66,13 +153,45 @@ def _model_overrides(args) -> dict:
         if args.sparse_threshold is not None:
             block["sparse_attention_threshold"] = args.sparse_threshold
         if args.sparse_config:
-            import json
-            with open(args.sparse_config) as f:
-                try:
-                    block["sparse_attention_config"] = json.load(f)
-                except json.JSONDecodeError as e:
-                    raise QwenJaxError(f"{args.sparse_config}: not valid JSON ({e})") from None
+            block["sparse_attention_config"] = _read_sparse_config(args.sparse_config)
     return overrides
+
+
+def _load(args, **kw):
+    """``qwen_jax.load`` with the model options; a sparse-config file the model cannot use is named in the error."""
+    import qwen_jax
+    from qwen_jax.errors import ConfigError
+    overrides = _model_overrides(args)
+    try:
+        return qwen_jax.load(args.model, dtype=args.dtype, **kw, **overrides)
+    except ConfigError as e:
+        if args.sparse_config and str(e).startswith("sparse_attention_config"):
+            raise ConfigError(f"--sparse-config {args.sparse_config}: {e}") from None
+        raise
+
+
+def _prefill_bar(enabled: bool):
+    """``progress(done, total)`` for ``generate`` / ``passkey``: a bar on stderr over each long prompt's prefill
+    chunks (tqdm's rules: none where stderr is not a terminal), so stdout keeps only the text."""
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+    state = {"bar": None, "done": 0}
+
+    def report(done: int, total: int) -> None:
+        if state["bar"] is None or done <= state["done"]:        # a new prompt
+            if state["bar"] is not None:
+                state["bar"].close()
+            state["bar"] = tqdm(total=total, desc="prefill", unit="tok", unit_scale=True, leave=False, disable=None,
+                                file=sys.stderr)
+            state["done"] = 0
+        state["bar"].update(done - state["done"])
+        state["done"] = done
+        if done >= total:
+            state["bar"].close()
+            state["bar"] = None
+
+    return report
 
 
 def _add_distributed_options(p: argparse.ArgumentParser) -> None:
@@ -120,7 +239,7 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qwen-jax", description="Qwen2.5 inference in JAX.")
+    parser = _Parser(prog="qwen-jax", description="Qwen2.5 inference in JAX.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("convert", help="convert a checkpoint: HF safetensors -> qwen-jax (orbax), or back with --to hf")
@@ -199,10 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _read_prompt(args) -> str:
     if args.prompt is not None:
         return args.prompt
-    if args.prompt_file == "-":
-        return sys.stdin.read()
-    with open(args.prompt_file, encoding="utf-8") as f:
-        return f.read()
+    return _read_text(args.prompt_file, "--prompt-file")
 
 
 def cmd_convert(args) -> int:
@@ -214,10 +330,12 @@ def cmd_convert(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    from qwen_jax.errors import QwenJaxError
+    if args.system is not None and not args.chat:
+        raise QwenJaxError("--system needs --chat (the system message is part of the chat template)")
     main_process = _start_distributed(args)
-    import qwen_jax
     text = _read_prompt(args)
-    model = qwen_jax.load(args.model, dtype=args.dtype, mesh=args.mesh, **_model_overrides(args))
+    model = _load(args, mesh=args.mesh)
     prompt = text
     if args.chat:
         prompt = ([{"role": "system", "content": args.system}] if args.system else []) + \
@@ -225,7 +343,8 @@ def cmd_generate(args) -> int:
     t0 = time.perf_counter()
     model.generate(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                    top_k=args.top_k, seed=args.seed, stop=args.stop,
-                   on_text=lambda row, delta: main_process and (sys.stdout.write(delta), sys.stdout.flush()))
+                   on_text=lambda row, delta: main_process and (sys.stdout.write(delta), sys.stdout.flush()),
+                   progress=_prefill_bar(main_process))
     if main_process:
         sys.stdout.write("\n")
         print(f"[{time.perf_counter() - t0:.1f} s]", file=sys.stderr)
@@ -234,7 +353,6 @@ def cmd_generate(args) -> int:
 
 def cmd_passkey(args) -> int:
     main_process = _start_distributed(args)
-    import qwen_jax
     from qwen_jax import passkey
     from qwen_jax.bench import environment
     from qwen_jax.errors import QwenJaxError
@@ -246,7 +364,9 @@ def cmd_passkey(args) -> int:
         raise QwenJaxError(f"bad --depths {args.depths!r}: expected comma-separated numbers") from None
     if any(not 0 <= d <= 1 for d in depths):
         raise QwenJaxError("depths must lie in [0, 1]")
-    model = qwen_jax.load(args.model, dtype=args.dtype, mesh=args.mesh, **_model_overrides(args))
+    if main_process:
+        _check_outputs(json=args.json)
+    model = _load(args, mesh=args.mesh)
 
     def show(r):
         if not main_process:
@@ -254,7 +374,8 @@ def cmd_passkey(args) -> int:
         print(f"  {r['length']:>8} tokens, depth {r['depth']:.2f}: {'found' if r['found'] else 'MISSED'} "
               f"{r['key']} in {r['answer']!r} ({r['seconds']:.1f} s)", file=sys.stderr, flush=True)
 
-    results = passkey.evaluate(model, lengths, depths, seed=args.seed, on_result=show)
+    results = passkey.evaluate(model, lengths, depths, seed=args.seed, on_result=show,
+                               progress=_prefill_bar(main_process))
     if not main_process:
         return 0
     print(passkey.table(results))
@@ -266,7 +387,7 @@ def cmd_passkey(args) -> int:
                                                              dca.original_max_position_embeddings,
                                                          "sparse": dca.sparse_attention_enabled,
                                                          "sparse_threshold": dca.sparse_attention_threshold},
-                           attention=model.attention.__dict__)
+                           attention=model.attention.__dict__, kv_cache_dtype=model.kv_cache_dtype.name)
     return 0
 
 
@@ -275,7 +396,6 @@ def cmd_recall(args) -> int:
 
     import numpy as np
 
-    import qwen_jax
     from qwen_jax import passkey, recall
     from qwen_jax.attention.sparse import layer_budgets as sparse_budgets
     from qwen_jax.bench import environment
@@ -287,10 +407,11 @@ def cmd_recall(args) -> int:
     if args.sparse_threshold is None:
         args.sparse_threshold = 0
     length = passkey.parse_length(args.length)
-    model = qwen_jax.load(args.model, dtype=args.dtype, **_model_overrides(args))
-    if args.prompt_file:
-        with open(args.prompt_file) as f:
-            tokens = model.tokenizer.encode(f.read())[:length]
+    _check_outputs(json=args.json, png=args.png, save_selections=args.save_selections)
+    text = _read_text(args.prompt_file, "--prompt-file") if args.prompt_file else None
+    model = _load(args)
+    if text is not None:
+        tokens = model.tokenizer.encode(text)[:length]
     else:
         tokens = passkey.build_prompt(model.tokenizer.encode, length, 0.5, 71432)
     t0 = time.perf_counter()
@@ -304,14 +425,8 @@ def cmd_recall(args) -> int:
     print(json.dumps(stats))
     print("tile share (pairs in the key tiles a sparse kernel computes / dense causal pairs):", json.dumps(tile_stats))
     dca = model.config.dual_chunk_attention_config
-    if args.save_selections:
-        recall.save_selections(args.save_selections, out["selections"], tokens=len(tokens),
-                               chunk=model.prefill_chunk_size, chunk_size=dca.chunk_size, local_size=dca.local_size,
-                               heads=model.config.num_attention_heads, kv_heads=model.config.num_key_value_heads,
-                               model=args.model)
     print(f"[{time.perf_counter() - t0:.1f} s]", file=sys.stderr)
-    if args.png:
-        recall.write_png(args.png, out["recall"])
+    # the JSON first: the smallest file, and what a later step (qwen-jax budgets) reads
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"env": environment(), "model": args.model, "tokens": len(tokens), "summary": stats,
@@ -325,13 +440,26 @@ def cmd_recall(args) -> int:
                                         for layer in range(model.config.num_hidden_layers)],
                        "recall": np.nan_to_num(out["recall"], nan=-1).tolist(),
                        "tile share": np.nan_to_num(out["tiles"], nan=-1).tolist()}, f, indent=1)
+    if args.save_selections:
+        recall.save_selections(args.save_selections, out["selections"], tokens=len(tokens),
+                               chunk=model.prefill_chunk_size, chunk_size=dca.chunk_size, local_size=dca.local_size,
+                               heads=model.config.num_attention_heads, kv_heads=model.config.num_key_value_heads,
+                               model=args.model)
+    if args.png:
+        recall.write_png(args.png, out["recall"])
     return 0
 
 
 def cmd_budgets(args) -> int:
     import json
+    import os
 
     from qwen_jax.budgets import combine
+    from qwen_jax.errors import QwenJaxError
+    _check_outputs(out=args.out)
+    for run in args.runs:
+        if os.path.realpath(run) == os.path.realpath(args.out):
+            raise QwenJaxError(f"--out {args.out} is one of the recall runs it reads: write the budgets elsewhere")
     config, report = combine(args.runs, args.target)
     with open(args.out, "w") as f:
         json.dump(config, f)
@@ -349,7 +477,8 @@ def cmd_plan(args) -> int:
     from qwen_jax.passkey import parse_length
     from qwen_jax.presets import PRESETS, preset_config
 
-    tokens = parse_length(args.tokens)
+    tokens = parse_length(args.tokens)           # refuses fewer than one token
+    _positive(args, "--batch", "--prefill-chunk")
     if args.config in PRESETS:
         config = preset_config(args.config)
     elif os.path.isdir(args.config):
@@ -376,6 +505,7 @@ def cmd_bench(args) -> int:
 
 def cmd_demo(args) -> int:
     from qwen_jax.demo import run_demo
+    _positive(args, "--prompt-tokens", "--new-tokens")
     return run_demo(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, workdir=args.workdir)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
 from typing import Any, Mapping
 
@@ -118,30 +119,32 @@ class QwenConfig:
         if raw.get("quantization_config"):
             raise ConfigError("quantized checkpoints (quantization_config) are not supported; use a bf16/fp32 checkpoint")
         try:
-            hidden = int(raw["hidden_size"])
-            heads = int(raw["num_attention_heads"])
-            head_dim = raw.get("head_dim")
-            head_dim = hidden // heads if head_dim is None else int(head_dim)
+            hidden = _int(raw, "hidden_size")
+            heads = _int(raw, "num_attention_heads")
+            head_dim = hidden // heads if raw.get("head_dim") is None else _int(raw, "head_dim")
             rope_params = raw.get("rope_parameters") or {}
-            rope_theta = float(raw.get("rope_theta", rope_params.get("rope_theta", 10000.0)))
+            if not isinstance(rope_params, Mapping):
+                raise ConfigError(f"config.json has a malformed field: rope_parameters must be a mapping, "
+                                  f"got {rope_params!r}")
+            theta_from = raw if raw.get("rope_theta") is not None else rope_params
             eos = raw.get("eos_token_id")
-            eos_ids = () if eos is None else tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]))
+            eos = [] if eos is None else eos if isinstance(eos, list) else [eos]
             return cls(
-                vocab_size=int(raw["vocab_size"]),
+                vocab_size=_int(raw, "vocab_size"),
                 hidden_size=hidden,
-                intermediate_size=int(raw["intermediate_size"]),
-                num_hidden_layers=int(raw["num_hidden_layers"]),
+                intermediate_size=_int(raw, "intermediate_size"),
+                num_hidden_layers=_int(raw, "num_hidden_layers"),
                 num_attention_heads=heads,
-                num_key_value_heads=int(raw.get("num_key_value_heads", heads)),
+                num_key_value_heads=_int(raw, "num_key_value_heads", heads),
                 head_dim=head_dim,
-                rope_theta=rope_theta,
-                rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
-                tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-                max_position_embeddings=int(raw.get("max_position_embeddings", 32768)),
+                rope_theta=_float(theta_from, "rope_theta", 10000.0, positive=True),
+                rms_norm_eps=_float(raw, "rms_norm_eps", 1e-6, positive=False),
+                tie_word_embeddings=_bool(raw, "tie_word_embeddings", False),
+                max_position_embeddings=_int(raw, "max_position_embeddings", 32768),
                 rope_scaling=_parse_rope_scaling(raw, rope_params),
                 dual_chunk_attention_config=_parse_dca(raw.get("dual_chunk_attention_config")),
-                eos_token_ids=eos_ids,
-                pad_token_id=raw.get("pad_token_id"),
+                eos_token_ids=tuple(_int({"eos_token_id": e}, "eos_token_id", minimum=0) for e in eos),
+                pad_token_id=None if raw.get("pad_token_id") is None else _int(raw, "pad_token_id", minimum=0),
             )
         except KeyError as e:
             raise ConfigError(f"config.json is missing the required field {e.args[0]!r}") from None
@@ -149,9 +152,48 @@ class QwenConfig:
             raise ConfigError(f"config.json has a malformed field: {e}") from None
 
 
+# Typed reads of one field: a wrong type or range is refused naming the field and what it allows, where int()
+# and float() would truncate 64.5 to 64, read "false" as true or let a zero rope_theta turn every logit into NaN.
+
+def _malformed(field: str, allowed: str, value) -> ConfigError:
+    return ConfigError(f"config.json has a malformed field: {field} must be {allowed}, got {value!r}")
+
+
+_REQUIRED = object()
+
+
+def _int(block: Mapping[str, Any], key: str, default: Any = _REQUIRED, *, minimum: int = 1, where: str = "") -> int:
+    """``block[key]`` as an int >= ``minimum`` (an integral float such as 64.0 is accepted)."""
+    value = block[key] if default is _REQUIRED else block.get(key, default)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and float(value).is_integer() \
+            and value >= minimum:
+        return int(value)
+    allowed = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+    raise _malformed(where + key, allowed, value)
+
+
+def _float(block: Mapping[str, Any], key: str, default: Any = _REQUIRED, *, positive: bool, where: str = "") -> float:
+    """``block[key]`` as a finite float, > 0 (``positive``) or >= 0."""
+    value = block[key] if default is _REQUIRED else block.get(key, default)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) \
+            and (value > 0 if positive else value >= 0):
+        return float(value)
+    raise _malformed(where + key, "a finite number " + ("> 0" if positive else ">= 0"), value)
+
+
+def _bool(block: Mapping[str, Any], key: str, default: bool, *, where: str = "") -> bool:
+    value = block.get(key, default)
+    if isinstance(value, bool):
+        return value
+    raise _malformed(where + key, "true or false", value)
+
+
 def _parse_rope_scaling(raw: Mapping[str, Any], rope_params: Mapping[str, Any]) -> RopeScaling | None:
     # HF writes the scaling either as legacy `rope_scaling` or (transformers >= 5) inside `rope_parameters`.
     scaling = raw.get("rope_scaling") or None
+    if scaling is not None and not isinstance(scaling, Mapping):
+        raise _malformed("rope_scaling", 'a mapping such as {"rope_type": "yarn", "factor": 4.0, '
+                         '"original_max_position_embeddings": 32768}', scaling)
     if scaling is None and rope_params.get("rope_type", rope_params.get("type", "default")) != "default":
         scaling = rope_params
     if not scaling:
@@ -161,20 +203,24 @@ def _parse_rope_scaling(raw: Mapping[str, Any], rope_params: Mapping[str, Any]) 
         return None
     if kind != "yarn":
         raise ConfigError(f"rope scaling type {kind!r} is not supported (Qwen2.5 uses 'yarn' or none)")
+    where = "rope_scaling." if scaling is raw.get("rope_scaling") else "rope_parameters."
     orig = scaling.get("original_max_position_embeddings") or raw.get("original_max_position_embeddings") \
         or raw.get("max_position_embeddings", 32768)
+    orig = _int({"original_max_position_embeddings": orig}, "original_max_position_embeddings", where=where)
     factor = scaling.get("factor")
     if factor is None:
-        factor = raw.get("max_position_embeddings", orig) / orig
+        factor = _int(raw, "max_position_embeddings", orig) / orig
+    optional = {}
+    for key in ("attention_factor", "mscale", "mscale_all_dim"):
+        if scaling.get(key) is not None:
+            optional[key] = _float(scaling, key, positive=key == "attention_factor", where=where)
     return RopeScaling(
-        factor=float(factor),
-        original_max_position_embeddings=int(orig),
-        beta_fast=float(scaling.get("beta_fast") or 32.0),
-        beta_slow=float(scaling.get("beta_slow") or 1.0),
-        attention_factor=None if scaling.get("attention_factor") is None else float(scaling["attention_factor"]),
-        mscale=scaling.get("mscale"),
-        mscale_all_dim=scaling.get("mscale_all_dim"),
-        truncate=bool(scaling.get("truncate", True)),
+        factor=_float({"factor": factor}, "factor", positive=True, where=where),
+        original_max_position_embeddings=orig,
+        beta_fast=_float({"beta_fast": scaling.get("beta_fast") or 32.0}, "beta_fast", positive=True, where=where),
+        beta_slow=_float({"beta_slow": scaling.get("beta_slow") or 1.0}, "beta_slow", positive=True, where=where),
+        truncate=_bool(scaling, "truncate", True, where=where),
+        **optional,
     )
 
 
@@ -187,21 +233,49 @@ def _parse_dca(block: Mapping[str, Any] | None) -> DCAConfig | None:
     if unknown:
         raise ConfigError(f"dual_chunk_attention_config has unknown keys {sorted(unknown)}")
     # Defaults as in Qwen's inference code (vLLM's dual-chunk backend).
-    chunk_size = int(block.get("chunk_size", 8192))
-    local_size = int(block.get("local_size", 1024))
-    orig = int(block.get("original_max_position_embeddings", 0))
+    where = "dual_chunk_attention_config."
+    chunk_size = _int(block, "chunk_size", 8192, where=where)
+    local_size = _int(block, "local_size", 1024, minimum=0, where=where)
+    orig = _int(block, "original_max_position_embeddings", 0, minimum=0, where=where)
     if not 0 <= local_size < chunk_size:
         raise ConfigError(f"dual_chunk_attention_config needs 0 <= local_size < chunk_size, got {local_size}, {chunk_size}")
     sparse_cfg = block.get("sparse_attention_config")
+    if sparse_cfg is not None:
+        check_sparse_layers(sparse_cfg, where + "sparse_attention_config")
     return DCAConfig(
         chunk_size=chunk_size,
         local_size=local_size,
         original_max_position_embeddings=orig,
-        sparse_attention_enabled=bool(block.get("sparse_attention_enabled", sparse_cfg is not None)),
-        sparse_attention_threshold=int(block.get("sparse_attention_threshold", 32768)),
-        sparse_attention_last_q=int(block.get("sparse_attention_last_q", 64)),
+        sparse_attention_enabled=_bool(block, "sparse_attention_enabled", sparse_cfg is not None, where=where),
+        sparse_attention_threshold=_int(block, "sparse_attention_threshold", 32768, minimum=0, where=where),
+        sparse_attention_last_q=_int(block, "sparse_attention_last_q", 64, where=where),
         sparse_attention_config=_freeze(sparse_cfg),
     )
+
+
+def check_sparse_layers(layers: Any, source: str) -> None:
+    """Refuse a ``sparse_attention_config`` that is not, per layer, head index -> [pattern, vertical_size,
+    slash_size, ...] with non-negative integer budgets (``source`` names the file or field in the message)."""
+    if not isinstance(layers, (list, tuple)) or not all(isinstance(layer, Mapping) for layer in layers):
+        raise ConfigError(f"{source}: expected a list with one {{head index: [pattern, vertical_size, "
+                          f"slash_size, score]}} mapping per layer, got {_short(layers)}")
+    for i, layer in enumerate(layers):
+        for head, entry in layer.items():
+            if not (isinstance(head, str) and head.isdigit() or isinstance(head, int) and not isinstance(head, bool)):
+                raise ConfigError(f"{source}: layer {i}: head keys are head indices (\"0\", \"1\", ...), got {head!r}")
+            if not isinstance(entry, (list, tuple)) or len(entry) < 3 or not isinstance(entry[0], str):
+                raise ConfigError(f"{source}: layer {i} head {head}: expected [pattern, vertical_size, slash_size, "
+                                  f"score], got {_short(entry)}")
+            for name, value in zip(("vertical_size", "slash_size"), entry[1:3]):
+                if isinstance(value, bool) or not isinstance(value, numbers.Real) or not float(value).is_integer() \
+                        or value < 0:
+                    raise ConfigError(f"{source}: layer {i} head {head}: {name} must be an integer >= 0, "
+                                      f"got {value!r}")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _freeze(value: Any) -> Any:
@@ -227,9 +301,13 @@ def read_config_json(folder: str | os.PathLike, overrides: Mapping[str, Any] | N
         raise ConfigError(f"{path}: expected a JSON object")
     sparse_path = os.path.join(folder, "sparse_attention_config.json")
     if isinstance(raw.get("dual_chunk_attention_config"), dict) and os.path.isfile(sparse_path):
-        with open(sparse_path) as f:
-            raw["dual_chunk_attention_config"] = dict(raw["dual_chunk_attention_config"],
-                                                      sparse_attention_config=json.load(f))
+        try:
+            with open(sparse_path) as f:
+                layers = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{sparse_path}: not valid JSON ({e})") from None
+        check_sparse_layers(layers, sparse_path)
+        raw["dual_chunk_attention_config"] = dict(raw["dual_chunk_attention_config"], sparse_attention_config=layers)
     for key, value in (overrides or {}).items():
         known = key in raw or key in _IGNORED_FIELDS or key in _KNOWN_FIELDS
         if not known:

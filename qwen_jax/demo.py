@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import time
 
@@ -132,21 +133,55 @@ def _generate_and_check(model, prompt: list[int], new_tokens: int) -> bool:
     return ok
 
 
+# What a finished checkpoint of each kind holds (convert writes its marker last)
+_HF_FILES = ("model.safetensors", "tokenizer.json", "config.json", "tokenizer_config.json", "generation_config.json")
+_JAX_FILES = ("qwen_jax.json",)
+
+
+def _reusable(folder: str, files: tuple[str, ...]) -> bool:
+    """Whether the demo can reuse ``folder`` (it holds ``files``) or must write it (absent, or an empty folder).
+    A folder with other contents is the user's, or a checkpoint cut short: refuse rather than delete it."""
+    from qwen_jax.errors import QwenJaxError
+    if not os.path.lexists(folder):
+        return False
+    if os.path.isdir(folder) and all(os.path.isfile(os.path.join(folder, n)) for n in files):
+        return True
+    if os.path.isdir(folder) and not os.listdir(folder):
+        os.rmdir(folder)
+        return False
+    missing = next((n for n in files if not os.path.isfile(os.path.join(folder, n))), files[0])
+    raise QwenJaxError(f"{folder} exists but is not a complete demo checkpoint (no {missing}): remove it, or give "
+                       "another --workdir")
+
+
 def run_demo(prompt_tokens: int = 4096, new_tokens: int = 32, workdir: str | None = None) -> int:
     import qwen_jax
     from convert import convert_checkpoint
+    from qwen_jax.errors import QwenJaxError
 
+    for name, value in (("prompt_tokens", prompt_tokens), ("new_tokens", new_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise QwenJaxError(f"{name} must be a positive integer, got {value!r}")
+    if workdir is not None and os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise QwenJaxError(f"workdir {workdir}: not a folder")
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         root = workdir or tmp
         os.makedirs(root, exist_ok=True)
         hf_dir, jax_dir = os.path.join(root, "demo-hf"), os.path.join(root, "demo-qwen-jax")
+        reuse_hf, reuse_jax = _reusable(hf_dir, _HF_FILES), _reusable(jax_dir, _JAX_FILES)
         print(f"[1/6] writing a {DEMO_CONFIG['num_hidden_layers']}-layer Qwen2.5-architecture checkpoint "
               f"(random weights, seed 0) to {hf_dir}")
-        if not os.path.isdir(hf_dir):
-            write_hf_checkpoint(hf_dir, DEMO_CONFIG)
+        if not reuse_hf:    # written next to its place and renamed once complete: never found half-written
+            partial = f"{hf_dir}.partial-{os.getpid()}"
+            shutil.rmtree(partial, ignore_errors=True)
+            try:
+                write_hf_checkpoint(partial, DEMO_CONFIG)
+                os.rename(partial, hf_dir)
+            finally:
+                shutil.rmtree(partial, ignore_errors=True)
         print(f"[2/6] converting to {jax_dir}; loading both (float32)")
-        if not os.path.isdir(jax_dir):
+        if not reuse_jax:
             convert_checkpoint(hf_dir, jax_dir, progress=False)
         model = qwen_jax.load(jax_dir, dtype="float32", prefill_chunk_size=1024)
         probe = np.arange(256, dtype=np.int32)[None] % DEMO_CONFIG["vocab_size"]

@@ -7,7 +7,10 @@ positions, so every row decodes at its own position in one static-shape step.
 from __future__ import annotations
 
 import functools
-from typing import Callable, Sequence
+import numbers
+import os
+import warnings
+from typing import Callable, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +38,64 @@ def decode_and_sample(params, tokens, positions, cache, key, config: QwenConfig,
 @functools.partial(jax.jit, static_argnames=("sampling",))
 def _first_sample(logits, key, sampling):
     return sample(logits, key, sampling)
+
+
+def stop_strings(stop) -> list[str]:
+    """``stop`` as a list of strings: None, one string, or an iterable of strings."""
+    if stop is None or isinstance(stop, str):
+        return [stop] if stop else []
+    if isinstance(stop, Iterable) and not isinstance(stop, (bytes, Mapping)):
+        stop = list(stop)
+        if all(isinstance(s, str) for s in stop):
+            return stop
+    raise QwenJaxError(f"stop must be a string or a list of strings, got {stop!r}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_generation_args(*, max_new_tokens, seed, on_text=None) -> None:
+    """Refuse a ``max_new_tokens``, ``seed`` or ``on_text`` generation cannot use, before anything runs."""
+    if not _is_int(max_new_tokens) or max_new_tokens < 1:
+        raise QwenJaxError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if not _is_int(seed) or not 0 <= seed < 2 ** 32:
+        raise QwenJaxError(f"seed must be an integer in [0, 2**32), got {seed!r}")
+    if on_text is not None and not callable(on_text):
+        raise QwenJaxError(f"on_text must be a function (row, text) or None, got {on_text!r}")
+
+
+def _host_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # a platform without these sysconf names
+        return None
+
+
+def check_length(config: QwenConfig, *, prompt_tokens: int, max_new_tokens: int, batch: int, slots: int, dtype,
+                 params_dtype, mesh=None) -> None:
+    """Refuse a KV cache of ``slots`` slots the device (on CPU: the host) cannot hold, naming the numbers; warn
+    past ``max_position_embeddings`` without DCA (only a warning: a model may still run past it; with DCA it is
+    what the model is configured for, so no warning)."""
+    from qwen_jax import memory
+    total = prompt_tokens + max_new_tokens
+    if total > config.max_position_embeddings and config.dual_chunk_attention_config is None:   # DCA: made for it
+        warnings.warn(f"prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) = {total} tokens exceeds "
+                      f"the model's max_position_embeddings ({config.max_position_embeddings}); output quality may "
+                      f"degrade past it", stacklevel=3)
+    p = memory.plan(config, tokens=slots, batch=batch, mesh=mesh, dtype=params_dtype, cache_dtype=dtype, sparse=False)
+    cache, weights = p.cache, p.weights           # per device; the weights are resident already
+    capacity, holder = memory.device_capacity(), "the device holds"
+    if capacity is None:                 # CPU: every (simulated) device's share lives in the host's memory
+        devices = max(1, int(np.prod(list(memory.mesh_sizes(mesh).values()))))
+        cache, weights = cache * devices, weights * devices
+        capacity, holder = _host_memory(), "this host's memory holds"
+    if capacity is not None and cache + weights > capacity:
+        raise QwenJaxError(
+            f"prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) needs a KV cache of {slots} slots "
+            f"x {batch} row(s) = {cache / memory.GiB:.1f} GiB, which with the {weights / memory.GiB:.1f} GiB of "
+            f"weights is more than the {capacity / memory.GiB:.1f} GiB {holder}; lower max_new_tokens (or shorten "
+            f"the prompt)")
 
 
 def truncate_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
@@ -88,24 +149,30 @@ def generate_ids(params, config: QwenConfig, prompts: Sequence[Sequence[int]], *
                  stop: Sequence[str] = (), decode: Callable[[list[int]], str] | None = None,
                  on_text: Callable[[int, str], None] | None = None,
                  spec: attention.AttentionSpec = attention.DEFAULT_SPEC,
-                 prefill_chunk_size: int = DEFAULT_PREFILL_CHUNK, cache_dtype=None) -> list[list[int]]:
+                 prefill_chunk_size: int = DEFAULT_PREFILL_CHUNK, cache_dtype=None,
+                 progress: Callable[[int, int], None] | None = None) -> list[list[int]]:
     """Generate up to ``max_new_tokens`` per prompt (token-id lists). Stops a row at an EOS id or a stop string.
 
-    Returns the generated ids per row (EOS excluded). ``on_text(row, text)`` streams decoded text.
+    Returns the generated ids per row (EOS excluded). ``on_text(row, text)`` streams decoded text;
+    ``progress(done, total)`` hears of the prefill's tokens after each chunk, where it takes more than one.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise QwenJaxError("every prompt must have at least one token")
-    if max_new_tokens < 1:
-        raise QwenJaxError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    check_generation_args(max_new_tokens=max_new_tokens, seed=seed, on_text=on_text)
+    stop = stop_strings(stop)
     B = len(prompts)
     lengths = np.array([len(p) for p in prompts], np.int32)
     T = padded_prompt_length(int(lengths.max()))
     tokens = np.full((B, T), config.pad_token_id or 0, np.int32)
     for row, p in enumerate(prompts):
         tokens[row, :len(p)] = p
-    cache = init_cache(config, B, cache_length(T, max_new_tokens), cache_dtype or params_dtype(params),
-                       mesh=spec.mesh)
-    logits, cache = prefill(params, tokens, lengths, cache, config, chunk_size=prefill_chunk_size, spec=spec)
+    slots, dtype = cache_length(T, max_new_tokens), cache_dtype or params_dtype(params)
+    check_length(config, prompt_tokens=int(lengths.max()), max_new_tokens=max_new_tokens, batch=B, slots=slots,
+                 dtype=dtype, params_dtype=params_dtype(params), mesh=spec.mesh)
+    cache = init_cache(config, B, slots, dtype, mesh=spec.mesh)
+    report = None if progress is None or T <= prefill_chunk_size else (lambda done: progress(done, T))
+    logits, cache = prefill(params, tokens, lengths, cache, config, chunk_size=prefill_chunk_size, spec=spec,
+                            progress=report)
     key = jax.random.key(seed)
     next_tokens = _first_sample(logits, jax.random.fold_in(key, 0), sampling)
     positions = jnp.asarray(lengths)

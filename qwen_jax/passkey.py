@@ -9,6 +9,7 @@ of the filler), then a blank line and ``What is the pass key? The pass key is``.
 from __future__ import annotations
 
 import json
+import math
 import time
 from typing import Callable, Sequence
 
@@ -23,14 +24,18 @@ DEFAULT_DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 
 def parse_length(text: str) -> int:
-    """"32k" -> 32768, "1m" -> 1048576, "5000" -> 5000."""
-    t = text.strip().lower()
+    """"32k" -> 32768, "1m" -> 1048576, "5000" -> 5000; refuses lengths below one token."""
+    from qwen_jax.errors import QwenJaxError
+    t = str(text).strip().lower()
     scale = {"k": 1024, "m": 1024 * 1024}.get(t[-1:], 1)
     try:
-        return int(float(t[:-1] if scale > 1 else t) * scale)
+        number = float(t[:-1] if scale > 1 else t)
     except ValueError:
-        from qwen_jax.errors import QwenJaxError
-        raise QwenJaxError(f"bad length {text!r}: use a number with an optional k or m suffix") from None
+        number = math.nan
+    if not math.isfinite(number) or number * scale < 1:
+        raise QwenJaxError(f"bad length {text!r}: use a number of tokens >= 1 with an optional k or m suffix "
+                           f"(e.g. 5000, 32k, 1m)")
+    return int(number * scale)
 
 
 def build_prompt(encode: Callable[[str], list[int]], length: int, depth: float, key: int) -> list[int]:
@@ -45,8 +50,10 @@ def build_prompt(encode: Callable[[str], list[int]], length: int, depth: float, 
 
 
 def evaluate(model, lengths: Sequence[int], depths: Sequence[float] = DEFAULT_DEPTHS, *, seed: int = 0,
-             max_new_tokens: int = 8, on_result: Callable[[dict], None] | None = None) -> list[dict]:
-    """Run every (length, depth) prompt through ``model`` (a ``qwen_jax.Model``); one result dict each."""
+             max_new_tokens: int = 8, on_result: Callable[[dict], None] | None = None,
+             progress: Callable[[int, int], None] | None = None) -> list[dict]:
+    """Run every (length, depth) prompt through ``model`` (a ``qwen_jax.Model``, its KV cache dtype included);
+    one result dict each. ``progress(done, total)``: each prompt's prefill (``generate_ids``)."""
     from qwen_jax.generation import generate_ids
 
     rng = np.random.default_rng(seed)
@@ -58,7 +65,8 @@ def evaluate(model, lengths: Sequence[int], depths: Sequence[float] = DEFAULT_DE
             t0 = time.perf_counter()
             ids = generate_ids(model.params, model.config, [prompt], max_new_tokens=max_new_tokens,
                                eos_ids=model.eos_token_ids, spec=model.attention,
-                               prefill_chunk_size=model.prefill_chunk_size)[0]
+                               prefill_chunk_size=model.prefill_chunk_size, cache_dtype=model.kv_cache_dtype,
+                               progress=progress)[0]
             seconds = time.perf_counter() - t0
             answer = model.tokenizer.decode(ids)
             result = {"length": length, "tokens": len(prompt), "depth": depth, "key": key, "answer": answer,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +21,15 @@ class Sampling:
     top_p: float = 1.0
 
     def __post_init__(self):
+        # Normalised to Python float / int: the settings are a static jit argument, hashed and compared.
+        for name in ("temperature", "top_p"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise QwenJaxError(f"{name} must be a finite number, got {value!r}")
+            object.__setattr__(self, name, float(value))
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, numbers.Integral):
+            raise QwenJaxError(f"top_k must be an integer (0: off), got {self.top_k!r}")
+        object.__setattr__(self, "top_k", int(self.top_k))
         if self.temperature < 0:
             raise QwenJaxError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:

@@ -7,9 +7,13 @@ import os
 from datetime import datetime
 from typing import Any, Sequence
 
-from qwen_jax.errors import CheckpointError
+from qwen_jax.errors import CheckpointError, QwenJaxError
 
 Message = dict[str, Any]
+
+
+class _TemplateRefused(Exception):
+    """Raised by a template's ``raise_exception``: the template rejects the messages (it is not broken)."""
 
 
 class Tokenizer:
@@ -25,10 +29,11 @@ class Tokenizer:
             self._tok = tokenizers.Tokenizer.from_file(path)
         except Exception as e:  # tokenizers raises a bare Exception on malformed files
             raise CheckpointError(f"{path}: cannot load tokenizer ({e})") from None
-        config = _read_json(os.path.join(folder, "tokenizer_config.json"))
-        self.chat_template = _chat_template(folder, config)
-        self.eos_token = _token_text(config.get("eos_token"))
-        self.bos_token = _token_text(config.get("bos_token"))
+        config_path = os.path.join(folder, "tokenizer_config.json")
+        config = _read_json(config_path)
+        self.chat_template, self._template_source = _chat_template(folder, config)
+        self.eos_token = _token_text(config.get("eos_token"), config_path, "eos_token")
+        self.bos_token = _token_text(config.get("bos_token"), config_path, "bos_token")
         self.eos_token_id = self.token_to_id(self.eos_token) if self.eos_token else None
 
     @property
@@ -50,9 +55,26 @@ class Tokenizer:
         if not self.chat_template:
             raise CheckpointError("this checkpoint has no chat template (tokenizer_config.json: chat_template)")
         _check_messages(messages)
-        return _compile(self.chat_template).render(
-            messages=list(messages), add_generation_prompt=add_generation_prompt, tools=tools,
-            bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        from jinja2.exceptions import TemplateError
+        where = f"{self._template_source}: chat_template"
+        try:
+            template = _compile(self.chat_template)
+        except TemplateError as e:
+            line = f" (line {e.lineno})" if getattr(e, "lineno", None) else ""
+            raise CheckpointError(f"{where} is not a valid Jinja template{line}: {_first_line(e)}") from None
+        try:
+            return template.render(
+                messages=list(messages), add_generation_prompt=add_generation_prompt, tools=tools,
+                bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        except _TemplateRefused as e:   # the template's own raise_exception: it rejects these messages
+            raise QwenJaxError(f"{where} refused the messages: {_first_line(e)}") from None
+        except (TemplateError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{where} failed to render ({type(e).__name__}: {_first_line(e)})") from None
+
+
+def _first_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def _read_json(path: str) -> dict:
@@ -66,30 +88,45 @@ def _read_json(path: str) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def _token_text(token) -> str | None:
+def _token_text(token, path: str, field: str) -> str | None:
     if isinstance(token, dict):  # older configs store AddedToken dicts
-        return token.get("content")
+        token = token.get("content")
+    if token is not None and not isinstance(token, str):
+        raise CheckpointError(f"{path}: {field} must be a token string, got {token!r}")
     return token
 
 
-def _chat_template(folder: str, config: dict) -> str | None:
+def _chat_template(folder: str, config: dict) -> tuple[str | None, str]:
+    """The template text and the file it came from."""
     jinja = os.path.join(folder, "chat_template.jinja")
     if os.path.isfile(jinja):
         with open(jinja) as f:
-            return f.read()
-    template = config.get("chat_template") or _read_json(os.path.join(folder, "chat_template.json")).get("chat_template")
+            return f.read(), jinja
+    source = os.path.join(folder, "tokenizer_config.json")
+    template = config.get("chat_template")
+    if not template:
+        source = os.path.join(folder, "chat_template.json")
+        template = _read_json(source).get("chat_template")
     if isinstance(template, list):  # named templates: take "default"
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default") or next(iter(named.values()), None)
-    return template
+    if template is not None and not isinstance(template, str):
+        raise CheckpointError(f"{source}: chat_template must be a Jinja template string, got "
+                              f"{type(template).__name__}")
+    return template or None, source
 
 
 def _check_messages(messages) -> None:
+    shape = "a chat is a non-empty list of {'role': str, 'content': str} dicts"
     if not isinstance(messages, (list, tuple)) or not messages:
-        raise CheckpointError("chat messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+        raise QwenJaxError(f"bad chat {messages!r}: {shape}")
     for m in messages:
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise CheckpointError(f"bad chat message {m!r}: expected a dict with 'role' and 'content'")
+            raise QwenJaxError(f"bad chat message {m!r}: expected a dict with 'role' and 'content' ({shape})")
+        if not isinstance(m["role"], str) or not (m["content"] is None or isinstance(m["content"], (str, list))):
+            raise QwenJaxError(f"bad chat message {m!r}: role must be a string and content a string (a list of "
+                               "content parts where the template takes them, or None for an assistant turn of "
+                               "tool calls)")
 
 
 _TEMPLATES: dict[str, Any] = {}
@@ -97,11 +134,10 @@ _TEMPLATES: dict[str, Any] = {}
 
 def _compile(template: str):
     if template not in _TEMPLATES:
-        from jinja2.exceptions import TemplateError
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         def raise_exception(message):
-            raise TemplateError(message)
+            raise _TemplateRefused(message)
 
         def tojson(value, indent=None, ensure_ascii=False, sort_keys=False):
             return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii, sort_keys=sort_keys)

@@ -59,3 +59,91 @@ def test_several_modes_leave_the_devices_to_their_processes():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "sparse over dense" in done.stdout and "backend started: False" in done.stderr
+
+
+# ----------------------------------------------------------------------------- refusals before any work
+
+
+def _refusal(module: str, argv: list[str]) -> str:
+    """A benchmark's one-line refusal of ``argv``: its SystemExit message or QwenJaxError."""
+    import importlib
+
+    import pytest
+
+    from qwen_jax.errors import QwenJaxError
+    with pytest.raises((SystemExit, QwenJaxError)) as caught:
+        importlib.import_module(module).main(argv)
+    error = caught.value
+    return str(error.code if isinstance(error, SystemExit) else error)
+
+
+def _no_work(monkeypatch):
+    """Make every benchmark's first piece of real work fail the test."""
+    import subprocess
+
+    import qwen_jax.bench
+    import qwen_jax.bench.compile
+    import qwen_jax.bench.generation
+    import qwen_jax.bench.sparse
+    import qwen_jax.model
+
+    def work(*args, **kwargs):
+        raise AssertionError("a refused benchmark started its work")
+
+    monkeypatch.setattr(subprocess, "call", work)                       # prefill: the modes' processes
+    monkeypatch.setattr(qwen_jax.model, "init_params", work)            # prefill: one mode
+    monkeypatch.setattr(qwen_jax.bench.compile, "step_times", work)
+    monkeypatch.setattr(qwen_jax.bench.sparse, "_inputs", work)
+    monkeypatch.setattr(qwen_jax.bench.generation, "bench_qwen_jax", work)
+    monkeypatch.setattr(qwen_jax.bench, "median_time", work)            # attention
+
+
+PREFILL = ["--config", "tiny-1m", "--random-weights", "--tokens", "2048"]
+COMPILE = ["--config", "tiny-1m", "--tokens", "2048"]
+ATTENTION = ["--lengths", "64", "--no-cudnn", "--kernels", "triton:64:64:1"]
+
+
+def _bad_arguments(tmp_path, hf_folder):
+    missing = str(tmp_path / "no" / "such" / "folder" / "out.json")
+    return [
+        ("pallas_kernels.bench", [*ATTENTION, "--dca", "chunk_size=256,local_size=64"], "--dca 262144,8192"),
+        ("pallas_kernels.bench", [*ATTENTION, "--repeats", "0"], "--repeats 0: must be at least 1"),
+        ("pallas_kernels.bench", [*ATTENTION, "--json", missing], "does not exist"),
+        ("qwen_jax.bench.sparse", ["--dca", "chunk_size=256,local_size=64"], "--dca 262144,8192"),
+        ("qwen_jax.bench.sparse", ["--dca", "256,256"], "local_size < chunk_size"),
+        ("qwen_jax.bench.sparse", ["--budgets", "x"], "bad --budgets 'x'"),
+        ("qwen_jax.bench.sparse", ["--chunk", "0"], "--chunk 0: must be at least 1"),
+        ("qwen_jax.bench.sparse", ["--json", missing], "does not exist"),
+        ("qwen_jax.bench.prefill", [*PREFILL, "--json", missing], "does not exist"),
+        ("qwen_jax.bench.prefill", [*PREFILL, "--modes", "dense", "--json", str(tmp_path)], "is a folder"),
+        ("qwen_jax.bench.prefill", [*PREFILL[:-1], "0"], "bad length '0'"),
+        ("qwen_jax.bench.prefill", [*PREFILL[:-1], "-5"], "bad length '-5'"),
+        ("qwen_jax.bench.prefill", [*PREFILL, "--prefill-chunk", "0"], "--prefill-chunk 0: must be at least 1"),
+        ("qwen_jax.bench.compile", [*COMPILE, "--json", missing], "does not exist"),
+        ("qwen_jax.bench.generation", ["--model", str(tmp_path / "nonexistent")], "no such folder"),
+        ("qwen_jax.bench.generation", ["--model", str(tmp_path)], "not a checkpoint folder"),
+        ("qwen_jax.bench.generation", ["--model", hf_folder, "--prompt-tokens", "0"], "--prompt-tokens 0: must be"),
+        ("qwen_jax.bench.generation", ["--model", hf_folder, "--repeats", "0"], "--repeats 0: must be at least 1"),
+        ("qwen_jax.bench.generation", ["--model", hf_folder, "--json", missing], "does not exist"),
+    ]
+
+
+def test_bad_benchmark_arguments_are_refused_in_one_line_before_any_work(tmp_path, monkeypatch):
+    _no_work(monkeypatch)
+    hf_folder = tmp_path / "hf"
+    hf_folder.mkdir()
+    (hf_folder / "config.json").write_text("{}")
+    for module, argv, message in _bad_arguments(tmp_path, str(hf_folder)):
+        refusal = _refusal(module, argv)
+        assert message in refusal and "\n" not in refusal, (module, argv, refusal)
+
+
+def test_kv_cache_dtype_takes_the_choices_of_generate():
+    import pytest
+
+    from qwen_jax.bench import compile as bench_compile
+    from qwen_jax.bench import prefill as bench_prefill
+    for parser, argv in ((bench_prefill._parser(), PREFILL), (bench_compile._parser(), COMPILE)):
+        assert parser.parse_args([*argv, "--kv-cache-dtype", "fp8"]).kv_cache_dtype == "fp8"
+        with pytest.raises(SystemExit):
+            parser.parse_args([*argv, "--kv-cache-dtype", "fp9"])

@@ -112,3 +112,28 @@ def test_selections_of_layers_with_different_budgets_are_saved(tiny_checkpoint, 
         assert (sel.dist_count[0] <= 50).all() and (sel.col_count[0] <= 40).all()       # layer 0's budgets
         width = np.arange(sel.dist.shape[-1])
         assert (sel.dist[0][..., width >= 50] == 2 ** 30).all()                          # padding: unused slots
+
+
+def test_combine_refuses_runs_of_different_models(tmp_path):
+    def run(name, model):
+        path = _write(tmp_path / name, [[0.9, 0.95]], [[0.3, 0.3]])
+        d = json.loads(open(path).read())
+        (tmp_path / name).write_text(json.dumps(d | {"model": model}))
+        return path
+    (tmp_path / "ckpt").mkdir()
+    a, b = run("a.json", str(tmp_path / "ckpt")), run("b.json", str(tmp_path / "ckpt") + "/")
+    combine([a, b], 0.95)                                   # one model spelled two ways
+    with pytest.raises(QwenJaxError, match="different models"):
+        combine([a, run("c.json", str(tmp_path / "ckpt2"))], 0.95)
+
+
+def test_budgets_out_must_not_be_one_of_the_runs(tmp_path, capsys):
+    from qwen_jax.cli import main
+    a = _write(tmp_path / "a.json", [[0.9, 0.95]], [[0.3, 0.3]])
+    before = (tmp_path / "a.json").read_text()
+    assert main(["budgets", a, "--out", str(tmp_path / "." / "a.json")]) == 1
+    assert "one of the recall runs" in capsys.readouterr().err
+    assert (tmp_path / "a.json").read_text() == before
+    assert main(["budgets", a, "--out", str(tmp_path / "nodir" / "o.json")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["budgets", a, "--out", str(tmp_path / "o.json")]) == 0

@@ -1,7 +1,11 @@
 """The qwen-jax command line: streaming generation and one-line errors."""
 
+import json
 import subprocess
 import sys
+
+import jax
+import pytest
 
 
 def run(*args, stdin=None):
@@ -48,7 +52,144 @@ def test_passkey_command_prints_a_table_and_writes_json(tiny_checkpoint, tmp_pat
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[0].split()[:3] == ["length", "0.2", "0.8"]
     data = json.loads(out.read_text())
-    assert data["dca"]["chunk_size"] == 96 and len(data["results"]) == 2
+    assert data["dca"]["chunk_size"] == 96 and len(data["results"]) == 2 and data["kv_cache_dtype"] == "float32"
     assert all(250 < r["tokens"] <= 300 and isinstance(r["found"], bool) for r in data["results"])
     bad = run("passkey", "--model", tiny_checkpoint[0], "--lengths", "300", "--dca", "chunk_size=big")
     assert bad.returncode == 1 and bad.stderr.strip().startswith("qwen-jax: error: bad --dca")
+
+
+def _one_line_error(result, code=1):
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == code and len(lines) == 1 and lines[0].startswith("qwen-jax: error:"), result.stderr
+    return lines[0]
+
+
+def test_usage_errors_are_one_line_with_exit_code_2(tiny_checkpoint):
+    for args in [(), ("generate", "--model", tiny_checkpoint[0]), ("plan", "--config", "x", "--tokens", "1", "--batch", "y"),
+                 ("generate", "--model", tiny_checkpoint[0], "--prompt", "a", "--prompt-file", "b")]:
+        line = _one_line_error(run(*args), code=2)
+        assert "--help" in line, line
+    assert "generate: argument --prompt-file: not allowed with" in line
+
+
+def test_output_paths_are_checked_before_the_model_loads(tmp_path):
+    """A --json/--png/--save-selections/--out that cannot be written is refused before the long run (here
+    the model does not even exist: the output path is what the error names)."""
+    missing = str(tmp_path / "nodir" / "x.json")
+    model = str(tmp_path / "no-model")
+    assert missing in _one_line_error(run("passkey", "--model", model, "--lengths", "300", "--json", missing))
+    recall = ("recall", "--model", model, "--length", "300", "--dca", "chunk_size=96,local_size=32")
+    ok = tmp_path / "ok.json"
+    for flag in ("--png", "--save-selections"):
+        line = _one_line_error(run(*recall, flag, str(tmp_path / "nodir" / "r"), "--json", str(ok)))
+        assert flag in line and "does not exist" in line, line
+    assert "is a folder" in _one_line_error(run(*recall, "--json", str(tmp_path)))
+    assert "same file" in _one_line_error(run(*recall, "--json", str(ok), "--png", str(ok)))
+    assert not ok.exists()
+
+
+def test_recall_writes_its_json_before_the_png(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    from qwen_jax import recall
+    from qwen_jax.cli import main
+
+    def fail(path, values):
+        raise OSError(28, "No space left on device", path)
+    monkeypatch.setattr(recall, "write_png", fail)
+    out = tmp_path / "r.json"
+    assert main(["recall", "--model", tiny_checkpoint[0], "--dca", "chunk_size=192,local_size=64", "--prefill-chunk",
+                 "128", "--dtype", "float32", "--length", "384", "--json", str(out), "--png", str(tmp_path / "r.png")]) == 1
+    assert "No space left" in capsys.readouterr().err
+    assert out.is_file() and "recall" in json.loads(out.read_text())
+
+
+def test_a_prompt_file_that_is_not_utf8_is_a_one_line_error(tiny_checkpoint, tmp_path):
+    bad = tmp_path / "bin.txt"
+    bad.write_bytes(b"\xff\xfe\x00 binary")
+    for args in [("generate", "--model", tiny_checkpoint[0], "--prompt-file", str(bad)),
+                 ("recall", "--model", tiny_checkpoint[0], "--length", "300", "--dca", "chunk_size=96,local_size=32",
+                  "--prompt-file", str(bad))]:
+        line = _one_line_error(run(*args))
+        assert str(bad) in line and "not UTF-8" in line, line
+
+
+def _overrides(*argv):
+    from qwen_jax.cli import _model_overrides, build_parser
+    return _model_overrides(build_parser().parse_args(["generate", "--model", "m", "--prompt", "x", *argv]))
+
+
+def test_model_options_below_one_are_refused_not_dropped():
+    from qwen_jax.errors import QwenJaxError
+    for flag in ("--window", "--prefill-chunk", "--block-q", "--block-k"):
+        for value in ("0", "-1"):
+            with pytest.raises(QwenJaxError, match=f"{flag} must be a positive integer"):
+                _overrides(flag, value)
+    spec = _overrides("--window", "5", "--block-q", "16")["attn_implementation"]
+    assert (spec.window, spec.block_q, spec.block_k) == (5, 16, None)
+    assert _overrides("--prefill-chunk", "64") == {"prefill_chunk_size": 64}
+
+
+def test_sparse_config_content_errors_name_the_file(tiny_checkpoint, tmp_path):
+    from qwen_jax.cli import _load, build_parser
+    from qwen_jax.errors import QwenJaxError
+    entry = ["vertical_and_slash", 100, 200, 0.9]
+    cases = {"obj": {"a": 1}, "empty": [], "int": [{"0": 5}], "lists": [[1, 2]], "short": [{"0": ["vertical_and_slash"]}],
+             "str": [{"0": ["vertical_and_slash", "x", 6096, 0.9]}], "neg": [{"0": ["vertical_and_slash", -5, 1, 0.9]}],
+             "key": [{"head": entry}], "layers": [{str(h): entry for h in range(4)}] * 3}
+    for name, content in cases.items():
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(content))
+        args = build_parser().parse_args(["generate", "--model", tiny_checkpoint[0], "--prompt", "x", "--dca",
+                                          "chunk_size=192,local_size=64", "--sparse-config", str(path)])
+        with pytest.raises(QwenJaxError) as e:
+            _load(args)
+        assert str(e.value).startswith(f"--sparse-config {path}:") and "config.json" not in str(e.value), str(e.value)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU has no native Pallas kernel")
+def test_pallas_on_a_cpu_names_the_attention_choices_that_work():
+    from qwen_jax.errors import QwenJaxError
+    with pytest.raises(QwenJaxError, match="--attention pallas needs a GPU or TPU.*--attention blockwise") as e:
+        _overrides("--attention", "pallas")
+    assert "impl=" not in str(e.value)
+
+
+def test_system_needs_chat(tmp_path):
+    line = _one_line_error(run("generate", "--model", str(tmp_path / "m"), "--prompt", "x", "--system", "be brief"))
+    assert "--system needs --chat" in line
+
+
+def test_plan_refuses_sizes_below_one():
+    for flag, value in [("--tokens", "-5"), ("--tokens", "0"), ("--batch", "-1"), ("--prefill-chunk", "-5"),
+                        ("--batch", "0")]:
+        args = {"--tokens": "1k", "--batch": "1", "--prefill-chunk": "256"} | {flag: value}
+        result = run("plan", "--config", "qwen2.5-7b-1m", *[x for kv in args.items() for x in kv])
+        line = _one_line_error(result)
+        assert result.stdout == "" and (flag in line or flag == "--tokens" and "length" in line), line
+
+
+def test_the_prefill_bar_follows_each_long_prompt(monkeypatch):
+    """``generate`` / ``passkey`` show the prefill of each long prompt as a bar of its own (stderr)."""
+    import tqdm.auto
+
+    from qwen_jax.cli import _prefill_bar
+    bars = []
+
+    class Bar:
+        def __init__(self, total, **kw):
+            self.total, self.n, self.closed = total, 0, False
+            bars.append(self)
+
+        def update(self, k):
+            self.n += k
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    assert _prefill_bar(False) is None                  # not the job's main process: no bar
+    report = _prefill_bar(True)
+    for done in (16, 32, 40):
+        report(done, 40)
+    for done in (16, 20):                               # the next prompt
+        report(done, 20)
+    assert [(b.total, b.n, b.closed) for b in bars] == [(40, 40, True), (20, 20, True)]

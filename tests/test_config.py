@@ -102,3 +102,92 @@ def test_load_refuses_missing_folder_and_bad_dtype(tiny_checkpoint):
         qwen_jax.load("/nonexistent/qwen")
     with pytest.raises(ConfigError, match="unknown dtype"):
         qwen_jax.load(tiny_checkpoint[0], dtype="int3")
+
+
+@pytest.mark.parametrize("bad,message", [
+    (dict(hidden_size=64.5), "hidden_size must be a positive integer, got 64.5"),
+    (dict(num_hidden_layers="28"), "num_hidden_layers must be a positive integer, got '28'"),
+    (dict(rope_theta=0), "rope_theta must be a finite number > 0, got 0"),
+    (dict(rms_norm_eps=float("nan")), "rms_norm_eps must be a finite number >= 0"),
+    (dict(tie_word_embeddings="false"), "tie_word_embeddings must be true or false"),
+    (dict(pad_token_id="x"), "pad_token_id must be an integer >= 0, got 'x'"),
+    (dict(eos_token_id=[1, "x"]), "eos_token_id must be an integer >= 0, got 'x'"),
+    (dict(rope_scaling="yarn"), "rope_scaling must be a mapping"),
+    (dict(rope_parameters="yarn"), "rope_parameters must be a mapping"),
+    (dict(rope_scaling={"type": "yarn", "factor": 0, "original_max_position_embeddings": 32768}),
+     r"rope_scaling.factor must be a finite number > 0, got 0"),
+    (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": -1}),
+     r"rope_parameters.original_max_position_embeddings must be a positive integer, got -1"),
+    (dict(dual_chunk_attention_config={"chunk_size": 8192, "local_size": 1024, "original_max_position_embeddings": -1}),
+     r"dual_chunk_attention_config.original_max_position_embeddings must be an integer >= 0, got -1"),
+    (dict(dual_chunk_attention_config={"chunk_size": 8192.5}), r"dual_chunk_attention_config.chunk_size must be"),
+    (dict(dual_chunk_attention_config={"sparse_attention_threshold": -5}),
+     r"dual_chunk_attention_config.sparse_attention_threshold must be an integer >= 0, got -5"),
+    (dict(dual_chunk_attention_config={"sparse_attention_config": [{"0": ["vertical_and_slash", -5, 6096, 0.9]}]}),
+     r"sparse_attention_config: layer 0 head 0: vertical_size must be an integer >= 0, got -5"),
+    (dict(dual_chunk_attention_config={"sparse_attention_config": [[1, 2], [3]]}),
+     r"sparse_attention_config: expected a list with one \{head index"),
+])
+def test_malformed_fields_are_refused_naming_the_field(bad, message):
+    """Wrong types and ranges are refused, not truncated (64.5 -> 64) or left to make NaNs (rope_theta 0)."""
+    with pytest.raises(ConfigError, match=message):
+        QwenConfig.from_hf_dict(dict(QWEN25_7B_1M, **bad))
+
+
+def test_integral_floats_and_legacy_fields_still_parse():
+    c = QwenConfig.from_hf_dict(dict(QWEN25_7B_1M, hidden_size=3584.0, pad_token_id=151643, rope_theta=1e6,
+                                     eos_token_id=[151645, 151643]))
+    assert c.hidden_size == 3584 and isinstance(c.hidden_size, int) and c.pad_token_id == 151643
+    assert c.eos_token_ids == (151645, 151643)
+
+
+@pytest.mark.parametrize("content,message", [
+    ("{bad", "sparse_attention_config.json: not valid JSON"),
+    ('[{"0": ["vertical_and_slash", 1000]}]', r"sparse_attention_config.json: layer 0 head 0: expected \[pattern"),
+    ('[{"0": ["vertical_and_slash", 1000, -1, 0.9]}]', "sparse_attention_config.json: layer 0 head 0: slash_size"),
+])
+def test_a_malformed_sparse_attention_config_json_is_named(tmp_path, content, message):
+    (tmp_path / "config.json").write_text(json.dumps(QWEN25_7B_1M))
+    (tmp_path / "sparse_attention_config.json").write_text(content)
+    with pytest.raises(ConfigError, match=message):
+        read_config_json(str(tmp_path))
+
+
+def test_load_names_the_accepted_dtypes_and_refuses_non_float_ones(tiny_checkpoint):
+    folder = tiny_checkpoint[0]
+    with pytest.raises(ConfigError, match="unknown dtype 'int8'; use one of bfloat16, bf16, float32, f32, float16"):
+        qwen_jax.load(folder, dtype="int8")
+    with pytest.raises(ConfigError, match="dtype int32 is not supported"):
+        qwen_jax.load(folder, dtype=np.int32)
+    with pytest.raises(ConfigError, match="unknown dtype <object"):
+        qwen_jax.load(folder, dtype=object())
+    with pytest.raises(ConfigError, match="prefill_chunk_size must be a positive integer.*got 'abc'"):
+        qwen_jax.load(folder, prefill_chunk_size="abc")
+    with pytest.raises(ConfigError, match="rope_scaling must be a mapping"):
+        qwen_jax.load(folder, rope_scaling="yarn")
+
+
+def _copy_checkpoint(src, dst):
+    import shutil
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+@pytest.mark.parametrize("content,message", [
+    ("{bad", "generation_config.json: not valid JSON"),
+    ("[1]", "generation_config.json: expected a JSON object, got list"),
+    ('{"eos_token_id": "x"}', "generation_config.json: eos_token_id must be a token id or a list of token ids"),
+    ('{"eos_token_id": [2, null]}', "generation_config.json: eos_token_id must be"),
+])
+def test_a_malformed_generation_config_json_is_named(tiny_checkpoint, tmp_path, content, message):
+    folder = _copy_checkpoint(tiny_checkpoint[0], tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "generation_config.json").write_text(content)
+    with pytest.raises(qwen_jax.CheckpointError, match=message):
+        qwen_jax.load(folder)
+
+
+def test_generation_config_eos_ids_are_read(tiny_checkpoint, tmp_path):
+    folder = _copy_checkpoint(tiny_checkpoint[0], tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "generation_config.json").write_text('{"eos_token_id": [7, 9]}')
+    model = qwen_jax.load(folder, dtype="float32")
+    assert model.eos_token_ids[:2] == (7, 9)

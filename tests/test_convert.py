@@ -186,3 +186,75 @@ def test_reader_matches_the_safetensors_library(bf16_checkpoint):
     assert sorted(ours.keys()) == sorted(theirs)
     for key, value in theirs.items():
         np.testing.assert_array_equal(ours.read(key).view(np.uint16), value.view(torch.int16).numpy().view(np.uint16))
+
+
+# ----------------------------------------------------------------------------- converted folders, damaged
+
+
+def _cli(*argv):
+    return subprocess.run([sys.executable, "-m", "qwen_jax.cli", *argv], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory, bf16_checkpoint):
+    dst = tmp_path_factory.mktemp("converted") / "jax"
+    convert_checkpoint(bf16_checkpoint, str(dst), progress=False)
+    return dst
+
+
+@pytest.mark.parametrize("how,message", [
+    ("truncated_data", "params/ is damaged and cannot be read"),
+    ("no_metadata_data", "params/ is damaged (its parameter metadata cannot be read)"),
+])
+def test_damaged_converted_checkpoint_gives_one_line_error(tmp_path, converted, how, message):
+    folder = tmp_path / "damaged"
+    shutil.copytree(converted, folder)
+    if how == "truncated_data":
+        data = folder / "params" / "ocdbt.process_0" / "d"
+        for path in data.iterdir():
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:
+        shutil.rmtree(folder / "params" / "d")
+    result = _cli("convert", str(folder), str(tmp_path / "out"), "--to", "hf")
+    err = result.stderr.strip()
+    assert result.returncode == 1
+    assert len(err.splitlines()) == 1 and err.startswith(f"qwen-jax: error: {folder}: ") and message in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_corrupt_marker_of_a_converted_checkpoint_is_refused(tmp_path, converted):
+    folder = tmp_path / "marker"
+    shutil.copytree(converted, folder)
+    (folder / "qwen_jax.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="unreadable qwen_jax.json"):
+        qwen_jax.load(str(folder), dtype="float32")
+
+
+# ----------------------------------------------------------------------------- destinations
+
+
+def _listing(folder):
+    return sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, files in os.walk(folder) for f in files)
+
+
+def test_destination_inside_or_equal_to_the_source_is_refused(tmp_path, bf16_checkpoint, converted, capsys):
+    src = tmp_path / "hf"
+    shutil.copytree(bf16_checkpoint, src)
+    before = _listing(src), _listing(converted)
+    for argv, message in [
+        (["convert", str(src), str(src / "sub")], "inside the source folder"),
+        (["convert", str(src), str(src) + "/"], "is the source folder"),
+        (["convert", str(tmp_path / "." / "hf"), str(src / "a" / "b")], "inside the source folder"),
+        (["convert", str(converted), str(converted / "params" / "out"), "--to", "hf"], "inside the source folder"),
+    ]:
+        assert main(argv) == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
+    assert (_listing(src), _listing(converted)) == before
+
+
+def test_empty_destination_is_refused(tmp_path, bf16_checkpoint, capsys):
+    assert main(["convert", bf16_checkpoint, ""]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == "qwen-jax: error: the destination folder is an empty name; give a new folder's path"
+    assert not [p for p in os.listdir(os.path.dirname(bf16_checkpoint)) if ".partial-" in p]

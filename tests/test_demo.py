@@ -10,3 +10,34 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert "dual chunk attention" in out and "its dense twin" in out
     assert (tmp_path / "demo-hf" / "model.safetensors").is_file()
     assert (tmp_path / "demo-qwen-jax" / "qwen_jax.json").is_file()
+
+
+def test_demo_refuses_bad_sizes_before_writing_anything(tmp_path):
+    import pytest
+
+    from qwen_jax.errors import QwenJaxError
+    for kw in ({"prompt_tokens": 0}, {"new_tokens": 0}, {"prompt_tokens": -5}, {"new_tokens": -1}):
+        with pytest.raises(QwenJaxError, match="must be a positive integer"):
+            run_demo(workdir=str(tmp_path / "w"), **kw)
+    assert not (tmp_path / "w").exists()
+
+
+def test_demo_rebuilds_an_empty_checkpoint_folder_and_keeps_a_foreign_one(tmp_path):
+    """An empty demo-hf (``mkdir -p W/demo-hf``) is written afresh; one with other contents is refused, not
+    reused half-written (``no config.json``) nor deleted."""
+    import pytest
+
+    from qwen_jax.demo import _HF_FILES, _reusable
+    from qwen_jax.errors import QwenJaxError
+    empty = tmp_path / "demo-hf"
+    empty.mkdir()
+    assert _reusable(str(empty), _HF_FILES) is False and not empty.exists()
+    foreign = tmp_path / "other"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(QwenJaxError, match="not a complete demo checkpoint"):
+        _reusable(str(foreign), _HF_FILES)
+    assert (foreign / "notes.txt").read_text() == "mine"
+    for name in _HF_FILES:
+        (foreign / name).write_text("")
+    assert _reusable(str(foreign), _HF_FILES) is True

@@ -132,3 +132,126 @@ def test_chat_prompts_use_the_checkpoint_template(model):
     assert rendered.endswith("<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n")
     ids = model.encode_prompts([messages, "plain"])
     assert ids[0] == model.tokenizer.encode(rendered) and ids[1] == model.tokenizer.encode("plain")
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(max_new_tokens="3"), "max_new_tokens must be an integer >= 1, got '3'"),
+    (dict(max_new_tokens=None), "max_new_tokens must be an integer >= 1, got None"),
+    (dict(max_new_tokens=2.5), "max_new_tokens must be an integer >= 1, got 2.5"),
+    (dict(seed="a"), r"seed must be an integer in \[0, 2\*\*32\), got 'a'"),
+    (dict(seed=99999999999999999999), r"seed must be an integer in \[0, 2\*\*32\)"),
+    (dict(seed=-1), r"seed must be an integer in \[0, 2\*\*32\), got -1"),
+    (dict(stop=5), "stop must be a string or a list of strings, got 5"),
+    (dict(stop=[5]), r"stop must be a string or a list of strings, got \[5\]"),
+    (dict(temperature=float("nan")), "temperature must be a finite number, got nan"),
+    (dict(temperature=float("inf")), "temperature must be a finite number, got inf"),
+    (dict(temperature="hot"), "temperature must be a finite number, got 'hot'"),
+    (dict(temperature=1.0, top_k=2.7), r"top_k must be an integer \(0: off\), got 2.7"),
+    (dict(on_text=5), "on_text must be a function"),
+])
+def test_generate_refuses_bad_arguments_with_one_line(model, kwargs, message):
+    kwargs = dict(dict(max_new_tokens=2), **kwargs)
+    with pytest.raises(qwen_jax.QwenJaxError, match=message):
+        model.generate("hi", **kwargs)
+
+
+def test_sampling_settings_are_normalised_and_still_hash_alike():
+    assert Sampling(1, np.int64(5), 1) == Sampling(1.0, 5, 1.0)
+    assert hash(Sampling(1, 5, 1)) == hash(Sampling(1.0, 5, 1.0)) and type(Sampling(1).temperature) is float
+
+
+@pytest.mark.parametrize("prompts,message", [
+    ([[1, 2, 3]], r"prompt 0 is list \[1, 2, 3\]: a prompt is a string or a chat"),
+    ([1, 2], "prompt 0 is int 1: a prompt is a string or a chat"),
+    ([{"role": "user", "content": 5}], "content a string"),
+    ([{"role": "user"}], "expected a dict with 'role' and 'content'"),
+])
+def test_prompts_that_are_neither_strings_nor_chats_are_refused(model, prompts, message):
+    with pytest.raises(qwen_jax.QwenJaxError, match=message) as e:
+        model.generate(prompts, max_new_tokens=2)
+    assert not isinstance(e.value, qwen_jax.CheckpointError)    # the caller's mistake, not the checkpoint's
+
+
+def test_logits_refuses_ragged_and_empty_rows(model):
+    with pytest.raises(qwen_jax.QwenJaxError, match="rows of equal length"):
+        model.logits([[1, 2], [3]])
+    with pytest.raises(qwen_jax.QwenJaxError, match="non-empty integer array"):
+        model.logits(np.zeros((1, 0), np.int32))
+
+
+def test_a_cache_larger_than_memory_is_refused_before_it_is_allocated(model):
+    with pytest.raises(qwen_jax.QwenJaxError, match=r"max_new_tokens \(10000000000000\) needs a KV cache of .* GiB.*"
+                                                     r"more than the .* GiB .*lower max_new_tokens"):
+        with pytest.warns(UserWarning, match="max_position_embeddings"):
+            generate_ids(model.params, model.config, [[1, 2, 3]], max_new_tokens=10 ** 13)
+
+
+def test_generating_past_max_position_embeddings_warns_once_and_runs(model):
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")               # within the limit: no warning
+        generate_ids(model.params, model.config, [[1, 2, 3]], max_new_tokens=2)
+    short = model.config.replace(max_position_embeddings=4)
+    with pytest.warns(UserWarning, match=r"prompt \(3 tokens\) \+ max_new_tokens \(2\) = 5 tokens exceeds the model's "
+                                         r"max_position_embeddings \(4\)") as record:
+        ids = generate_ids(model.params, short, [[1, 2, 3]], max_new_tokens=2)
+    assert len(ids[0]) == 2 and len(record) == 1
+    from qwen_jax.config import DCAConfig
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")               # with DCA, running past it is what the model is set up for
+        generate_ids(model.params, short.replace(dual_chunk_attention_config=DCAConfig(chunk_size=64, local_size=16)),
+                     [[1, 2, 3]], max_new_tokens=2)
+
+
+def _tokenizer_with_template(tmp_path, tiny_checkpoint, template):
+    import json
+    import shutil
+    from qwen_jax.tokenizer import Tokenizer
+    shutil.copy(f"{tiny_checkpoint[0]}/tokenizer.json", tmp_path / "tokenizer.json")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>", "chat_template": template}))
+    return Tokenizer(str(tmp_path))
+
+
+def test_a_broken_chat_template_is_named_and_a_refusing_one_says_why(tmp_path, tiny_checkpoint):
+    messages = [{"role": "user", "content": "hi"}]
+    broken = _tokenizer_with_template(tmp_path, tiny_checkpoint, "{% for m in messages %}{{ m.content + }}{% endfor %}")
+    with pytest.raises(qwen_jax.CheckpointError, match=r"tokenizer_config.json: chat_template is not a valid Jinja "
+                                                       r"template \(line 1\)"):
+        broken.apply_chat_template(messages)
+    refusing = _tokenizer_with_template(tmp_path, tiny_checkpoint, "{{ raise_exception('roles must alternate') }}")
+    with pytest.raises(qwen_jax.QwenJaxError, match="chat_template refused the messages: roles must alternate"):
+        refusing.apply_chat_template(messages)
+
+
+@pytest.mark.parametrize("text", ["inf", "0", "-5", "nan", "0.0001k", "", "abc"])
+def test_passkey_lengths_below_one_token_or_not_finite_are_refused(text):
+    from qwen_jax.passkey import parse_length
+    with pytest.raises(qwen_jax.QwenJaxError, match="a number of tokens >= 1"):
+        parse_length(text)
+    assert (parse_length("32k"), parse_length("1m"), parse_length("5000"), parse_length("1.5k")) == \
+        (32768, 1048576, 5000, 1536)
+
+
+def test_prefill_progress_reports_each_chunk_of_a_long_prompt_only(model):
+    prompt = np.random.default_rng(9).integers(0, 1000, 40).tolist()
+    seen = []
+    ids = generate_ids(model.params, model.config, [prompt], max_new_tokens=2, prefill_chunk_size=16,
+                       progress=lambda done, total: seen.append((done, total)))
+    T = seen[-1][1]
+    assert T >= 40 and [d for d, _ in seen] == [min(e, T) for e in range(16, T + 15, 16)] and {t for _, t in seen} == {T}
+    assert ids == generate_ids(model.params, model.config, [prompt], max_new_tokens=2, prefill_chunk_size=16)
+    seen.clear()
+    generate_ids(model.params, model.config, [prompt], max_new_tokens=2, prefill_chunk_size=4096,
+                 progress=lambda done, total: seen.append((done, total)))
+    assert seen == []                            # one chunk: nothing to report
+
+
+def test_passkey_runs_with_the_models_kv_cache_dtype(tiny_checkpoint, monkeypatch):
+    """``passkey.evaluate`` prefills into the cache dtype the model was loaded with (it used the parameters')."""
+    from qwen_jax import generation, passkey
+    fp8 = qwen_jax.load(tiny_checkpoint[0], dtype="float32", kv_cache_dtype="fp8")
+    used = []
+    real = generation.init_cache
+    monkeypatch.setattr(generation, "init_cache", lambda *a, **k: used.append(a[3]) or real(*a, **k))
+    results = passkey.evaluate(fp8, [300], [0.5], max_new_tokens=2)
+    assert len(results) == 1 and used and all(jnp.dtype(d) == jnp.float8_e4m3fn for d in used)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import statistics
 import time
@@ -16,11 +17,7 @@ def environment() -> dict:
     info = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "python": platform.python_version(),
             "jax": jax.__version__, "backend": jax.default_backend(),
             "device": jax.devices()[0].device_kind, "cpu": platform.processor() or platform.machine()}
-    try:
-        import os
-        info["cpu_count"] = os.cpu_count()
-    except Exception:  # pragma: no cover - informational only
-        pass
+    info["cpu_count"] = os.cpu_count()
     return info
 
 
@@ -48,3 +45,25 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
     print("-|-".join("-" * w for w in widths))
     for r in rows:
         print(" | ".join(str(r.get(c, "")).ljust(w) for c, w in zip(columns, widths)))
+
+
+def output_problem(path: str | None, flag: str = "--json") -> str | None:
+    """Why ``path`` could not be written at the end of a long run (a missing folder, a folder), or None:
+    checked before the run, not after it."""
+    if not path:
+        return None
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        return f"{flag} {path}: is a folder; give a file name"
+    if not os.path.isdir(parent):
+        return f"{flag} {path}: the folder {parent} does not exist"
+    return None
+
+
+def below_one(args, *names: str) -> str | None:
+    """The first of the counts ``names`` (argparse dests) that is under 1, as a one-line reason, or None."""
+    for name in names:
+        value = getattr(args, name)
+        if value < 1:
+            return f"--{name.replace('_', '-')} {value}: must be at least 1"
+    return None

@@ -24,6 +24,7 @@ import time
 
 
 def _parser() -> argparse.ArgumentParser:
+    from qwen_jax.cache import CACHE_DTYPES
     from qwen_jax.presets import PRESETS
     p = argparse.ArgumentParser(prog="qwen-jax bench compile", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -34,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", default="all", help="comma-separated layer counts, or all")
     p.add_argument("--attention", default="pallas", help="blockwise, pallas or reference")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
-    p.add_argument("--kv-cache-dtype", default="auto", help="auto (the model dtype) or fp8")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=tuple(CACHE_DTYPES), help="auto (the model dtype) or fp8")
     p.add_argument("--json", default=None)
     return p
 
@@ -71,6 +72,7 @@ def main(argv=None) -> int:
 
     from qwen_jax import attention, compile_cache
     from qwen_jax.bench import environment, print_table, write_json
+    from qwen_jax.bench import below_one, output_problem
     from qwen_jax.bench.prefill import mode_config, parse_modes
     from qwen_jax.cache import cache_dtype
     from qwen_jax.errors import QwenJaxError
@@ -80,6 +82,8 @@ def main(argv=None) -> int:
 
     args = _parser().parse_args(argv)
     tokens = parse_length(args.tokens)
+    if problem := below_one(args, "prefill_chunk") or output_problem(args.json):
+        raise QwenJaxError(problem)
     base = preset_config(args.config)
     modes = parse_modes(args.modes)
     if "sparse" in modes:

@@ -82,7 +82,10 @@ def bench_transformers(path, dtype, prompt, new_tokens, repeats):
 
 
 def main(argv=None) -> int:
+    import os
+
     from qwen_jax.bench import environment, print_table, write_json
+    from qwen_jax.bench import below_one, output_problem
     from qwen_jax.tokenizer import Tokenizer
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -93,6 +96,12 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", default=None, help="write results here")
     args = p.parse_args(argv)
+    if not os.path.isdir(args.model):
+        raise SystemExit(f"--model {args.model}: no such folder (give an HF checkpoint folder)")
+    if not os.path.isfile(os.path.join(args.model, "config.json")):
+        raise SystemExit(f"--model {args.model}: not a checkpoint folder (no config.json)")
+    if problem := below_one(args, "prompt_tokens", "new_tokens", "repeats") or output_problem(args.json):
+        raise SystemExit(problem)
 
     text = open(__file__).read() * 20  # real text (this file), tokenised with the model's tokenizer
     prompt = np.asarray(Tokenizer(args.model).encode(text)[: args.prompt_tokens], np.int32)

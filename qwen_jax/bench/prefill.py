@@ -70,6 +70,7 @@ def mode_config(config, mode: str):
 
 
 def _parser() -> argparse.ArgumentParser:
+    from qwen_jax.cache import CACHE_DTYPES
     from qwen_jax.cli import _size
     from qwen_jax.presets import PRESETS
 
@@ -83,7 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--attention", default="pallas", help="blockwise, pallas or reference")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     p.add_argument("--mesh", default=None, help='device mesh, e.g. "seq=2" or "seq=4,tensor=2"')
-    p.add_argument("--kv-cache-dtype", default="auto", help="auto (the model dtype) or fp8")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=tuple(CACHE_DTYPES), help="auto (the model dtype) or fp8")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="per-device peak for MFU (H100 SXM bf16: 989)")
     p.add_argument("--device-memory", type=_size, default=None,
                    help="memory per device for the planner: GiB, or with a unit (80GB, 79.6GiB)")
@@ -140,11 +141,18 @@ def _report(args, rows: list[dict], env: dict, flops: dict) -> None:
 
 def main(argv=None) -> int:
     from qwen_jax.errors import QwenJaxError
+    from qwen_jax.passkey import parse_length
 
     args = _parser().parse_args(argv)
     if not args.random_weights:
         raise QwenJaxError("bench prefill runs an architecture with random weights: pass --random-weights")
     modes = parse_modes(args.modes)
+    T = parse_length(args.tokens)
+    from qwen_jax.bench import below_one, output_problem
+    if problem := below_one(args, "prefill_chunk") or output_problem(args.json):
+        raise QwenJaxError(problem)
+    if not args.peak_tflops > 0:
+        raise QwenJaxError(f"bad --peak-tflops {args.peak_tflops}: a device's peak is above 0")
     if len(modes) > 1:
         return _modes_apart(args, modes)
 
@@ -157,11 +165,9 @@ def main(argv=None) -> int:
     from qwen_jax.bench import environment
     from qwen_jax.cache import cache_length, init_cache
     from qwen_jax.model import init_params, prefill_programs
-    from qwen_jax.passkey import parse_length
     from qwen_jax.presets import preset_config
 
     (mode,) = modes
-    T = parse_length(args.tokens)
     base = preset_config(args.config)
     if base.dual_chunk_attention_config is None:
         raise QwenJaxError(f"{args.config} has no dual_chunk_attention_config; this benchmark runs DCA prefill")

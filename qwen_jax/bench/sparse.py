@@ -74,6 +74,26 @@ def _inputs(kind: str, T: int, N: int, K: int, H: int, seed: int, rope):
     return q, k, v
 
 
+def parse_dca_pair(text: str) -> tuple[int, int]:
+    """``--dca C,W``: chunk_size and local_size, two integers with 0 <= W < C; anything else ends in one line."""
+    parts = text.split(",")
+    if len(parts) == 2 and all(part.strip().isdigit() for part in parts):
+        C, W = (int(part) for part in parts)
+        if W < C:
+            return C, W
+    raise SystemExit(f"bad --dca {text!r}: give chunk_size,local_size as two integers with local_size < chunk_size, "
+                     "e.g. --dca 262144,8192")
+
+
+def parse_budgets(text: str) -> tuple[int, int]:
+    """``--budgets V,S``: vertical_size and slash_size, two whole numbers; anything else ends in one line."""
+    parts = text.split(",")
+    if len(parts) == 2 and all(part.strip().isdigit() for part in parts):
+        V, S = (int(part) for part in parts)
+        return V, S
+    raise SystemExit(f"bad --budgets {text!r}: give vertical_size,slash_size as two whole numbers, e.g. 1000,6096")
+
+
 def _recorded(args):
     """Load ``--selections`` and make the run match it: ``[per layer: [per chunk: Selection]]``."""
     from qwen_jax.errors import QwenJaxError
@@ -136,6 +156,7 @@ def main(argv=None) -> int:
     from qwen_jax.attention import dca as dca_ops
     from qwen_jax.attention import sparse
     from qwen_jax.bench import environment, median_time, print_table, write_json
+    from qwen_jax.bench import below_one, output_problem
     from qwen_jax.config import DCAConfig
     from qwen_jax.passkey import parse_length
     from qwen_jax.rope import Rope
@@ -166,6 +187,16 @@ def main(argv=None) -> int:
                    help="time the kernels on a real model's selections (qwen-jax recall --save-selections)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    budget_pair = parse_budgets(args.budgets)
+    if args.dca:
+        parse_dca_pair(args.dca)
+    if not all(part.isdigit() and int(part) > 0 for part in args.key_blocks.split(",")):
+        raise SystemExit(f"bad --key-blocks {args.key_blocks!r}: comma-separated whole numbers, e.g. 8192,16384")
+    for kind in args.inputs.split(","):
+        if kind not in ("local", "random"):
+            raise SystemExit(f"unknown --inputs {kind!r} (local or random)")
+    if problem := below_one(args, "chunk", "repeats") or output_problem(args.json):
+        raise SystemExit(problem)
     recorded = None
     if args.selections:
         recorded = _recorded(args)
@@ -186,10 +217,10 @@ def main(argv=None) -> int:
     if args.interpret and mgpu:
         raise SystemExit("the mosaic_gpu kernel has no interpreter: pass --kernels triton with --interpret")
     N, K, H = args.heads, args.kv_heads, args.head_dim
-    vs, ss = (int(x) for x in args.budgets.split(","))
+    vs, ss = budget_pair
     budgets = sparse.Budgets((vs,) * N, (ss,) * N)
     if args.dca:
-        C, W = (int(x) for x in args.dca.split(","))
+        C, W = parse_dca_pair(args.dca)
     else:
         C, W = 1 << 22, 0
     dca = DCAConfig(chunk_size=C, local_size=W, sparse_attention_enabled=True, sparse_attention_threshold=0)
