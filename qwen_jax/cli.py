@@ -74,39 +74,22 @@ def _check_outputs(**paths) -> None:
     same file twice), before the long run whose results they keep: ``_check_outputs(json=args.json, ...)``."""
     import os
 
+    from qwen_jax.bench import output_problem
     from qwen_jax.errors import QwenJaxError
     seen = {}
     for name, path in paths.items():
         if path is None:
             continue
         flag = "--" + name.replace("_", "-")
+        if problem := output_problem(path, flag):
+            raise QwenJaxError(problem)
         full = os.path.realpath(path)
         parent = os.path.dirname(full)
-        if os.path.isdir(full):
-            raise QwenJaxError(f"{flag} {path}: is a folder; give a file name")
-        if not os.path.isdir(parent):
-            raise QwenJaxError(f"{flag} {path}: the folder {parent} does not exist")
         if not os.access(parent, os.W_OK | os.X_OK) or (os.path.exists(full) and not os.access(full, os.W_OK)):
             raise QwenJaxError(f"{flag} {path}: not writable (permission denied)")
         if full in seen:
             raise QwenJaxError(f"{seen[full]} and {flag} name the same file {path}")
         seen[full] = flag
-
-
-def _read_sparse_config(path: str):
-    """Qwen's sparse_attention_config.json (``config.check_sparse_layers`` says what it must hold), or a one-line
-    error naming the file."""
-    import json
-
-    from qwen_jax.config import check_sparse_layers
-    from qwen_jax.errors import QwenJaxError
-    try:
-        with open(path, encoding="utf-8") as f:
-            layers = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise QwenJaxError(f"--sparse-config {path}: not valid JSON ({e})") from None
-    check_sparse_layers(layers, f"--sparse-config {path}")
-    return layers
 
 
 def _check_attention(args) -> None:
@@ -126,6 +109,7 @@ def _check_attention(args) -> None:
 
 def _model_overrides(args) -> dict:
     from qwen_jax.attention import AttentionSpec
+    from qwen_jax.config import read_sparse_config
     from qwen_jax.errors import QwenJaxError
     _positive(args, "--prefill-chunk", "--window", "--block-q", "--block-k")
     _check_attention(args)
@@ -153,7 +137,7 @@ def _model_overrides(args) -> dict:
         if args.sparse_threshold is not None:
             block["sparse_attention_threshold"] = args.sparse_threshold
         if args.sparse_config:
-            block["sparse_attention_config"] = _read_sparse_config(args.sparse_config)
+            block["sparse_attention_config"] = read_sparse_config(args.sparse_config, f"--sparse-config {args.sparse_config}")
     return overrides
 
 

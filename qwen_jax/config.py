@@ -273,6 +273,19 @@ def check_sparse_layers(layers: Any, source: str) -> None:
                                       f"got {value!r}")
 
 
+def read_sparse_config(path: str, source: str | None = None) -> list:
+    """A ``sparse_attention_config.json`` file, checked (``check_sparse_layers``); errors begin with ``source``
+    (default: the path)."""
+    source = source or path
+    try:
+        with open(path, encoding="utf-8") as f:
+            layers = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{source}: not valid JSON ({e})") from None
+    check_sparse_layers(layers, source)
+    return layers
+
+
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -301,12 +314,7 @@ def read_config_json(folder: str | os.PathLike, overrides: Mapping[str, Any] | N
         raise ConfigError(f"{path}: expected a JSON object")
     sparse_path = os.path.join(folder, "sparse_attention_config.json")
     if isinstance(raw.get("dual_chunk_attention_config"), dict) and os.path.isfile(sparse_path):
-        try:
-            with open(sparse_path) as f:
-                layers = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{sparse_path}: not valid JSON ({e})") from None
-        check_sparse_layers(layers, sparse_path)
+        layers = read_sparse_config(sparse_path)
         raw["dual_chunk_attention_config"] = dict(raw["dual_chunk_attention_config"], sparse_attention_config=layers)
     for key, value in (overrides or {}).items():
         known = key in raw or key in _IGNORED_FIELDS or key in _KNOWN_FIELDS

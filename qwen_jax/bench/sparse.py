@@ -74,23 +74,28 @@ def _inputs(kind: str, T: int, N: int, K: int, H: int, seed: int, rope):
     return q, k, v
 
 
-def parse_dca_pair(text: str) -> tuple[int, int]:
-    """``--dca C,W``: chunk_size and local_size, two integers with 0 <= W < C; anything else ends in one line."""
+def _two_whole_numbers(text: str) -> tuple[int, int] | None:
+    """``"A,B"`` with A and B whole numbers, or None."""
     parts = text.split(",")
     if len(parts) == 2 and all(part.strip().isdigit() for part in parts):
-        C, W = (int(part) for part in parts)
-        if W < C:
-            return C, W
+        return int(parts[0]), int(parts[1])
+    return None
+
+
+def parse_dca_pair(text: str) -> tuple[int, int]:
+    """``--dca C,W``: chunk_size and local_size, two integers with 0 <= W < C; anything else ends in one line."""
+    pair = _two_whole_numbers(text)
+    if pair is not None and pair[1] < pair[0]:
+        return pair
     raise SystemExit(f"bad --dca {text!r}: give chunk_size,local_size as two integers with local_size < chunk_size, "
                      "e.g. --dca 262144,8192")
 
 
 def parse_budgets(text: str) -> tuple[int, int]:
     """``--budgets V,S``: vertical_size and slash_size, two whole numbers; anything else ends in one line."""
-    parts = text.split(",")
-    if len(parts) == 2 and all(part.strip().isdigit() for part in parts):
-        V, S = (int(part) for part in parts)
-        return V, S
+    pair = _two_whole_numbers(text)
+    if pair is not None:
+        return pair
     raise SystemExit(f"bad --budgets {text!r}: give vertical_size,slash_size as two whole numbers, e.g. 1000,6096")
 
 
