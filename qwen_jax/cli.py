@@ -223,7 +223,9 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from qwen_jax import __version__
     parser = _Parser(prog="qwen-jax", description="Qwen2.5 inference in JAX.")
+    parser.add_argument("--version", action="version", version=f"qwen-jax {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("convert", help="convert a checkpoint: HF safetensors -> qwen-jax (orbax), or back with --to hf")

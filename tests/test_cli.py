@@ -193,3 +193,14 @@ def test_the_prefill_bar_follows_each_long_prompt(monkeypatch):
     for done in (16, 20):                               # the next prompt
         report(done, 20)
     assert [(b.total, b.n, b.closed) for b in bars] == [(40, 40, True), (20, 20, True)]
+
+
+def test_version_and_python_dash_m_entry_point():
+    import qwen_jax
+    for entry in (["-m", "qwen_jax.cli"], ["-m", "qwen_jax"]):
+        result = subprocess.run([sys.executable, *entry, "--version"], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == f"qwen-jax {qwen_jax.__version__}"
+    usage = subprocess.run([sys.executable, "-m", "qwen_jax", "plan", "--tokens", "0", "--config", "qwen2.5-7b-1m"],
+                           capture_output=True, text=True)
+    assert usage.returncode == 1 and usage.stderr.count("\n") == 1 and "error" in usage.stderr
