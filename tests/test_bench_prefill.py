@@ -2,6 +2,9 @@
 its own), report, and agree where the sparse budgets cover every key."""
 
 import json
+import sys
+
+import pytest
 
 from qwen_jax.cli import main
 
@@ -51,7 +54,6 @@ def test_several_modes_leave_the_devices_to_their_processes():
     """The parent process never starts a JAX backend: on a GPU it would hold the memory its modes'
     processes need."""
     import subprocess
-    import sys
     code = ("import sys; from qwen_jax.cli import main; from jax._src import xla_bridge\n"
             "assert main(['bench', 'prefill', '--config', 'tiny-1m', '--random-weights', '--tokens', '1024', "
             "'--prefill-chunk', '512', '--attention', 'blockwise', '--dtype', 'float32']) == 0\n"
@@ -67,8 +69,6 @@ def test_several_modes_leave_the_devices_to_their_processes():
 def _refusal(module: str, argv: list[str]) -> str:
     """A benchmark's one-line refusal of ``argv``: its SystemExit message or QwenJaxError."""
     import importlib
-
-    import pytest
 
     from qwen_jax.errors import QwenJaxError
     with pytest.raises((SystemExit, QwenJaxError)) as caught:
@@ -139,11 +139,67 @@ def test_bad_benchmark_arguments_are_refused_in_one_line_before_any_work(tmp_pat
 
 
 def test_kv_cache_dtype_takes_the_choices_of_generate():
-    import pytest
-
     from qwen_jax.bench import compile as bench_compile
     from qwen_jax.bench import prefill as bench_prefill
     for parser, argv in ((bench_prefill._parser(), PREFILL), (bench_compile._parser(), COMPILE)):
         assert parser.parse_args([*argv, "--kv-cache-dtype", "fp8"]).kv_cache_dtype == "fp8"
         with pytest.raises(SystemExit):
             parser.parse_args([*argv, "--kv-cache-dtype", "fp9"])
+
+
+def _children(pid: int) -> list[int]:
+    import os
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and relies on PR_SET_PDEATHSIG")
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGKILL"])
+def test_a_killed_run_leaves_no_mode_process_behind(signal_name):
+    """`timeout`, a scheduler or kill -9 stops the parent: its mode's process (which holds the accelerator
+    on a GPU) must stop with it instead of running its prefill to the end."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    env = {**os.environ, "QWEN_JAX_COMPILE_CACHE": "off"}
+    parent = subprocess.Popen([sys.executable, "-m", "qwen_jax.cli", "bench", "prefill", "--config", "tiny-1m",
+                               "--random-weights", "--tokens", "256k", "--prefill-chunk", "4096", "--attention",
+                               "blockwise", "--modes", "dense,sparse"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not (children := _children(parent.pid)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert children, "the dense mode's process never started"
+        time.sleep(3)                                          # inside its prefill (256K tokens take minutes here)
+        assert parent.poll() is None and all(os.path.exists(f"/proc/{c}") for c in children)
+        parent.send_signal(getattr(signal, signal_name))
+        parent.wait(timeout=30)
+        deadline = time.monotonic() + 20
+        while any(os.path.exists(f"/proc/{c}") and "Z" not in _state(c) for c in children) and \
+                time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [c for c in children if os.path.exists(f"/proc/{c}") and "Z" not in _state(c)]
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        for c in _children(parent.pid):
+            os.kill(c, signal.SIGKILL)
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"

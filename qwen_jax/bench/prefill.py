@@ -105,26 +105,55 @@ def _child_argv(args, mode: str, json_path: str) -> list[str]:
     return argv
 
 
+def _die_with_parent() -> None:
+    """Run in a mode's process before it starts (Linux): the kernel sends it SIGTERM when the parent dies,
+    however it dies, so a `timeout`, a scheduler's signal or a kill -9 of the parent leaves no process
+    holding the accelerator."""
+    import ctypes
+    import os
+    import signal
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))       # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:              # the parent died before the call above: nobody to report to
+        os._exit(143)
+
+
 def _modes_apart(args, modes: list[str]) -> int:
     """Each mode in a child process (``python -m qwen_jax.cli bench prefill --modes MODE``), its rows
-    gathered into one report; the first failing mode's exit status ends the run."""
+    gathered into one report; the first failing mode's exit status ends the run. A SIGTERM to this
+    process ends the mode's process too (``subprocess.call`` kills its child when the wait is interrupted)."""
     import os
+    import signal
     import subprocess
     import tempfile
+    import threading
+
+    def terminated(signum, frame):
+        raise SystemExit(128 + signum)
 
     rows, env, flops = [], None, None
-    with tempfile.TemporaryDirectory(prefix="qwen_jax_bench_") as tmp:
-        for mode in modes:
-            path = os.path.join(tmp, f"{mode}.json")
-            sys.stdout.flush()
-            sys.stderr.flush()
-            code = subprocess.call([sys.executable, "-m", "qwen_jax.cli", *_child_argv(args, mode, path)])
-            if code:
-                return code
-            with open(path) as f:
-                part = json.load(f)
-            rows += part["rows"]
-            env, flops = env or part["env"], part["flops"]
+    linux = sys.platform.startswith("linux")
+    main_thread = threading.current_thread() is threading.main_thread()    # signal handlers live there only
+    previous = signal.signal(signal.SIGTERM, terminated) if main_thread else None
+    try:
+        with tempfile.TemporaryDirectory(prefix="qwen_jax_bench_") as tmp:
+            for mode in modes:
+                path = os.path.join(tmp, f"{mode}.json")
+                sys.stdout.flush()
+                sys.stderr.flush()
+                code = subprocess.call([sys.executable, "-m", "qwen_jax.cli", *_child_argv(args, mode, path)],
+                                       preexec_fn=_die_with_parent if linux else None)
+                if code:
+                    return code
+                with open(path) as f:
+                    part = json.load(f)
+                rows += part["rows"]
+                env, flops = env or part["env"], part["flops"]
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     _report(args, rows, env, flops)
     return 0
 
