@@ -77,6 +77,7 @@ def convert_checkpoint(src: str, dst: str, *, to: str = "jax", dtype=None, progr
         with atomic_folder(dst) as tmp:
             save_params(tmp, params)
             copy_metadata(src, tmp, _metadata_files(src))
+            _record_dtype(tmp, dtype)
             write_marker(tmp, source=os.path.abspath(src))
         return dst
     if not is_converted(src):
@@ -88,7 +89,25 @@ def convert_checkpoint(src: str, dst: str, *, to: str = "jax", dtype=None, progr
     with atomic_folder(dst) as tmp:
         write_hf_safetensors(tmp, params, config, dtype=dtype, max_shard_bytes=max_shard_bytes, progress=progress)
         copy_metadata(src, tmp, _metadata_files(src))
+        _record_dtype(tmp, dtype)
     return dst
+
+
+def _record_dtype(folder: str, dtype) -> None:
+    """A cast (``dtype`` given) is written into the copied config.json's ``dtype`` / ``torch_dtype``, so HF's
+    ``from_pretrained(dtype="auto")`` loads the weights in the dtype they are stored in."""
+    if dtype is None:
+        return
+    import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
+    path = os.path.join(folder, "config.json")
+    with open(path) as f:
+        raw = json.load(f)
+    name = np.dtype(dtype).name
+    keys = [k for k in ("dtype", "torch_dtype") if k in raw] or ["torch_dtype"]
+    for key in keys:
+        raw[key] = name
+    with open(path, "w") as f:
+        json.dump(raw, f, indent=2)
 
 
 def _metadata_files(folder: str) -> list[str]:

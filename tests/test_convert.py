@@ -258,3 +258,22 @@ def test_empty_destination_is_refused(tmp_path, bf16_checkpoint, capsys):
     err = capsys.readouterr().err.strip()
     assert err == "qwen-jax: error: the destination folder is an empty name; give a new folder's path"
     assert not [p for p in os.listdir(os.path.dirname(bf16_checkpoint)) if ".partial-" in p]
+
+
+def test_a_cast_is_recorded_in_config_json(tmp_path, tiny_checkpoint):
+    """convert --dtype writes the new dtype into config.json, so HF's dtype="auto" loads what is stored."""
+    from transformers import Qwen2ForCausalLM
+    src = tiny_checkpoint[0]
+    before = json.loads(open(os.path.join(src, "config.json")).read())
+    stored = before.get("dtype", before.get("torch_dtype"))
+    assert stored == "float32"
+    assert main(["convert", src, str(tmp_path / "jax"), "--dtype", "bfloat16"]) == 0
+    assert main(["convert", str(tmp_path / "jax"), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    after = json.loads(open(tmp_path / "hf" / "config.json").read())
+    assert {k: after[k] for k in ("dtype", "torch_dtype") if k in after} == \
+        {k: "bfloat16" for k in ("dtype", "torch_dtype") if k in before}
+    assert {k: v for k, v in after.items() if k not in ("dtype", "torch_dtype")} == \
+        {k: v for k, v in before.items() if k not in ("dtype", "torch_dtype")}
+    assert Qwen2ForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype="auto").dtype == torch.bfloat16
+    assert main(["convert", src, str(tmp_path / "kept")]) == 0                  # no cast: config.json as it was
+    assert json.loads(open(tmp_path / "kept" / "config.json").read()) == before
