@@ -10,6 +10,7 @@ import json
 import math
 import numbers
 import os
+import warnings
 from typing import Any, Mapping
 
 from qwen_jax.errors import ConfigError
@@ -129,6 +130,12 @@ class QwenConfig:
             theta_from = raw if raw.get("rope_theta") is not None else rope_params
             eos = raw.get("eos_token_id")
             eos = [] if eos is None else eos if isinstance(eos, list) else [eos]
+            dca, scaling = _parse_dca(raw.get("dual_chunk_attention_config")), _parse_rope_scaling(raw, rope_params)
+            if dca is not None and scaling is not None:
+                # Qwen's vLLM builds DCA's rotary embedding (plain RoPE) before it looks at rope_scaling.
+                warnings.warn("rope_scaling (YaRN) is ignored with dual_chunk_attention_config: DCA rotates with "
+                              "plain RoPE, as Qwen's inference code does", stacklevel=2)
+                scaling = None
             return cls(
                 vocab_size=_int(raw, "vocab_size"),
                 hidden_size=hidden,
@@ -141,8 +148,8 @@ class QwenConfig:
                 rms_norm_eps=_float(raw, "rms_norm_eps", 1e-6, positive=False),
                 tie_word_embeddings=_bool(raw, "tie_word_embeddings", False),
                 max_position_embeddings=_int(raw, "max_position_embeddings", 32768),
-                rope_scaling=_parse_rope_scaling(raw, rope_params),
-                dual_chunk_attention_config=_parse_dca(raw.get("dual_chunk_attention_config")),
+                rope_scaling=scaling,
+                dual_chunk_attention_config=dca,
                 eos_token_ids=tuple(_int({"eos_token_id": e}, "eos_token_id", minimum=0) for e in eos),
                 pad_token_id=None if raw.get("pad_token_id") is None else _int(raw, "pad_token_id", minimum=0),
             )

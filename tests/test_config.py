@@ -50,13 +50,26 @@ def test_rope_theta_inside_rope_parameters_and_explicit_head_dim():
 def test_yarn_128k_recipe(where):
     block = {"type" if where == "rope_scaling" else "rope_type": "yarn", "factor": 4.0,
              "original_max_position_embeddings": 32768}
-    c = QwenConfig.from_hf_dict(dict(QWEN25_7B_1M, rope_theta=1e6, **{where: block}))
+    raw = dict(QWEN25_7B_1M, rope_theta=1e6, **{where: block})
+    del raw["dual_chunk_attention_config"]                 # the 128K models' recipe: YaRN without DCA
+    c = QwenConfig.from_hf_dict(raw)
     assert c.rope_scaling.factor == 4.0 and c.rope_scaling.original_max_position_embeddings == 32768
     rope = Rope.from_config(c)
     assert rope.attention_factor == pytest.approx(0.1 * np.log(4.0) + 1)
     plain = Rope.from_config(c.replace(rope_scaling=None))
     ratio = np.asarray(rope.inv_freq) / np.asarray(plain.inv_freq)
     assert ratio[0] == pytest.approx(1.0) and ratio[-1] == pytest.approx(0.25)  # fast dims kept, slow dims / 4
+
+
+def test_yarn_is_ignored_with_a_warning_under_dca():
+    """Qwen's vLLM builds DCA's rotary embedding (plain RoPE) and never reads rope_scaling when DCA is on; a
+    Qwen2.5 128K config.json given a DCA block must not rotate with YaRN's frequencies on top of DCA."""
+    block = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    with pytest.warns(UserWarning, match="rope_scaling .YaRN. is ignored with dual_chunk_attention_config"):
+        c = QwenConfig.from_hf_dict(dict(QWEN25_7B_1M, rope_scaling=block))
+    plain = QwenConfig.from_hf_dict(QWEN25_7B_1M)
+    assert c == plain and c.rope_scaling is None and c.dual_chunk_attention_config is not None
+    assert Rope.from_config(c) == Rope.from_config(plain)
 
 
 def test_sliding_window_is_refused_with_a_clear_message():
