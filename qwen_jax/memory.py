@@ -133,10 +133,11 @@ def plan(config: QwenConfig, *, tokens: int, batch: int = 1, mesh=None, chunk_si
         sparse = dca is not None and dca.sparse_attention_enabled and tokens > dca.sparse_attention_threshold
     if sparse:
         # inside attention: the whole chunk, 1/(tensor x seq) of the heads
-        from qwen_jax.attention.sparse import DEFAULT_BUDGET, LAST_Q, n_segments
+        from qwen_jax.attention.sparse import LAST_Q, layer_budgets, n_segments
         Tc, n_a = min(chunk_size, tokens), n_t * sizes["seq"]
         G = n_segments(Tc, dca.chunk_len)
-        vs, ss = DEFAULT_BUDGET
+        budgets = [layer_budgets(dca, i, c.num_attention_heads) for i in range(c.num_hidden_layers)]
+        vs, ss = (max(max(getattr(b, kind)) for b in budgets) for kind in ("vertical", "slash"))  # the largest
         workspace = (2 * B * G * N * S * 4 // n_a                  # vertical and slash scores
                      + B * N * LAST_Q * 16384 * 4 // n_a           # logits of one key block
                      + 4 * B * N * S * 4 // n_a                     # top-k keys and running counts

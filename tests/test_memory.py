@@ -51,6 +51,27 @@ def test_plan_counts_weights_and_cache_exactly_and_shards_them():
     assert padded.cache == memory.plan(c7, tokens=1 << 20, mesh="seq=4").cache == memory.plan(c7, tokens=1 << 20).cache // 4
 
 
+def test_sparse_workspace_follows_the_largest_per_head_budgets():
+    """A sparse_attention_config.json with larger budgets (``qwen-jax budgets`` writes such files) needs more
+    workspace than the default (1000, 6096); budgets equal to the default plan the same bytes."""
+    from qwen_jax.config import _freeze
+    c = preset_config("qwen2.5-7b-1m")
+    dca = c.dual_chunk_attention_config
+    heads, layers = c.num_attention_heads, c.num_hidden_layers
+
+    def with_budgets(big_head):
+        cfg = [{str(h): ["vertical_and_slash", *((4000, 24384) if (i, h) == big_head else (1000, 6096)), 0.9]
+                for h in range(heads)} for i in range(layers)]
+        return dataclasses.replace(c, dual_chunk_attention_config=dataclasses.replace(
+            dca, sparse_attention_config=_freeze(cfg)))
+
+    default = memory.plan(c, tokens=1 << 20, sparse=True)
+    assert memory.plan(with_budgets(None), tokens=1 << 20, sparse=True) == default
+    bigger = memory.plan(with_budgets((27, 5)), tokens=1 << 20, sparse=True)
+    assert bigger.workspace > default.workspace
+    assert (bigger.weights, bigger.cache, bigger.activations) == (default.weights, default.cache, default.activations)
+
+
 def test_refusal_names_the_shortfall_and_the_options(capsys):
     c = preset_config("qwen2.5-14b-1m")
     p = memory.plan(c, tokens=1 << 20, capacity=80 * memory.GiB)
