@@ -48,8 +48,11 @@ class Model:
 
     def __init__(self, config: QwenConfig, params: Any, tokenizer: Tokenizer | None = None, *, mesh=None,
                  eos_token_ids: Sequence[int] = (), attn_implementation: "attention.AttentionSpec | str | None" = None,
-                 prefill_chunk_size: int = DEFAULT_PREFILL_CHUNK, kv_cache_dtype=None):
+                 prefill_chunk_size: int = DEFAULT_PREFILL_CHUNK, kv_cache_dtype=None,
+                 generation_config: dict | None = None):
         self.config, self.params, self.tokenizer, self.mesh = config, params, tokenizer, mesh
+        # the ``generate`` keywords the checkpoint recommends: ``model.generate(p, **model.generation_config)``
+        self.generation_config = dict(generation_config or {})
         self.kv_cache_dtype = cache_dtype(kv_cache_dtype, params_dtype(params))
         self.eos_token_ids = tuple(dict.fromkeys(int(e) for e in eos_token_ids))
         if mesh is not None:
@@ -100,14 +103,17 @@ class Model:
         return out
 
     def generate(self, prompts, *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                 top_k: int = 0, seed: int = 0, stop: str | Sequence[str] | None = None,
+                 top_k: int = 0, repetition_penalty: float = 1.0, seed: int = 0,
+                 stop: str | Sequence[str] | None = None,
                  on_text: Callable[[int, str], None] | None = None,
                  progress: Callable[[int, int], None] | None = None) -> list[str]:
         """Continue each prompt; returns one completion string per prompt (prompt and EOS excluded,
-        cut before the first stop string). ``on_text(row, text)`` receives text as it is produced;
+        cut before the first stop string). ``repetition_penalty`` (HF's; 1: off) divides a positive logit of an
+        id already in the row (prompt or output) by it, and multiplies a negative one. ``on_text(row, text)``
+        receives text as it is produced;
         ``progress(done, total)`` the prefill's tokens after each chunk, for prompts longer than one chunk."""
         stop = stop_strings(stop)
-        sampling = Sampling(temperature, top_k, top_p)
+        sampling = Sampling(temperature, top_k, top_p, repetition_penalty)
         check_generation_args(max_new_tokens=max_new_tokens, seed=seed, on_text=on_text)  # before the prompts encode
         ids = generate_ids(self.params, self.config, self.encode_prompts(prompts), max_new_tokens=max_new_tokens,
                            sampling=sampling, seed=seed,
@@ -127,6 +133,7 @@ def load(path: str | os.PathLike, *, dtype="bfloat16", mesh=None, **config_overr
     ``attn_implementation`` and ``prefill_chunk_size`` set the attention path and prefill chunk;
     ``kv_cache_dtype`` the KV cache's storage ("auto": the model dtype; "fp8": float8_e4m3fn, half of
     bf16); every other keyword replaces that field of config.json, as HF ``from_pretrained(**kwargs)`` does.
+    ``Model.generation_config`` holds the sampling that ``generation_config.json`` recommends, as keywords.
     """
     from convert import is_converted, read_hf_params, restore_params
     from qwen_jax.sharding import global_array, make_mesh
@@ -141,7 +148,7 @@ def load(path: str | os.PathLike, *, dtype="bfloat16", mesh=None, **config_overr
     dtype = _dtype(dtype)
     folder = _resolve(str(path))
     config = QwenConfig.from_hf_dict(read_config_json(folder, config_overrides))
-    generation_eos = _generation_config_eos(folder)       # a malformed side file is refused before the weights
+    generation_eos, recommended = _read_generation_config(folder)    # a malformed one: refused before the weights
     if mesh is None and jax.process_count() > 1:
         raise ConfigError(f"this is a {jax.process_count()}-process job: pass a mesh over all {jax.device_count()} "
                           f"devices, e.g. mesh=\"data={jax.process_count()},tensor={jax.local_device_count()}\"")
@@ -167,14 +174,19 @@ def load(path: str | os.PathLike, *, dtype="bfloat16", mesh=None, **config_overr
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         eos_ids.append(tokenizer.eos_token_id)
     return Model(config, params, tokenizer, mesh=mesh, eos_token_ids=eos_ids,
-                 attn_implementation=impl, prefill_chunk_size=chunk, kv_cache_dtype=kv_dtype)
+                 attn_implementation=impl, prefill_chunk_size=chunk, kv_cache_dtype=kv_dtype,
+                 generation_config=recommended)
 
 
-def _generation_config_eos(folder: str) -> list[int]:
-    """The EOS ids ``generation_config.json`` names (none without the file)."""
+_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty")
+
+
+def _read_generation_config(folder: str) -> tuple[list[int], dict]:
+    """From ``generation_config.json`` (read once): the EOS ids it names, and the ``generate`` keywords it
+    recommends (``Model.generation_config``). Neither without the file."""
     path = os.path.join(folder, "generation_config.json")
     if not os.path.isfile(path):
-        return []
+        return [], {}
     try:
         with open(path) as f:
             generation_config = json.load(f)
@@ -182,12 +194,35 @@ def _generation_config_eos(folder: str) -> list[int]:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(generation_config, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(generation_config).__name__}")
+    return _generation_config_eos(path, generation_config), _recommended_sampling(path, generation_config)
+
+
+def _generation_config_eos(path: str, generation_config: dict) -> list[int]:
     eos = generation_config.get("eos_token_id")
     eos = eos if isinstance(eos, list) else ([eos] if eos is not None else [])
     if not all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in eos):
         raise CheckpointError(f"{path}: eos_token_id must be a token id or a list of token ids (integers >= 0), "
                               f"got {generation_config['eos_token_id']!r}")
     return eos
+
+
+def _recommended_sampling(path: str, generation_config: dict) -> dict:
+    """HF's reading: ``do_sample`` false or absent is greedy (temperature, top_p and top_k unused), true with no
+    temperature samples at 1.0; the repetition penalty applies either way. A null field counts as absent."""
+    fields = {name: generation_config[name] for name in _SAMPLING_FIELDS if generation_config.get(name) is not None}
+    for name, value in fields.items():
+        try:
+            fields[name] = getattr(Sampling(**{name: value}), name)       # checked, and as Sampling keeps it
+        except QwenJaxError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+    do_sample = generation_config.get("do_sample")
+    if do_sample is not None and not isinstance(do_sample, bool):
+        raise CheckpointError(f"{path}: do_sample must be true or false, got {do_sample!r}")
+    if do_sample:
+        fields.setdefault("temperature", 1.0)
+    else:
+        fields = {"temperature": 0.0, **{k: v for k, v in fields.items() if k == "repetition_penalty"}}
+    return fields
 
 
 def _describe(value) -> str:

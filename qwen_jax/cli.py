@@ -213,11 +213,20 @@ BENCHMARKS = {"prefill": "qwen_jax.bench.prefill", "attention": "pallas_kernels.
               "compile": "qwen_jax.bench.compile"}
 
 
+# the sampling flags' values when neither the flag nor --generation-config gives one: greedy
+SAMPLING_DEFAULTS = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
+
+
 def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate (default 256)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=None, help="0 (default) is greedy")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus mass (default 1: off)")
+    p.add_argument("--top-k", type=int, default=None, help="keep the k likeliest tokens (default 0: off)")
+    p.add_argument("--repetition-penalty", type=float, default=None, metavar="P",
+                   help="HF's repetition penalty on ids already in the prompt or output (default 1: off)")
+    p.add_argument("--generation-config", action="store_true",
+                   help="start from the sampling the checkpoint's generation_config.json recommends; the sampling "
+                        "flags given override it")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not included in the output")
 
@@ -326,9 +335,10 @@ def cmd_generate(args) -> int:
     if args.chat:
         prompt = ([{"role": "system", "content": args.system}] if args.system else []) + \
             [{"role": "user", "content": text}]
+    sampling = dict(SAMPLING_DEFAULTS, **(model.generation_config if args.generation_config else {}))
+    sampling.update({name: getattr(args, name) for name in SAMPLING_DEFAULTS if getattr(args, name) is not None})
     t0 = time.perf_counter()
-    model.generate(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                   top_k=args.top_k, seed=args.seed, stop=args.stop,
+    model.generate(prompt, max_new_tokens=args.max_new_tokens, **sampling, seed=args.seed, stop=args.stop,
                    on_text=lambda row, delta: main_process and (sys.stdout.write(delta), sys.stdout.flush()),
                    progress=_prefill_bar(main_process))
     if main_process:

@@ -21,23 +21,50 @@ from qwen_jax.cache import cache_length, init_cache, padded_prompt_length
 from qwen_jax.config import QwenConfig
 from qwen_jax.errors import QwenJaxError
 from qwen_jax.model import DEFAULT_PREFILL_CHUNK, decode_logits, params_dtype, prefill, relabel, shardings_of
-from qwen_jax.sampling import Sampling, sample
+from qwen_jax.sampling import Sampling, mark_seen, sample, seen_in_prompts
 from qwen_jax.sharding import to_host
 
 GREEDY = Sampling()
 
 
-@functools.partial(jax.jit, static_argnames=("config", "spec", "sampling"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("config", "spec", "sampling"), donate_argnames=("cache", "seen"))
 def decode_and_sample(params, tokens, positions, cache, key, config: QwenConfig, spec: attention.AttentionSpec,
-                      sampling: Sampling):
-    """Feed ``tokens`` [B] at ``positions`` [B]; return the next tokens [B] and the cache."""
+                      sampling: Sampling, seen=None):
+    """Feed ``tokens`` [B] at ``positions`` [B]; return the next tokens [B] and the cache.
+
+    With a repetition penalty, ``seen`` [B, V] bool holds the ids so far but ``tokens``; it is marked with
+    ``tokens``, penalises the logits, and comes back third. Without (None) the step is the plain one.
+    """
     logits, cache = decode_logits(params, tokens, positions, cache, config, spec)
-    return sample(logits, key, sampling), cache
+    if seen is None:
+        return sample(logits, key, sampling), cache
+    seen = _replicated(mark_seen(seen, tokens), spec.mesh)
+    return sample(logits, key, sampling, seen), cache, seen
+
+
+def _replicated(x, mesh):
+    """``x`` whole on every device of ``mesh`` (if any): the penalty's ``seen`` [B, V] is small, and one fixed
+    layout in and out of every step lets one compiled step serve them all."""
+    if mesh is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+
+@functools.partial(jax.jit, static_argnames=("vocab_size", "mesh"))
+def _prompt_seen(tokens, lengths, vocab_size: int, mesh):
+    return _replicated(seen_in_prompts(tokens, lengths, vocab_size), mesh)
 
 
 @functools.partial(jax.jit, static_argnames=("sampling",))
-def _first_sample(logits, key, sampling):
-    return sample(logits, key, sampling)
+def _first_sample(logits, key, sampling, seen=None):
+    return sample(logits, key, sampling, seen)
+
+
+def _step(params, tokens, positions, cache, seen, key, config, spec, sampling):
+    """``decode_and_sample`` as (tokens, cache, seen); without a penalty (``seen`` None) the plain step runs."""
+    if seen is None:
+        return (*decode_and_sample(params, tokens, positions, cache, key, config, spec, sampling), None)
+    return decode_and_sample(params, tokens, positions, cache, key, config, spec, sampling, seen)
 
 
 def stop_strings(stop) -> list[str]:
@@ -174,9 +201,11 @@ def generate_ids(params, config: QwenConfig, prompts: Sequence[Sequence[int]], *
     logits, cache = prefill(params, tokens, lengths, cache, config, chunk_size=prefill_chunk_size, spec=spec,
                             progress=report)
     key = jax.random.key(seed)
-    next_tokens = _first_sample(logits, jax.random.fold_in(key, 0), sampling)
+    # a repetition penalty counts the ids of each row so far, prompt padding excluded; none: no state at all
+    seen = None if sampling.repetition_penalty == 1.0 else _prompt_seen(tokens, lengths, config.vocab_size, spec.mesh)
+    next_tokens = _first_sample(logits, jax.random.fold_in(key, 0), sampling, seen)
     positions = jnp.asarray(lengths)
-    carried = shardings_of((next_tokens, cache))     # each step's state spelled as the first step's (one program)
+    carried = shardings_of((next_tokens, cache, seen))   # each step's state spelled as the first step's (one program)
     eos = set(int(e) for e in eos_ids)
     rows = [StopChecker(decode, stop) for _ in range(B)]
     done = np.zeros(B, bool)
@@ -194,9 +223,8 @@ def generate_ids(params, config: QwenConfig, prompts: Sequence[Sequence[int]], *
                 done[row] = True
         if done.all() or step == max_new_tokens - 1:
             break
-        next_tokens, cache = relabel(decode_and_sample(params, next_tokens, positions, cache,
-                                                       jax.random.fold_in(key, step + 1), config, spec, sampling),
-                                     carried)
+        next_tokens, cache, seen = relabel(_step(params, next_tokens, positions, cache, seen,
+                                                 jax.random.fold_in(key, step + 1), config, spec, sampling), carried)
         positions = positions + 1
     if on_text is not None:
         for row, state in enumerate(rows):
