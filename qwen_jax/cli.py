@@ -333,7 +333,7 @@ def cmd_generate(args) -> int:
     model = _load(args, mesh=args.mesh)
     prompt = text
     if args.chat:
-        prompt = ([{"role": "system", "content": args.system}] if args.system else []) + \
+        prompt = ([{"role": "system", "content": args.system}] if args.system is not None else []) + \
             [{"role": "user", "content": text}]
     sampling = dict(SAMPLING_DEFAULTS, **(model.generation_config if args.generation_config else {}))
     sampling.update({name: getattr(args, name) for name in SAMPLING_DEFAULTS if getattr(args, name) is not None})
@@ -383,7 +383,9 @@ def cmd_passkey(args) -> int:
                                                              dca.original_max_position_embeddings,
                                                          "sparse": dca.sparse_attention_enabled,
                                                          "sparse_threshold": dca.sparse_attention_threshold},
-                           attention=model.attention.__dict__, kv_cache_dtype=model.kv_cache_dtype.name)
+                           attention={k: v for k, v in model.attention.__dict__.items() if k != "mesh"},
+                           mesh=args.mesh, prefill_chunk=model.prefill_chunk_size,
+                           kv_cache_dtype=model.kv_cache_dtype.name)
     return 0
 
 
@@ -414,7 +416,7 @@ def cmd_recall(args) -> int:
     out = recall.measure(model.params, model.config, tokens, chunk_size=model.prefill_chunk_size,
                          spec=model.attention,
                          progress=lambda n: print(f"  {n}/{len(tokens)} tokens", file=sys.stderr, flush=True),
-                         selections=bool(args.save_selections))
+                         selections=bool(args.save_selections), cache_dtype=model.kv_cache_dtype)
     print(recall.table(out["recall"]))
     stats = recall.summary(out["recall"])
     tile_stats = {k: v for k, v in recall.summary(out["tiles"]).items() if not k.startswith("share")}
@@ -431,7 +433,7 @@ def cmd_recall(args) -> int:
                                "original_max_position_embeddings": dca.original_max_position_embeddings,
                                "threshold": dca.sparse_attention_threshold,
                                "budgets": "file" if dca.sparse_attention_config else "default (1000, 6096)"},
-                       "prefill chunk": model.prefill_chunk_size,
+                       "prefill chunk": model.prefill_chunk_size, "kv_cache_dtype": model.kv_cache_dtype.name,
                        "head budgets": [list(zip(*sparse_budgets(dca, layer, model.config.num_attention_heads)))
                                         for layer in range(model.config.num_hidden_layers)],
                        "recall": np.nan_to_num(out["recall"], nan=-1).tolist(),

@@ -92,5 +92,6 @@ def table(results: list[dict]) -> str:
 
 
 def write_json(path: str, results: list[dict], **info) -> None:
+    text = json.dumps({**info, "results": results}, indent=2)    # whole before the file opens: nothing half-written
     with open(path, "w") as f:
-        json.dump({**info, "results": results}, f, indent=2)
+        f.write(text)

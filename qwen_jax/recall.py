@@ -73,11 +73,12 @@ def _stack_layers(sels: list[vslash.Selection]) -> vslash.Selection:
 
 
 def measure(params, config: QwenConfig, tokens, *, chunk_size: int, spec: attention.AttentionSpec,
-            progress=None, selections: bool = False) -> dict:
+            progress=None, selections: bool = False, cache_dtype=None) -> dict:
     """Recall of ``tokens`` [T] (one prompt): ``{"recall": [L, N] mean, "queries": [L, N] counts, "tiles":
     [L, N]}``, where ``tiles`` is the share of the dense causal (query, key) pairs that the 64 x 64 key
     tiles a sparse kernel computes cover (over the chunks that ran sparse). ``selections``: also return
-    ``"selections"``, per sparse chunk ``(start, Selection)`` of numpy arrays with a leading layer axis."""
+    ``"selections"``, per sparse chunk ``(start, Selection)`` of numpy arrays with a leading layer axis.
+    ``cache_dtype``: the KV cache's storage (default: the parameters' dtype; a model's ``kv_cache_dtype``)."""
     dca = config.dual_chunk_attention_config
     if dca is None or not dca.sparse_attention_enabled:
         raise QwenJaxError("recall needs a DCA config with sparse_attention_enabled")
@@ -85,7 +86,7 @@ def measure(params, config: QwenConfig, tokens, *, chunk_size: int, spec: attent
     tokens = jnp.asarray(tokens, jnp.int32)[None]
     T = tokens.shape[1]
     spec = attention.with_sparse_rows(dataclasses.replace(spec, recall=True), config, [T])
-    cache = placed_like(params, init_cache(config, 1, cache_length(T), params_dtype(params)))
+    cache = placed_like(params, init_cache(config, 1, cache_length(T), cache_dtype or params_dtype(params)))
     lengths = jnp.full((1,), T, jnp.int32)
     kept = np.zeros((config.num_hidden_layers, config.num_attention_heads))
     count, tiles = np.zeros_like(kept), np.zeros_like(kept)

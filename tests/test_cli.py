@@ -204,3 +204,43 @@ def test_version_and_python_dash_m_entry_point():
     usage = subprocess.run([sys.executable, "-m", "qwen_jax", "plan", "--tokens", "0", "--config", "qwen2.5-7b-1m"],
                            capture_output=True, text=True)
     assert usage.returncode == 1 and usage.stderr.count("\n") == 1 and "error" in usage.stderr
+
+
+def test_passkey_on_a_mesh_writes_its_json(tiny_checkpoint, tmp_path):
+    """The JSON of a mesh run records the mesh as given (it held the Mesh object, which json cannot write: the
+    run ended in a traceback and a half-written file)."""
+    out = tmp_path / "pk.json"
+    result = run("passkey", "--model", tiny_checkpoint[0], "--lengths", "200", "--depths", "0.5", "--dtype",
+                 "float32", "--mesh", "tensor=2", "--prefill-chunk", "128", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out.read_text())
+    assert data["mesh"] == "tensor=2" and data["prefill_chunk"] == 128 and "mesh" not in data["attention"]
+    assert len(data["results"]) == 1
+
+
+def test_recall_runs_with_the_models_kv_cache_dtype(tiny_checkpoint, tmp_path, monkeypatch):
+    """``qwen-jax recall --kv-cache-dtype fp8`` measures an fp8 cache (it prefilled the parameters' dtype) and
+    says so in its JSON."""
+    import jax.numpy as jnp
+
+    from qwen_jax import recall
+    from qwen_jax.cli import main
+    used = []
+    real = recall.init_cache
+    monkeypatch.setattr(recall, "init_cache", lambda *a, **k: used.append(a[3]) or real(*a, **k))
+    out = tmp_path / "r.json"
+    assert main(["recall", "--model", tiny_checkpoint[0], "--dca", "chunk_size=192,local_size=64", "--prefill-chunk",
+                 "128", "--dtype", "float32", "--length", "256", "--kv-cache-dtype", "fp8", "--json", str(out)]) == 0
+    assert used and all(jnp.dtype(d) == jnp.float8_e4m3fn for d in used)
+    assert json.loads(out.read_text())["kv_cache_dtype"] == "float8_e4m3fn"
+
+
+def test_an_empty_system_message_is_sent_as_given(tiny_checkpoint, monkeypatch):
+    """``--system ""`` is an empty system message, not none (Qwen's template would put its default one in)."""
+    import qwen_jax
+    from qwen_jax.cli import main
+    prompts = []
+    monkeypatch.setattr(qwen_jax.Model, "generate", lambda self, prompt, **kw: prompts.append(prompt) or [""])
+    assert main(["generate", "--model", tiny_checkpoint[0], "--prompt", "hi", "--chat", "--system", "",
+                 "--max-new-tokens", "1", "--dtype", "float32"]) == 0
+    assert prompts == [[{"role": "system", "content": ""}, {"role": "user", "content": "hi"}]]
