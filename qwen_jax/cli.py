@@ -121,24 +121,38 @@ def _model_overrides(args) -> dict:
     if args.attention or any(x is not None for x in (args.window, args.block_q, args.block_k)):
         overrides["attn_implementation"] = AttentionSpec(
             impl=args.attention or AttentionSpec.impl, window=args.window, block_q=args.block_q, block_k=args.block_k)
-    if args.dca:
-        block = {}
-        for part in args.dca.split(","):
+    sparse = args.sparse or args.sparse_config or args.sparse_threshold is not None
+    if args.dca or sparse:
+        # --dca and the sparse flags edit the checkpoint's own block, key by key (a 1M checkpoint keeps its
+        # original_max_position_embeddings and budgets file); a model without one takes --dca as the block
+        block = dict(_checkpoint_dca(args.model))
+        for part in args.dca.split(",") if args.dca else []:
             key, _, value = part.partition("=")
             if not value.strip().lstrip("-").isdigit():
                 raise QwenJaxError(f"bad --dca {args.dca!r}: expected key=integer pairs such as chunk_size=32768")
             block[key.strip()] = int(value)
+        if sparse and not block:
+            raise QwenJaxError("sparse prefill runs on top of dual chunk attention: pass --dca too (this "
+                               "checkpoint's config.json has no dual_chunk_attention_config)")
         overrides["dual_chunk_attention_config"] = block
-    if args.sparse or args.sparse_config or args.sparse_threshold is not None:
-        if not args.dca:
-            raise QwenJaxError("sparse prefill runs on top of dual chunk attention: pass --dca too")
-        block = overrides["dual_chunk_attention_config"]
+    if sparse:
         block["sparse_attention_enabled"] = True
         if args.sparse_threshold is not None:
             block["sparse_attention_threshold"] = args.sparse_threshold
         if args.sparse_config:
             block["sparse_attention_config"] = read_sparse_config(args.sparse_config, f"--sparse-config {args.sparse_config}")
     return overrides
+
+
+def _checkpoint_dca(model: str) -> dict:
+    """The ``dual_chunk_attention_config`` of the checkpoint folder ``model`` ({} without one, or for a hub id)."""
+    import os
+
+    from qwen_jax.config import read_config_json
+    if not os.path.isfile(os.path.join(model, "config.json")):
+        return {}
+    block = read_config_json(model).get("dual_chunk_attention_config")
+    return block if isinstance(block, dict) else {}
 
 
 def _load(args, **kw):
@@ -399,8 +413,9 @@ def cmd_recall(args) -> int:
     from qwen_jax.bench import environment
     from qwen_jax.errors import QwenJaxError
 
-    if not args.dca:
-        raise QwenJaxError("recall measures sparse prefill, which runs on dual chunk attention: pass --dca")
+    if not args.dca and not _checkpoint_dca(args.model):
+        raise QwenJaxError("recall measures sparse prefill, which runs on dual chunk attention: pass --dca (this "
+                           "checkpoint's config.json has none)")
     args.sparse = True
     if args.sparse_threshold is None:
         args.sparse_threshold = 0

@@ -319,16 +319,31 @@ def read_config_json(folder: str | os.PathLike, overrides: Mapping[str, Any] | N
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a JSON object")
-    sparse_path = os.path.join(folder, "sparse_attention_config.json")
-    if isinstance(raw.get("dual_chunk_attention_config"), dict) and os.path.isfile(sparse_path):
-        layers = read_sparse_config(sparse_path)
-        raw["dual_chunk_attention_config"] = dict(raw["dual_chunk_attention_config"], sparse_attention_config=layers)
     for key, value in (overrides or {}).items():
         known = key in raw or key in _IGNORED_FIELDS or key in _KNOWN_FIELDS
         if not known:
             raise ConfigError(f"unknown config field {key!r} (not in config.json and not a Qwen2 config field)")
+        if key in _REFUSED_OVERRIDES and _REFUSED_OVERRIDES[key][0](value):
+            raise ConfigError(f"{key}={value!r}: {_REFUSED_OVERRIDES[key][1]}")
         raw[key] = value
+    # Qwen's rule: the file next to config.json fills the DCA block's sparse_attention_config, also in a block
+    # given as an override, unless that block names its own
+    sparse_path = os.path.join(folder, "sparse_attention_config.json")
+    dca = raw.get("dual_chunk_attention_config")
+    if isinstance(dca, Mapping) and "sparse_attention_config" not in dca and os.path.isfile(sparse_path):
+        raw["dual_chunk_attention_config"] = dict(dca, sparse_attention_config=read_sparse_config(sparse_path))
     return raw
+
+
+# HF keywords that ``from_pretrained`` users pass and qwen-jax would otherwise accept and ignore: (refused when,
+# why). The dtype is ``qwen_jax.load``'s own argument.
+_REFUSED_OVERRIDES = {
+    "torch_dtype": (lambda v: True, "qwen-jax takes the parameters' dtype as qwen_jax.load(path, dtype=...)"),
+    "dtype": (lambda v: True, "qwen-jax takes the parameters' dtype as qwen_jax.load(path, dtype=...)"),
+    "output_attentions": (bool, "qwen-jax returns logits only (attention weights are never materialised)"),
+    "output_hidden_states": (bool, "qwen-jax returns logits only"),
+    "use_cache": (lambda v: not v, "qwen-jax always prefills into and decodes from a KV cache"),
+}
 
 
 _KNOWN_FIELDS = frozenset({f.name for f in dataclasses.fields(QwenConfig)} | {

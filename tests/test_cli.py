@@ -244,3 +244,36 @@ def test_an_empty_system_message_is_sent_as_given(tiny_checkpoint, monkeypatch):
     assert main(["generate", "--model", tiny_checkpoint[0], "--prompt", "hi", "--chat", "--system", "",
                  "--max-new-tokens", "1", "--dtype", "float32"]) == 0
     assert prompts == [[{"role": "system", "content": ""}, {"role": "user", "content": "hi"}]]
+
+
+def test_dca_flags_edit_the_checkpoints_own_block(tiny_checkpoint, tmp_path):
+    """--dca K=V and the sparse flags change those keys of a DCA checkpoint's block and keep the rest (they
+    replaced it: original_max_position_embeddings fell to 0 and the budgets file to the defaults); the sparse
+    flags need no --dca where config.json has a block."""
+    import shutil
+
+    from qwen_jax.attention.sparse import layer_budgets
+    from qwen_jax.cli import _load, build_parser
+    from qwen_jax.errors import QwenJaxError
+    folder = tmp_path / "dca"
+    shutil.copytree(tiny_checkpoint[0], folder)
+    raw = json.loads((folder / "config.json").read_text())
+    raw["dual_chunk_attention_config"] = {"chunk_size": 256, "local_size": 64, "original_max_position_embeddings": 128}
+    (folder / "config.json").write_text(json.dumps(raw))
+    heads = raw["num_attention_heads"]
+    layers = [{str(h): ["vertical_and_slash", 40 + h, 300, 0.9] for h in range(heads)}] * raw["num_hidden_layers"]
+    (folder / "sparse_attention_config.json").write_text(json.dumps(layers))
+
+    def dca(*flags):
+        args = build_parser().parse_args(["generate", "--model", str(folder), "--prompt", "x", "--dtype", "float32",
+                                          *flags])
+        return _load(args).config.dual_chunk_attention_config
+
+    edited = dca("--dca", "chunk_size=512", "--sparse-threshold", "0")
+    assert (edited.chunk_size, edited.local_size, edited.original_max_position_embeddings) == (512, 64, 128)
+    assert edited.sparse_attention_enabled and edited.sparse_attention_threshold == 0
+    assert layer_budgets(edited, 1, heads).vertical[:2] == (40, 41)
+    assert dca("--sparse-threshold", "100").sparse_attention_threshold == 100       # no --dca needed here
+    args = build_parser().parse_args(["generate", "--model", tiny_checkpoint[0], "--prompt", "x", "--sparse"])
+    with pytest.raises(QwenJaxError, match="pass --dca too"):
+        _load(args)

@@ -204,3 +204,38 @@ def test_generation_config_eos_ids_are_read(tiny_checkpoint, tmp_path):
     (tmp_path / "ckpt" / "generation_config.json").write_text('{"eos_token_id": [7, 9]}')
     model = qwen_jax.load(folder, dtype="float32")
     assert model.eos_token_ids[:2] == (7, 9)
+
+
+def test_an_overriding_dca_block_keeps_the_folders_budgets_file(tmp_path):
+    """Qwen's rule: sparse_attention_config.json fills the DCA block's budgets, also when the block is given as
+    an override (it was dropped for the default budgets), unless the override names its own."""
+    (tmp_path / "config.json").write_text(json.dumps(QWEN25_7B_1M))
+    layers = [{str(h): ["vertical_and_slash", 1000 + h, 6096, 0.9] for h in range(28)} for _ in range(28)]
+    (tmp_path / "sparse_attention_config.json").write_text(json.dumps(layers))
+    from qwen_jax.attention.sparse import layer_budgets
+    block = {"chunk_size": 32768, "local_size": 2048, "sparse_attention_enabled": True}
+    dca = QwenConfig.from_hf_dict(read_config_json(str(tmp_path), {"dual_chunk_attention_config": block}))
+    assert dca.dual_chunk_attention_config.chunk_size == 32768
+    assert layer_budgets(dca.dual_chunk_attention_config, 5, 28).vertical[:2] == (1000, 1001)
+    own = [{str(h): ["vertical_and_slash", 7, 60, 0.9] for h in range(28)}] * 28
+    dca = QwenConfig.from_hf_dict(read_config_json(str(tmp_path), {"dual_chunk_attention_config": {
+        **block, "sparse_attention_config": own}})).dual_chunk_attention_config
+    assert layer_budgets(dca, 5, 28).vertical[:2] == (7, 7)
+    off = QwenConfig.from_hf_dict(read_config_json(str(tmp_path), {"dual_chunk_attention_config": None}))
+    assert off.dual_chunk_attention_config is None
+
+
+@pytest.mark.parametrize("override,message", [
+    (dict(torch_dtype="float32"), "torch_dtype='float32': qwen-jax takes the parameters' dtype as "
+                                  r"qwen_jax.load\(path, dtype=...\)"),
+    (dict(output_hidden_states=True), "output_hidden_states=True: qwen-jax returns logits only"),
+    (dict(output_attentions=True), "output_attentions=True: qwen-jax returns logits only"),
+    (dict(use_cache=False), "use_cache=False: qwen-jax always prefills into and decodes from a KV cache"),
+])
+def test_hf_keywords_that_would_be_ignored_are_refused(tmp_path, override, message):
+    (tmp_path / "config.json").write_text(json.dumps(QWEN25_7B_1M))
+    with pytest.raises(ConfigError, match=message):
+        read_config_json(str(tmp_path), override)
+    harmless = {k: (not v if isinstance(v, bool) else None) for k, v in override.items() if k != "torch_dtype"}
+    if harmless:                       # asking for what qwen-jax does anyway stays accepted
+        read_config_json(str(tmp_path), harmless)
