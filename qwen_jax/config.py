@@ -319,19 +319,22 @@ def read_config_json(folder: str | os.PathLike, overrides: Mapping[str, Any] | N
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a JSON object")
-    for key, value in (overrides or {}).items():
-        known = key in raw or key in _IGNORED_FIELDS or key in _KNOWN_FIELDS
-        if not known:
-            raise ConfigError(f"unknown config field {key!r} (not in config.json and not a Qwen2 config field)")
-        if key in _REFUSED_OVERRIDES and _REFUSED_OVERRIDES[key][0](value):
-            raise ConfigError(f"{key}={value!r}: {_REFUSED_OVERRIDES[key][1]}")
-        raw[key] = value
-    # Qwen's rule: the file next to config.json fills the DCA block's sparse_attention_config, also in a block
-    # given as an override, unless that block names its own
+    # Qwen's rule: the file next to config.json is loaded into the DCA block's sparse_attention_config; here
+    # also into a block given as an override, unless that block names its own
     sparse_path = os.path.join(folder, "sparse_attention_config.json")
-    dca = raw.get("dual_chunk_attention_config")
-    if isinstance(dca, Mapping) and "sparse_attention_config" not in dca and os.path.isfile(sparse_path):
-        raw["dual_chunk_attention_config"] = dict(dca, sparse_attention_config=read_sparse_config(sparse_path))
+    key = "dual_chunk_attention_config"
+    if isinstance(raw.get(key), Mapping) and os.path.isfile(sparse_path):
+        raw[key] = dict(raw[key], sparse_attention_config=read_sparse_config(sparse_path))
+    for name, value in (overrides or {}).items():
+        known = name in raw or name in _IGNORED_FIELDS or name in _KNOWN_FIELDS
+        if not known:
+            raise ConfigError(f"unknown config field {name!r} (not in config.json and not a Qwen2 config field)")
+        if name in _REFUSED_OVERRIDES and _REFUSED_OVERRIDES[name][0](value):
+            raise ConfigError(f"{name}={value!r}: {_REFUSED_OVERRIDES[name][1]}")
+        raw[name] = value
+    block = (overrides or {}).get(key)
+    if isinstance(block, Mapping) and "sparse_attention_config" not in block and os.path.isfile(sparse_path):
+        raw[key] = dict(block, sparse_attention_config=read_sparse_config(sparse_path))
     return raw
 
 

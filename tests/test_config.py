@@ -223,6 +223,11 @@ def test_an_overriding_dca_block_keeps_the_folders_budgets_file(tmp_path):
     assert layer_budgets(dca, 5, 28).vertical[:2] == (7, 7)
     off = QwenConfig.from_hf_dict(read_config_json(str(tmp_path), {"dual_chunk_attention_config": None}))
     assert off.dual_chunk_attention_config is None
+    inline = dict(QWEN25_7B_1M, dual_chunk_attention_config={**QWEN25_7B_1M["dual_chunk_attention_config"],
+                                                             "sparse_attention_config": own})
+    (tmp_path / "config.json").write_text(json.dumps(inline))       # the file beats config.json's own key
+    dca = QwenConfig.from_hf_dict(read_config_json(str(tmp_path))).dual_chunk_attention_config
+    assert layer_budgets(dca, 5, 28).vertical[:2] == (1000, 1001)
 
 
 @pytest.mark.parametrize("override,message", [
