@@ -105,18 +105,23 @@ def _child_argv(args, mode: str, json_path: str) -> list[str]:
     return argv
 
 
-def _die_with_parent() -> None:
-    """Run in a mode's process before it starts (Linux): the kernel sends it SIGTERM when the parent dies,
-    however it dies, so a `timeout`, a scheduler's signal or a kill -9 of the parent leaves no process
-    holding the accelerator."""
+PARENT_ENV = "QWEN_JAX_BENCH_PARENT"   # set by the parent for each mode's process: the parent's pid
+
+
+def _die_with_parent(parent: int) -> None:
+    """In a mode's process, first thing (Linux): the kernel sends it SIGTERM when the parent dies, however it
+    dies, so a `timeout`, a scheduler's signal or a kill -9 of the parent leaves no process holding the
+    accelerator. Done here rather than between fork and exec, where Python code may deadlock a threaded parent."""
     import ctypes
     import os
     import signal
+    if not sys.platform.startswith("linux"):
+        return
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))       # 1: PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         return
-    if os.getppid() == 1:              # the parent died before the call above: nobody to report to
+    if os.getppid() != parent:         # the parent died before the call above: nobody to report to
         os._exit(143)
 
 
@@ -134,7 +139,6 @@ def _modes_apart(args, modes: list[str]) -> int:
         raise SystemExit(128 + signum)
 
     rows, env, flops = [], None, None
-    linux = sys.platform.startswith("linux")
     main_thread = threading.current_thread() is threading.main_thread()    # signal handlers live there only
     previous = signal.signal(signal.SIGTERM, terminated) if main_thread else None
     try:
@@ -144,7 +148,7 @@ def _modes_apart(args, modes: list[str]) -> int:
                 sys.stdout.flush()
                 sys.stderr.flush()
                 code = subprocess.call([sys.executable, "-m", "qwen_jax.cli", *_child_argv(args, mode, path)],
-                                       preexec_fn=_die_with_parent if linux else None)
+                                       env={**os.environ, PARENT_ENV: str(os.getpid())})
                 if code:
                     return code
                 with open(path) as f:
@@ -169,9 +173,14 @@ def _report(args, rows: list[dict], env: dict, flops: dict) -> None:
 
 
 def main(argv=None) -> int:
+    import os
+
     from qwen_jax.errors import QwenJaxError
     from qwen_jax.passkey import parse_length
 
+    parent = os.environ.pop(PARENT_ENV, None)
+    if parent is not None:                   # one mode's process of a run over several modes
+        _die_with_parent(int(parent))
     args = _parser().parse_args(argv)
     if not args.random_weights:
         raise QwenJaxError("bench prefill runs an architecture with random weights: pass --random-weights")
