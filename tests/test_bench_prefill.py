@@ -176,6 +176,7 @@ def test_a_killed_run_leaves_no_mode_process_behind(signal_name):
                                "--random-weights", "--tokens", "256k", "--prefill-chunk", "4096", "--attention",
                                "blockwise", "--modes", "dense,sparse"], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    children = []
     try:
         deadline = time.monotonic() + 60
         while not (children := _children(parent.pid)) and time.monotonic() < deadline:
@@ -190,11 +191,14 @@ def test_a_killed_run_leaves_no_mode_process_behind(signal_name):
                 time.monotonic() < deadline:
             time.sleep(0.1)
         assert not [c for c in children if os.path.exists(f"/proc/{c}") and "Z" not in _state(c)]
-    finally:
+    finally:                              # the children found above: a failed run must not leave them running
         if parent.poll() is None:
             parent.kill()
-        for c in _children(parent.pid):
-            os.kill(c, signal.SIGKILL)
+        for c in children:
+            try:
+                os.kill(c, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def _state(pid: int) -> str:
