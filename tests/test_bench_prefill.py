@@ -114,6 +114,8 @@ def _bad_arguments(tmp_path, hf_folder):
         ("qwen_jax.bench.sparse", ["--budgets", "x"], "bad --budgets 'x'"),
         ("qwen_jax.bench.sparse", ["--chunk", "0"], "--chunk 0: must be at least 1"),
         ("qwen_jax.bench.sparse", ["--json", missing], "does not exist"),
+        ("qwen_jax.bench.sparse", ["--selections", missing, "--lengths", "1m", "--chunk", "131072"],
+         "--selections takes the lengths, prefill chunk, DCA and inputs from its file: drop --lengths, --chunk"),
         ("qwen_jax.bench.prefill", [*PREFILL, "--json", missing], "does not exist"),
         ("qwen_jax.bench.prefill", [*PREFILL, "--modes", "dense", "--json", str(tmp_path)], "is a folder"),
         ("qwen_jax.bench.prefill", [*PREFILL[:-1], "0"], "bad length '0'"),

@@ -99,10 +99,19 @@ def parse_budgets(text: str) -> tuple[int, int]:
     raise SystemExit(f"bad --budgets {text!r}: give vertical_size,slash_size as two whole numbers, e.g. 1000,6096")
 
 
+LENGTHS, INPUTS, CHUNK = "128k,256k,512k,1m", "local,random", 32768     # the defaults of those flags
+
+
 def _recorded(args):
     """Load ``--selections`` and make the run match it: ``[per layer: [per chunk: Selection]]``."""
     from qwen_jax.errors import QwenJaxError
     from qwen_jax.recall import load_selections
+    given = [flag for flag, value, default in (("--lengths", args.lengths, LENGTHS), ("--inputs", args.inputs, INPUTS),
+                                               ("--chunk", args.chunk, CHUNK), ("--dca", args.dca, None))
+             if value != default]
+    if given:
+        raise SystemExit(f"--selections takes the lengths, prefill chunk, DCA and inputs from its file: drop "
+                         f"{', '.join(given)}")
     try:
         chunks, meta = load_selections(args.selections)
     except QwenJaxError as e:
@@ -167,13 +176,13 @@ def main(argv=None) -> int:
     from qwen_jax.rope import Rope
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lengths", default="128k,256k,512k,1m")
-    p.add_argument("--inputs", default="local,random")
+    p.add_argument("--lengths", default=LENGTHS)
+    p.add_argument("--inputs", default=INPUTS)
     p.add_argument("--heads", type=int, default=28)
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--budgets", default="1000,6096", help="vertical_size,slash_size for every head")
-    p.add_argument("--chunk", type=int, default=32768, help="prefill chunk (queries per sparse call)")
+    p.add_argument("--chunk", type=int, default=CHUNK, help="prefill chunk (queries per sparse call)")
     p.add_argument("--dca", default=None, help="chunk_size,local_size (default: one chunk, plain causal)")
     p.add_argument("--block-k", type=int, default=64, help="Triton kernel key tiles (and the tile count)")
     p.add_argument("--kernels", default="mosaic_gpu:96:3:free,mosaic_gpu:64:4:free,triton",
