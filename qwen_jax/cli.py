@@ -93,13 +93,17 @@ def _check_outputs(**paths) -> None:
 
 
 def _check_attention(args) -> None:
-    """``--attention pallas`` where no Pallas kernel runs natively: say which choices do, in the CLI's words."""
+    """``--attention pallas`` where no Pallas kernel runs natively: say which choices do, in the CLI's words; tile
+    sizes for the path that has none."""
+    from qwen_jax.errors import QwenJaxError
+    if args.attention == "reference" and (args.block_q is not None or args.block_k is not None):
+        raise QwenJaxError("--block-q / --block-k set the tiles of --attention blockwise and pallas; reference "
+                           "attention is dense and has none")
     if args.attention != "pallas":
         return
     import jax
 
     import pallas_kernels
-    from qwen_jax.errors import QwenJaxError
     try:
         pallas_kernels.resolve_impl("auto")
     except ValueError:

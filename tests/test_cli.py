@@ -153,6 +153,12 @@ def test_pallas_on_a_cpu_names_the_attention_choices_that_work():
     assert "impl=" not in str(e.value)
 
 
+def test_tile_sizes_for_reference_attention_are_refused(tmp_path):
+    line = _one_line_error(run("generate", "--model", str(tmp_path / "m"), "--prompt", "x", "--attention",
+                               "reference", "--block-q", "64"))
+    assert "reference attention is dense and has none" in line
+
+
 def test_system_needs_chat(tmp_path):
     line = _one_line_error(run("generate", "--model", str(tmp_path / "m"), "--prompt", "x", "--system", "be brief"))
     assert "--system needs --chat" in line
