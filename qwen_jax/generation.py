@@ -37,14 +37,15 @@ def decode_and_sample(params, tokens, positions, cache, key, config: QwenConfig,
     """
     logits, cache = decode_logits(params, tokens, positions, cache, config, spec)
     if seen is None:
-        return sample(logits, key, sampling), cache
+        return _replicated(sample(logits, key, sampling), spec.mesh), cache
     seen = _replicated(mark_seen(seen, tokens), spec.mesh)
-    return sample(logits, key, sampling, seen), cache, seen
+    return _replicated(sample(logits, key, sampling, seen), spec.mesh), cache, seen
 
 
 def _replicated(x, mesh):
-    """``x`` whole on every device of ``mesh`` (if any): the penalty's ``seen`` [B, V] is small, and one fixed
-    layout in and out of every step lets one compiled step serve them all."""
+    """``x`` whole on every device of ``mesh`` (if any): the sampled tokens [B] and the penalty's ``seen`` [B, V]
+    are small, and one fixed layout in and out of every step lets one compiled step serve them all (over a
+    ``data`` axis the tokens otherwise came back split, unlike the first step's, and the step compiled twice)."""
     if mesh is None:
         return x
     return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
@@ -55,9 +56,9 @@ def _prompt_seen(tokens, lengths, vocab_size: int, mesh):
     return _replicated(seen_in_prompts(tokens, lengths, vocab_size), mesh)
 
 
-@functools.partial(jax.jit, static_argnames=("sampling",))
-def _first_sample(logits, key, sampling, seen=None):
-    return sample(logits, key, sampling, seen)
+@functools.partial(jax.jit, static_argnames=("sampling", "mesh"))
+def _first_sample(logits, key, sampling, seen=None, mesh=None):
+    return _replicated(sample(logits, key, sampling, seen), mesh)
 
 
 def _step(params, tokens, positions, cache, seen, key, config, spec, sampling):
@@ -203,7 +204,7 @@ def generate_ids(params, config: QwenConfig, prompts: Sequence[Sequence[int]], *
     key = jax.random.key(seed)
     # a repetition penalty counts the ids of each row so far, prompt padding excluded; none: no state at all
     seen = None if sampling.repetition_penalty == 1.0 else _prompt_seen(tokens, lengths, config.vocab_size, spec.mesh)
-    next_tokens = _first_sample(logits, jax.random.fold_in(key, 0), sampling, seen)
+    next_tokens = _first_sample(logits, jax.random.fold_in(key, 0), sampling, seen, spec.mesh)
     positions = jnp.asarray(lengths)
     carried = shardings_of((next_tokens, cache, seen))   # each step's state spelled as the first step's (one program)
     eos = set(int(e) for e in eos_ids)

@@ -132,3 +132,19 @@ def test_sharded_prefill_and_decode_compile_their_steps_once(mesh_checkpoint):
                                   spec=model.attention, prefill_chunk_size=128)
     assert len(ids[0]) == 5
     assert generation.decode_and_sample._cache_size() == before + 1
+
+
+def test_decode_over_a_data_axis_compiles_its_step_once(mesh_checkpoint):
+    """The first sampled tokens and every decode step's tokens are laid out alike (whole on every device), so
+    one compiled step serves the whole generation on a mesh with a ``data`` axis too (the first step's tokens
+    came replicated and went back split over ``data``: a second compilation)."""
+    from qwen_jax import generation
+    from qwen_jax.sampling import Sampling
+    model = load(mesh_checkpoint, mesh="data=2,seq=2,tensor=2")
+    prompts = [list(np.random.default_rng(12).integers(0, 1000, n)) for n in (150, 97)]
+    for sampling in (Sampling(), Sampling(repetition_penalty=1.3)):
+        before = generation.decode_and_sample._cache_size()
+        ids = generation.generate_ids(model.params, model.config, prompts, max_new_tokens=5, spec=model.attention,
+                                      prefill_chunk_size=128, sampling=sampling)
+        assert [len(row) for row in ids] == [5, 5]
+        assert generation.decode_and_sample._cache_size() == before + 1
