@@ -30,15 +30,14 @@ GREEDY = Sampling()
 @functools.partial(jax.jit, static_argnames=("config", "spec", "sampling"), donate_argnames=("cache", "seen"))
 def decode_and_sample(params, tokens, positions, cache, key, config: QwenConfig, spec: attention.AttentionSpec,
                       sampling: Sampling, seen=None):
-    """Feed ``tokens`` [B] at ``positions`` [B]; return the next tokens [B] and the cache.
+    """Feed ``tokens`` [B] at ``positions`` [B]; return the next tokens [B], the cache and ``seen``.
 
     With a repetition penalty, ``seen`` [B, V] bool holds the ids so far but ``tokens``; it is marked with
-    ``tokens``, penalises the logits, and comes back third. Without (None) the step is the plain one.
+    ``tokens`` and penalises the logits. Without one it is None, and the step is the plain one.
     """
     logits, cache = decode_logits(params, tokens, positions, cache, config, spec)
-    if seen is None:
-        return _replicated(sample(logits, key, sampling), spec.mesh), cache
-    seen = _replicated(mark_seen(seen, tokens), spec.mesh)
+    if seen is not None:
+        seen = _replicated(mark_seen(seen, tokens), spec.mesh)
     return _replicated(sample(logits, key, sampling, seen), spec.mesh), cache, seen
 
 
@@ -59,13 +58,6 @@ def _prompt_seen(tokens, lengths, vocab_size: int, mesh):
 @functools.partial(jax.jit, static_argnames=("sampling", "mesh"))
 def _first_sample(logits, key, sampling, seen=None, mesh=None):
     return _replicated(sample(logits, key, sampling, seen), mesh)
-
-
-def _step(params, tokens, positions, cache, seen, key, config, spec, sampling):
-    """``decode_and_sample`` as (tokens, cache, seen); without a penalty (``seen`` None) the plain step runs."""
-    if seen is None:
-        return (*decode_and_sample(params, tokens, positions, cache, key, config, spec, sampling), None)
-    return decode_and_sample(params, tokens, positions, cache, key, config, spec, sampling, seen)
 
 
 def stop_strings(stop) -> list[str]:
@@ -224,8 +216,9 @@ def generate_ids(params, config: QwenConfig, prompts: Sequence[Sequence[int]], *
                 done[row] = True
         if done.all() or step == max_new_tokens - 1:
             break
-        next_tokens, cache, seen = relabel(_step(params, next_tokens, positions, cache, seen,
-                                                 jax.random.fold_in(key, step + 1), config, spec, sampling), carried)
+        next_tokens, cache, seen = relabel(decode_and_sample(params, next_tokens, positions, cache,
+                                                             jax.random.fold_in(key, step + 1), config, spec,
+                                                             sampling, seen), carried)
         positions = positions + 1
     if on_text is not None:
         for row, state in enumerate(rows):

@@ -44,8 +44,8 @@ def bench_qwen_jax(path, dtype, prompt, new_tokens, repeats):
         nonlocal cache
         tok, pos, c = jnp.argmax(logits, -1).astype(jnp.int32), lengths, cache
         for i in range(new_tokens):
-            tok, c = decode_and_sample(params, tok, pos + i, c, jax.random.key(0), cfg, model.attention,
-                                       Sampling())
+            tok, c, _ = decode_and_sample(params, tok, pos + i, c, jax.random.key(0), cfg, model.attention,
+                                          Sampling())
         jax.block_until_ready(tok)
         cache = c  # the cache was donated: keep the live buffer (slots past the prompt are rewritten each run)
 
