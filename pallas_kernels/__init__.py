@@ -29,7 +29,11 @@ IMPLS = ("auto", "mosaic_gpu", "triton", "mosaic_tpu", "reference")
 _NATIVE = {"gpu": ("mosaic_gpu", "triton"), "cuda": ("mosaic_gpu", "triton"), "tpu": ("mosaic_tpu",)}
 # (block_q, block_k); mosaic_gpu's block_q is per consumer warpgroup (a program covers MGPU_CONSUMERS)
 DEFAULT_BLOCKS = {"mosaic_gpu": (64, 128), "triton": (128, 64), "mosaic_tpu": (256, 512)}
-MGPU_MIN_QUERIES = 128  # below this (decode, short chunks) auto takes the Triton kernel: little row padding
+MGPU_MIN_QUERIES = 128  # below this (decode, short chunks) auto takes the Triton kernels: little row padding
+# auto on a GPU: a chunk of at most this many query rows per kv group (T x G; decode: G) takes the
+# split-key decode kernel (``decode_gpu``), which reads each K/V block once for the group, spreads the
+# cache over the chip and reads an 8-bit cache as stored
+DECODE_MAX_ROWS, DECODE_BLOCK_K = 64, 64
 # The dense Mosaic GPU kernel's consumer warpgroups: three running free, measured on an H100 against two
 # taking turns (qwen_jax/bench/GPU_NOTES.md, fourteenth session): 642 / 652 / 639 TFLOP/s at 32K / 128K /
 # 512K against 612 / 596 / 588 (cuDNN 630 / 569 / 509); DCA at 512K 615 against 575
@@ -69,6 +73,11 @@ def _fit(block: int, length: int, minimum: int) -> int:
 CAUSAL = MaskSpec()
 
 
+def widened(x, dtype):
+    """An 8-bit K or V (an fp8 cache) in the compute ``dtype``, as the kernels other than decode read it."""
+    return x.astype(dtype) if x.dtype.itemsize == 1 else x
+
+
 def _inputs(q, q_offset, kv_length, scale):
     """Queries as a tuple (one per phase), and q_offset, kv_length, scale broadcast to [B]."""
     queries = tuple(q) if isinstance(q, (tuple, list)) else (q,)
@@ -91,12 +100,22 @@ def flash_attention(q, k, v, *, q_offset, kv_length, scale=None, mask: MaskSpec 
     """Attention of queries at positions ``q_offset[b] + t`` over keys at slots ``0..kv_length[b]-1``.
 
     q: [B, T, N, H], or a tuple with one (differently rotated) copy per ``mask.phases`` (DCA: inter,
-    successive, intra); k, v: [B, K, S, H] with N a multiple of K; q_offset, kv_length: [B] int32;
-    scale: [B] float32 logit multiplier (default 1/sqrt(H)). Returns ``(out, lse)``.
+    successive, intra); k, v: [B, K, S, H] with N a multiple of K (an 8-bit cache, e.g. fp8, is widened
+    to q's dtype, or read as stored by the decode kernel); q_offset, kv_length: [B] int32; scale: [B]
+    float32 logit multiplier (default 1/sqrt(H)). Returns ``(out, lse)``.
+
+    On a GPU, ``auto`` runs decode-sized chunks (at most ``DECODE_MAX_ROWS`` query rows per kv group) through
+    the split-key decode kernel (``decode_gpu``); naming ``triton`` keeps them on the prefill kernel.
     """
     queries, q_offset, kv_length, scale = _inputs(q, q_offset, kv_length, scale)
     T = queries[0].shape[1]
     requested, impl = impl, resolve_impl(impl, interpret)
+    group = queries[0].shape[2] // k.shape[1]
+    if requested == "auto" and impl in ("mosaic_gpu", "triton") and T * group <= DECODE_MAX_ROWS:
+        from pallas_kernels.decode_gpu import decode_attention_gpu
+        return decode_attention_gpu(queries, k, v, q_offset, kv_length, scale, mask=mask,
+                                    block_k=_fit(block_k or DECODE_BLOCK_K, k.shape[2], 16), interpret=interpret)
+    k, v = (widened(x, queries[0].dtype) for x in (k, v))
     if impl == "reference":
         return _reference(queries, k, v, q_offset, kv_length, scale, mask)
     if impl == "mosaic_gpu":

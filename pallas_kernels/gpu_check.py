@@ -51,6 +51,45 @@ def run_case(impl: str, mask_name: str, G: int, seed: int, T: int = 700, S: int 
     return _compare(impl, mask_name, G, out, lse, ref_out, ref_lse)
 
 
+# the split-key decode kernel: (mask, G, T, K/V dtype); each under ``auto``, as the model's decode steps run it
+DECODE_CASES = [("causal", 1, 1, "bfloat16"), ("causal", 7, 1, "bfloat16"), ("full", 4, 1, "bfloat16"),
+                ("window", 7, 1, "bfloat16"), ("dca", 4, 1, "bfloat16"), ("dca", 7, 1, "bfloat16"),
+                ("causal", 7, 1, "float8_e4m3fn"), ("dca", 4, 1, "float8_e4m3fn"), ("dca", 7, 1, "float8_e4m3fn"),
+                ("dca", 4, 16, "bfloat16"), ("causal", 7, 9, "float8_e4m3fn")]
+
+
+def run_decode_case(mask_name: str, G: int, T: int, kv_dtype: str, seed: int, S: int = 4096, H: int = 128):
+    """``flash_attention(impl="auto")`` on a decode-sized chunk (the decode kernel) against masked dense f32:
+    row 0 at the end of a cache inside a later DCA chunk, row 1 a short cache, row 2 an empty one."""
+    import jax.numpy as jnp
+
+    from pallas_kernels import MaskSpec, decode_gpu, flash_attention, masked_attention
+
+    mask = MaskSpec(**MASKS[mask_name])
+    rng = np.random.default_rng(seed)
+    K, B = 1 if G == 7 else 2, 3
+    qs = tuple(jnp.asarray(rng.normal(size=(B, T, K * G, H)), jnp.bfloat16) for _ in mask.phases)
+    k, v = (jnp.asarray(rng.normal(size=(B, K, S, H)), jnp.float32).astype(kv_dtype) for _ in range(2))
+    kv_length = jnp.array([S - 5, 450, 0], jnp.int32)
+    q_offset = kv_length - T
+    q_offset = q_offset.at[2].set(0)
+    scale = jnp.asarray(rng.uniform(0.05, 0.12, B), jnp.float32)
+    calls = []
+    real = decode_gpu.decode_attention_gpu
+    decode_gpu.decode_attention_gpu = lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    try:
+        out, lse = flash_attention(qs, k, v, q_offset=q_offset, kv_length=kv_length, scale=scale, mask=mask)
+    finally:
+        decode_gpu.decode_attention_gpu = real
+    positions = q_offset[:, None] + jnp.arange(T)[None]
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    ref_out, ref_lse = masked_attention(tuple(map(f32, qs)), f32(k), f32(v), positions, kv_length, scale, mask=mask)
+    res = _compare(f"decode-{kv_dtype}", mask_name, G, out, lse, ref_out, ref_lse)
+    res.update(T=T, decode_kernel=bool(calls))
+    res["ok"] = res["ok"] and res["decode_kernel"]
+    return res
+
+
 SPARSE_KERNELS = {"vslash": "triton", "vslash_mgpu": "mosaic_gpu"}
 # (mask, G, H, query offsets, Mosaic GPU options): offsets that are odd multiples of 64 put DCA chunk
 # starts inside a pair of query blocks (the Mosaic GPU kernel's two-part path); "block" is the
@@ -152,7 +191,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--impls", default="mosaic_gpu,triton",
                    help="dense kernels (mosaic_gpu_c3: three consumer warpgroups); 'vslash' / 'vslash_mgpu' add "
-                   "the sparse Triton / Mosaic GPU kernel")
+                   "the sparse Triton / Mosaic GPU kernel, 'decode' the split-key decode kernel")
     p.add_argument("--head-dims", default="128", help="comma-separated head dims to check (dense kernels)")
     p.add_argument("--cases", default=None, help="comma-separated case numbers to run (default: all)")
     p.add_argument("--json", default=None)
@@ -160,6 +199,16 @@ def main(argv=None) -> int:
     only = None if args.cases is None else {int(c) for c in args.cases.split(",")}
     results = []
     for impl in args.impls.split(","):
+        if impl == "decode":
+            for i, case in enumerate(DECODE_CASES):
+                if only is None or i in only:
+                    try:
+                        res = run_decode_case(*case, seed=i)
+                    except Exception as e:  # report and go on
+                        res = {"impl": impl, "case": case, "ok": False, "error": f"{type(e).__name__}: {e}"[:2000]}
+                    results.append(res)
+                    print(json.dumps(res), flush=True)
+            continue
         cases = SPARSE_CASES[impl] if impl in SPARSE_KERNELS else \
             [(m, G, int(h), None, None) for h in args.head_dims.split(",") for m, G in CASES]
         for i, (mask_name, G, H, q_offset, options) in enumerate(cases):

@@ -226,8 +226,8 @@ def _start_distributed(args) -> bool:
     return jax.process_index() == 0
 
 
-BENCHMARKS = {"prefill": "qwen_jax.bench.prefill", "attention": "pallas_kernels.bench",
-              "sparse": "qwen_jax.bench.sparse", "generation": "qwen_jax.bench.generation",
+BENCHMARKS = {"prefill": "qwen_jax.bench.prefill", "decode": "qwen_jax.bench.decode",
+              "attention": "pallas_kernels.bench", "sparse": "qwen_jax.bench.sparse", "generation": "qwen_jax.bench.generation",
               "compile": "qwen_jax.bench.compile"}
 
 
@@ -316,8 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="memory per device: GiB, or with a unit (80GB, 79.6GiB); default: what the first device "
                         "reports, if it does")
 
-    p = sub.add_parser("bench", help="benchmarks: prefill (random-weight architectures), attention kernels, "
-                                     "sparse attention, generation, compile time", add_help=False)
+    p = sub.add_parser("bench", help="benchmarks: prefill and long-context decode (random-weight "
+                                     "architectures), attention kernels, sparse attention, generation, compile time", add_help=False)
     p.add_argument("which", choices=sorted(BENCHMARKS), help="which benchmark")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="its arguments (qwen-jax bench WHICH --help)")
 

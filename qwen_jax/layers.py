@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from pallas_kernels.shapes import matmul_precision
 from qwen_jax import attention
 from qwen_jax.attention import parallel
-from qwen_jax.cache import KVCache, read, write
+from qwen_jax.cache import KVCache, write
 from qwen_jax.config import QwenConfig
 from qwen_jax.errors import ConfigError
 from qwen_jax.rope import Rope
@@ -91,7 +91,7 @@ class Attention(nn.Module):
             k_cache = write(k_cache, k, positions[:, 0])
             v_cache = write(v_cache, v, positions[:, 0])
             kv_length = jnp.max(positions, axis=1).astype(jnp.int32) + 1
-            args = (q, read(k_cache, q.dtype), read(v_cache, q.dtype), positions, kv_length, request_lengths)
+            args = (q, k_cache, v_cache, positions, kv_length, request_lengths)   # as stored (fp8 too)
             out, lse = attention.cached_attention(*args, sparse=False if recall else None, head_offset=head_offset,
                                                   **kwargs)
             if recall:

@@ -65,6 +65,60 @@ def test_kernel_matches_masked_dense_reference(kernel, mask_name, G):
         assert ref_lse[0].min() > -np.inf
 
 
+DECODE_CASES = [("causal", 7, 1, 5), ("causal", 1, 1, 1), ("full", 4, 2, 3), ("window", 7, 1, 4), ("dca", 1, 1, 2),
+                ("dca", 4, 1, 4), ("dca", 7, 1, 3), ("dca", 4, 3, 4), ("causal", 4, 16, 2)]
+
+
+@pytest.mark.parametrize("mask_name,G,T,splits", DECODE_CASES)
+def test_decode_kernel_matches_masked_dense_reference(mask_name, G, T, splits):
+    """The split-key decode kernel: T queries x G heads a program, the keys in ``splits`` parts merged by lse;
+    rows at an offset inside a later DCA chunk, a short cache, an empty one (T x G = 64: no padding rows)."""
+    from pallas_kernels.decode_gpu import decode_attention_gpu
+    mask = MASKS[mask_name]
+    qs, k, v, _, _, scale = inputs(zlib.crc32(f"decode{mask_name}{G}{T}".encode()), G, len(mask.phases), T=T)
+    q_offset = jnp.array([100 - T, 30, 0], jnp.int32)
+    kv_length = jnp.array([100, 30 + T, 0], jnp.int32)
+    out, lse = decode_attention_gpu(qs, k, v, q_offset, kv_length, scale, mask=mask, block_k=16, splits=splits,
+                                    interpret=True)
+    ref_out, ref_lse = map(np.asarray, expected(qs, k, v, q_offset, kv_length, scale, mask))
+    out, lse = np.asarray(out), np.asarray(lse)
+    assert out.shape == ref_out.shape and lse.shape == ref_lse.shape
+    np.testing.assert_allclose(out, ref_out, atol=2e-6, rtol=1e-5)
+    assert np.array_equal(np.isneginf(lse), np.isneginf(ref_lse)) and np.isneginf(ref_lse[2]).all()
+    assert (out[2] == 0).all()
+    finite = np.isfinite(ref_lse)
+    np.testing.assert_allclose(lse[finite], ref_lse[finite], atol=2e-6, rtol=1e-6)
+    if mask_name == "dca":
+        assert ref_lse[0].min() > -np.inf and 100 > 2 * 24      # row 0 sees all three phases
+
+
+def test_decode_kernel_reads_an_fp8_cache_as_stored():
+    """fp8 K/V go into the kernel as stored (no widened copy) and give what their widened values give; the
+    dispatch sends decode-sized chunks there under ``auto`` and keeps ``triton`` on the prefill kernel."""
+    from pallas_kernels import decode_gpu
+    mask = MASKS["dca"]
+    qs, k, v, _, _, scale = inputs(5, 7, 3, dtype=jnp.bfloat16, T=1)
+    k8, v8 = k.astype(jnp.float8_e4m3fn), v.astype(jnp.float8_e4m3fn)
+    q_offset, kv_length = jnp.array([99, 29, 0], jnp.int32), jnp.array([100, 30, 0], jnp.int32)
+    args = dict(q_offset=q_offset, kv_length=kv_length, scale=scale, mask=mask, interpret=True)
+    out, lse = flash_attention(qs, k8, v8, **args)
+    ref_out, ref_lse = expected(qs, k8.astype(jnp.float32), v8.astype(jnp.float32), q_offset, kv_length, scale, mask)
+    scale_out = np.abs(np.asarray(ref_out)).max()
+    assert np.abs(np.asarray(out, np.float32) - np.asarray(ref_out)).max() < 1e-2 * scale_out
+    finite = np.isfinite(np.asarray(ref_lse))
+    np.testing.assert_allclose(np.asarray(lse)[finite], np.asarray(ref_lse)[finite], atol=2e-2)
+    calls = []
+    real = decode_gpu.decode_attention_gpu
+    try:
+        decode_gpu.decode_attention_gpu = lambda *a, **kw: calls.append(a[1].dtype) or real(*a, **kw)
+        flash_attention(qs, k8, v8, **args)                                  # auto: the decode kernel, fp8 in
+        flash_attention(qs, k8, v8, impl="triton", **args)                   # named: the prefill kernel
+        flash_attention(tuple(jnp.tile(q, (1, 10, 1, 1)) for q in qs), k8, v8, **args)   # 10 x 7 rows: prefill
+    finally:
+        decode_gpu.decode_attention_gpu = real
+    assert calls == [jnp.float8_e4m3fn]
+
+
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_dca_through_the_kernel_in_bfloat16_is_within_bf16_noise(kernel):
     mask = MASKS["dca"]
@@ -89,7 +143,7 @@ def test_dca_model_through_the_kernels_equals_the_blockwise_op(tiny_checkpoint):
     from qwen_jax.generation import generate_ids
     prompts = [tokens[0, :70].tolist(), tokens[1, :45].tolist()]
     expected_ids = generate_ids(blockwise.params, blockwise.config, prompts, max_new_tokens=6)
-    for kernel in KERNELS:
+    for kernel in KERNELS + ["auto"]:        # auto: decode steps through the split-key decode kernel
         spec = AttentionSpec(impl="pallas", kernel=kernel, interpret=True, block_q=16, block_k=32)
         via_kernel = qwen_jax.Model(blockwise.config, blockwise.params, attn_implementation=spec,
                                     prefill_chunk_size=64).logits(tokens)
@@ -104,13 +158,14 @@ def test_dca_model_through_the_kernels_equals_the_blockwise_op(tiny_checkpoint):
 
 @pytest.mark.parametrize("kernel,platform", [("mosaic_gpu", "cuda"), ("mosaic_gpu_free", "cuda"),
                                              ("mosaic_gpu_c3", "cuda"), ("dispatch", "cuda"), ("triton", "cuda"),
-                                             ("mosaic_tpu", "tpu")])
+                                             ("decode", "cuda"), ("mosaic_tpu", "tpu")])
 @pytest.mark.parametrize("mask_name", ["causal", "dca"])
 def test_kernels_lower_for_their_hardware(kernel, platform, mask_name, monkeypatch):
     """Lowering proved without the hardware: Qwen2.5-7B heads (28 / 4, head_dim 128), bf16."""
     mask = MaskSpec(chunk_len=1024) if mask_name == "dca" else MaskSpec()
     sd = jax.ShapeDtypeStruct
     B, T, N, K, H, S = 1, 1024, 28, 4, 128, 4096
+    kv_dtype = jnp.bfloat16
     if kernel.startswith("mosaic_gpu"):       # "_free": the consumers do not take turns; "_c3": three, free
         from pallas_kernels.flash_mgpu import flash_attention_mgpu as fn
         fn = functools.partial(fn, mask=mask, block_q=64, block_k=64 if kernel == "mosaic_gpu_c3" else 128,
@@ -129,13 +184,18 @@ def test_kernels_lower_for_their_hardware(kernel, platform, mask_name, monkeypat
         fn = functools.partial(fn, mask=mask, block_q=128, block_k=64)
         checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
         marker = "triton"
+    elif kernel == "decode":                    # one query a row over a 1M-slot fp8 cache
+        from pallas_kernels.decode_gpu import decode_attention_gpu as fn
+        fn = functools.partial(fn, mask=mask)
+        checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+        marker, T, S, kv_dtype = "triton", 1, 1 << 20, jnp.float8_e4m3fn
     else:
         from pallas_kernels.flash_tpu import flash_attention_tpu as fn
         fn = functools.partial(fn, mask=mask, block_q=256, block_k=512)
         checks, marker = [], "tpu_custom_call"
     exported = export.export(jax.jit(fn), platforms=[platform], disabled_checks=checks)(
-        tuple(sd((B, T, N, H), jnp.bfloat16) for _ in mask.phases), sd((B, K, S, H), jnp.bfloat16),
-        sd((B, K, S, H), jnp.bfloat16), sd((B,), jnp.int32), sd((B,), jnp.int32), sd((B,), jnp.float32))
+        tuple(sd((B, T, N, H), jnp.bfloat16) for _ in mask.phases), sd((B, K, S, H), kv_dtype),
+        sd((B, K, S, H), kv_dtype), sd((B,), jnp.int32), sd((B,), jnp.int32), sd((B,), jnp.float32))
     assert exported.platforms == (platform,) and marker in exported.mlir_module()
 
 

@@ -31,6 +31,7 @@ from qwen_jax.attention.blockwise import blockwise_attention
 from qwen_jax.attention.merge import merge_partials
 from qwen_jax.attention import sparse as sparse_ops
 from qwen_jax.attention.reference import MASK_VALUE, mha_reference
+from qwen_jax.cache import read
 from qwen_jax.config import QwenConfig
 from qwen_jax.errors import ConfigError
 from qwen_jax.rope import Rope
@@ -109,8 +110,9 @@ def cached_attention(q, k_cache, v_cache, q_positions, kv_length, request_length
                      sparse: bool | None = None, head_offset=0, selection: vslash.Selection | None = None):
     """Causal attention of new queries over the KV cache, with DCA when the config has it.
 
-    q [B, T, N, H] (not yet rotated); k_cache, v_cache [B, K, S, H] with keys rotated by
-    ``key_positions`` and scaled by ``key_scale``, stored at slot == position; q_positions [B, T]
+    q [B, T, N, H] (not yet rotated); k_cache, v_cache [B, K, S, H] as stored (an 8-bit cache is widened
+    where a path needs it) with keys rotated by ``key_positions`` and scaled by ``key_scale``, stored at
+    slot == position; q_positions [B, T]
     int32, contiguous per row; kv_length [B] int32 (slots >= kv_length are never read);
     request_lengths [B] int32 (the whole request's length, for DCA's scale). Returns
     ``(out [B, T, N, H] q.dtype, lse [B, T, N] f32)``.
@@ -135,6 +137,8 @@ def cached_attention(q, k_cache, v_cache, q_positions, kv_length, request_length
         mask, scale = MaskSpec(window=spec.window), jnp.full(q.shape[:1], H ** -0.5, jnp.float32)
     if sparse is None:
         sparse = sparse_active(config, q.shape[1], spec)
+    if sparse or spec.impl != "pallas":     # the dense Pallas kernels widen an 8-bit cache themselves
+        k_cache, v_cache = (read(x, q.dtype) for x in (k_cache, v_cache))
     if sparse:
         if selection is None:
             selection = sparse_selection(q, k_cache, q_positions, request_lengths, rope=rope, config=config,
@@ -177,6 +181,7 @@ def sparse_selection(q, k_cache, q_positions, request_lengths, *, rope: Rope, co
     """The vertical-slash estimate sparse prefill runs for q [B, T, N, H] (not rotated) over the cache
     (``attention.sparse``), with ``layer``'s budgets."""
     dca = config.dual_chunk_attention_config
+    k_cache = read(k_cache, q.dtype)
     budgets = sparse_ops.layer_budgets(dca, layer, config.num_attention_heads)
     if spec.mesh is not None:        # heads padded to split over the mesh (parallel.pad_heads): the least budgets
         from qwen_jax.attention.parallel import pad_per_head

@@ -1,0 +1,151 @@
+"""Split-key attention for decode-sized query chunks on GPUs (Pallas, Triton lowering): flash decoding.
+
+The prefill kernels' grid ``(B, N, T / block_q)`` gives a decode step (one query a row) B x N programs,
+each walking the whole cache for one query head, and the G query heads of a kv group each read that
+group's K/V again: at a 1M-token cache a few dozen programs stream gigabytes one block at a time.
+Here the grid is ``(B, K, splits)``: one program per batch row, kv head and split of the key slots.
+Its rows are every query of the chunk for every query head of the kv group (``T x G`` rows, padded to
+16 for Triton's dot), so a K/V block is read once for the whole group, and the splits spread the cache
+over the chip (each row's filled slots ``[0, kv_length)`` cut into equal runs of whole blocks, so a
+short cache in a long buffer keeps every split busy). Each split returns its normalised partial and
+lse; ``merge`` joins them by log-sum-exp.
+Masks are the prefill kernels' (``masks``: DCA's three phases in one online softmax per split, exact
+per element on edge blocks). An 8-bit cache (fp8) is read as stored and widened block by block, so no
+widened copy of the cache is written.
+
+The same kernel runs on the CPU with ``interpret=True`` (the tests) and lowers to Triton for CUDA.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels.masks import MASK_VALUE, MaskSpec
+from pallas_kernels.online import online_softmax_step
+from pallas_kernels.shapes import attention_dims, matmul_precision
+
+MIN_ROWS = 16          # Triton's dot needs at least 16 rows
+# Programs a call aims for (B x K x splits): enough to fill an H100's 132 SMs several times over.
+TARGET_PROGRAMS = 512
+MIN_SPLIT_BLOCKS = 4   # a split walks at least this many key blocks
+
+
+def rows_of(T: int, G: int) -> int:
+    """Rows of one program: T queries x G heads, rounded up to a power of two of at least ``MIN_ROWS``."""
+    return max(MIN_ROWS, pl.next_power_of_2(T * G))
+
+
+def num_splits(B: int, K: int, S: int, block_k: int, splits: int | None = None) -> int:
+    """Splits of the key slots per (row, kv head): ``splits``, or enough for ``TARGET_PROGRAMS`` programs with
+    at least ``MIN_SPLIT_BLOCKS`` blocks each in a full cache of ``S`` slots; never more than the blocks."""
+    blocks = -(-S // block_k)
+    if splits is None:
+        splits = min(-(-TARGET_PROGRAMS // (B * K)), max(1, blocks // MIN_SPLIT_BLOCKS))
+    return max(1, min(splits, blocks))
+
+
+def _kernel(qoff_ref, kvlen_ref, scale_ref, *refs, mask: MaskSpec, T: int, G: int, block_k: int, splits: int):
+    n_phases = len(mask.phases)
+    q_refs, (k_ref, v_ref, o_ref, lse_ref) = refs[:n_phases], refs[n_phases:]
+    rows, H = o_ref.shape
+    kv_length, scale = kvlen_ref[()], scale_ref[()]
+    first = qoff_ref[()]
+    last = first + T - 1
+    # row r is query r // G (padding rows repeat the last query's position; their outputs are dropped)
+    q_pos = first + jnp.minimum(lax.div(lax.broadcasted_iota(jnp.int32, (rows, 1), 0), G), T - 1)
+    # this row's keys [0, kv_length) in ``splits`` runs of whole blocks, so each split has work however
+    # much of the cache is filled
+    split = (lax.div(lax.div(kv_length + splits - 1, splits) + block_k - 1, block_k)) * block_k
+    s_lo = pl.program_id(2) * split
+    s_hi = s_lo + split
+    dtype = q_refs[0].dtype
+    precision = matmul_precision(dtype)
+    m = jnp.full((rows,), MASK_VALUE, jnp.float32)
+    l = jnp.zeros((rows,), jnp.float32)
+    acc = jnp.zeros((rows, H), jnp.float32)
+
+    for phase, q_ref in zip(mask.phases, q_refs):
+        q = q_ref[...]
+        lo, hi = mask.key_range(phase, first, last, kv_length)
+        # the phase's blocks inside this split (splits are whole blocks, so none is visited twice)
+        j0 = jnp.maximum(lax.div(lo, block_k), s_lo // block_k)
+        j1 = jnp.minimum(lax.div(hi + block_k - 1, block_k), s_hi // block_k)
+        j1 = jnp.maximum(j1, j0)
+        u0, u1 = mask.interior(phase, first, last, kv_length, block_k)   # blocks every row sees whole
+        u0 = jnp.clip(u0, j0, j1)
+        u1 = jnp.clip(u1, u0, j1)
+
+        def body(j, carry, q=q, phase=phase, masked=True):
+            start = pl.multiple_of(j * block_k, block_k)
+            k = k_ref[pl.ds(start, block_k), :].astype(dtype)
+            v = v_ref[pl.ds(start, block_k), :].astype(dtype)
+            s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
+                                preferred_element_type=jnp.float32) * scale
+            ok = None
+            if masked:
+                k_pos = start + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
+                ok = mask.visible(phase, q_pos, k_pos, kv_length)
+            return online_softmax_step(carry, s, v, ok, precision)
+
+        carry = lax.fori_loop(j0, u0, body, (m, l, acc))
+        carry = lax.fori_loop(u0, u1, functools.partial(body, masked=False), carry)
+        m, l, acc = lax.fori_loop(u1, j1, body, carry)
+
+    o_ref[...] = acc / jnp.maximum(l, 1e-30)[:, None]
+    lse_ref[...] = jnp.where(l > 0, m + jnp.log(jnp.maximum(l, 1e-30)), -jnp.inf)
+
+
+def merge(out, lse):
+    """Partials over disjoint key splits, ``out [..., splits, R, H]`` (normalised) and ``lse [..., splits, R]``,
+    as one softmax: ``(out [..., R, H] f32, lse [..., R])``; a row no split sees gets 0 and -inf."""
+    top = jnp.max(lse, axis=-2, keepdims=True)
+    top = jnp.where(jnp.isfinite(top), top, 0.0)
+    w = jnp.exp(lse - top)                                   # exp(-inf) = 0 for empty splits
+    total = jnp.sum(w, axis=-2)
+    merged = jnp.einsum("...sr,...srh->...rh", w, out) / jnp.maximum(total, 1e-30)[..., None]
+    return merged, jnp.where(total > 0, top[..., 0, :] + jnp.log(jnp.maximum(total, 1e-30)), -jnp.inf)
+
+
+@functools.partial(jax.jit, static_argnames=("mask", "block_k", "splits", "num_warps", "num_stages", "interpret"))
+def decode_attention_gpu(queries: tuple, k, v, q_offset, kv_length, scale, *, mask: MaskSpec, block_k: int = 64,
+                         splits: int | None = None, num_warps: int = 4, num_stages: int = 3,
+                         interpret: bool = False):
+    """``queries``: one q [B, T, N, H] per mask phase (already rotated), T small (decode: 1); k, v
+    [B, K, S, H] in any float dtype (8-bit widened in the kernel); q_offset, kv_length [B] int32; scale [B]
+    float32. Returns ``(out [B, T, N, H] q.dtype, lse [B, T, N] f32)``."""
+    from jax.experimental.pallas import triton as pl_triton
+
+    d = attention_dims(queries, k, mask, block_k)
+    B, T, N, H, K, S, G = d.B, d.T, d.N, d.H, d.K, d.S, d.G
+    R = rows_of(T, G)
+    n_splits = num_splits(B, K, S, block_k, splits)
+
+    def group_rows(q):   # [B, T, N, H] -> [B, K, R, H]: row t * G + g is query t of the group's head g
+        q = q.reshape(B, T, K, G, H).transpose(0, 2, 1, 3, 4).reshape(B, K, T * G, H)
+        return jnp.pad(q, ((0, 0), (0, 0), (0, R - T * G), (0, 0)))
+
+    scalar = pl.BlockSpec((None,), lambda b, h, s: (b,))
+    q_spec = pl.BlockSpec((None, None, R, H), lambda b, h, s: (b, h, 0, 0))
+    kv_spec = pl.BlockSpec((None, None, S, H), lambda b, h, s: (b, h, 0, 0))
+    out, lse = pl.pallas_call(
+        functools.partial(_kernel, mask=mask, T=T, G=G, block_k=block_k, splits=n_splits),
+        grid=(B, K, n_splits),
+        in_specs=[scalar, scalar, scalar] + [q_spec] * len(queries) + [kv_spec, kv_spec],
+        out_specs=[pl.BlockSpec((None, None, None, R, H), lambda b, h, s: (b, h, s, 0, 0)),
+                   pl.BlockSpec((None, None, None, R), lambda b, h, s: (b, h, s, 0))],
+        out_shape=[jax.ShapeDtypeStruct((B, K, n_splits, R, H), jnp.float32),
+                   jax.ShapeDtypeStruct((B, K, n_splits, R), jnp.float32)],
+        compiler_params=pl_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="qwen_jax_decode_attention",
+    )(q_offset.astype(jnp.int32), kv_length.astype(jnp.int32), scale.astype(jnp.float32),
+      *(group_rows(q) for q in queries), k, v)
+    out, lse = merge(out, lse)                        # [B, K, R, H], [B, K, R]
+    out = out[:, :, :T * G].reshape(B, K, T, G, H).transpose(0, 2, 1, 3, 4).reshape(B, T, N, H)
+    lse = lse[:, :, :T * G].reshape(B, K, T, G).transpose(0, 2, 1, 3).reshape(B, T, N)
+    return out.astype(queries[0].dtype), lse

@@ -1,0 +1,164 @@
+"""Long-context decode benchmark: time per output token over a filled KV cache, by attention kernel.
+
+    qwen-jax bench decode --config qwen2.5-7b-1m --random-weights --context 32k,128k,1m
+                          [--kernels auto,triton,xla] [--kv-cache-dtype fp8] [--batch 1] [--steps 16]
+                          [--mesh seq=2] [--json out.json]
+
+For each context length L the cache is filled up to L with random keys and values (a decode step's
+time depends on how many slots it reads, not on what they hold, so no prefill is run), then greedy
+decode steps (``generation.decode_and_sample``: the model, the logits and the pick, as ``generate``
+runs them) feed one token a row at positions L, L + 1, ...; the first step compiles, the next
+``--steps`` are timed one by one and the median is reported. Kernels, all in the same process on the
+same cache: ``auto`` (the default path: on a GPU the split-key decode kernel ``pallas_kernels.decode_gpu``),
+``triton`` (the prefill Triton kernel: one program per query head, the whole cache each), ``xla``
+(dense masked attention in XLA, ``AttentionSpec(impl="reference")``), ``blockwise`` (the jnp online
+softmax; ``--interpret`` emulates the Pallas ones on a CPU). Reported per length and kernel: ms per token, tokens/s over the batch, the bytes a step
+must read (the weights once, and every layer's K and V up to L) over its time, as GB/s and as a share
+of ``--peak-gbps`` (the card's memory bandwidth), and the first step's greedy tokens (the same for
+every kernel unless they disagree).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+KERNELS = {"auto": dict(impl="pallas"), "triton": dict(impl="pallas", kernel="triton"),
+           "xla": dict(impl="reference"), "blockwise": dict(impl="blockwise")}
+# HBM bandwidth (GB/s) by device kind, for the share of peak: H100 SXM 3.35 TB/s, H200 4.8 TB/s
+PEAK_GBPS = {"NVIDIA H100 80GB HBM3": 3350.0, "NVIDIA H200": 4800.0}
+
+
+def _parser() -> argparse.ArgumentParser:
+    from qwen_jax.cache import CACHE_DTYPES
+    p = argparse.ArgumentParser(prog="qwen-jax bench decode", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="architecture preset, e.g. qwen2.5-7b-1m")
+    p.add_argument("--random-weights", action="store_true", help="required: the weights are random")
+    p.add_argument("--context", default="32k,128k,1m", help="cache lengths to decode after, comma-separated")
+    p.add_argument("--kernels", default="auto,triton", help=f"comma-separated, of {sorted(KERNELS)}")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--steps", type=int, default=16, help="timed decode steps per length and kernel")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=sorted(CACHE_DTYPES))
+    p.add_argument("--mesh", help="e.g. seq=2 or tensor=2")
+    p.add_argument("--interpret", action="store_true", help="emulate the Pallas kernels (a CPU smoke run)")
+    p.add_argument("--peak-gbps", type=float, help="the card's memory bandwidth (default: known H100 / H200 figures)")
+    p.add_argument("--json", help="write the results here")
+    return p
+
+
+def parse_kernels(text: str) -> list[str]:
+    """``--kernels``: names from ``KERNELS``, comma-separated; anything else refused in one line."""
+    from qwen_jax.errors import QwenJaxError
+    names = text.split(",")
+    for name in names:
+        if name not in KERNELS:
+            raise QwenJaxError(f"unknown --kernels entry {name!r}; choose from {sorted(KERNELS)}")
+    return names
+
+
+def step_bytes(config, params_bytes: int, context: int, batch: int, cache_itemsize: int) -> int:
+    """Bytes a decode step must read at least: the weights once, and K and V of every layer up to ``context``."""
+    c = config
+    return params_bytes + 2 * c.num_hidden_layers * batch * c.num_key_value_heads * context * c.head_dim * cache_itemsize
+
+
+def _filled_cache(config, batch: int, slots: int, dtype, mesh, seed: int):
+    """A cache of ``slots`` slots, every one holding random values (unit normal, stored in ``dtype``)."""
+    import jax
+    import jax.numpy as jnp
+
+    from qwen_jax.cache import KVCache, init_cache
+    empty = init_cache(config, batch, slots, dtype, mesh)
+    sharding = empty.k[0].sharding                # laid out as the model's cache is (over a mesh too)
+    fill = jax.jit(lambda buffer, key: jax.random.normal(key, buffer.shape, jnp.float32).astype(buffer.dtype),
+                   out_shardings=sharding, donate_argnums=0)
+    keys = iter(jax.random.split(jax.random.key(seed), 2 * config.num_hidden_layers))
+    return KVCache(*(tuple(fill(b, next(keys)) for b in buffers) for buffers in (empty.k, empty.v)))
+
+
+def main(argv=None) -> int:
+    from qwen_jax.bench import below_one, output_problem
+    from qwen_jax.errors import QwenJaxError
+    from qwen_jax.passkey import parse_length
+
+    args = _parser().parse_args(argv)
+    if not args.random_weights:
+        raise QwenJaxError("bench decode runs an architecture with random weights: pass --random-weights")
+    kernels = parse_kernels(args.kernels)
+    contexts = [parse_length(x) for x in args.context.split(",")]
+    if problem := below_one(args, "batch", "steps") or output_problem(args.json):
+        raise QwenJaxError(problem)
+
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+
+    from qwen_jax import memory
+    from qwen_jax.attention import AttentionSpec
+    from qwen_jax.bench import environment, print_table, write_json
+    from qwen_jax.cache import cache_dtype, cache_length
+    from qwen_jax.generation import GREEDY, decode_and_sample
+    from qwen_jax.model import init_params
+    from qwen_jax.presets import preset_config
+    from qwen_jax.sharding import make_mesh
+
+    config = preset_config(args.config)
+    mesh = make_mesh(args.mesh) if args.mesh else None
+    dtype = jnp.dtype(args.dtype)
+    kv_dtype = cache_dtype(args.kv_cache_dtype, dtype)
+    env = environment()
+    peak = args.peak_gbps or PEAK_GBPS.get(env["device"])
+    params = init_params(config, jax.random.key(0), dtype=dtype, mesh=mesh)
+    params_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+    capacity = memory.device_capacity()
+    n_dev = 1 if mesh is None else mesh.devices.size
+    rows = []
+    for L in contexts:
+        slots = cache_length(L, args.steps + 2)
+        need = (params_bytes + step_bytes(config, 0, slots, args.batch, kv_dtype.itemsize)) / n_dev
+        if capacity is not None and need > capacity:
+            raise QwenJaxError(f"decode after {L} tokens needs at least {need / memory.GiB:.1f} GiB per device "
+                               f"(weights and cache) of {capacity / memory.GiB:.1f}: use a shorter --context, "
+                               f"--kv-cache-dtype fp8 or a mesh")
+        cache = _filled_cache(config, args.batch, slots, kv_dtype, mesh, seed=L)
+        tokens = jax.random.randint(jax.random.key(L), (args.batch,), 0, config.vocab_size, jnp.int32)
+        reads = step_bytes(config, params_bytes, L, args.batch, kv_dtype.itemsize) / n_dev
+        for name in kernels:
+            spec = dataclasses.replace(AttentionSpec(**KERNELS[name]), mesh=mesh,
+                                       interpret=args.interpret and KERNELS[name]["impl"] == "pallas")
+            positions = jnp.full((args.batch,), L, jnp.int32)
+            key = jax.random.key(0)
+            first, cache, _ = decode_and_sample(params, tokens, positions, cache, key, config, spec, GREEDY)
+            first = [int(t) for t in jax.device_get(first)]             # compiles; its tokens are the check
+            times, nxt = [], tokens
+            for i in range(args.steps):
+                t0 = time.perf_counter()
+                nxt, cache, _ = decode_and_sample(params, nxt, positions + 1 + i, cache, key, config, spec, GREEDY)
+                jax.block_until_ready(nxt)
+                times.append(time.perf_counter() - t0)
+            ms = statistics.median(times) * 1e3
+            row = {"context": L, "kernel": name, "batch": args.batch, "kv cache": str(kv_dtype),
+                   "mesh": args.mesh or "one device", "ms/token": round(ms, 2),
+                   "tokens/s": round(args.batch * 1e3 / ms, 1), "GB/s read": round(reads / ms / 1e6, 1),
+                   "of peak": None if peak is None else round(reads / ms / 1e6 / peak, 3), "first tokens": first}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+        del cache
+    for L in contexts:
+        firsts = {json.dumps(r["first tokens"]) for r in rows if r["context"] == L}
+        if len(firsts) > 1:
+            print(f"kernels disagree on the first tokens after {L}: {sorted(firsts)}", file=sys.stderr)
+    print(json.dumps(env))
+    print_table(rows, list(rows[0]))
+    write_json(args.json, {"env": env, "args": vars(args), "rows": rows, "peak GB/s": peak,
+                           "params bytes": params_bytes})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
