@@ -33,7 +33,7 @@ MGPU_MIN_QUERIES = 128  # below this (decode, short chunks) auto takes the Trito
 # auto on a GPU: a chunk of at most this many query rows per kv group (T x G; decode: G) takes the
 # split-key decode kernel (``decode_gpu``), which reads each K/V block once for the group, spreads the
 # cache over the chip and reads an 8-bit cache as stored
-DECODE_MAX_ROWS, DECODE_BLOCK_K = 64, 64
+DECODE_MAX_ROWS = 64
 # The dense Mosaic GPU kernel's consumer warpgroups: three running free, measured on an H100 against two
 # taking turns (qwen_jax/bench/GPU_NOTES.md, fourteenth session): 642 / 652 / 639 TFLOP/s at 32K / 128K /
 # 512K against 612 / 596 / 588 (cuDNN 630 / 569 / 509); DCA at 512K 615 against 575
@@ -112,9 +112,9 @@ def flash_attention(q, k, v, *, q_offset, kv_length, scale=None, mask: MaskSpec 
     requested, impl = impl, resolve_impl(impl, interpret)
     group = queries[0].shape[2] // k.shape[1]
     if requested == "auto" and impl in ("mosaic_gpu", "triton") and T * group <= DECODE_MAX_ROWS:
-        from pallas_kernels.decode_gpu import decode_attention_gpu
+        from pallas_kernels.decode_gpu import decode_attention_gpu, tuned
         return decode_attention_gpu(queries, k, v, q_offset, kv_length, scale, mask=mask,
-                                    block_k=_fit(block_k or DECODE_BLOCK_K, k.shape[2], 16), interpret=interpret)
+                                    block_k=_fit(block_k or tuned(k.dtype)[0], k.shape[2], 16), interpret=interpret)
     k, v = (widened(x, queries[0].dtype) for x in (k, v))
     if impl == "reference":
         return _reference(queries, k, v, q_offset, kv_length, scale, mask)

@@ -2,12 +2,13 @@
 
     python -m pallas_kernels.bench_decode [--lengths 32k,128k,1m] [--heads 28 --kv-heads 4 --head-dim 128]
                                           [--batch 1] [--kv-dtype fp8] [--dca 262144,8192]
-                                          [--kernels decode:64:4:3,decode:128:4:3:256,triton] [--json out.json]
+                                          [--kernels decode,decode:64:4:3:0:q,triton] [--json out.json]
 
-``--kernels``: ``decode[:block_k[:num_warps[:num_stages[:splits]]]]`` (the split-key decode kernel,
-``pallas_kernels.decode_gpu``; splits default to its own choice), ``triton`` (the prefill Triton kernel,
-one program per query head), ``xla`` (dense masked attention in XLA), ``cudnn`` (``jax.nn.dot_product_attention``
-with one query, K/V in the compute dtype, plain causal only). The K/V cache is filled to each length;
+``--kernels``: ``decode[:block_k[:num_warps[:num_stages[:splits]]]][:f16|:q]`` (the split-key decode kernel,
+``pallas_kernels.decode_gpu``; a setting 0 or left out: its tuned default; an fp8 cache's math in float16,
+its default, or with ``q`` in the queries' dtype), ``triton`` (the prefill Triton kernel, one program per
+query head), ``xla`` (dense masked attention in XLA), ``cudnn`` (``jax.nn.dot_product_attention`` with one
+query, K/V in the compute dtype, plain causal only). The K/V cache is filled to each length;
 an fp8 cache (``--kv-dtype fp8``) is read as stored by ``decode`` and widened first by the others (the
 widening is timed with them, as the model pays it). Reported: ms per call (median after warm-up) and the
 cache bytes read per second (K and V up to the length, in the stored dtype) against ``--peak-gbps``.
@@ -31,10 +32,14 @@ def _kernel(spec: str, mask):
     name, *opts = spec.split(":")
     if name == "decode":
         from pallas_kernels.decode_gpu import decode_attention_gpu
+        math = opts[-1] if opts and opts[-1] in ("f16", "q") else None
+        opts = opts[:-1] if math else opts
         if len(opts) > 4 or not all(o.isdigit() for o in opts):
-            raise SystemExit(f"bad --kernels entry {spec!r}: decode[:block_k[:num_warps[:num_stages[:splits]]]]")
+            raise SystemExit(f"bad --kernels entry {spec!r}: "
+                             "decode[:block_k[:num_warps[:num_stages[:splits]]]][:f16|:q]")
         keys = ("block_k", "num_warps", "num_stages", "splits")
-        return functools.partial(decode_attention_gpu, mask=mask, **{k: int(o) for k, o in zip(keys, opts)})
+        return functools.partial(decode_attention_gpu, mask=mask, fp8_f16=math != "q",
+                                 **{k: int(o) or None for k, o in zip(keys, opts)})
     if opts:
         raise SystemExit(f"bad --kernels entry {spec!r}: only decode takes options")
     if name == "triton":

@@ -33,6 +33,15 @@ MIN_ROWS = 16          # Triton's dot needs at least 16 rows
 # Programs a call aims for (B x K x splits): enough to fill an H100's 132 SMs several times over.
 TARGET_PROGRAMS = 512
 MIN_SPLIT_BLOCKS = 4   # a split walks at least this many key blocks
+F16_MAX = float(jnp.finfo(jnp.float16).max)
+# Triton settings (block_k, num_warps, num_stages) by the cache's bytes per value, the fastest measured on an
+# H100 (qwen_jax/bench/GPU_NOTES.md, twenty-third session; 28 / 4 heads, DCA, 1M slots): an fp8 cache with
+# float16 math 0.52 ms against 0.68-0.74 for (64, 4, 3) with bfloat16 math; a bf16 cache 0.98 ms against 1.03-1.18
+TUNED = {1: (32, 2, 4), 2: (32, 4, 4), 4: (32, 4, 3)}
+
+
+def tuned(kv_dtype) -> tuple[int, int, int]:
+    return TUNED[jnp.dtype(kv_dtype).itemsize]
 
 
 def rows_of(T: int, G: int) -> int:
@@ -49,7 +58,8 @@ def num_splits(B: int, K: int, S: int, block_k: int, splits: int | None = None) 
     return max(1, min(splits, blocks))
 
 
-def _kernel(qoff_ref, kvlen_ref, scale_ref, *refs, mask: MaskSpec, T: int, G: int, block_k: int, splits: int):
+def _kernel(qoff_ref, kvlen_ref, scale_ref, *refs, mask: MaskSpec, T: int, G: int, block_k: int, splits: int,
+            compute):
     n_phases = len(mask.phases)
     q_refs, (k_ref, v_ref, o_ref, lse_ref) = refs[:n_phases], refs[n_phases:]
     rows, H = o_ref.shape
@@ -63,7 +73,7 @@ def _kernel(qoff_ref, kvlen_ref, scale_ref, *refs, mask: MaskSpec, T: int, G: in
     split = (lax.div(lax.div(kv_length + splits - 1, splits) + block_k - 1, block_k)) * block_k
     s_lo = pl.program_id(2) * split
     s_hi = s_lo + split
-    dtype = q_refs[0].dtype
+    dtype = compute or q_refs[0].dtype
     precision = matmul_precision(dtype)
     m = jnp.full((rows,), MASK_VALUE, jnp.float32)
     l = jnp.zeros((rows,), jnp.float32)
@@ -71,6 +81,8 @@ def _kernel(qoff_ref, kvlen_ref, scale_ref, *refs, mask: MaskSpec, T: int, G: in
 
     for phase, q_ref in zip(mask.phases, q_refs):
         q = q_ref[...]
+        if compute is not None:       # float16 math on an 8-bit cache: q within float16's range
+            q = jnp.clip(q.astype(jnp.float32), -F16_MAX, F16_MAX).astype(compute)
         lo, hi = mask.key_range(phase, first, last, kv_length)
         # the phase's blocks inside this split (splits are whole blocks, so none is visited twice)
         j0 = jnp.maximum(lax.div(lo, block_k), s_lo // block_k)
@@ -111,15 +123,21 @@ def merge(out, lse):
     return merged, jnp.where(total > 0, top[..., 0, :] + jnp.log(jnp.maximum(total, 1e-30)), -jnp.inf)
 
 
-@functools.partial(jax.jit, static_argnames=("mask", "block_k", "splits", "num_warps", "num_stages", "interpret"))
-def decode_attention_gpu(queries: tuple, k, v, q_offset, kv_length, scale, *, mask: MaskSpec, block_k: int = 64,
-                         splits: int | None = None, num_warps: int = 4, num_stages: int = 3,
-                         interpret: bool = False):
+@functools.partial(jax.jit, static_argnames=("mask", "block_k", "splits", "num_warps", "num_stages", "fp8_f16",
+                                             "interpret"))
+def decode_attention_gpu(queries: tuple, k, v, q_offset, kv_length, scale, *, mask: MaskSpec,
+                         block_k: int | None = None, splits: int | None = None, num_warps: int | None = None,
+                         num_stages: int | None = None, fp8_f16: bool = True, interpret: bool = False):
     """``queries``: one q [B, T, N, H] per mask phase (already rotated), T small (decode: 1); k, v
-    [B, K, S, H] in any float dtype (8-bit widened in the kernel); q_offset, kv_length [B] int32; scale [B]
-    float32. Returns ``(out [B, T, N, H] q.dtype, lse [B, T, N] f32)``."""
+    [B, K, S, H] in any float dtype; q_offset, kv_length [B] int32; scale [B] float32. Returns
+    ``(out [B, T, N, H] q.dtype, lse [B, T, N] f32)``. Unset Triton settings take ``tuned(k.dtype)``;
+    ``fp8_f16``: with an 8-bit cache, widen K/V to float16 and do the math there (exact products, a finer
+    P than bfloat16's; queries clipped to float16's range, beyond which no real query goes) instead of
+    in q's dtype."""
     from jax.experimental.pallas import triton as pl_triton
 
+    tuned_k, tuned_warps, tuned_stages = tuned(k.dtype)
+    block_k = block_k or tuned_k
     d = attention_dims(queries, k, mask, block_k)
     B, T, N, H, K, S, G = d.B, d.T, d.N, d.H, d.K, d.S, d.G
     R = rows_of(T, G)
@@ -133,14 +151,16 @@ def decode_attention_gpu(queries: tuple, k, v, q_offset, kv_length, scale, *, ma
     q_spec = pl.BlockSpec((None, None, R, H), lambda b, h, s: (b, h, 0, 0))
     kv_spec = pl.BlockSpec((None, None, S, H), lambda b, h, s: (b, h, 0, 0))
     out, lse = pl.pallas_call(
-        functools.partial(_kernel, mask=mask, T=T, G=G, block_k=block_k, splits=n_splits),
+        functools.partial(_kernel, mask=mask, T=T, G=G, block_k=block_k, splits=n_splits,
+                          compute=jnp.float16 if fp8_f16 and k.dtype.itemsize == 1 else None),
         grid=(B, K, n_splits),
         in_specs=[scalar, scalar, scalar] + [q_spec] * len(queries) + [kv_spec, kv_spec],
         out_specs=[pl.BlockSpec((None, None, None, R, H), lambda b, h, s: (b, h, s, 0, 0)),
                    pl.BlockSpec((None, None, None, R), lambda b, h, s: (b, h, s, 0))],
         out_shape=[jax.ShapeDtypeStruct((B, K, n_splits, R, H), jnp.float32),
                    jax.ShapeDtypeStruct((B, K, n_splits, R), jnp.float32)],
-        compiler_params=pl_triton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        compiler_params=pl_triton.CompilerParams(num_warps=num_warps or tuned_warps,
+                                                 num_stages=num_stages or tuned_stages),
         interpret=interpret,
         name="qwen_jax_decode_attention",
     )(q_offset.astype(jnp.int32), kv_length.astype(jnp.int32), scale.astype(jnp.float32),

@@ -74,7 +74,9 @@ def _filled_cache(config, batch: int, slots: int, dtype, mesh, seed: int):
     from qwen_jax.cache import KVCache, init_cache
     empty = init_cache(config, batch, slots, dtype, mesh)
     sharding = empty.k[0].sharding                # laid out as the model's cache is (over a mesh too)
-    fill = jax.jit(lambda buffer, key: jax.random.normal(key, buffer.shape, jnp.float32).astype(buffer.dtype),
+    # drawn in bfloat16 (an 8-bit cache: then narrowed), so no float32 copy of a layer needs room beside it
+    draw = jnp.bfloat16 if dtype.itemsize <= 2 else dtype
+    fill = jax.jit(lambda buffer, key: jax.random.normal(key, buffer.shape, draw).astype(buffer.dtype),
                    out_shardings=sharding, donate_argnums=0)
     keys = iter(jax.random.split(jax.random.key(seed), 2 * config.num_hidden_layers))
     return KVCache(*(tuple(fill(b, next(keys)) for b in buffers) for buffers in (empty.k, empty.v)))
