@@ -28,6 +28,7 @@ import time
 
 KERNELS = {"auto": dict(impl="pallas"), "triton": dict(impl="pallas", kernel="triton"),
            "xla": dict(impl="reference"), "blockwise": dict(impl="blockwise")}
+FILL_SLOTS = 16384   # cache slots filled with random values per step
 # HBM bandwidth (GB/s) by device kind, for the share of peak: H100 SXM 3.35 TB/s, H200 4.8 TB/s
 PEAK_GBPS = {"NVIDIA H100 80GB HBM3": 3350.0, "NVIDIA H200": 4800.0}
 
@@ -74,10 +75,19 @@ def _filled_cache(config, batch: int, slots: int, dtype, mesh, seed: int):
     from qwen_jax.cache import KVCache, init_cache
     empty = init_cache(config, batch, slots, dtype, mesh)
     sharding = empty.k[0].sharding                # laid out as the model's cache is (over a mesh too)
-    # drawn in bfloat16 (an 8-bit cache: then narrowed), so no float32 copy of a layer needs room beside it
+    # drawn in bfloat16 (an 8-bit cache: then narrowed) a slice of slots at a time, so a nearly full card
+    # (the 7B's bf16 cache at 1M) needs no room for a layer's random bits beside it
     draw = jnp.bfloat16 if dtype.itemsize <= 2 else dtype
-    fill = jax.jit(lambda buffer, key: jax.random.normal(key, buffer.shape, draw).astype(buffer.dtype),
-                   out_shardings=sharding, donate_argnums=0)
+    piece = FILL_SLOTS if slots % FILL_SLOTS == 0 else slots
+
+    def fill_layer(buffer, key):
+        def body(i, buf):
+            shape = buf.shape[:2] + (piece,) + buf.shape[3:]
+            values = jax.random.normal(jax.random.fold_in(key, i), shape, draw).astype(buf.dtype)
+            return jax.lax.dynamic_update_slice(buf, values, (0, 0, i * piece, 0))
+        return jax.lax.fori_loop(0, slots // piece, body, buffer)
+
+    fill = jax.jit(fill_layer, out_shardings=sharding, donate_argnums=0)
     keys = iter(jax.random.split(jax.random.key(seed), 2 * config.num_hidden_layers))
     return KVCache(*(tuple(fill(b, next(keys)) for b in buffers) for buffers in (empty.k, empty.v)))
 
