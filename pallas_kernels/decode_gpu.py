@@ -131,9 +131,9 @@ def decode_attention_gpu(queries: tuple, k, v, q_offset, kv_length, scale, *, ma
     """``queries``: one q [B, T, N, H] per mask phase (already rotated), T small (decode: 1); k, v
     [B, K, S, H] in any float dtype; q_offset, kv_length [B] int32; scale [B] float32. Returns
     ``(out [B, T, N, H] q.dtype, lse [B, T, N] f32)``. Unset Triton settings take ``tuned(k.dtype)``;
-    ``fp8_f16``: with an 8-bit cache, widen K/V to float16 and do the math there (exact products, a finer
-    P than bfloat16's; queries clipped to float16's range, beyond which no real query goes) instead of
-    in q's dtype."""
+    ``fp8_f16``: with an 8-bit cache and 16-bit queries, widen K/V to float16 and do the math there (exact
+    products, a finer P than bfloat16's; queries clipped to float16's range, beyond which no real query
+    goes) instead of in q's dtype."""
     from jax.experimental.pallas import triton as pl_triton
 
     tuned_k, tuned_warps, tuned_stages = tuned(k.dtype)
@@ -141,6 +141,7 @@ def decode_attention_gpu(queries: tuple, k, v, q_offset, kv_length, scale, *, ma
     d = attention_dims(queries, k, mask, block_k)
     B, T, N, H, K, S, G = d.B, d.T, d.N, d.H, d.K, d.S, d.G
     R = rows_of(T, G)
+    d_item = queries[0].dtype.itemsize       # float16 math serves 16-bit queries; float32 ones keep theirs
     n_splits = num_splits(B, K, S, block_k, splits)
 
     def group_rows(q):   # [B, T, N, H] -> [B, K, R, H]: row t * G + g is query t of the group's head g
@@ -152,7 +153,7 @@ def decode_attention_gpu(queries: tuple, k, v, q_offset, kv_length, scale, *, ma
     kv_spec = pl.BlockSpec((None, None, S, H), lambda b, h, s: (b, h, 0, 0))
     out, lse = pl.pallas_call(
         functools.partial(_kernel, mask=mask, T=T, G=G, block_k=block_k, splits=n_splits,
-                          compute=jnp.float16 if fp8_f16 and k.dtype.itemsize == 1 else None),
+                          compute=jnp.float16 if fp8_f16 and k.dtype.itemsize == 1 and d_item == 2 else None),
         grid=(B, K, n_splits),
         in_specs=[scalar, scalar, scalar] + [q_spec] * len(queries) + [kv_spec, kv_spec],
         out_specs=[pl.BlockSpec((None, None, None, R, H), lambda b, h, s: (b, h, s, 0, 0)),

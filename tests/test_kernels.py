@@ -107,6 +107,11 @@ def test_decode_kernel_reads_an_fp8_cache_as_stored():
     assert np.abs(np.asarray(out, np.float32) - np.asarray(ref_out)).max() < 1e-2 * scale_out
     finite = np.isfinite(np.asarray(ref_lse))
     np.testing.assert_allclose(np.asarray(lse)[finite], np.asarray(ref_lse)[finite], atol=2e-2)
+    # float32 queries over an fp8 cache keep float32 math (the float16 path is for 16-bit queries)
+    q32 = tuple(q.astype(jnp.float32) for q in qs)
+    out32, _ = flash_attention(q32, k8, v8, **args)
+    ref32, _ = expected(q32, k8, v8, q_offset, kv_length, scale, mask)
+    np.testing.assert_allclose(np.asarray(out32), np.asarray(ref32), atol=2e-6, rtol=1e-5)
     calls = []
     real = decode_gpu.decode_attention_gpu
     try:
