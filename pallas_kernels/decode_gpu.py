@@ -26,7 +26,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.masks import MASK_VALUE, MaskSpec
-from pallas_kernels.online import online_softmax_step
+from pallas_kernels.online import walk_phase
 from pallas_kernels.shapes import attention_dims, matmul_precision
 
 MIN_ROWS = 16          # Triton's dot needs at least 16 rows
@@ -92,21 +92,8 @@ def _kernel(qoff_ref, kvlen_ref, scale_ref, *refs, mask: MaskSpec, T: int, G: in
         u0 = jnp.clip(u0, j0, j1)
         u1 = jnp.clip(u1, u0, j1)
 
-        def body(j, carry, q=q, phase=phase, masked=True):
-            start = pl.multiple_of(j * block_k, block_k)
-            k = k_ref[pl.ds(start, block_k), :].astype(dtype)
-            v = v_ref[pl.ds(start, block_k), :].astype(dtype)
-            s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
-                                preferred_element_type=jnp.float32) * scale
-            ok = None
-            if masked:
-                k_pos = start + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
-                ok = mask.visible(phase, q_pos, k_pos, kv_length)
-            return online_softmax_step(carry, s, v, ok, precision)
-
-        carry = lax.fori_loop(j0, u0, body, (m, l, acc))
-        carry = lax.fori_loop(u0, u1, functools.partial(body, masked=False), carry)
-        m, l, acc = lax.fori_loop(u1, j1, body, carry)
+        m, l, acc = walk_phase((m, l, acc), q, k_ref, v_ref, (j0, u0, u1, j1), mask=mask, phase=phase, q_pos=q_pos,
+                               kv_length=kv_length, scale=scale, block_k=block_k, precision=precision, dtype=dtype)
 
     o_ref[...] = acc / jnp.maximum(l, 1e-30)[:, None]
     lse_ref[...] = jnp.where(l > 0, m + jnp.log(jnp.maximum(l, 1e-30)), -jnp.inf)

@@ -1,4 +1,5 @@
-"""One online-softmax step on register values: the inner loop of the Triton-lowered kernels.
+"""One online-softmax step on register values, and the walk over one mask phase's key blocks: the inner
+loops of the Triton-lowered dense kernels (prefill and decode).
 
 ``carry = (m, l, acc)``: running row max [bq], denominator [bq] and float32 accumulator [bq, H];
 ``s`` the tile's scaled logits [bq, bk]; ``ok`` its visibility mask, or None for a tile every query
@@ -8,8 +9,11 @@ row that has seen nothing yet stays at l = 0 (no NaN).
 
 from __future__ import annotations
 
+import functools
+
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import pallas as pl
 
 from pallas_kernels.masks import MASK_VALUE
 
@@ -27,3 +31,30 @@ def online_softmax_step(carry, s, v, ok, precision):
     acc = acc * correction[:, None] + lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
                                                       precision=precision, preferred_element_type=jnp.float32)
     return m_new, l, acc
+
+
+def walk_phase(carry, q, k_ref, v_ref, blocks, *, mask, phase: str, q_pos, kv_length, scale, block_k: int,
+               precision, dtype=None):
+    """``online_softmax_step`` over the key blocks ``blocks = (j0, u0, u1, j1)`` of one mask phase: every key
+    of ``[u0, u1)`` visible to every row (no mask), the ragged edges ``[j0, u0)`` and ``[u1, j1)`` masked per
+    element (``mask.visible`` at ``q_pos`` [rows, 1]). K/V blocks are read from the refs, widened to ``dtype``
+    if given (an 8-bit cache)."""
+    j0, u0, u1, j1 = blocks
+
+    def body(j, carry, masked=True):
+        start = pl.multiple_of(j * block_k, block_k)
+        k = k_ref[pl.ds(start, block_k), :]
+        v = v_ref[pl.ds(start, block_k), :]
+        if dtype is not None:
+            k, v = k.astype(dtype), v.astype(dtype)
+        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
+                            preferred_element_type=jnp.float32) * scale
+        ok = None
+        if masked:
+            k_pos = start + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
+            ok = mask.visible(phase, q_pos, k_pos, kv_length)
+        return online_softmax_step(carry, s, v, ok, precision)
+
+    carry = lax.fori_loop(j0, u0, body, carry)
+    carry = lax.fori_loop(u0, u1, functools.partial(body, masked=False), carry)
+    return lax.fori_loop(u1, j1, body, carry)
