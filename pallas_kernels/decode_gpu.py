@@ -9,6 +9,7 @@ Its rows are every query of the chunk for every query head of the kv group (``T 
 over the chip (each row's filled slots ``[0, kv_length)`` cut into equal runs of whole blocks, so a
 short cache in a long buffer keeps every split busy). Each split returns its normalised partial and
 lse; ``merge`` joins them by log-sum-exp.
+
 Masks are the prefill kernels' (``masks``: DCA's three phases in one online softmax per split, exact
 per element on edge blocks). An 8-bit cache (fp8) is read as stored and widened block by block, so no
 widened copy of the cache is written.
@@ -85,8 +86,8 @@ def _kernel(qoff_ref, kvlen_ref, scale_ref, *refs, mask: MaskSpec, T: int, G: in
             q = jnp.clip(q.astype(jnp.float32), -F16_MAX, F16_MAX).astype(compute)
         lo, hi = mask.key_range(phase, first, last, kv_length)
         # the phase's blocks inside this split (splits are whole blocks, so none is visited twice)
-        j0 = jnp.maximum(lax.div(lo, block_k), s_lo // block_k)
-        j1 = jnp.minimum(lax.div(hi + block_k - 1, block_k), s_hi // block_k)
+        j0 = jnp.maximum(lax.div(lo, block_k), lax.div(s_lo, block_k))
+        j1 = jnp.minimum(lax.div(hi + block_k - 1, block_k), lax.div(s_hi, block_k))
         j1 = jnp.maximum(j1, j0)
         u0, u1 = mask.interior(phase, first, last, kv_length, block_k)   # blocks every row sees whole
         u0 = jnp.clip(u0, j0, j1)
