@@ -19,18 +19,20 @@ def test_bench_decode_times_each_kernel_on_the_same_cache(tmp_path, capfd):
         (L, k) for L in (1536, 3000) for k in ("auto", "triton", "xla", "blockwise")]
     for r in rows:
         assert r["ms/token"] > 0 and r["tokens/s"] > 0 and r["kv cache"] == "float8_e4m3fn" and r["batch"] == 2
+        # a step reads the weights, and K and V of 2 layers x [batch 2, 2 kv heads, L slots, 32 dims] in fp8
+        assert r["bytes read per device"] == report["params bytes"] + 2 * 2 * (2 * 2 * r["context"] * 32)
         assert len(r["first tokens"]) == 2
     for L in (1536, 3000):      # the split-key kernel, the prefill kernel and the jnp paths pick the same tokens
         assert len({json.dumps(r["first tokens"]) for r in rows if r["context"] == L}) == 1
     assert "disagree" not in capfd.readouterr().err
 
 
-def test_bench_decode_bytes_read_count_the_weights_and_the_cache_to_the_context():
-    from qwen_jax.bench.decode import step_bytes
-    from qwen_jax.presets import preset_config
-    c = preset_config("qwen2.5-7b-1m")
-    # 28 layers x K and V x 4 kv heads x 1M slots x 128 dims x 1 byte (fp8): 28 GiB, plus the weights
-    assert step_bytes(c, 10, 1 << 20, 1, 1) == 10 + 28 * 2 * 4 * (1 << 20) * 128
+def test_bench_decode_refuses_what_a_device_cannot_hold(capfd, monkeypatch):
+    from qwen_jax import memory
+    monkeypatch.setattr(memory, "device_capacity", lambda: 2 * memory.GiB)
+    assert main(["bench", "decode", "--config", "qwen2.5-7b-1m", "--random-weights", "--context", "1m"]) == 1
+    err = capfd.readouterr().err            # the 7B's weights alone are 14 GiB: refused before allocating them
+    assert "decode after 1048576 tokens needs at least" in err and "of 2.0: use a shorter --context" in err
 
 
 @pytest.mark.parametrize("argv,message", [

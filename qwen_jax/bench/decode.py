@@ -12,10 +12,11 @@ runs them) feed one token a row at positions L, L + 1, ...; the first step compi
 same cache: ``auto`` (the default path: on a GPU the split-key decode kernel ``pallas_kernels.decode_gpu``),
 ``triton`` (the prefill Triton kernel: one program per query head, the whole cache each), ``xla``
 (dense masked attention in XLA, ``AttentionSpec(impl="reference")``), ``blockwise`` (the jnp online
-softmax; ``--interpret`` emulates the Pallas ones on a CPU). Reported per length and kernel: ms per token, tokens/s over the batch, the bytes a step
-must read (the weights once, and every layer's K and V up to L) over its time, as GB/s and as a share
-of ``--peak-gbps`` (the card's memory bandwidth), and the first step's greedy tokens (the same for
-every kernel unless they disagree).
+softmax; ``--interpret`` emulates the Pallas ones on a CPU). Reported per length and kernel: ms per token,
+tokens/s over the batch, the bytes one device must read per step (its share of the weights once, and of
+every layer's K and V up to L) over the step's time, as GB/s and as a share of ``--peak-gbps`` (the
+card's memory bandwidth), and the first step's greedy tokens (the same for every kernel unless they
+disagree). A run whose weights and cache do not fit a device is refused before anything is allocated.
 """
 
 from __future__ import annotations
@@ -59,12 +60,6 @@ def parse_kernels(text: str) -> list[str]:
         if name not in KERNELS:
             raise QwenJaxError(f"unknown --kernels entry {name!r}; choose from {sorted(KERNELS)}")
     return names
-
-
-def step_bytes(config, params_bytes: int, context: int, batch: int, cache_itemsize: int) -> int:
-    """Bytes a decode step must read at least: the weights once, and K and V of every layer up to ``context``."""
-    c = config
-    return params_bytes + 2 * c.num_hidden_layers * batch * c.num_key_value_heads * context * c.head_dim * cache_itemsize
 
 
 def _filled_cache(config, batch: int, slots: int, dtype, mesh, seed: int):
@@ -125,21 +120,25 @@ def main(argv=None) -> int:
     kv_dtype = cache_dtype(args.kv_cache_dtype, dtype)
     env = environment()
     peak = args.peak_gbps or PEAK_GBPS.get(env["device"])
-    params = init_params(config, jax.random.key(0), dtype=dtype, mesh=mesh)
-    params_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
     capacity = memory.device_capacity()
-    n_dev = 1 if mesh is None else mesh.devices.size
+    for L in contexts:      # per device, as the planner counts them (over a mesh: each device's shards)
+        p = memory.plan(config, tokens=cache_length(L, args.steps + 2), batch=args.batch, mesh=mesh, dtype=dtype,
+                        cache_dtype=kv_dtype)
+        if capacity is not None and p.weights + p.cache > capacity:
+            raise QwenJaxError(f"decode after {L} tokens needs at least {(p.weights + p.cache) / memory.GiB:.1f} GiB "
+                               f"per device (weights and cache) of {capacity / memory.GiB:.1f}: use a shorter "
+                               f"--context, --kv-cache-dtype fp8 or a mesh")
+    params = init_params(config, jax.random.key(0), dtype=dtype, mesh=mesh)
+    leaves = jax.tree.leaves(params)
+    params_bytes = sum(x.size * x.dtype.itemsize for x in leaves)
+    device_params = sum(x.addressable_shards[0].data.nbytes for x in leaves)     # what one device reads
     rows = []
     for L in contexts:
         slots = cache_length(L, args.steps + 2)
-        need = (params_bytes + step_bytes(config, 0, slots, args.batch, kv_dtype.itemsize)) / n_dev
-        if capacity is not None and need > capacity:
-            raise QwenJaxError(f"decode after {L} tokens needs at least {need / memory.GiB:.1f} GiB per device "
-                               f"(weights and cache) of {capacity / memory.GiB:.1f}: use a shorter --context, "
-                               f"--kv-cache-dtype fp8 or a mesh")
         cache = _filled_cache(config, args.batch, slots, kv_dtype, mesh, seed=L)
         tokens = jax.random.randint(jax.random.key(L), (args.batch,), 0, config.vocab_size, jnp.int32)
-        reads = step_bytes(config, params_bytes, L, args.batch, kv_dtype.itemsize) / n_dev
+        device_cache = sum(b.addressable_shards[0].data.nbytes for b in cache.k + cache.v)
+        reads = device_params + device_cache * L // slots          # one device's weights, and its cache up to L
         for name in kernels:
             spec = dataclasses.replace(AttentionSpec(**KERNELS[name]), mesh=mesh,
                                        interpret=args.interpret and KERNELS[name]["impl"] == "pallas")
@@ -156,7 +155,8 @@ def main(argv=None) -> int:
             ms = statistics.median(times) * 1e3
             row = {"context": L, "kernel": name, "batch": args.batch, "kv cache": str(kv_dtype),
                    "mesh": args.mesh or "one device", "ms/token": round(ms, 2),
-                   "tokens/s": round(args.batch * 1e3 / ms, 1), "GB/s read": round(reads / ms / 1e6, 1),
+                   "tokens/s": round(args.batch * 1e3 / ms, 1), "bytes read per device": reads,
+                   "GB/s read": round(reads / ms / 1e6, 1),
                    "of peak": None if peak is None else round(reads / ms / 1e6 / peak, 3), "first tokens": first}
             print(json.dumps(row), flush=True)
             rows.append(row)
