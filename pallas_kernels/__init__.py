@@ -9,6 +9,9 @@ One public op, ``flash_attention``, picks the backend's kernel (``impl="auto"``)
     ``mosaic_tpu``  Pallas Mosaic TPU with scalar-prefetched block schedules (CPU: interpret mode)
     ``reference``   dense masked attention in jnp (any backend; materialises [T, S] logits)
 
+On a GPU, ``auto`` runs decode-sized chunks (at most ``DECODE_MAX_ROWS`` query rows per kv group) through
+the split-key decode kernel ``decode_gpu`` (flash decoding; an fp8 cache read as stored).
+
 The sparse ops ``vslash_attention`` and ``block_sparse_attention`` take the same names (``mosaic_gpu``
 runs ``vslash_mgpu``, ``triton`` ``vslash_gpu``, ``mosaic_tpu`` ``vslash_tpu``); ``auto`` on a GPU takes
 ``mosaic_gpu`` where it applies (bf16/f16, head_dim % 64 == 0, at least 128 queries), else ``triton``.
