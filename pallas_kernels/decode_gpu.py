@@ -8,7 +8,7 @@ Its rows are every query of the chunk for every query head of the kv group (``T 
 16 for Triton's dot), so a K/V block is read once for the whole group, and the splits spread the cache
 over the chip (each row's filled slots ``[0, kv_length)`` cut into equal runs of whole blocks, so a
 short cache in a long buffer keeps every split busy). Each split returns its normalised partial and
-lse; ``merge`` joins them by log-sum-exp.
+lse; ``online.merge_stacked`` joins them by log-sum-exp.
 
 Masks are the prefill kernels' (``masks``: DCA's three phases in one online softmax per split, exact
 per element on edge blocks). An 8-bit cache (fp8) is read as stored and widened block by block, so no
@@ -27,7 +27,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.masks import MASK_VALUE, MaskSpec
-from pallas_kernels.online import walk_phase
+from pallas_kernels.online import merge_stacked, walk_phase
 from pallas_kernels.shapes import attention_dims, matmul_precision
 
 MIN_ROWS = 16          # Triton's dot needs at least 16 rows
@@ -100,17 +100,6 @@ def _kernel(qoff_ref, kvlen_ref, scale_ref, *refs, mask: MaskSpec, T: int, G: in
     lse_ref[...] = jnp.where(l > 0, m + jnp.log(jnp.maximum(l, 1e-30)), -jnp.inf)
 
 
-def merge(out, lse):
-    """Partials over disjoint key splits, ``out [..., splits, R, H]`` (normalised) and ``lse [..., splits, R]``,
-    as one softmax: ``(out [..., R, H] f32, lse [..., R])``; a row no split sees gets 0 and -inf."""
-    top = jnp.max(lse, axis=-2, keepdims=True)
-    top = jnp.where(jnp.isfinite(top), top, 0.0)
-    w = jnp.exp(lse - top)                                   # exp(-inf) = 0 for empty splits
-    total = jnp.sum(w, axis=-2)
-    merged = jnp.einsum("...sr,...srh->...rh", w, out) / jnp.maximum(total, 1e-30)[..., None]
-    return merged, jnp.where(total > 0, top[..., 0, :] + jnp.log(jnp.maximum(total, 1e-30)), -jnp.inf)
-
-
 @functools.partial(jax.jit, static_argnames=("mask", "block_k", "splits", "num_warps", "num_stages", "fp8_f16",
                                              "interpret"))
 def decode_attention_gpu(queries: tuple, k, v, q_offset, kv_length, scale, *, mask: MaskSpec,
@@ -154,7 +143,7 @@ def decode_attention_gpu(queries: tuple, k, v, q_offset, kv_length, scale, *, ma
         name="qwen_jax_decode_attention",
     )(q_offset.astype(jnp.int32), kv_length.astype(jnp.int32), scale.astype(jnp.float32),
       *(group_rows(q) for q in queries), k, v)
-    out, lse = merge(out, lse)                        # [B, K, R, H], [B, K, R]
+    out, lse = merge_stacked(out, lse)                # [B, K, R, H], [B, K, R]
     out = out[:, :, :T * G].reshape(B, K, T, G, H).transpose(0, 2, 1, 3, 4).reshape(B, T, N, H)
     lse = lse[:, :, :T * G].reshape(B, K, T, G).transpose(0, 2, 1, 3).reshape(B, T, N)
     return out.astype(queries[0].dtype), lse

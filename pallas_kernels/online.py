@@ -1,5 +1,6 @@
 """One online-softmax step on register values, and the walk over one mask phase's key blocks: the inner
-loops of the Triton-lowered dense kernels (prefill and decode).
+loops of the Triton-lowered dense kernels (prefill and decode); and the exact log-sum-exp merge of partial
+attentions (the decode kernel's splits, the model's partials).
 
 ``carry = (m, l, acc)``: running row max [bq], denominator [bq] and float32 accumulator [bq, H];
 ``s`` the tile's scaled logits [bq, bk]; ``ok`` its visibility mask, or None for a tile every query
@@ -58,3 +59,16 @@ def walk_phase(carry, q, k_ref, v_ref, blocks, *, mask, phase: str, q_pos, kv_le
     carry = lax.fori_loop(j0, u0, body, carry)
     carry = lax.fori_loop(u0, u1, functools.partial(body, masked=False), carry)
     return lax.fori_loop(u1, j1, body, carry)
+
+
+def merge_stacked(out, lse):
+    """Partial attentions over disjoint key sets, stacked: ``out [..., P, R, H]`` (each normalised) and
+    ``lse [..., P, R]``, as one softmax over the union: ``(out [..., R, H] f32, lse [..., R])``. Guarded:
+    a partial with lse = -inf (no visible key) weighs nothing; a row no partial sees gets 0 and -inf."""
+    top = jnp.max(lse, axis=-2, keepdims=True)
+    top = jnp.where(jnp.isfinite(top), top, 0.0)
+    w = jnp.exp(lse - top)                                   # exp(-inf) = 0 for empty partials
+    total = jnp.sum(w, axis=-2)
+    # an elementwise sum, not a dot: a float32 dot may run in TF32 on GPUs
+    merged = jnp.sum(w[..., None] * out.astype(jnp.float32), axis=-3) / jnp.maximum(total, 1e-30)[..., None]
+    return merged, jnp.where(total > 0, top[..., 0, :] + jnp.log(jnp.maximum(total, 1e-30)), -jnp.inf)
