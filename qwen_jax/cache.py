@@ -16,6 +16,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import widened
 from qwen_jax.config import QwenConfig
 from qwen_jax.errors import QwenJaxError
 
@@ -91,4 +92,4 @@ def write(buffer: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:
 def read(buffer: jax.Array, dtype) -> jax.Array:
     """The buffer as attention reads it: an 8-bit cache is widened to the compute ``dtype`` (one layer at a
     time, so only that layer's widened copy exists); others as stored."""
-    return buffer.astype(dtype) if buffer.dtype.itemsize == 1 else buffer
+    return widened(buffer, dtype)
