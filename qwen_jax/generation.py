@@ -203,7 +203,16 @@ def generate_ids(params, config: QwenConfig, prompts: Sequence[Sequence[int]], *
     rows = [StopChecker(decode, stop) for _ in range(B)]
     done = np.zeros(B, bool)
     for step in range(max_new_tokens):
-        host = to_host(next_tokens)
+        current = next_tokens
+        if step < max_new_tokens - 1:
+            # The next step goes to the device before this one's tokens are read: the host's read, stop checks
+            # and next dispatch (~2.6 ms for the 7B) overlap the device's step instead of adding to it. When every
+            # row stops here, that one step was computed for nothing; nothing of it is returned.
+            next_tokens, cache, seen = relabel(decode_and_sample(params, current, positions, cache,
+                                                                 jax.random.fold_in(key, step + 1), config, spec,
+                                                                 sampling, seen), carried)
+            positions = positions + 1
+        host = to_host(current)
         for row in np.flatnonzero(~done):
             token = int(host[row])
             if token in eos:
@@ -214,12 +223,8 @@ def generate_ids(params, config: QwenConfig, prompts: Sequence[Sequence[int]], *
                 on_text(row, delta)
             if rows[row].stopped:
                 done[row] = True
-        if done.all() or step == max_new_tokens - 1:
+        if done.all():
             break
-        next_tokens, cache, seen = relabel(decode_and_sample(params, next_tokens, positions, cache,
-                                                             jax.random.fold_in(key, step + 1), config, spec,
-                                                             sampling, seen), carried)
-        positions = positions + 1
     if on_text is not None:
         for row, state in enumerate(rows):
             tail = state.flush()

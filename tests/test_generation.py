@@ -108,6 +108,24 @@ def test_eos_stops_a_row(model):
     assert stopped == free[: free.index(free[3])]
 
 
+def test_each_step_is_dispatched_before_the_previous_tokens_are_read(model, monkeypatch):
+    from qwen_jax import generation
+    events, real_step, real_host = [], generation.decode_and_sample, generation.to_host
+    monkeypatch.setattr(generation, "decode_and_sample", lambda *a, **k: events.append("step") or real_step(*a, **k))
+    monkeypatch.setattr(generation, "to_host", lambda x: events.append("read") or real_host(x))
+    prompt = [[11, 12, 13]]
+    sampled = dict(sampling=Sampling(temperature=1.0), seed=3)      # varied tokens (greedy repeats one here)
+    free = generate_ids(model.params, model.config, prompt, max_new_tokens=6, **sampled)[0]
+    # 6 tokens: the first from the prefill, 5 steps; each step goes out before the tokens it follows are read
+    assert events == ["step", "read"] * 5 + ["read"] and len(free) == 6
+    events.clear()
+    k = next(i for i, t in enumerate(free) if t not in free[:i] and i > 0)     # a token first seen at k < 5
+    assert k < 5
+    stopped = generate_ids(model.params, model.config, prompt, max_new_tokens=6, eos_ids=[free[k]], **sampled)[0]
+    assert stopped == free[:k]      # token k is the EOS: the one step past it was computed and dropped
+    assert events == ["step", "read"] * (k + 1)
+
+
 def test_stop_strings_cut_and_stream(model):
     out = model.generate("The grass is", max_new_tokens=24)[0]
     assert len(out) > 6

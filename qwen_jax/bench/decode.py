@@ -7,8 +7,10 @@
 For each context length L the cache is filled up to L with random keys and values (a decode step's
 time depends on how many slots it reads, not on what they hold, so no prefill is run), then greedy
 decode steps (``generation.decode_and_sample``: the model, the logits and the pick, as ``generate``
-runs them) feed one token a row at positions L, L + 1, ...; the first step compiles, the next
-``--steps`` are timed one by one and the median is reported. Kernels, all in the same process on the
+runs them) feed one token a row at positions L, L + 1, ...; the first step compiles, then the median time a
+token is taken over ``--steps`` steps run as ``generate`` runs them (each step dispatched before the previous
+one's tokens are read, so the host's dispatch overlaps the device: ``ms/token``) and over ``--steps`` more run one
+at a time (``synced ms/token``: the device's step plus the host's dispatch). Kernels, all in the same process on the
 same cache: ``auto`` (the default path: on a GPU the split-key decode kernel ``pallas_kernels.decode_gpu``),
 ``triton`` (the prefill Triton kernel: one program per query head, the whole cache each), ``xla``
 (dense masked attention in XLA, ``AttentionSpec(impl="reference")``), ``blockwise`` (the jnp online
@@ -26,6 +28,8 @@ import json
 import statistics
 import sys
 import time
+
+import numpy as np
 
 KERNELS = {"auto": dict(impl="pallas"), "triton": dict(impl="pallas", kernel="triton"),
            "xla": dict(impl="reference"), "blockwise": dict(impl="blockwise")}
@@ -87,6 +91,24 @@ def _filled_cache(config, batch: int, slots: int, dtype, mesh, seed: int):
     return KVCache(*(tuple(fill(b, next(keys)) for b in buffers) for buffers in (empty.k, empty.v)))
 
 
+def timed_steps(step, tokens, steps: int) -> tuple[float, float]:
+    """Median ms per step of ``step(tokens, i) -> tokens``: first as ``generate`` runs it (step i + 1 dispatched
+    before step i's tokens are read on the host; the gaps between ``steps + 1`` reads), then ``steps`` more one at
+    a time (each read before the next is dispatched: the device's step plus the host's dispatch). Runs
+    ``2 * steps + 2`` steps, numbered from 0."""
+    marks, pending = [], step(tokens, 0)
+    for i in range(1, steps + 2):
+        current, pending = pending, step(pending, i)
+        np.asarray(current)
+        marks.append(time.perf_counter())
+    tokens, synced = np.asarray(pending), []
+    for i in range(steps + 2, 2 * steps + 2):
+        t0 = time.perf_counter()
+        tokens = np.asarray(step(tokens, i))
+        synced.append(time.perf_counter() - t0)
+    return statistics.median(np.diff(marks)) * 1e3, statistics.median(synced) * 1e3
+
+
 def main(argv=None) -> int:
     from qwen_jax.bench import below_one, output_problem
     from qwen_jax.errors import QwenJaxError
@@ -122,7 +144,7 @@ def main(argv=None) -> int:
     peak = args.peak_gbps or PEAK_GBPS.get(env["device"])
     capacity = memory.device_capacity()
     for L in contexts:      # per device, as the planner counts them (over a mesh: each device's shards)
-        p = memory.plan(config, tokens=cache_length(L, args.steps + 2), batch=args.batch, mesh=mesh, dtype=dtype,
+        p = memory.plan(config, tokens=cache_length(L, 2 * args.steps + 4), batch=args.batch, mesh=mesh, dtype=dtype,
                         cache_dtype=kv_dtype)
         if capacity is not None and p.weights + p.cache > capacity:
             raise QwenJaxError(f"decode after {L} tokens needs at least {(p.weights + p.cache) / memory.GiB:.1f} GiB "
@@ -134,7 +156,7 @@ def main(argv=None) -> int:
     device_params = sum(x.addressable_shards[0].data.nbytes for x in leaves)     # what one device reads
     rows = []
     for L in contexts:
-        slots = cache_length(L, args.steps + 2)
+        slots = cache_length(L, 2 * args.steps + 4)
         cache = _filled_cache(config, args.batch, slots, kv_dtype, mesh, seed=L)
         tokens = jax.random.randint(jax.random.key(L), (args.batch,), 0, config.vocab_size, jnp.int32)
         device_cache = sum(b.addressable_shards[0].data.nbytes for b in cache.k + cache.v)
@@ -146,17 +168,18 @@ def main(argv=None) -> int:
             key = jax.random.key(0)
             first, cache, _ = decode_and_sample(params, tokens, positions, cache, key, config, spec, GREEDY)
             first = [int(t) for t in jax.device_get(first)]             # compiles; its tokens are the check
-            times, nxt = [], tokens
-            for i in range(args.steps):
-                t0 = time.perf_counter()
-                nxt, cache, _ = decode_and_sample(params, nxt, positions + 1 + i, cache, key, config, spec, GREEDY)
-                jax.block_until_ready(nxt)
-                times.append(time.perf_counter() - t0)
-            ms = statistics.median(times) * 1e3
+
+            def step(tokens, i):
+                nonlocal cache
+                tokens, cache, _ = decode_and_sample(params, tokens, positions + 1 + i, cache, key, config, spec,
+                                                     GREEDY)
+                return tokens
+
+            ms, synced = timed_steps(step, tokens, args.steps)
             row = {"context": L, "kernel": name, "batch": args.batch, "kv cache": str(kv_dtype),
                    "mesh": args.mesh or "one device", "ms/token": round(ms, 2),
-                   "tokens/s": round(args.batch * 1e3 / ms, 1), "bytes read per device": reads,
-                   "GB/s read": round(reads / ms / 1e6, 1),
+                   "tokens/s": round(args.batch * 1e3 / ms, 1), "synced ms/token": round(synced, 2),
+                   "bytes read per device": reads, "GB/s read": round(reads / ms / 1e6, 1),
                    "of peak": None if peak is None else round(reads / ms / 1e6 / peak, 3), "first tokens": first}
             print(json.dumps(row), flush=True)
             rows.append(row)
