@@ -125,17 +125,51 @@ def truncate_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
 
 
 class StopChecker:
-    """Per-row text state: detects stop strings and yields the text that is safe to stream."""
+    """Per-row text state: detects stop strings and yields the text that is safe to stream.
+
+    The text grows as vLLM's incremental detokenizer grows it: each token decodes only the tokens since the
+    last whole character, after the few before them for context (a byte-level decoder's text of a token list
+    is its pieces' bytes decoded in turn, so the text so far never changes), and stop strings are looked for
+    only where the new text could complete one. A row's cost per token stays flat (~0.004 ms); decoding the
+    whole row at every token cost 1.4 ms a token at 8192 tokens and 6.2 ms at 32768 with Qwen's tokenizer
+    (``qwen-jax bench stream``), as much as the 7B's whole decode step on an H100.
+    """
 
     def __init__(self, decode: Callable[[list[int]], str] | None, stop: Sequence[str]):
         self.decode, self.stop = decode, [s for s in stop if s]
         self.tokens: list[int] = []
         self.emitted = 0
         self.stopped = False
+        self._whole = ""          # the text of tokens[:_read], which ends on a whole character
+        self._context = self._read = 0     # the window decoded next starts at _context
+        self._clear = 0           # _whole[:_clear] holds no stop string
+        self._longest = max(map(len, self.stop), default=0)
+
+    def _grow(self) -> str:
+        """Decode the tokens after ``_read``; return their text (it may end in U+FFFD, a partial character)."""
+        if self._read == len(self.tokens):
+            return ""
+        head = self.decode(self.tokens[self._context:self._read])
+        window = self.decode(self.tokens[self._context:])
+        new = window[len(head):]
+        if new and not new.endswith("\ufffd"):
+            self._whole += new
+            self._context, self._read = self._read, len(self.tokens)
+            return ""
+        return new
 
     def text(self) -> str:
-        text, found = truncate_at_stop(self.decode(self.tokens) if self.decode else "", self.stop)
-        self.stopped = self.stopped or found
+        """The row's text so far, cut before the first stop string (``stopped`` says whether one was found)."""
+        if self.decode is None:
+            return ""
+        pending = self._grow()
+        text = self._whole + pending if pending else self._whole
+        start = max(0, self._clear - self._longest + 1)    # a stop string starting earlier would have been found
+        found = [k for k in (text.find(s, start) for s in self.stop) if k >= 0]
+        if found:
+            self.stopped = True
+            return text[:min(found)]
+        self._clear = len(self._whole)
         return text
 
     def push(self, token: int) -> str:

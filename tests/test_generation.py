@@ -136,12 +136,64 @@ def test_stop_strings_cut_and_stream(model):
     assert "".join(pieces) == cut
 
 
+def _byte_decoder(pieces):
+    """A byte-level decoder as Qwen's: token i is the bytes pieces[i]; a list decodes to its bytes as UTF-8."""
+    return lambda ids: b"".join(pieces[i] for i in ids).decode("utf-8", errors="replace")
+
+
 def test_stop_checker_holds_back_partial_stop_strings():
-    text = {1: "ab", 2: "abST", 3: "abSTOP!"}
-    checker = StopChecker(lambda ids: text[len(ids)], ["STOP"])
+    checker = StopChecker(_byte_decoder([b"ab", b"ST", b"OP!"]), ["STOP"])
     assert checker.push(0) == "ab"
-    assert checker.push(0) == ""  # "ST" may begin "STOP"
-    assert checker.push(0) == "" and checker.stopped
+    assert checker.push(1) == ""  # "ST" may begin "STOP"
+    assert checker.push(2) == "" and checker.stopped
+
+
+class _WholeRowStopChecker:
+    """The spec: the row's whole text decoded at every token, cut at the first stop string."""
+
+    def __init__(self, decode, stop):
+        self.decode, self.stop, self.tokens, self.emitted, self.stopped = decode, [s for s in stop if s], [], 0, False
+
+    def push(self, token):
+        from qwen_jax.generation import truncate_at_stop
+        self.tokens.append(token)
+        text, found = truncate_at_stop(self.decode(self.tokens), self.stop)
+        self.stopped = self.stopped or found
+        safe = len(text)
+        if not self.stopped:
+            if text.endswith("\ufffd"):
+                safe = len(text.rstrip("\ufffd"))
+            for s in self.stop:
+                for n in range(min(len(s) - 1, safe), 0, -1):
+                    if text[safe - n:safe] == s[:n]:
+                        safe -= n
+                        break
+        delta = text[self.emitted:safe]
+        self.emitted = max(self.emitted, safe)
+        return delta
+
+
+@pytest.mark.parametrize("strip", [False, True])
+@pytest.mark.parametrize("seed", range(6))
+def test_stop_checker_text_grows_as_the_whole_row_decodes(seed, strip):
+    # pieces: ASCII, multi-byte characters whole and split over tokens, lone invalid bytes, empty tokens
+    rng = np.random.default_rng(seed)
+    chars = ["a", "b", "S", "T", "O", "P", " ", "\n", "é", "中", "🙂", "\ufffd"]
+    pieces = [c.encode() for c in chars] + [c.encode()[:k] for c in ("é", "中", "🙂") for k in (1, 2)]
+    pieces += [c.encode()[k:] for c in ("é", "中", "🙂") for k in (1, 2)] + [b"\xff", b"\x80", b"", b"STO", b"OP"]
+    decode = _byte_decoder(pieces)
+    if strip:       # a SentencePiece-like decoder drops the text's leading space: the window needs its context
+        decode = (lambda whole: lambda ids: whole(ids).removeprefix(" "))(decode)
+    stop = [["STOP"], ["中🙂", "\n\n"], []][seed % 3]
+    tokens = rng.integers(0, len(pieces), 400).tolist()
+    fast, spec = StopChecker(decode, stop), _WholeRowStopChecker(decode, stop)
+    for t in tokens:
+        assert fast.push(t) == spec.push(t)
+        assert fast.stopped == spec.stopped
+        if spec.stopped:
+            break
+    from qwen_jax.generation import truncate_at_stop
+    assert fast.emitted + len(fast.flush()) == len(truncate_at_stop(decode(fast.tokens), stop)[0])
 
 
 def test_chat_prompts_use_the_checkpoint_template(model):
@@ -273,3 +325,15 @@ def test_passkey_runs_with_the_models_kv_cache_dtype(tiny_checkpoint, monkeypatc
     monkeypatch.setattr(generation, "init_cache", lambda *a, **k: used.append(a[3]) or real(*a, **k))
     results = passkey.evaluate(fp8, [300], [0.5], max_new_tokens=2)
     assert len(results) == 1 and used and all(jnp.dtype(d) == jnp.float8_e4m3fn for d in used)
+
+
+def test_stream_benchmark_times_both_ways_of_growing_the_text(tiny_checkpoint, tmp_path):
+    import json
+
+    from qwen_jax.cli import main
+    out = tmp_path / "stream.json"
+    assert main(["bench", "stream", "--model", tiny_checkpoint[0], "--tokens", "64,300", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["tokens"] for r in rows] == [64, 300]
+    assert all(r[k] > 0 for r in rows for k in ("incremental ms/token", "last 64", "whole-row ms/token",
+                                                 "whole-row last 64"))

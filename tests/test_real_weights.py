@@ -117,6 +117,27 @@ def test_tokenizer_and_chat_template_match_transformers(real_model_path):
                                                                             add_generation_prompt=True)
 
 
+def test_streamed_text_grows_as_qwens_tokenizer_decodes_the_whole_row(real_model_path):
+    # generation decodes a short window a token (StopChecker); Qwen's byte-level tokens split characters
+    from qwen_jax.generation import StopChecker, truncate_at_stop
+    from qwen_jax.tokenizer import Tokenizer
+    tok = Tokenizer(real_model_path)
+    rng = np.random.default_rng(0)
+    text_ids = tok.encode("héllo wörld 你好 🙂 " + CODE)
+    ids = np.concatenate([text_ids, rng.integers(0, 151643, 300), text_ids[::-1]]).tolist()
+    ids += [i for i in range(151643) if "\ufffd" in tok.decode([i])][:200]       # byte pieces of characters
+    rng.shuffle(ids[len(text_ids):])
+    for stop in ([], ["\n\n"], ["你好"]):
+        checker, streamed = StopChecker(tok.decode, stop), []
+        for t in ids:
+            streamed.append(checker.push(t))
+            if checker.stopped:
+                break
+        streamed.append(checker.flush())
+        assert "".join(streamed) == truncate_at_stop(tok.decode(checker.tokens), stop)[0]
+        assert checker.stopped == bool(stop)        # each stop string is in the text
+
+
 def test_cli_generate_writes_the_transformers_greedy_continuation(real_model_path, hf_model):
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(real_model_path)

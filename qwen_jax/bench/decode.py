@@ -169,7 +169,7 @@ def main(argv=None) -> int:
             first, cache, _ = decode_and_sample(params, tokens, positions, cache, key, config, spec, GREEDY)
             first = [int(t) for t in jax.device_get(first)]             # compiles; its tokens are the check
 
-            def step(tokens, i):
+            def step(tokens, i, positions=positions, key=key, spec=spec):     # run at once, in this loop
                 nonlocal cache
                 tokens, cache, _ = decode_and_sample(params, tokens, positions + 1 + i, cache, key, config, spec,
                                                      GREEDY)
