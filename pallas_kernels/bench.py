@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import sys
 
 
@@ -29,7 +28,7 @@ def main(argv=None) -> int:
     from pallas_kernels.flash_gpu import flash_attention_gpu
     from pallas_kernels.flash_mgpu import flash_attention_mgpu
     from pallas_kernels.masks import MaskSpec
-    from qwen_jax.bench import environment, median_time, print_table, write_json
+    from qwen_jax.bench import median_time, report
     from qwen_jax.bench import below_one, output_problem
     from qwen_jax.bench.sparse import parse_dca_pair
     from qwen_jax.passkey import parse_length
@@ -96,10 +95,7 @@ def main(argv=None) -> int:
             rows.append({"T": T, "impl": name, "ms": f"{ms:.2f}", "TFLOP/s": f"{fl / ms / 1e9:.0f}",
                          "vs first": f"{base / ms:.2f}x"})
             print(rows[-1], flush=True)
-    env = environment()
-    print(json.dumps(env))
-    print_table(rows, ["T", "impl", "ms", "TFLOP/s", "vs first"])
-    write_json(args.json, {"env": env, "args": vars(args), "rows": rows})
+    report(args, rows, columns=["T", "impl", "ms", "TFLOP/s", "vs first"])
     return 0
 
 

@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
 
     from pallas_kernels.masks import MaskSpec
-    from qwen_jax.bench import below_one, environment, median_time, output_problem, print_table, write_json
+    from qwen_jax.bench import below_one, environment, median_time, output_problem, report
     from qwen_jax.bench.decode import PEAK_GBPS
     from qwen_jax.bench.sparse import parse_dca_pair
     from qwen_jax.passkey import parse_length
@@ -128,9 +128,8 @@ def main(argv=None) -> int:
                          "max diff vs first": float(jnp.abs(out - first).max())})
             print(json.dumps(rows[-1]), flush=True)
         del call, k, v                  # the next length's cache replaces this one
-    print(json.dumps(env))
-    print_table(rows, ["length", "kernel", "ms", "GB/s", "of peak", "max diff vs first"])
-    write_json(args.json, {"env": env, "args": vars(args), "rows": rows, "peak GB/s": peak})
+    report(args, rows, env, columns=["length", "kernel", "ms", "GB/s", "of peak", "max diff vs first"],
+           **{"peak GB/s": peak})
     return 0
 
 

@@ -124,6 +124,18 @@ def truncate_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
+def streamable_end(text: str, stop: Sequence[str]) -> int:
+    """How much of a row's text, no stop string in it yet, may be streamed: not an incomplete multi-byte
+    character at its end (U+FFFD until the rest comes), nor a tail that could still begin a stop string."""
+    safe = len(text.rstrip("\ufffd"))
+    for s in stop:
+        for n in range(min(len(s) - 1, safe), 0, -1):
+            if text[safe - n:safe] == s[:n]:
+                safe -= n
+                break
+    return safe
+
+
 class StopChecker:
     """Per-row text state: detects stop strings and yields the text that is safe to stream.
 
@@ -178,15 +190,7 @@ class StopChecker:
         if self.decode is None:
             return ""
         text = self.text()
-        safe = len(text)
-        if not self.stopped:
-            if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
-                safe = len(text.rstrip("\ufffd"))
-            for s in self.stop:  # hold back a tail that could still become a stop string
-                for n in range(min(len(s) - 1, safe), 0, -1):
-                    if text[safe - n:safe] == s[:n]:
-                        safe -= n
-                        break
+        safe = len(text) if self.stopped else streamable_end(text, self.stop)
         delta = text[self.emitted:safe]
         self.emitted = max(self.emitted, safe)
         return delta

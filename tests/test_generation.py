@@ -149,25 +149,18 @@ def test_stop_checker_holds_back_partial_stop_strings():
 
 
 class _WholeRowStopChecker:
-    """The spec: the row's whole text decoded at every token, cut at the first stop string."""
+    """The spec: the row's whole text decoded at every token, cut at the first stop string (streamed as far as
+    `streamable_end` allows, which StopChecker shares)."""
 
     def __init__(self, decode, stop):
         self.decode, self.stop, self.tokens, self.emitted, self.stopped = decode, [s for s in stop if s], [], 0, False
 
     def push(self, token):
-        from qwen_jax.generation import truncate_at_stop
+        from qwen_jax.generation import streamable_end, truncate_at_stop
         self.tokens.append(token)
         text, found = truncate_at_stop(self.decode(self.tokens), self.stop)
         self.stopped = self.stopped or found
-        safe = len(text)
-        if not self.stopped:
-            if text.endswith("\ufffd"):
-                safe = len(text.rstrip("\ufffd"))
-            for s in self.stop:
-                for n in range(min(len(s) - 1, safe), 0, -1):
-                    if text[safe - n:safe] == s[:n]:
-                        safe -= n
-                        break
+        safe = len(text) if self.stopped else streamable_end(text, self.stop)
         delta = text[self.emitted:safe]
         self.emitted = max(self.emitted, safe)
         return delta

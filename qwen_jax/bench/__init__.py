@@ -39,6 +39,16 @@ def write_json(path: str | None, payload: dict) -> None:
             json.dump(payload, f, indent=2)
 
 
+def report(args, rows: list[dict], env: dict | None = None, columns: list[str] | None = None, **extra) -> None:
+    """A benchmark's ending: the machine as one JSON line, the rows as a table (``columns``: by default every key
+    of the rows, in order of appearance), and ``args.json`` (if given) with the machine, the arguments, the rows
+    and ``extra``."""
+    env = env or environment()
+    print(json.dumps(env))
+    print_table(rows, columns or list(dict.fromkeys(key for row in rows for key in row)))
+    write_json(args.json, {"env": env, "args": vars(args), "rows": rows, **extra})
+
+
 def print_table(rows: list[dict], columns: list[str]) -> None:
     widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns]
     print(" | ".join(c.ljust(w) for c, w in zip(columns, widths)))

@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
 
     from qwen_jax import attention, compile_cache
-    from qwen_jax.bench import environment, print_table, write_json
+    from qwen_jax.bench import report
     from qwen_jax.bench import below_one, output_problem
     from qwen_jax.bench.prefill import mode_config, parse_modes
     from qwen_jax.cache import cache_dtype
@@ -113,10 +113,7 @@ def main(argv=None) -> int:
                          "programs": programs, "lower s": round(lower_s, 2), "compile s": round(compile_s, 2),
                          "compile cache": compile_cache.state()})
             print(json.dumps(rows[-1]), flush=True)
-    env = environment()
-    print(json.dumps(env))
-    print_table(rows, list(rows[0]))
-    write_json(args.json, {"env": env, "args": vars(args), "rows": rows})
+    report(args, rows)
     return 0
 
 

@@ -129,7 +129,7 @@ def main(argv=None) -> int:
 
     from qwen_jax import memory
     from qwen_jax.attention import AttentionSpec
-    from qwen_jax.bench import environment, print_table, write_json
+    from qwen_jax.bench import environment, report
     from qwen_jax.cache import cache_dtype, cache_length
     from qwen_jax.generation import GREEDY, decode_and_sample
     from qwen_jax.model import init_params
@@ -188,10 +188,7 @@ def main(argv=None) -> int:
         firsts = {json.dumps(r["first tokens"]) for r in rows if r["context"] == L}
         if len(firsts) > 1:
             print(f"kernels disagree on the first tokens after {L}: {sorted(firsts)}", file=sys.stderr)
-    print(json.dumps(env))
-    print_table(rows, list(rows[0]))
-    write_json(args.json, {"env": env, "args": vars(args), "rows": rows, "peak GB/s": peak,
-                           "params bytes": params_bytes})
+    report(args, rows, env, **{"peak GB/s": peak, "params bytes": params_bytes})
     return 0
 
 

@@ -163,13 +163,11 @@ def _modes_apart(args, modes: list[str]) -> int:
 
 
 def _report(args, rows: list[dict], env: dict, flops: dict) -> None:
-    from qwen_jax.bench import print_table, write_json
+    from qwen_jax.bench import report
     if len(rows) == 2:
         speed = {r["mode"]: r["TTFT s"] for r in rows}
         print(f"sparse over dense: {speed['dense'] / speed['sparse']:.2f}x", flush=True)
-    print(json.dumps(env))
-    print_table(rows, list(rows[0]))
-    write_json(args.json, {"env": env, "args": vars(args), "rows": rows, "flops": flops})
+    report(args, rows, env, flops=flops)
 
 
 def main(argv=None) -> int:

@@ -169,7 +169,7 @@ def main(argv=None) -> int:
     from pallas_kernels.vslash_gpu import vslash_attention_gpu
     from qwen_jax.attention import dca as dca_ops
     from qwen_jax.attention import sparse
-    from qwen_jax.bench import environment, median_time, print_table, write_json
+    from qwen_jax.bench import median_time, report
     from qwen_jax.bench import below_one, output_problem
     from qwen_jax.config import DCAConfig
     from qwen_jax.passkey import parse_length
@@ -400,11 +400,7 @@ def main(argv=None) -> int:
                 rows.append(_model_total(layer_rows, kernels, H))
                 print(json.dumps(rows[-1]), flush=True)
             del q, k, v, q_chunks, checked
-    env = environment()
-    print(json.dumps(env))
-    cols = list(dict.fromkeys(key for r in rows for key in r))
-    print_table(rows, cols)
-    write_json(args.json, {"env": env, "args": vars(args), "rows": rows})
+    report(args, rows)
     return 0
 
 

@@ -30,7 +30,7 @@ def _per_token_ms(push, ids) -> tuple[float, float]:
 
 
 def main(argv=None) -> int:
-    from qwen_jax.bench import environment, output_problem, print_table, write_json
+    from qwen_jax.bench import output_problem, report
     from qwen_jax.generation import StopChecker, truncate_at_stop
     from qwen_jax.passkey import parse_length
     from qwen_jax.tokenizer import Tokenizer
@@ -59,10 +59,7 @@ def main(argv=None) -> int:
         rows.append({"tokens": n, "incremental ms/token": round(inc[0], 4), "last 64": round(inc[1], 4),
                      "whole-row ms/token": round(whole[0], 4), "whole-row last 64": round(whole[1], 4)})
         print(json.dumps(rows[-1]), flush=True)
-    env = environment()
-    print(json.dumps(env))
-    print_table(rows, list(rows[0]))
-    write_json(args.json, {"env": env, "args": vars(args), "rows": rows})
+    report(args, rows)
     return 0
 
 
