@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import numbers
 import os
 import re
@@ -15,7 +14,7 @@ import numpy as np
 
 from qwen_jax import attention
 from qwen_jax.config import QwenConfig, read_config_json
-from qwen_jax.errors import CheckpointError, ConfigError, QwenJaxError
+from qwen_jax.errors import CheckpointError, ConfigError, QwenJaxError, read_json
 from qwen_jax.generation import check_generation_args, generate_ids, stop_strings, truncate_at_stop
 from qwen_jax.cache import cache_dtype
 from qwen_jax.model import DEFAULT_PREFILL_CHUNK, abstract_params, param_shardings, params_dtype, prefill_logits
@@ -187,11 +186,7 @@ def _read_generation_config(folder: str) -> tuple[list[int], dict]:
     path = os.path.join(folder, "generation_config.json")
     if not os.path.isfile(path):
         return [], {}
-    try:
-        with open(path) as f:
-            generation_config = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    generation_config = read_json(path)
     if not isinstance(generation_config, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(generation_config).__name__}")
     return _generation_config_eos(path, generation_config), _recommended_sampling(path, generation_config)

@@ -6,14 +6,13 @@ The config is hashable so it can be a static argument under ``jax.jit``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import numbers
 import os
 import warnings
 from typing import Any, Mapping
 
-from qwen_jax.errors import ConfigError
+from qwen_jax.errors import ConfigError, read_json
 
 # config.json fields that change nothing in this implementation (training-only or informational).
 _IGNORED_FIELDS = frozenset({
@@ -284,11 +283,7 @@ def read_sparse_config(path: str, source: str | None = None) -> list:
     """A ``sparse_attention_config.json`` file, checked (``check_sparse_layers``); errors begin with ``source``
     (default: the path)."""
     source = source or path
-    try:
-        with open(path, encoding="utf-8") as f:
-            layers = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{source}: not valid JSON ({e})") from None
+    layers = read_json(path, ConfigError, source)
     check_sparse_layers(layers, source)
     return layers
 
@@ -312,11 +307,7 @@ def read_config_json(folder: str | os.PathLike, overrides: Mapping[str, Any] | N
     path = os.path.join(folder, "config.json")
     if not os.path.isfile(path):
         raise ConfigError(f"{folder}: no config.json (is this a Hugging Face checkpoint folder?)")
-    try:
-        with open(path) as f:
-            raw = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    raw = read_json(path, ConfigError)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a JSON object")
     # Qwen's rule: the file next to config.json is loaded into the DCA block's sparse_attention_config; here

@@ -7,7 +7,7 @@ import os
 from datetime import datetime
 from typing import Any, Sequence
 
-from qwen_jax.errors import CheckpointError, QwenJaxError
+from qwen_jax.errors import CheckpointError, QwenJaxError, read_json
 
 Message = dict[str, Any]
 
@@ -80,11 +80,7 @@ def _first_line(error: Exception) -> str:
 def _read_json(path: str) -> dict:
     if not os.path.isfile(path):
         return {}
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except ValueError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    data = read_json(path)
     return data if isinstance(data, dict) else {}
 
 

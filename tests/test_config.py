@@ -244,3 +244,13 @@ def test_hf_keywords_that_would_be_ignored_are_refused(tmp_path, override, messa
     harmless = {k: (not v if isinstance(v, bool) else None) for k, v in override.items() if k != "torch_dtype"}
     if harmless:                       # asking for what qwen-jax does anyway stays accepted
         read_config_json(str(tmp_path), harmless)
+
+
+@pytest.mark.parametrize("name,error", [("config.json", ConfigError), ("tokenizer_config.json", qwen_jax.CheckpointError)])
+@pytest.mark.parametrize("content", [b"{bad", b'{"a": "\xff"}'])
+def test_a_checkpoint_file_that_is_not_json_is_named_in_one_line(tiny_checkpoint, tmp_path, name, error, content):
+    folder = _copy_checkpoint(tiny_checkpoint[0], tmp_path / "ckpt")
+    (tmp_path / "ckpt" / name).write_bytes(content)           # broken JSON, then JSON that is not UTF-8
+    with pytest.raises(error, match=f"{name}: not valid JSON") as info:
+        qwen_jax.load(folder)
+    assert "\n" not in str(info.value)
