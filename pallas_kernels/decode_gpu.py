@@ -27,7 +27,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.masks import MASK_VALUE, MaskSpec
-from pallas_kernels.online import merge_stacked, walk_phase
+from pallas_kernels.online import merge_stacked, normalised, walk_phase
 from pallas_kernels.shapes import attention_dims, matmul_precision
 
 MIN_ROWS = 16          # Triton's dot needs at least 16 rows
@@ -84,20 +84,12 @@ def _kernel(qoff_ref, kvlen_ref, scale_ref, *refs, mask: MaskSpec, T: int, G: in
         q = q_ref[...]
         if compute is not None:       # float16 math on an 8-bit cache: q within float16's range
             q = jnp.clip(q.astype(jnp.float32), -F16_MAX, F16_MAX).astype(compute)
-        lo, hi = mask.key_range(phase, first, last, kv_length)
         # the phase's blocks inside this split (splits are whole blocks, so none is visited twice)
-        j0 = jnp.maximum(lax.div(lo, block_k), lax.div(s_lo, block_k))
-        j1 = jnp.minimum(lax.div(hi + block_k - 1, block_k), lax.div(s_hi, block_k))
-        j1 = jnp.maximum(j1, j0)
-        u0, u1 = mask.interior(phase, first, last, kv_length, block_k)   # blocks every row sees whole
-        u0 = jnp.clip(u0, j0, j1)
-        u1 = jnp.clip(u1, u0, j1)
+        m, l, acc = walk_phase((m, l, acc), q, k_ref, v_ref, mask=mask, phase=phase, first=first, last=last,
+                               q_pos=q_pos, kv_length=kv_length, scale=scale, block_k=block_k, precision=precision,
+                               dtype=dtype, within=(lax.div(s_lo, block_k), lax.div(s_hi, block_k)))
 
-        m, l, acc = walk_phase((m, l, acc), q, k_ref, v_ref, (j0, u0, u1, j1), mask=mask, phase=phase, q_pos=q_pos,
-                               kv_length=kv_length, scale=scale, block_k=block_k, precision=precision, dtype=dtype)
-
-    o_ref[...] = acc / jnp.maximum(l, 1e-30)[:, None]
-    lse_ref[...] = jnp.where(l > 0, m + jnp.log(jnp.maximum(l, 1e-30)), -jnp.inf)
+    o_ref[...], lse_ref[...] = normalised(m, l, acc)
 
 
 @functools.partial(jax.jit, static_argnames=("mask", "block_k", "splits", "num_warps", "num_stages", "fp8_f16",

@@ -20,7 +20,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.masks import MASK_VALUE, MaskSpec
-from pallas_kernels.online import walk_phase
+from pallas_kernels.online import normalised, walk_phase
 from pallas_kernels.shapes import attention_dims, matmul_precision, pad_queries
 
 
@@ -38,19 +38,13 @@ def _kernel(qoff_ref, kvlen_ref, scale_ref, *refs, mask: MaskSpec, block_q: int,
     acc = jnp.zeros((block_q, H), jnp.float32)
 
     for phase, q_ref in zip(mask.phases, q_refs):
-        q = q_ref[...]
-        lo, hi = mask.key_range(phase, first, first + block_q - 1, kv_length)
-        j0, j1 = lax.div(lo, block_k), lax.div(hi + block_k - 1, block_k)
-        # Interior blocks are visible whole: no mask there, only on the ragged edges.
-        u0, u1 = mask.interior(phase, first, first + block_q - 1, kv_length, block_k)
-        u0 = jnp.clip(u0, j0, j1)
-        u1 = jnp.clip(u1, u0, j1)
+        m, l, acc = walk_phase((m, l, acc), q_ref[...], k_ref, v_ref, mask=mask, phase=phase, first=first,
+                               last=first + block_q - 1, q_pos=q_pos, kv_length=kv_length, scale=scale,
+                               block_k=block_k, precision=precision)
 
-        m, l, acc = walk_phase((m, l, acc), q, k_ref, v_ref, (j0, u0, u1, j1), mask=mask, phase=phase, q_pos=q_pos,
-                               kv_length=kv_length, scale=scale, block_k=block_k, precision=precision)
-
-    o_ref[...] = (acc / jnp.maximum(l, 1e-30)[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(l > 0, m + jnp.log(jnp.maximum(l, 1e-30)), -jnp.inf)
+    out, lse = normalised(m, l, acc)
+    o_ref[...] = out.astype(o_ref.dtype)
+    lse_ref[...] = lse
 
 
 @functools.partial(jax.jit, static_argnames=("mask", "block_q", "block_k", "num_warps", "num_stages", "interpret"))

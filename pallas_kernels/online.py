@@ -34,13 +34,20 @@ def online_softmax_step(carry, s, v, ok, precision):
     return m_new, l, acc
 
 
-def walk_phase(carry, q, k_ref, v_ref, blocks, *, mask, phase: str, q_pos, kv_length, scale, block_k: int,
-               precision, dtype=None):
-    """``online_softmax_step`` over the key blocks ``blocks = (j0, u0, u1, j1)`` of one mask phase: every key
-    of ``[u0, u1)`` visible to every row (no mask), the ragged edges ``[j0, u0)`` and ``[u1, j1)`` masked per
-    element (``mask.visible`` at ``q_pos`` [rows, 1]). K/V blocks are read from the refs, widened to ``dtype``
-    if given (an 8-bit cache)."""
-    j0, u0, u1, j1 = blocks
+def walk_phase(carry, q, k_ref, v_ref, *, mask, phase: str, first, last, q_pos, kv_length, scale, block_k: int,
+               precision, dtype=None, within=None):
+    """``online_softmax_step`` over the key blocks one mask phase shows rows at positions ``[first, last]``:
+    the blocks every row sees whole without a mask (``mask.interior``), the ragged edges masked per element
+    (``mask.visible`` at ``q_pos`` [rows, 1]). ``within``: the blocks ``[first, end)`` to stay inside (a decode
+    split). K/V blocks are read from the refs, widened to ``dtype`` if given (an 8-bit cache)."""
+    lo, hi = mask.key_range(phase, first, last, kv_length)
+    j0, j1 = lax.div(lo, block_k), lax.div(hi + block_k - 1, block_k)
+    if within is not None:
+        j0, j1 = jnp.maximum(j0, within[0]), jnp.minimum(j1, within[1])
+    j1 = jnp.maximum(j1, j0)
+    u0, u1 = mask.interior(phase, first, last, kv_length, block_k)
+    u0 = jnp.clip(u0, j0, j1)
+    u1 = jnp.clip(u1, u0, j1)
 
     def body(j, carry, masked=True):
         start = pl.multiple_of(j * block_k, block_k)
@@ -59,6 +66,11 @@ def walk_phase(carry, q, k_ref, v_ref, blocks, *, mask, phase: str, q_pos, kv_le
     carry = lax.fori_loop(j0, u0, body, carry)
     carry = lax.fori_loop(u0, u1, functools.partial(body, masked=False), carry)
     return lax.fori_loop(u1, j1, body, carry)
+
+
+def normalised(m, l, acc):
+    """The end of an online softmax: ``(out [rows, H] f32, lse [rows])``; a row that saw no key gets 0, -inf."""
+    return acc / jnp.maximum(l, 1e-30)[:, None], jnp.where(l > 0, m + jnp.log(jnp.maximum(l, 1e-30)), -jnp.inf)
 
 
 def merge_stacked(out, lse):

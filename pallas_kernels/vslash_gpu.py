@@ -23,7 +23,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.masks import MASK_VALUE, MaskSpec
-from pallas_kernels.online import online_softmax_step
+from pallas_kernels.online import normalised, online_softmax_step
 from pallas_kernels.shapes import attention_dims, matmul_precision, pad_queries
 from pallas_kernels.vslash import BAND, VSIndex, gather_verticals, pad_verticals
 
@@ -80,9 +80,9 @@ def _kernel(qoff_ref, kvlen_ref, scale_ref, seg_ref, *refs, mask: MaskSpec, bloc
         carry = lax.fori_loop(t0_ref[p], t1_ref[p], slash_tile, carry)
         carry = lax.fori_loop(0, lax.div(vcnt_ref[g, p] + block_k - 1, block_k), vertical_tile, carry)
 
-    m, l, acc = carry
-    o_ref[...] = (acc / jnp.maximum(l, 1e-30)[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(l > 0, m + jnp.log(jnp.maximum(l, 1e-30)), -jnp.inf)
+    out, lse = normalised(*carry)
+    o_ref[...] = out.astype(o_ref.dtype)
+    lse_ref[...] = lse
 
 
 @functools.partial(jax.jit, static_argnames=("mask", "block_k", "num_warps", "num_stages", "interpret"))
