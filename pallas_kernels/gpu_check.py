@@ -12,6 +12,7 @@ Exit status 1 on any failure.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 
@@ -185,6 +186,23 @@ def _compare(impl, mask_name, G, out, lse, ref_out, ref_lse):
     return res
 
 
+def _cases(impl: str, head_dims: str) -> list:
+    """``impl``'s cases as ``(run(seed=...) -> result, what a failure report names)``."""
+    if impl == "decode":
+        return [(functools.partial(run_decode_case, *case), {"case": case}) for case in DECODE_CASES]
+    if impl in SPARSE_KERNELS:
+        cases = SPARSE_CASES[impl]
+    else:
+        cases = [(m, G, int(h), None, None) for h in head_dims.split(",") for m, G in CASES]
+
+    def run(mask_name, G, H, q_offset, options, seed):
+        res = run_sparse_case(mask_name, G, seed=seed, H=H, kernel=SPARSE_KERNELS[impl], q_offset=q_offset,
+                              options=options) if impl in SPARSE_KERNELS else run_case(impl, mask_name, G, seed=seed, H=H)
+        return dict(res, H=H)
+
+    return [(functools.partial(run, *case), {"mask": case[0], "G": case[1], "H": case[2]}) for case in cases]
+
+
 def main(argv=None) -> int:
     from qwen_jax.bench import environment, write_json
 
@@ -199,29 +217,13 @@ def main(argv=None) -> int:
     only = None if args.cases is None else {int(c) for c in args.cases.split(",")}
     results = []
     for impl in args.impls.split(","):
-        if impl == "decode":
-            for i, case in enumerate(DECODE_CASES):
-                if only is None or i in only:
-                    try:
-                        res = run_decode_case(*case, seed=i)
-                    except Exception as e:  # report and go on
-                        res = {"impl": impl, "case": case, "ok": False, "error": f"{type(e).__name__}: {e}"[:2000]}
-                    results.append(res)
-                    print(json.dumps(res), flush=True)
-            continue
-        cases = SPARSE_CASES[impl] if impl in SPARSE_KERNELS else \
-            [(m, G, int(h), None, None) for h in args.head_dims.split(",") for m, G in CASES]
-        for i, (mask_name, G, H, q_offset, options) in enumerate(cases):
+        for i, (run, about) in enumerate(_cases(impl, args.head_dims)):
             if only is not None and i not in only:
                 continue
             try:
-                res = run_sparse_case(mask_name, G, seed=i, H=H, kernel=SPARSE_KERNELS[impl], q_offset=q_offset,
-                                      options=options) if impl in SPARSE_KERNELS else \
-                    run_case(impl, mask_name, G, seed=i, H=H)
-                res["H"] = H
+                res = run(seed=i)
             except Exception as e:  # report and go on: one failing case must not hide the others
-                res = {"impl": impl, "mask": mask_name, "G": G, "H": H, "ok": False,
-                       "error": f"{type(e).__name__}: {e}"[:2000]}
+                res = {"impl": impl, **about, "ok": False, "error": f"{type(e).__name__}: {e}"[:2000]}
             results.append(res)
             print(json.dumps(res), flush=True)
     bad = [r for r in results if not r["ok"]]

@@ -270,6 +270,33 @@ def test_kernel_benchmark_refuses_unknown_mosaic_gpu_options():
         bench.main(["--lengths", "1k", "--no-cudnn", "--kernels", "cutlass:64:128:2"])
 
 
+def test_gpu_check_reports_a_failing_case_and_runs_the_rest(monkeypatch, capsys):
+    """``pallas_kernels.gpu_check`` (GPU-only cases, stubbed here): a case that raises is reported with what it
+    was, the others still run, and the exit status says one failed."""
+    import json
+
+    from pallas_kernels import gpu_check
+    ran = []
+
+    def dense(impl, mask_name, G, seed, H):
+        ran.append((impl, seed))
+        if seed == 1:
+            raise RuntimeError("boom")
+        return {"impl": impl, "mask": mask_name, "G": G, "ok": True}
+
+    monkeypatch.setattr(gpu_check, "run_case", dense)
+    monkeypatch.setattr(gpu_check, "run_decode_case", lambda *case, seed: ran.append(("decode", seed)) or
+                        {"impl": "decode", "case": case, "ok": True})
+    assert gpu_check.main(["--impls", "triton,decode", "--cases", "0,1,3"]) == 1
+    out = capsys.readouterr().out
+    results = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert ran == [("triton", 0), ("triton", 1), ("triton", 3), ("decode", 0), ("decode", 1), ("decode", 3)]
+    assert [r["ok"] for r in results] == [True, False, True, True, True, True]
+    mask, G = gpu_check.CASES[1]
+    assert results[1] == {"impl": "triton", "mask": mask, "G": G, "H": 128, "ok": False, "error": "RuntimeError: boom"}
+    assert results[0]["H"] == 128 and results[4]["case"] == list(gpu_check.DECODE_CASES[1])
+    assert "5/6 cases OK" in out
+
 def test_mosaic_gpu_kernel_refuses_what_it_cannot_run():
     """One-line errors (the dispatch falls back to Triton on them): shared memory over Hopper's 227 KiB,
     three consumers taking turns."""
