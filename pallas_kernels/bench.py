@@ -20,7 +20,6 @@ import functools
 import sys
 
 
-
 def main(argv=None) -> int:
     import jax
     import jax.numpy as jnp

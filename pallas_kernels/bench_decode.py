@@ -94,7 +94,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if problem := below_one(args, "repeats", "batch", "heads", "kv_heads") or output_problem(args.json):
         raise SystemExit(problem)
-    mask = MaskSpec(chunk_len=parse_dca_pair(args.dca)[0] - parse_dca_pair(args.dca)[1]) if args.dca else MaskSpec()
+    mask = MaskSpec()
+    if args.dca:
+        C, W = parse_dca_pair(args.dca)
+        mask = MaskSpec(chunk_len=C - W)
     kernels = [(spec, _kernel(spec, mask)) for spec in args.kernels.split(",")]
     env = environment()
     peak = args.peak_gbps or PEAK_GBPS.get(env["device"])
