@@ -18,6 +18,7 @@ from qwen_jax.errors import CheckpointError, ConfigError, QwenJaxError, read_jso
 from qwen_jax.generation import check_generation_args, generate_ids, stop_strings, truncate_at_stop
 from qwen_jax.cache import cache_dtype
 from qwen_jax.model import DEFAULT_PREFILL_CHUNK, abstract_params, param_shardings, params_dtype, prefill_logits
+from qwen_jax.prefix import DEFAULT_RESERVE, PrefixCache, cache_prefix
 from qwen_jax.sampling import Sampling
 from qwen_jax.tokenizer import Tokenizer
 
@@ -60,6 +61,16 @@ class Model:
         self.attention = dataclasses.replace(attention.AttentionSpec.of(attn_implementation), mesh=mesh)
         self.prefill_chunk_size = prefill_chunk_size
 
+    def __repr__(self) -> str:
+        c = self.config
+        size = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(self.params))
+        dca = ", DCA" + (" + sparse prefill" if c.dual_chunk_attention_config.sparse_attention_enabled else "") \
+            if c.dual_chunk_attention_config is not None else ""
+        mesh = f", mesh {dict(self.mesh.shape)}" if self.mesh is not None else ""
+        return (f"Model({size / 1e9:.2f}B parameters, {c.num_hidden_layers} layers, {c.num_attention_heads}/"
+                f"{c.num_key_value_heads} heads, {jnp.dtype(params_dtype(self.params)).name}, "
+                f"{jnp.dtype(self.kv_cache_dtype).name} cache{dca}{mesh})")
+
     def logits(self, tokens) -> np.ndarray:
         """Full-sequence forward, through the chunked-prefill path: int tokens [B, T] -> float32 [B, T, V]."""
         try:
@@ -101,24 +112,42 @@ class Model:
             out.append(ids)
         return out
 
+    def cache_prefix(self, prefix: str | Sequence[int], *, reserve: int = DEFAULT_RESERVE,
+                     progress: Callable[[int, int], None] | None = None) -> PrefixCache:
+        """Prefill ``prefix`` (text, encoded without a chat template, or token ids) once, for ``generate(...,
+        prefix=...)`` to continue as often as needed; ``reserve``: the slots kept after it for a continuation
+        and its new tokens. See ``qwen_jax.prefix``."""
+        if isinstance(prefix, str):
+            if self.tokenizer is None:
+                raise CheckpointError("this checkpoint has no tokenizer.json, so a text prefix cannot be encoded")
+            prefix = self.tokenizer.encode(prefix)
+        return cache_prefix(self.params, self.config, prefix, reserve=reserve, spec=self.attention,
+                            prefill_chunk_size=self.prefill_chunk_size, cache_dtype=self.kv_cache_dtype,
+                            progress=progress)
+
     def generate(self, prompts, *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, repetition_penalty: float = 1.0, seed: int = 0,
                  stop: str | Sequence[str] | None = None,
                  on_text: Callable[[int, str], None] | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> list[str]:
+                 progress: Callable[[int, int], None] | None = None, prefix: PrefixCache | None = None) -> list[str]:
         """Continue each prompt; returns one completion string per prompt (prompt and EOS excluded,
         cut before the first stop string). ``repetition_penalty`` (HF's; 1: off) divides a positive logit of an
         id already in the row (prompt or output) by it, and multiplies a negative one. ``on_text(row, text)``
         receives text as it is produced;
-        ``progress(done, total)`` the prefill's tokens after each chunk, for prompts longer than one chunk."""
+        ``progress(done, total)`` the prefill's tokens after each chunk, for prompts longer than one chunk.
+        ``prefix`` (from ``cache_prefix``): the prompts are text that follows it, each continued in turn."""
         stop = stop_strings(stop)
         sampling = Sampling(temperature, top_k, top_p, repetition_penalty)
         check_generation_args(max_new_tokens=max_new_tokens, seed=seed, on_text=on_text)  # before the prompts encode
+        if prefix is not None and not (isinstance(prompts, str) or (
+                isinstance(prompts, (list, tuple)) and all(isinstance(p, str) for p in prompts))):
+            raise QwenJaxError("after a prefix, prompts are the text that follows it (a string or a list of strings); "
+                               "a chat renders its template from the start: put its first part in the prefix")
         ids = generate_ids(self.params, self.config, self.encode_prompts(prompts), max_new_tokens=max_new_tokens,
                            sampling=sampling, seed=seed,
                            eos_ids=self.eos_token_ids, stop=stop, decode=self.tokenizer.decode, on_text=on_text,
                            spec=self.attention, prefill_chunk_size=self.prefill_chunk_size,
-                           cache_dtype=self.kv_cache_dtype, progress=progress)
+                           cache_dtype=self.kv_cache_dtype, progress=progress, prefix=prefix)
         return [truncate_at_stop(self.tokenizer.decode(row), stop)[0] for row in ids]
 
 

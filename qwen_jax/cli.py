@@ -228,7 +228,7 @@ def _start_distributed(args) -> bool:
 
 BENCHMARKS = {"prefill": "qwen_jax.bench.prefill", "decode": "qwen_jax.bench.decode",
               "attention": "pallas_kernels.bench", "sparse": "qwen_jax.bench.sparse", "generation": "qwen_jax.bench.generation",
-              "compile": "qwen_jax.bench.compile", "stream": "qwen_jax.bench.stream"}
+              "compile": "qwen_jax.bench.compile", "stream": "qwen_jax.bench.stream", "prefix": "qwen_jax.bench.prefix"}
 
 
 # the sampling flags' values when neither the flag nor --generation-config gives one: greedy
@@ -268,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt-file", help="read the prompt from this file ('-' for stdin)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
     p.add_argument("--system", default=None, help="system message (with --chat)")
+    p.add_argument("--question", action="append", default=None, metavar="TEXT",
+                   help="repeatable: prefill the prompt once, then answer each question after it in turn (the "
+                        "prompt, a blank line, the question; with --chat, both in the user message)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     p.add_argument("--mesh", default=None, help='device mesh, e.g. "seq=4,tensor=2"')
     _add_model_options(p)
@@ -356,14 +359,52 @@ def cmd_generate(args) -> int:
             [{"role": "user", "content": text}]
     sampling = dict(SAMPLING_DEFAULTS, **(model.generation_config if args.generation_config else {}))
     sampling.update({name: getattr(args, name) for name in SAMPLING_DEFAULTS if getattr(args, name) is not None})
+    write = (lambda row, delta: main_process and (sys.stdout.write(delta), sys.stdout.flush()))
     t0 = time.perf_counter()
+    if args.question:
+        from qwen_jax.prefix import needed_room
+        prefix, prompts = _split_questions(model, prompt, args.question)
+        longest = max(len(model.tokenizer.encode(p)) for p in prompts)
+        cached = model.cache_prefix(prefix, reserve=needed_room(longest, args.max_new_tokens),
+                                    progress=_prefill_bar(main_process))
+        if main_process:
+            print(f"[prompt prefilled once: {cached.length} tokens, {time.perf_counter() - t0:.1f} s]", file=sys.stderr)
+        for prompt in prompts:
+            t0 = time.perf_counter()
+            model.generate(prompt, prefix=cached, max_new_tokens=args.max_new_tokens, **sampling, seed=args.seed,
+                           stop=args.stop, on_text=write)
+            if main_process:
+                sys.stdout.write("\n\n")
+                print(f"[{time.perf_counter() - t0:.1f} s]", file=sys.stderr)
+        return 0
     model.generate(prompt, max_new_tokens=args.max_new_tokens, **sampling, seed=args.seed, stop=args.stop,
-                   on_text=lambda row, delta: main_process and (sys.stdout.write(delta), sys.stdout.flush()),
-                   progress=_prefill_bar(main_process))
+                   on_text=write, progress=_prefill_bar(main_process))
     if main_process:
         sys.stdout.write("\n")
         print(f"[{time.perf_counter() - t0:.1f} s]", file=sys.stderr)
     return 0
+
+
+QUESTION_SEPARATOR = "\n\n"
+
+
+def _split_questions(model, prompt, questions: list[str]) -> tuple[str, list[str]]:
+    """``generate --question``: the text every question shares (the prompt and a blank line; for a chat, the
+    template rendered up to there) and what follows it for each question."""
+    from qwen_jax.errors import QwenJaxError
+    if model.tokenizer is None:
+        raise QwenJaxError("this checkpoint has no tokenizer.json, so the prompt cannot be encoded")
+    if isinstance(prompt, str):
+        return prompt + QUESTION_SEPARATOR, list(questions)
+    shared = prompt[-1]["content"] + QUESTION_SEPARATOR
+    rendered = [model.tokenizer.apply_chat_template(prompt[:-1] + [{"role": "user", "content": shared + q}],
+                                                    add_generation_prompt=True) for q in questions]
+    cut = rendered[0].find(shared)
+    if cut < 0 or any(not r.startswith(rendered[0][:cut + len(shared)]) for r in rendered):
+        raise QwenJaxError("this chat template does not render the user message as written, so the prompt cannot "
+                           "be prefilled once for every --question")
+    cut += len(shared)
+    return rendered[0][:cut], [r[cut:] for r in rendered]
 
 
 def cmd_passkey(args) -> int:

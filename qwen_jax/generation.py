@@ -92,17 +92,23 @@ def _host_memory() -> int | None:
         return None
 
 
-def check_length(config: QwenConfig, *, prompt_tokens: int, max_new_tokens: int, batch: int, slots: int, dtype,
-                 params_dtype, mesh=None) -> None:
-    """Refuse a KV cache of ``slots`` slots the device (on CPU: the host) cannot hold, naming the numbers; warn
-    past ``max_position_embeddings`` without DCA (only a warning: a model may still run past it; with DCA it is
-    what the model is configured for, so no warning)."""
-    from qwen_jax import memory
+def warn_past_positions(config: QwenConfig, *, prompt_tokens: int, max_new_tokens: int, stacklevel: int = 2):
+    """Warn past ``max_position_embeddings`` without DCA (only a warning: a model may still run past it; with DCA
+    it is what the model is configured for, so no warning). ``stacklevel`` as ``warnings.warn``'s, from the caller."""
     total = prompt_tokens + max_new_tokens
     if total > config.max_position_embeddings and config.dual_chunk_attention_config is None:   # DCA: made for it
         warnings.warn(f"prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) = {total} tokens exceeds "
                       f"the model's max_position_embeddings ({config.max_position_embeddings}); output quality may "
-                      f"degrade past it", stacklevel=3)
+                      f"degrade past it", stacklevel=stacklevel + 1)
+
+
+def check_length(config: QwenConfig, *, prompt_tokens: int, max_new_tokens: int, batch: int, slots: int, dtype,
+                 params_dtype, mesh=None, room: str = "max_new_tokens") -> None:
+    """Refuse a KV cache of ``slots`` slots the device (on CPU: the host) cannot hold, naming the numbers
+    (``room``: what the slots past the prompt are for); ``warn_past_positions`` for a generation."""
+    from qwen_jax import memory
+    if room == "max_new_tokens":
+        warn_past_positions(config, prompt_tokens=prompt_tokens, max_new_tokens=max_new_tokens, stacklevel=3)
     p = memory.plan(config, tokens=slots, batch=batch, mesh=mesh, dtype=params_dtype, cache_dtype=dtype, sparse=False)
     cache, weights = p.cache, p.weights           # per device; the weights are resident already
     capacity, holder = memory.device_capacity(), "the device holds"
@@ -112,9 +118,9 @@ def check_length(config: QwenConfig, *, prompt_tokens: int, max_new_tokens: int,
         capacity, holder = _host_memory(), "this host's memory holds"
     if capacity is not None and cache + weights > capacity:
         raise QwenJaxError(
-            f"prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) needs a KV cache of {slots} slots "
+            f"prompt ({prompt_tokens} tokens) + {room} ({max_new_tokens}) needs a KV cache of {slots} slots "
             f"x {batch} row(s) = {cache / memory.GiB:.1f} GiB, which with the {weights / memory.GiB:.1f} GiB of "
-            f"weights is more than the {capacity / memory.GiB:.1f} GiB {holder}; lower max_new_tokens (or shorten "
+            f"weights is more than the {capacity / memory.GiB:.1f} GiB {holder}; lower {room} (or shorten "
             f"the prompt)")
 
 
@@ -208,32 +214,63 @@ def generate_ids(params, config: QwenConfig, prompts: Sequence[Sequence[int]], *
                  on_text: Callable[[int, str], None] | None = None,
                  spec: attention.AttentionSpec = attention.DEFAULT_SPEC,
                  prefill_chunk_size: int = DEFAULT_PREFILL_CHUNK, cache_dtype=None,
-                 progress: Callable[[int, int], None] | None = None) -> list[list[int]]:
+                 progress: Callable[[int, int], None] | None = None, prefix=None) -> list[list[int]]:
     """Generate up to ``max_new_tokens`` per prompt (token-id lists). Stops a row at an EOS id or a stop string.
 
     Returns the generated ids per row (EOS excluded). ``on_text(row, text)`` streams decoded text;
     ``progress(done, total)`` hears of the prefill's tokens after each chunk, where it takes more than one.
+    ``prefix``: a ``qwen_jax.prefix.PrefixCache``; each prompt then continues it (one row after another over
+    the prefix's one cache, see ``qwen_jax.prefix``) and ``cache_dtype`` is the prefix's.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise QwenJaxError("every prompt must have at least one token")
     check_generation_args(max_new_tokens=max_new_tokens, seed=seed, on_text=on_text)
     stop = stop_strings(stop)
+    run = functools.partial(_generate, params, config, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
+                            eos_ids=eos_ids, stop=stop, decode=decode, spec=spec, chunk_size=prefill_chunk_size)
+    if prefix is not None:
+        from qwen_jax.prefix import continue_prefix
+        return continue_prefix(prefix, run, prompts, config=config, max_new_tokens=max_new_tokens, spec=spec,
+                               penalty=sampling.repetition_penalty != 1.0, on_text=on_text, progress=progress)
     B = len(prompts)
-    lengths = np.array([len(p) for p in prompts], np.int32)
-    T = padded_prompt_length(int(lengths.max()))
-    tokens = np.full((B, T), config.pad_token_id or 0, np.int32)
-    for row, p in enumerate(prompts):
-        tokens[row, :len(p)] = p
-    slots, dtype = cache_length(T, max_new_tokens), cache_dtype or params_dtype(params)
+    tokens, lengths = right_padded(prompts, config)
+    slots, dtype = cache_length(tokens.shape[1], max_new_tokens), cache_dtype or params_dtype(params)
     check_length(config, prompt_tokens=int(lengths.max()), max_new_tokens=max_new_tokens, batch=B, slots=slots,
                  dtype=dtype, params_dtype=params_dtype(params), mesh=spec.mesh)
     cache = init_cache(config, B, slots, dtype, mesh=spec.mesh)
-    report = None if progress is None or T <= prefill_chunk_size else (lambda done: progress(done, T))
-    logits, cache = prefill(params, tokens, lengths, cache, config, chunk_size=prefill_chunk_size, spec=spec,
-                            progress=report)
-    key = jax.random.key(seed)
     # a repetition penalty counts the ids of each row so far, prompt padding excluded; none: no state at all
-    seen = None if sampling.repetition_penalty == 1.0 else _prompt_seen(tokens, lengths, config.vocab_size, spec.mesh)
+    seen = None if sampling.repetition_penalty == 1.0 else prompt_seen(tokens, lengths, config, spec)
+    return run(tokens, lengths, cache, seen=seen, on_text=on_text, progress=progress)
+
+
+def prompt_seen(tokens, lengths, config: QwenConfig, spec: attention.AttentionSpec):
+    """[B, V] bool: the ids in each row's first ``lengths`` tokens (a repetition penalty's starting state)."""
+    return _prompt_seen(tokens, lengths, config.vocab_size, spec.mesh)
+
+
+def right_padded(prompts: Sequence[Sequence[int]], config: QwenConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Prompts as one right-padded int32 array [B, T] (T a multiple of ``PROMPT_BUCKET``), and their lengths."""
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    tokens = np.full((len(prompts), padded_prompt_length(int(lengths.max()))), config.pad_token_id or 0, np.int32)
+    for row, p in enumerate(prompts):
+        tokens[row, :len(p)] = p
+    return tokens, lengths
+
+
+def _generate(params, config: QwenConfig, tokens, lengths, cache, *, max_new_tokens: int, sampling: Sampling,
+              seed: int, eos_ids, stop, decode, spec, chunk_size: int, on_text, progress, seen, start: int = 0,
+              keep: Callable | None = None) -> list[list[int]]:
+    """Prefill ``tokens`` [B, T] at positions ``[start, start + T)`` (rows ``lengths`` long, counting the ``start``
+    slots already filled), then decode. ``seen``: a repetition penalty's ids so far (``prompt_seen``), or None
+    without one. ``keep(cache)`` hears of the live cache after the prefill and after each step (every step
+    donates the one before)."""
+    B, T = tokens.shape
+    report = None if progress is None or T <= chunk_size else (lambda done: progress(done, T))
+    logits, cache = prefill(params, tokens, lengths, cache, config, chunk_size=chunk_size, spec=spec,
+                            progress=report, start=start)
+    keep = keep or (lambda _: None)
+    keep(cache)
+    key = jax.random.key(seed)
     next_tokens = _first_sample(logits, jax.random.fold_in(key, 0), sampling, seen, spec.mesh)
     positions = jnp.asarray(lengths)
     carried = shardings_of((next_tokens, cache, seen))   # each step's state spelled as the first step's (one program)
@@ -249,6 +286,7 @@ def generate_ids(params, config: QwenConfig, prompts: Sequence[Sequence[int]], *
             next_tokens, cache, seen = relabel(decode_and_sample(params, current, positions, cache,
                                                                  jax.random.fold_in(key, step + 1), config, spec,
                                                                  sampling, seen), carried)
+            keep(cache)
             positions = positions + 1
         host = to_host(current)
         for row in np.flatnonzero(~done):

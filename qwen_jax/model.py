@@ -260,16 +260,20 @@ def _chunks(total: int, chunk_size: int):
 
 
 def prefill(params, tokens, lengths, cache: KVCache, config: QwenConfig, *, chunk_size: int = DEFAULT_PREFILL_CHUNK,
-            spec: attention.AttentionSpec = attention.DEFAULT_SPEC, progress=None):
+            spec: attention.AttentionSpec = attention.DEFAULT_SPEC, progress=None, start: int = 0):
     """Prefill right-padded prompts ``tokens`` [B, T] with ``lengths`` [B] in chunks of ``chunk_size`` tokens.
 
     Each chunk's queries attend to the cache so far; the result equals a one-shot prefill.
     Returns ``(logits [B, V] float32 at each row's last prompt token, cache)``. ``progress`` is
     an optional callable receiving the number of tokens done after each chunk.
+    ``start``: the tokens go to positions (and slots) ``[start, start + T)`` after a prefix already in the cache
+    (``qwen_jax.prefix``); ``lengths`` count the prefix too. The chunks then begin at ``start``.
     """
     tokens = jnp.asarray(tokens, jnp.int32)
     B, T = tokens.shape
-    _check_fits(T, cache)
+    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+        raise QwenJaxError(f"start must be an integer >= 0 (the prefix's length), got {start!r}")
+    _check_fits(start + T, cache)
     _check_sparse_chunks(config, chunk_size)
     spec = attention.with_sparse_rows(spec, config, lengths)
     lengths = jnp.asarray(lengths, jnp.int32)
@@ -279,8 +283,8 @@ def prefill(params, tokens, lengths, cache: KVCache, config: QwenConfig, *, chun
         last_hidden = global_array(last_hidden, jax.sharding.NamedSharding(spec.mesh, jax.sharding.PartitionSpec()))
     carried = shardings_of(last_hidden)     # (the cache comes back from each chunk spelled as it went in)
     for begin, end in _chunks(T, chunk_size):
-        last_hidden, cache = _prefill_chunk(params, tokens[:, begin:end], jnp.int32(begin), lengths, last_hidden,
-                                            cache, config, spec, False)
+        last_hidden, cache = _prefill_chunk(params, tokens[:, begin:end], jnp.int32(start + begin), lengths,
+                                            last_hidden, cache, config, spec, False)
         last_hidden = relabel(last_hidden, carried)
         if progress is not None:
             jax.block_until_ready(last_hidden)   # report work done, not work dispatched

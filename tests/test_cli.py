@@ -283,3 +283,31 @@ def test_dca_flags_edit_the_checkpoints_own_block(tiny_checkpoint, tmp_path):
     args = build_parser().parse_args(["generate", "--model", tiny_checkpoint[0], "--prompt", "x", "--sparse"])
     with pytest.raises(QwenJaxError, match="pass --dca too"):
         _load(args)
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_questions_after_one_prefill_answer_as_the_api_does(tiny_checkpoint, monkeypatch, capsys, chat):
+    """``--question`` (twice): the prompt is prefilled once (the library's prefix cache), each answer printed in
+    turn, as ``generate(..., prefix=...)`` gives it; with --chat the template is split where the questions begin."""
+    import qwen_jax
+    from qwen_jax.cli import main
+    folder, prompt, questions = tiny_checkpoint[0], "The sky is blue. " * 30, ["Why?", "And the sea?"]
+    model = qwen_jax.load(folder, dtype="float32")
+    if chat:
+        rendered = [model.tokenizer.apply_chat_template([{"role": "user", "content": prompt + "\n\n" + q}],
+                                                        add_generation_prompt=True) for q in questions]
+        shared = rendered[0][:rendered[0].index(prompt) + len(prompt) + 2]
+        rests = [r[len(shared):] for r in rendered]
+        assert all(r.startswith(shared) for r in rendered) and rests[0].startswith("Why?")
+    else:
+        shared, rests = prompt + "\n\n", questions
+    cached = model.cache_prefix(shared, reserve=128)
+    expected = [model.generate(r, prefix=cached, max_new_tokens=6)[0] for r in rests]
+    calls, original = [], qwen_jax.Model.cache_prefix
+    monkeypatch.setattr(qwen_jax.Model, "cache_prefix", lambda self, text, **kw: calls.append(text) or original(
+        self, text, **kw))
+    args = ["generate", "--model", folder, "--prompt", prompt, "--max-new-tokens", "6", "--dtype", "float32",
+            "--question", questions[0], "--question", questions[1]] + (["--chat"] if chat else [])
+    assert main(args) == 0
+    assert calls == [shared]
+    assert capsys.readouterr().out == "".join(e + "\n\n" for e in expected)

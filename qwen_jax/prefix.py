@@ -1,0 +1,136 @@
+"""Prefix caching: prefill a long shared prompt (a book, a codebase, a 1M-token log) once, then generate after it
+as many times as needed, each time prefilling only what follows it.
+
+A ``PrefixCache`` holds the prefix's ids and one KV cache (one row) whose slots ``[0, P)`` hold the prefix, with
+room after it. A continuation is prefilled from slot ``P`` (``prefill(..., start=P)``) and decoded after that,
+writing only slots ``>= P``; attention reads a row's slots below its own length only, so whatever an earlier
+continuation left past ``P`` is never seen. Every step donates the cache, so the ``PrefixCache`` takes the live
+buffer after each one: the prefix stays usable after a call that fails or is interrupted.
+
+Exactness: with dense attention (DCA included) a continuation gives what the whole prompt gives (the same logits to
+float rounding; chunked prefill equals one-shot). Sparse prefill estimates its mask per prefill chunk, so after a
+prefix it equals a chunked prefill whose chunks start at ``P``; whether a prefill runs sparse is decided by the
+length it knows: the prefix's own for the prefix, prefix plus continuation for the continuation.
+
+Prompts given with a prefix run one after another over its one cache (a batch would need a copy of the prefix's
+cache per row). Each row samples as a one-prompt call with the same seed would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qwen_jax import attention
+from qwen_jax.cache import KVCache, cache_length, init_cache, padded_prompt_length
+from qwen_jax.config import QwenConfig
+from qwen_jax.errors import QwenJaxError
+from qwen_jax.generation import check_length, prompt_seen, right_padded, warn_past_positions
+from qwen_jax.model import DEFAULT_PREFILL_CHUNK, params_dtype, prefill
+
+DEFAULT_RESERVE = 8192      # slots after the prefix, for a continuation and its new tokens
+
+
+@dataclasses.dataclass(eq=False)
+class PrefixCache:
+    """A prefilled prefix: ``tokens`` (its ids) in slots ``[0, len(tokens))`` of ``cache`` (one row)."""
+    tokens: tuple[int, ...]
+    cache: KVCache
+    config: QwenConfig
+    mesh: object = None
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def room(self) -> int:
+        """Slots after the prefix: a continuation's tokens (padded to 64) and its new tokens must fit."""
+        return self.cache.max_len - self.length
+
+    @property
+    def dtype(self):
+        return self.cache.k[0].dtype
+
+    def __repr__(self) -> str:
+        return f"PrefixCache({self.length} tokens, room for {self.room} more, {jnp.dtype(self.dtype).name} cache)"
+
+
+def needed_room(prompt_tokens: int, max_new_tokens: int) -> int:
+    """Slots a continuation of ``prompt_tokens`` needs after the prefix: its prefill writes the prompt padded to
+    ``PROMPT_BUCKET``, its decode steps the new tokens (all but the last, which is never fed back)."""
+    return max(padded_prompt_length(prompt_tokens), prompt_tokens + max_new_tokens - 1)
+
+
+def _check_ids(tokens, config: QwenConfig, what: str) -> list[int]:
+    ids = list(tokens) if isinstance(tokens, (list, tuple, np.ndarray)) else None
+    if not ids or not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in ids):
+        raise QwenJaxError(f"{what} must be a non-empty list of token ids")
+    if min(ids) < 0 or max(ids) >= config.vocab_size:
+        raise QwenJaxError(f"{what}: token ids must be in [0, {config.vocab_size})")
+    return [int(t) for t in ids]
+
+
+def cache_prefix(params, config: QwenConfig, tokens: Sequence[int], *, reserve: int = DEFAULT_RESERVE,
+                 spec: attention.AttentionSpec = attention.DEFAULT_SPEC,
+                 prefill_chunk_size: int = DEFAULT_PREFILL_CHUNK, cache_dtype=None,
+                 progress: Callable[[int, int], None] | None = None) -> PrefixCache:
+    """Prefill the ids ``tokens`` into a cache with ``reserve`` more slots; ``progress(done, total)`` hears of the
+    prefill's tokens after each chunk, where it takes more than one."""
+    ids = _check_ids(tokens, config, "a prefix")
+    if isinstance(reserve, bool) or not isinstance(reserve, numbers.Integral) or reserve < 1:
+        raise QwenJaxError(f"reserve must be an integer >= 1 (slots after the prefix), got {reserve!r}")
+    P = len(ids)
+    array, lengths = right_padded([ids], config)
+    slots, dtype = cache_length(P + max(int(reserve), array.shape[1] - P)), cache_dtype or params_dtype(params)
+    check_length(config, prompt_tokens=P, max_new_tokens=int(reserve), batch=1, slots=slots, dtype=dtype,
+                 params_dtype=params_dtype(params), mesh=spec.mesh, room="reserve")
+    cache = init_cache(config, 1, slots, dtype, mesh=spec.mesh)
+    T = array.shape[1]
+    report = None if progress is None or T <= prefill_chunk_size else (lambda done: progress(done, T))
+    _, cache = prefill(params, array, lengths, cache, config, chunk_size=prefill_chunk_size, spec=spec,
+                       progress=report)
+    return PrefixCache(tuple(ids), cache, config, spec.mesh)
+
+
+def continue_prefix(prefix: PrefixCache, run: Callable, prompts: Sequence[Sequence[int]], *, config: QwenConfig,
+                    max_new_tokens: int, spec: attention.AttentionSpec, penalty: bool, on_text=None,
+                    progress=None) -> list[list[int]]:
+    """``generate_ids(..., prefix=prefix)``: each prompt after the prefix, one after another (``run`` is
+    ``generation._generate`` with the generation settings bound). Everything is checked before anything runs."""
+    if not isinstance(prefix, PrefixCache):
+        raise QwenJaxError(f"prefix must be a PrefixCache (from cache_prefix), got {type(prefix).__name__}")
+    if prefix.config != config:
+        raise QwenJaxError("this prefix was cached by a model with another configuration")
+    if prefix.mesh != spec.mesh:
+        raise QwenJaxError("this prefix was cached on another mesh than this generation's")
+    if any(a.is_deleted() for a in jax.tree.leaves(prefix.cache)):
+        raise QwenJaxError("this prefix's cache has been deleted (donated to a call outside generate); cache the "
+                           "prefix again")
+    prompts = [_check_ids(p, config, f"prompt {i}") for i, p in enumerate(prompts)]
+    longest = max(needed_room(len(p), max_new_tokens) for p in prompts)
+    if longest > prefix.room:
+        raise QwenJaxError(
+            f"the prefix's cache has room for {prefix.room} slots after its {prefix.length} tokens, and a prompt of "
+            f"{max(map(len, prompts))} tokens with max_new_tokens={max_new_tokens} needs {longest}; cache the prefix "
+            f"with reserve={longest} or more")
+    warn_past_positions(config, prompt_tokens=prefix.length + max(map(len, prompts)), max_new_tokens=max_new_tokens,
+                        stacklevel=3)
+    prefix_seen = prompt_seen(*right_padded([prefix.tokens], config), config, spec) if penalty else None
+
+    def keep(cache):
+        prefix.cache = cache
+
+    out = []
+    for row, prompt in enumerate(prompts):
+        tokens, lengths = right_padded([prompt], config)
+        seen = None if prefix_seen is None else prefix_seen | prompt_seen(tokens, lengths, config, spec)
+        stream = None if on_text is None else (lambda _, text, row=row: on_text(row, text))
+        out += run(tokens, lengths + prefix.length, prefix.cache, start=prefix.length, seen=seen, on_text=stream,
+                   progress=progress, keep=keep)
+    return out
