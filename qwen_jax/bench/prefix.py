@@ -80,11 +80,11 @@ def main(argv=None) -> int:
     document = rng.integers(0, config.vocab_size, T).tolist()
     questions = [rng.integers(0, config.vocab_size, args.question_tokens).tolist() for _ in range(args.questions + 1)]
 
+    bar = progress_bar(T, f"{args.mode} prefill of the document")
     t0 = time.perf_counter()
     prefix = cache_prefix(params, config, document, reserve=needed_room(args.question_tokens, args.new_tokens),
                           spec=spec, prefill_chunk_size=args.prefill_chunk, cache_dtype=kv_dtype,
-                          progress=lambda done, total, bar=progress_bar(T, f"{args.mode} prefill of the document"):
-                          bar(min(done, T)))
+                          progress=lambda done, total: bar(min(done, T)))
     jax.block_until_ready(prefix.cache)
     prefix_s = time.perf_counter() - t0
 
