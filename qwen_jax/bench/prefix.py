@@ -6,7 +6,9 @@ against each question prefilled together with the whole document (the baseline),
                           [--prefill-chunk 32768] [--json out.json]
 
 Random token ids: the document, then the questions. The document's prefill is timed once (with a progress bar).
-Then each way runs one question to compile and ``--questions`` more, timed: the time to the first new token (the
+Then each way runs one question to compile and ``--questions`` more (the whole-prompt way after the prefix's cache
+is freed, and ``--baseline-questions`` of them: 0 leaves that way out where two runs of the whole prompt cost too
+much time), timed: the time to the first new token (the
 question's prefill, or the whole prompt's, and the first pick, as ``generate`` runs them) and to all
 ``--new-tokens`` (EOS ignored), as medians. Each question's greedy tokens are compared between the two ways:
 dense prefill gives the same tokens; sparse estimates the question's mask from its own chunk (``qwen_jax.prefix``),
@@ -29,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--random-weights", action="store_true", help="required: the weights are random")
     p.add_argument("--tokens", default="128k", help="the document's length, e.g. 128k or 1m")
     p.add_argument("--questions", type=int, default=3, help="timed questions each way (one more compiles)")
+    p.add_argument("--baseline-questions", type=int, default=None,
+                   help="timed questions with the whole prompt (default: --questions; 0: that way is not run)")
     p.add_argument("--question-tokens", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--mode", default="sparse", choices=["sparse", "dense"],
@@ -53,6 +57,9 @@ def main(argv=None) -> int:
     if problem := (below_one(args, "questions", "question_tokens", "new_tokens", "prefill_chunk")
                    or output_problem(args.json)):
         raise QwenJaxError(problem)
+    baseline = args.questions if args.baseline_questions is None else args.baseline_questions
+    if baseline < 0:
+        raise QwenJaxError(f"--baseline-questions {baseline}: must be at least 0")
 
     import jax
     import jax.numpy as jnp
@@ -78,7 +85,8 @@ def main(argv=None) -> int:
     params = init_params(config, jax.random.key(0), dtype=dtype)
     rng = np.random.default_rng(0)
     document = rng.integers(0, config.vocab_size, T).tolist()
-    questions = [rng.integers(0, config.vocab_size, args.question_tokens).tolist() for _ in range(args.questions + 1)]
+    questions = [rng.integers(0, config.vocab_size, args.question_tokens).tolist()
+                 for _ in range(max(args.questions, baseline) + 1)]
 
     bar = progress_bar(T, f"{args.mode} prefill of the document")
     t0 = time.perf_counter()
@@ -100,9 +108,13 @@ def main(argv=None) -> int:
         return marks[0] - t0, time.perf_counter() - t0, ids
 
     rows, tokens = [], {}
-    for way, cached in (("prefix cached once", True), ("whole prompt each time", False)):
+    for way, cached, n in (("prefix cached once", True, args.questions), ("whole prompt each time", False, baseline)):
+        if not n:
+            continue
+        if not cached:
+            prefix = None                # its cache freed: the whole prompt's cache is as large
         ask(questions[0], cached)                                     # compiles
-        runs = [ask(q, cached) for q in questions[1:]]
+        runs = [ask(q, cached) for q in questions[1:n + 1]]
         tokens[way] = [r[2] for r in runs]
         rows.append({"way": way, "document tokens": T, "question tokens": args.question_tokens,
                      "new tokens": args.new_tokens, "mode": args.mode, "kv cache": str(kv_dtype),
@@ -110,9 +122,10 @@ def main(argv=None) -> int:
                      "answer s": round(statistics.median(r[1] for r in runs), 3),
                      "document prefill s": round(prefix_s, 2) if cached else None})
         print(json.dumps(rows[-1]), flush=True)
-    same = [a == b for a, b in zip(*tokens.values())]
-    for row in rows:
-        row["same tokens"] = f"{sum(same)}/{len(same)}"
+    if len(tokens) == 2:
+        same = [a == b for a, b in zip(*tokens.values())]
+        for row in rows:
+            row["same tokens"] = f"{sum(same)}/{len(same)}"
     report(args, rows, environment())
     return 0
 
