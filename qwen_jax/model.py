@@ -8,6 +8,7 @@ float32. Positions are explicit: a row's tokens sit at cache slots equal to thei
 from __future__ import annotations
 
 import functools
+import numbers
 from typing import Any
 
 import flax.linen as nn
@@ -271,8 +272,9 @@ def prefill(params, tokens, lengths, cache: KVCache, config: QwenConfig, *, chun
     """
     tokens = jnp.asarray(tokens, jnp.int32)
     B, T = tokens.shape
-    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+    if isinstance(start, bool) or not isinstance(start, numbers.Integral) or start < 0:
         raise QwenJaxError(f"start must be an integer >= 0 (the prefix's length), got {start!r}")
+    start = int(start)
     _check_fits(start + T, cache)
     _check_sparse_chunks(config, chunk_size)
     spec = attention.with_sparse_rows(spec, config, lengths)

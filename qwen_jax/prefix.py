@@ -5,7 +5,9 @@ A ``PrefixCache`` holds the prefix's ids and one KV cache (one row) whose slots 
 room after it. A continuation is prefilled from slot ``P`` (``prefill(..., start=P)``) and decoded after that,
 writing only slots ``>= P``; attention reads a row's slots below its own length only, so whatever an earlier
 continuation left past ``P`` is never seen. Every step donates the cache, so the ``PrefixCache`` takes the live
-buffer after each one: the prefix stays usable after a call that fails or is interrupted.
+buffer after each one: the prefix stays usable after a call that fails between steps (a callback that raises, an
+interrupt while tokens stream). One stopped inside the continuation's prefill, between two layers' programs, can
+leave it without its cache: the next call says so.
 
 Exactness: with dense attention (DCA included) a continuation gives what the whole prompt gives (the same logits to
 float rounding; chunked prefill equals one-shot). Sparse prefill estimates its mask per prefill chunk, so after a
@@ -110,8 +112,8 @@ def continue_prefix(prefix: PrefixCache, run: Callable, prompts: Sequence[Sequen
     if prefix.mesh != spec.mesh:
         raise QwenJaxError("this prefix was cached on another mesh than this generation's")
     if any(a.is_deleted() for a in jax.tree.leaves(prefix.cache)):
-        raise QwenJaxError("this prefix's cache has been deleted (donated to a call outside generate); cache the "
-                           "prefix again")
+        raise QwenJaxError("this prefix's cache is gone (a call was stopped inside its prefill, or the cache was "
+                           "donated elsewhere); cache the prefix again")
     prompts = [_check_ids(p, config, f"prompt {i}") for i, p in enumerate(prompts)]
     longest = max(needed_room(len(p), max_new_tokens) for p in prompts)
     if longest > prefix.room:

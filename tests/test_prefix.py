@@ -173,3 +173,23 @@ def test_prefix_benchmark_times_both_ways_and_compares_their_tokens(tmp_path, ca
     assert [r["way"] for r in rows] == ["prefix cached once", "whole prompt each time"]
     assert all(r["same tokens"] == "2/2" and r["TTFT s"] <= r["answer s"] for r in rows)
     assert rows[0]["document prefill s"] > 0 and "prefill of the document" in capsys.readouterr().err
+
+
+def test_a_prefix_whose_cache_was_given_up_says_so(model):
+    pc = cache_prefix(model.params, model.config, _ids(14, 100), reserve=64, spec=model.attention,
+                      prefill_chunk_size=64)
+    pc.cache.k[0].delete()                            # as a prefill stopped between two layers' programs leaves it
+    with pytest.raises(qwen_jax.QwenJaxError, match="this prefix's cache is gone"):
+        _run(model, [_ids(15, 10)], pc)
+
+
+def test_prefill_start_is_checked(model):
+    cache = qwen_jax.init_cache(model.config, 1, 128, jnp.float32)
+    tokens, lengths = np.ones((1, 64), np.int32), jnp.asarray([100], jnp.int32)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(qwen_jax.QwenJaxError, match="start must be an integer >= 0"):
+            qwen_jax.prefill(model.params, tokens, lengths, cache, model.config, start=bad)
+    with pytest.raises(qwen_jax.QwenJaxError, match="129 tokens do not fit a KV cache of 128 slots"):
+        qwen_jax.prefill(model.params, tokens, lengths, cache, model.config, start=65)
+    logits, _ = qwen_jax.prefill(model.params, tokens, lengths, cache, model.config, start=np.int64(36))
+    assert np.isfinite(logits).all()
