@@ -121,9 +121,11 @@ class Model:
             if self.tokenizer is None:
                 raise CheckpointError("this checkpoint has no tokenizer.json, so a text prefix cannot be encoded")
             prefix = self.tokenizer.encode(prefix)
-        return cache_prefix(self.params, self.config, prefix, reserve=reserve, spec=self.attention,
-                            prefill_chunk_size=self.prefill_chunk_size, cache_dtype=self.kv_cache_dtype,
-                            progress=progress)
+        cached = cache_prefix(self.params, self.config, prefix, reserve=reserve, spec=self.attention,
+                              prefill_chunk_size=self.prefill_chunk_size, cache_dtype=self.kv_cache_dtype,
+                              progress=progress)
+        cached.owner = self
+        return cached
 
     def generate(self, prompts, *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, repetition_penalty: float = 1.0, seed: int = 0,
@@ -143,6 +145,9 @@ class Model:
                 isinstance(prompts, (list, tuple)) and all(isinstance(p, str) for p in prompts))):
             raise QwenJaxError("after a prefix, prompts are the text that follows it (a string or a list of strings); "
                                "a chat renders its template from the start: put its first part in the prefix")
+        if isinstance(prefix, PrefixCache) and prefix.owner is not None and prefix.owner is not self:
+            raise QwenJaxError("this prefix was cached by another model (its cache holds that model's keys and "
+                               "values); cache it with this one")
         ids = generate_ids(self.params, self.config, self.encode_prompts(prompts), max_new_tokens=max_new_tokens,
                            sampling=sampling, seed=seed,
                            eos_ids=self.eos_token_ids, stop=stop, decode=self.tokenizer.decode, on_text=on_text,

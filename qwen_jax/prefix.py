@@ -14,6 +14,9 @@ float rounding; chunked prefill equals one-shot). Sparse prefill estimates its m
 prefix it equals a chunked prefill whose chunks start at ``P``; whether a prefill runs sparse is decided by the
 length it knows: the prefix's own for the prefix, prefix plus continuation for the continuation.
 
+The cache holds what the parameters given to ``cache_prefix`` computed: continue it with the same ones (a
+``Model`` refuses another model's prefix; the functions cannot tell).
+
 Prompts given with a prefix run one after another over its one cache (a batch would need a copy of the prefix's
 cache per row). Each row samples as a one-prompt call with the same seed would.
 """
@@ -45,6 +48,7 @@ class PrefixCache:
     cache: KVCache
     config: QwenConfig
     mesh: object = None
+    owner: object = dataclasses.field(default=None, repr=False)    # the ``Model`` that cached it, if one did
 
     @property
     def length(self) -> int:

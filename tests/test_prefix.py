@@ -132,11 +132,14 @@ def test_bad_prefixes_are_refused_in_one_line(model, kwargs, message):
         cache_prefix(model.params, model.config, **kwargs)
 
 
-def test_chats_after_a_prefix_are_refused(tiny_checkpoint):
+def test_chats_and_another_models_prefix_are_refused(tiny_checkpoint):
     model = qwen_jax.load(tiny_checkpoint[0], dtype="float32")
     pc = model.cache_prefix([5, 6, 7])
     with pytest.raises(qwen_jax.QwenJaxError, match="after a prefix, prompts are the text that follows it"):
         model.generate([{"role": "user", "content": "hi"}], prefix=pc, max_new_tokens=2)
+    twin = qwen_jax.load(tiny_checkpoint[0], dtype="float32")     # same configuration, another model's cache
+    with pytest.raises(qwen_jax.QwenJaxError, match="this prefix was cached by another model"):
+        twin.generate("hi", prefix=pc, max_new_tokens=2)
 
 
 @pytest.mark.parametrize("mesh", ["seq=4,tensor=2", "tensor=2"])
