@@ -2,16 +2,18 @@
 as many times as needed, each time prefilling only what follows it.
 
 A ``PrefixCache`` holds the prefix's ids and one KV cache (one row) whose slots ``[0, P)`` hold the prefix, with
-room after it. A continuation is prefilled from slot ``P`` (``prefill(..., start=P)``) and decoded after that,
-writing only slots ``>= P``; attention reads a row's slots below its own length only, so whatever an earlier
-continuation left past ``P`` is never seen. Every step donates the cache, so the ``PrefixCache`` takes the live
+room after it. A continuation is prefilled from slot ``P0``, ``P`` rounded down to a multiple of 64, with the
+prefix's last ``P - P0`` tokens before its own (``prefill(..., start=P0)``: every prefill chunk then starts on the
+64-token grid that the chunks of a whole prompt start on, where the sparse kernels are checked), and decoded after
+that, writing only slots ``>= P0`` (the prefix's own values again below ``P``); attention reads a row's slots below
+its own length only, so whatever an earlier continuation left past ``P`` is never seen. Every step donates the cache, so the ``PrefixCache`` takes the live
 buffer after each one: the prefix stays usable after a call that fails between steps (a callback that raises, an
 interrupt while tokens stream). One stopped inside the continuation's prefill, between two layers' programs, can
 leave it without its cache: the next call says so.
 
 Exactness: with dense attention (DCA included) a continuation gives what the whole prompt gives (the same logits to
 float rounding; chunked prefill equals one-shot). Sparse prefill estimates its mask per prefill chunk, so after a
-prefix it equals a chunked prefill whose chunks start at ``P``; whether a prefill runs sparse is decided by the
+prefix it equals a chunked prefill whose chunks start at ``P0``; whether a prefill runs sparse is decided by the
 length it knows: the prefix's own for the prefix, prefix plus continuation for the continuation.
 
 The cache holds what the parameters given to ``cache_prefix`` computed: continue it with the same ones (a
@@ -32,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qwen_jax import attention
-from qwen_jax.cache import KVCache, cache_length, init_cache, padded_prompt_length
+from qwen_jax.cache import PROMPT_BUCKET, KVCache, cache_length, init_cache, padded_prompt_length
 from qwen_jax.config import QwenConfig
 from qwen_jax.errors import QwenJaxError
 from qwen_jax.generation import check_length, prompt_seen, right_padded, warn_past_positions
@@ -67,10 +69,12 @@ class PrefixCache:
         return f"PrefixCache({self.length} tokens, room for {self.room} more, {jnp.dtype(self.dtype).name} cache)"
 
 
-def needed_room(prompt_tokens: int, max_new_tokens: int) -> int:
-    """Slots a continuation of ``prompt_tokens`` needs after the prefix: its prefill writes the prompt padded to
-    ``PROMPT_BUCKET``, its decode steps the new tokens (all but the last, which is never fed back)."""
-    return max(padded_prompt_length(prompt_tokens), prompt_tokens + max_new_tokens - 1)
+def needed_room(prompt_tokens: int, max_new_tokens: int, prefix_tokens: int | None = None) -> int:
+    """Slots a continuation of ``prompt_tokens`` needs after a prefix of ``prefix_tokens`` (None: the most any prefix
+    needs): its prefill writes the prefix's tail past the 64-token grid and the prompt, padded to ``PROMPT_BUCKET``,
+    its decode steps the new tokens (all but the last, which is never fed back)."""
+    tail = PROMPT_BUCKET - 1 if prefix_tokens is None else prefix_tokens % PROMPT_BUCKET
+    return max(padded_prompt_length(tail + prompt_tokens) - tail, prompt_tokens + max_new_tokens - 1)
 
 
 def _check_ids(tokens, config: QwenConfig, what: str) -> list[int]:
@@ -119,7 +123,7 @@ def continue_prefix(prefix: PrefixCache, run: Callable, prompts: Sequence[Sequen
         raise QwenJaxError("this prefix's cache is gone (a call was stopped inside its prefill, or the cache was "
                            "donated elsewhere); cache the prefix again")
     prompts = [_check_ids(p, config, f"prompt {i}") for i, p in enumerate(prompts)]
-    longest = max(needed_room(len(p), max_new_tokens) for p in prompts)
+    longest = max(needed_room(len(p), max_new_tokens, prefix.length) for p in prompts)
     if longest > prefix.room:
         raise QwenJaxError(
             f"the prefix's cache has room for {prefix.room} slots after its {prefix.length} tokens, and a prompt of "
@@ -132,11 +136,12 @@ def continue_prefix(prefix: PrefixCache, run: Callable, prompts: Sequence[Sequen
     def keep(cache):
         prefix.cache = cache
 
+    start = prefix.length - prefix.length % PROMPT_BUCKET           # on the grid whole prompts' chunks start on
     out = []
     for row, prompt in enumerate(prompts):
-        tokens, lengths = right_padded([prompt], config)
+        tokens, lengths = right_padded([list(prefix.tokens[start:]) + prompt], config)
         seen = None if prefix_seen is None else prefix_seen | prompt_seen(tokens, lengths, config, spec)
         stream = None if on_text is None else (lambda _, text, row=row: on_text(row, text))
-        out += run(tokens, lengths + prefix.length, prefix.cache, start=prefix.length, seen=seen, on_text=stream,
-                   progress=progress, keep=keep)
+        out += run(tokens, lengths + start, prefix.cache, start=start, seen=seen, on_text=stream, progress=progress,
+                   keep=keep)
     return out

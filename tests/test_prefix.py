@@ -63,21 +63,33 @@ def test_each_continuation_equals_generating_from_the_whole_prompt(model, sampli
         assert _run(model, rests[:1], pc, sampling=sampling, seed=8) != want[:1]
 
 
-def test_sparse_continuation_equals_a_chunked_prefill_whose_chunks_start_at_the_prefix(tiny_checkpoint):
-    """Small budgets (the mask really is sparse): a 256-token prefix (two 128-token prefill chunks) continued by
-    160 tokens gives the logits of the whole prompt prefilled in 128-token chunks, whose chunks start there too."""
+@pytest.mark.parametrize("P, chunk", [(256, 128), (203, 64)])
+def test_sparse_continuation_equals_a_chunked_prefill_whose_chunks_start_where_it_does(tiny_checkpoint, monkeypatch, P,
+                                                                                      chunk):
+    """Small budgets (the mask really is sparse). A 256-token prefix continued by 160 tokens gives the logits of the
+    whole prompt prefilled in 128-token chunks, whose chunks start there too; a 203-token prefix is continued from
+    slot 192 (its last 11 tokens again, then the prompt), as the whole prompt's 64-token chunks are."""
     cfg = dict(DCA_TINY, sparse_attention_enabled=True, sparse_attention_threshold=0,
                sparse_attention_config=budgets_json(2, 4, 30, 50))
-    model = qwen_jax.load(tiny_checkpoint[0], dtype="float32", dual_chunk_attention_config=cfg, prefill_chunk_size=128)
+    model = qwen_jax.load(tiny_checkpoint[0], dtype="float32", dual_chunk_attention_config=cfg,
+                          prefill_chunk_size=chunk)
     dense = qwen_jax.load(tiny_checkpoint[0], dtype="float32", dual_chunk_attention_config=DCA_TINY)
-    prefix, rest = _ids(6, 256), _ids(7, 160)
+    prefix, rest = _ids(6, P), _ids(7, 160)
+    whole = np.asarray([prefix + rest])
+    start = P - P % 64
     pc = model.cache_prefix(prefix, reserve=256)
-    lengths = jnp.asarray([416], jnp.int32)
-    got, _ = qwen_jax.prefill(model.params, np.asarray([rest]), lengths, pc.cache, model.config, chunk_size=128,
-                              spec=model.attention, start=256)
-    ref = model.logits(np.asarray([prefix + rest]))[:, -1]
+    got, _ = qwen_jax.prefill(model.params, np.asarray([prefix[start:] + rest]), jnp.asarray([P + 160], jnp.int32),
+                              pc.cache, model.config, chunk_size=chunk, spec=model.attention, start=start)
+    ref = model.logits(whole)[:, -1]
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
-    assert np.abs(dense.logits(np.asarray([prefix + rest]))[:, -1] - ref).max() > 1e-3
+    assert np.abs(dense.logits(whole)[:, -1] - ref).max() > 1e-3
+    from qwen_jax import generation
+    calls, prefill = [], generation.prefill
+    monkeypatch.setattr(generation, "prefill", lambda *a, **kw: calls.append((a[1], kw["start"])) or prefill(*a, **kw))
+    pc = model.cache_prefix(prefix, reserve=256)
+    assert _run(model, [rest], pc) == _run(model, [prefix + rest])
+    (tokens, begin), _ = calls                    # the continuation's prefill, then the whole prompt's
+    assert begin == start and tokens[0, :P - start + 160].tolist() == prefix[start:] + rest
 
 
 def test_model_generate_after_a_prefix_streams_each_prompt_as_its_row(tiny_checkpoint):
