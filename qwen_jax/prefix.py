@@ -6,10 +6,10 @@ room after it. A continuation is prefilled from slot ``P0``, ``P`` rounded down 
 prefix's last ``P - P0`` tokens before its own (``prefill(..., start=P0)``: every prefill chunk then starts on the
 64-token grid that the chunks of a whole prompt start on, where the sparse kernels are checked), and decoded after
 that, writing only slots ``>= P0`` (the prefix's own values again below ``P``); attention reads a row's slots below
-its own length only, so whatever an earlier continuation left past ``P`` is never seen. Every step donates the cache, so the ``PrefixCache`` takes the live
-buffer after each one: the prefix stays usable after a call that fails between steps (a callback that raises, an
-interrupt while tokens stream). One stopped inside the continuation's prefill, between two layers' programs, can
-leave it without its cache: the next call says so.
+its own length only, so whatever an earlier continuation left past ``P`` is never seen. Every step donates the
+cache, so the ``PrefixCache`` takes the live buffer after each one: the prefix stays usable after a call that fails
+between steps (a callback that raises, an interrupt while tokens stream). One stopped inside the continuation's
+prefill, between two layers' programs, can leave it without its cache: the next call says so.
 
 Exactness: with dense attention (DCA included) a continuation gives what the whole prompt gives (the same logits to
 float rounding; chunked prefill equals one-shot). Sparse prefill estimates its mask per prefill chunk, so after a
@@ -58,7 +58,7 @@ class PrefixCache:
 
     @property
     def room(self) -> int:
-        """Slots after the prefix: a continuation's tokens (padded to 64) and its new tokens must fit."""
+        """Slots after the prefix, where a continuation and its new tokens must fit (``needed_room``)."""
         return self.cache.max_len - self.length
 
     @property
