@@ -227,8 +227,9 @@ def _start_distributed(args) -> bool:
 
 
 BENCHMARKS = {"prefill": "qwen_jax.bench.prefill", "decode": "qwen_jax.bench.decode",
-              "attention": "pallas_kernels.bench", "sparse": "qwen_jax.bench.sparse", "generation": "qwen_jax.bench.generation",
-              "compile": "qwen_jax.bench.compile", "stream": "qwen_jax.bench.stream", "prefix": "qwen_jax.bench.prefix"}
+              "attention": "pallas_kernels.bench", "sparse": "qwen_jax.bench.sparse",
+              "generation": "qwen_jax.bench.generation", "compile": "qwen_jax.bench.compile",
+              "stream": "qwen_jax.bench.stream", "prefix": "qwen_jax.bench.prefix"}
 
 
 # the sampling flags' values when neither the flag nor --generation-config gives one: greedy
@@ -320,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "reports, if it does")
 
     p = sub.add_parser("bench", help="benchmarks: prefill and long-context decode (random-weight "
-                                     "architectures), attention kernels, sparse attention, generation, compile time, streamed text",
+                                     "architectures), attention kernels, sparse attention, generation, compile time, "
+                                     "streamed text, prefix caching",
                        add_help=False)
     p.add_argument("which", choices=sorted(BENCHMARKS), help="which benchmark")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="its arguments (qwen-jax bench WHICH --help)")
