@@ -303,11 +303,14 @@ def test_questions_after_one_prefill_answer_as_the_api_does(tiny_checkpoint, mon
         shared, rests = prompt + "\n\n", questions
     cached = model.cache_prefix(shared, reserve=128)
     expected = [model.generate(r, prefix=cached, max_new_tokens=6)[0] for r in rests]
-    calls, original = [], qwen_jax.Model.cache_prefix
+    calls, original, asked, generate = [], qwen_jax.Model.cache_prefix, [], qwen_jax.Model.generate
     monkeypatch.setattr(qwen_jax.Model, "cache_prefix", lambda self, text, **kw: calls.append(text) or original(
         self, text, **kw))
+    monkeypatch.setattr(qwen_jax.Model, "generate", lambda self, prompt, **kw: asked.append(
+        (prompt, kw["prefix"].length)) or generate(self, prompt, **kw))
     args = ["generate", "--model", folder, "--prompt", prompt, "--max-new-tokens", "6", "--dtype", "float32",
             "--question", questions[0], "--question", questions[1]] + (["--chat"] if chat else [])
     assert main(args) == 0
     assert calls == [shared]
+    assert asked == [(rest, len(model.tokenizer.encode(shared))) for rest in rests]
     assert capsys.readouterr().out == "".join(e + "\n\n" for e in expected)
