@@ -257,6 +257,12 @@ def right_padded(prompts: Sequence[Sequence[int]], config: QwenConfig) -> tuple[
     return tokens, lengths
 
 
+def prefill_progress(progress: Callable[[int, int], None] | None, total: int, chunk_size: int):
+    """``prefill``'s ``progress(done)`` for a ``progress(done, total)`` that hears only of prompts longer than one
+    chunk (None otherwise)."""
+    return None if progress is None or total <= chunk_size else (lambda done: progress(done, total))
+
+
 def _generate(params, config: QwenConfig, tokens, lengths, cache, *, max_new_tokens: int, sampling: Sampling,
               seed: int, eos_ids, stop, decode, spec, chunk_size: int, on_text, progress, seen, start: int = 0,
               keep: Callable | None = None) -> list[list[int]]:
@@ -265,9 +271,8 @@ def _generate(params, config: QwenConfig, tokens, lengths, cache, *, max_new_tok
     without one. ``keep(cache)`` hears of the live cache after the prefill and after each step (every step
     donates the one before)."""
     B, T = tokens.shape
-    report = None if progress is None or T <= chunk_size else (lambda done: progress(done, T))
     logits, cache = prefill(params, tokens, lengths, cache, config, chunk_size=chunk_size, spec=spec,
-                            progress=report, start=start)
+                            progress=prefill_progress(progress, T, chunk_size), start=start)
     keep = keep or (lambda _: None)
     keep(cache)
     key = jax.random.key(seed)

@@ -37,7 +37,7 @@ from qwen_jax import attention
 from qwen_jax.cache import PROMPT_BUCKET, KVCache, cache_length, init_cache, padded_prompt_length
 from qwen_jax.config import QwenConfig
 from qwen_jax.errors import QwenJaxError
-from qwen_jax.generation import check_length, prompt_seen, right_padded, warn_past_positions
+from qwen_jax.generation import check_length, prefill_progress, prompt_seen, right_padded, warn_past_positions
 from qwen_jax.model import DEFAULT_PREFILL_CHUNK, params_dtype, prefill
 
 DEFAULT_RESERVE = 8192      # slots after the prefix, for a continuation and its new tokens
@@ -101,10 +101,8 @@ def cache_prefix(params, config: QwenConfig, tokens: Sequence[int], *, reserve: 
     check_length(config, prompt_tokens=P, max_new_tokens=int(reserve), batch=1, slots=slots, dtype=dtype,
                  params_dtype=params_dtype(params), mesh=spec.mesh, room="reserve")
     cache = init_cache(config, 1, slots, dtype, mesh=spec.mesh)
-    T = array.shape[1]
-    report = None if progress is None or T <= prefill_chunk_size else (lambda done: progress(done, T))
     _, cache = prefill(params, array, lengths, cache, config, chunk_size=prefill_chunk_size, spec=spec,
-                       progress=report)
+                       progress=prefill_progress(progress, array.shape[1], prefill_chunk_size))
     return PrefixCache(tuple(ids), cache, config, spec.mesh)
 
 
