@@ -233,6 +233,7 @@ BENCHMARKS = {"prefill": "qwen_jax.bench.prefill", "decode": "qwen_jax.bench.dec
 
 
 # the sampling flags' values when neither the flag nor --generation-config gives one: greedy
+DTYPE_HELP = "parameter dtype (auto, the default: bfloat16 on GPU/TPU, float32 on CPU where it fits)"
 SAMPLING_DEFAULTS = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
 
 
@@ -272,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--question", action="append", default=None, metavar="TEXT",
                    help="repeatable: prefill the prompt once, then answer each question after it in turn (the "
                         "prompt, a blank line, the question; with --chat, both in the user message)")
-    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto", help=DTYPE_HELP)
     p.add_argument("--mesh", default=None, help='device mesh, e.g. "seq=4,tensor=2"')
     _add_model_options(p)
     _add_sampling(p)
@@ -282,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="HF checkpoint folder, converted folder, or hub repo id")
     p.add_argument("--lengths", required=True, help="comma-separated prompt lengths in tokens, e.g. 32k,128k")
     p.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9", help="comma-separated needle depths in [0, 1]")
-    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto", help=DTYPE_HELP)
     p.add_argument("--mesh", default=None, help='device mesh, e.g. "seq=4,tensor=2"')
     p.add_argument("--seed", type=int, default=0, help="seed of the random 5-digit keys")
     p.add_argument("--json", default=None, help="write the results here")
@@ -293,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="HF checkpoint folder, converted folder, or hub repo id")
     p.add_argument("--length", required=True, help="prompt length in tokens, e.g. 128k (passkey-style filler)")
     p.add_argument("--prompt-file", default=None, help="use this text instead (cut to --length tokens)")
-    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto", help=DTYPE_HELP)
     p.add_argument("--json", default=None, help="write per-head recall and the summary here")
     p.add_argument("--png", default=None, help="write a layer x head heatmap here")
     p.add_argument("--save-selections", default=None, metavar="FILE.npz",
@@ -439,8 +440,8 @@ def cmd_passkey(args) -> int:
     print(passkey.table(results))
     if args.json:
         dca = model.config.dual_chunk_attention_config
-        passkey.write_json(args.json, results, env=environment(), model=args.model, dtype=args.dtype,
-                           dca=None if dca is None else {"chunk_size": dca.chunk_size, "local_size": dca.local_size,
+        passkey.write_json(args.json, results, env=environment(), model=args.model,
+                           dtype=model.dtype.name, dca=None if dca is None else {"chunk_size": dca.chunk_size, "local_size": dca.local_size,
                                                          "original_max_position_embeddings":
                                                              dca.original_max_position_embeddings,
                                                          "sparse": dca.sparse_attention_enabled,

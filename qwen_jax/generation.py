@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import numbers
-import os
 import warnings
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -85,13 +84,6 @@ def check_generation_args(*, max_new_tokens, seed, on_text=None) -> None:
         raise QwenJaxError(f"on_text must be a function (row, text) or None, got {on_text!r}")
 
 
-def _host_memory() -> int | None:
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # a platform without these sysconf names
-        return None
-
-
 def warn_past_positions(config: QwenConfig, *, prompt_tokens: int, max_new_tokens: int, stacklevel: int = 2):
     """Warn past ``max_position_embeddings`` without DCA (only a warning: a model may still run past it; with DCA
     it is what the model is configured for, so no warning). ``stacklevel`` as ``warnings.warn``'s, from the caller."""
@@ -115,7 +107,7 @@ def check_length(config: QwenConfig, *, prompt_tokens: int, max_new_tokens: int,
     if capacity is None:                 # CPU: every (simulated) device's share lives in the host's memory
         devices = max(1, int(np.prod(list(memory.mesh_sizes(mesh).values()))))
         cache, weights = cache * devices, weights * devices
-        capacity, holder = _host_memory(), "this host's memory holds"
+        capacity, holder = memory.host_memory(), "this host's memory holds"
     if capacity is not None and cache + weights > capacity:
         raise QwenJaxError(
             f"prompt ({prompt_tokens} tokens) + {room} ({max_new_tokens}) needs a KV cache of {slots} slots "

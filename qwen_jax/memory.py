@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 from types import SimpleNamespace
 
 import jax
@@ -161,6 +162,14 @@ def device_capacity() -> int | None:
     except Exception:  # pragma: no cover - backends without memory stats
         return None
     return None if not stats else int(stats.get("bytes_limit", 0)) or None
+
+
+def host_memory() -> int | None:
+    """The host's physical memory in bytes (None on a platform that does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # a platform without these sysconf names
+        return None
 
 
 def check(p: MemoryPlan, *, tokens: int, mesh=None, chunk_size: int) -> None:

@@ -95,6 +95,7 @@ def _no_work(monkeypatch):
     monkeypatch.setattr(qwen_jax.bench.compile, "step_times", work)
     monkeypatch.setattr(qwen_jax.bench.sparse, "_inputs", work)
     monkeypatch.setattr(qwen_jax.bench.generation, "bench_qwen_jax", work)
+    monkeypatch.setattr(qwen_jax.bench.generation, "write_random_checkpoint", work)
     monkeypatch.setattr(qwen_jax.bench, "median_time", work)            # attention
 
 
@@ -127,6 +128,9 @@ def _bad_arguments(tmp_path, hf_folder):
         ("qwen_jax.bench.generation", ["--model", hf_folder, "--prompt-tokens", "0"], "--prompt-tokens 0: must be"),
         ("qwen_jax.bench.generation", ["--model", hf_folder, "--repeats", "0"], "--repeats 0: must be at least 1"),
         ("qwen_jax.bench.generation", ["--model", hf_folder, "--json", missing], "does not exist"),
+        ("qwen_jax.bench.generation", ["--config", "qwen2.5-7b"], "--config needs --random-weights"),
+        ("qwen_jax.bench.generation", ["--config", "qwen3", "--random-weights"], "--config 'qwen3': choose one of"),
+        ("qwen_jax.bench.generation", ["--model", hf_folder, "--random-weights"], "--random-weights goes with --config"),
     ]
 
 
@@ -209,3 +213,18 @@ def _state(pid: int) -> str:
             return f.read().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "Z"
+
+
+def test_generation_benchmark_runs_both_engines_on_the_same_random_weights(tmp_path):
+    """``--config --random-weights``: transformers draws the weights, both engines load that folder, so on a CPU
+    (float32, ``--dtype auto``) their greedy tokens agree step for step."""
+    from qwen_jax.bench import generation
+    out = tmp_path / "gen.json"
+    assert generation.main(["--config", "tiny-1m", "--random-weights", "--prompt-tokens", "40", "--new-tokens", "5",
+                            "--repeats", "1", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert [r["engine"] for r in data["rows"]] == ["qwen-jax", "transformers"]
+    assert {r["dtype"] for r in data["rows"]} == {"float32"} and data["prompt_tokens"] == 40
+    ours, theirs = (r["greedy tokens"].split() for r in data["rows"])
+    assert len(ours) == 5 and ours == theirs and data["greedy tokens equal"] == 5
+    assert all(float(r["prefill tok/s"]) > 0 and float(r["decode tok/s"]) > 0 for r in data["rows"])

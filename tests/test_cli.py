@@ -214,13 +214,15 @@ def test_version_and_python_dash_m_entry_point():
 
 def test_passkey_on_a_mesh_writes_its_json(tiny_checkpoint, tmp_path):
     """The JSON of a mesh run records the mesh as given (it held the Mesh object, which json cannot write: the
-    run ended in a traceback and a half-written file)."""
+    run ended in a traceback and a half-written file). Without ``--dtype`` the CLI loads as ``qwen_jax.load`` does
+    ("auto": float32 on a CPU), and the JSON records the dtype that ran, not "auto"."""
     out = tmp_path / "pk.json"
-    result = run("passkey", "--model", tiny_checkpoint[0], "--lengths", "200", "--depths", "0.5", "--dtype",
-                 "float32", "--mesh", "tensor=2", "--prefill-chunk", "128", "--json", str(out))
+    result = run("passkey", "--model", tiny_checkpoint[0], "--lengths", "200", "--depths", "0.5",
+                 "--mesh", "tensor=2", "--prefill-chunk", "128", "--json", str(out))
     assert result.returncode == 0, result.stderr
     data = json.loads(out.read_text())
     assert data["mesh"] == "tensor=2" and data["prefill_chunk"] == 128 and "mesh" not in data["attention"]
+    assert data["dtype"] == "float32" and data["kv_cache_dtype"] == "float32"
     assert len(data["results"]) == 1
 
 

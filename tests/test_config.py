@@ -2,6 +2,7 @@
 
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -168,7 +169,7 @@ def test_a_malformed_sparse_attention_config_json_is_named(tmp_path, content, me
 
 def test_load_names_the_accepted_dtypes_and_refuses_non_float_ones(tiny_checkpoint):
     folder = tiny_checkpoint[0]
-    with pytest.raises(ConfigError, match="unknown dtype 'int8'; use one of bfloat16, bf16, float32, f32, float16"):
+    with pytest.raises(ConfigError, match="unknown dtype 'int8'; use auto, one of bfloat16, bf16, float32, f32, float16"):
         qwen_jax.load(folder, dtype="int8")
     with pytest.raises(ConfigError, match="dtype int32 is not supported"):
         qwen_jax.load(folder, dtype=np.int32)
@@ -178,6 +179,34 @@ def test_load_names_the_accepted_dtypes_and_refuses_non_float_ones(tiny_checkpoi
         qwen_jax.load(folder, prefill_chunk_size="abc")
     with pytest.raises(ConfigError, match="rope_scaling must be a mapping"):
         qwen_jax.load(folder, rope_scaling="yarn")
+
+
+def test_auto_dtype_is_float32_on_a_cpu_unless_the_host_cannot_hold_it(tiny_checkpoint, monkeypatch):
+    """XLA's bfloat16 matrix-vector products are 5-15x slower than float32 on CPUs: "auto" (the default) takes float32
+    there, and bfloat16 where float32 weights would fill more than half the host (or where a device is not a CPU)."""
+    from qwen_jax import api, memory
+    folder = tiny_checkpoint[0]
+    for dtype in (None, "auto"):
+        model = qwen_jax.load(folder, **({} if dtype is None else {"dtype": dtype}))
+        assert model.dtype == np.float32 and model.kv_cache_dtype == np.float32
+        assert "float32, float32 cache" in repr(model)
+    assert qwen_jax.load(folder, dtype="bf16").dtype == jnp.bfloat16             # a choice is kept
+    weights = memory.plan(model.config, tokens=1, dtype=np.float32).weights
+    monkeypatch.setattr(memory, "host_memory", lambda: 2 * weights)               # exactly half: float32
+    assert qwen_jax.load(folder).dtype == np.float32
+    monkeypatch.setattr(memory, "host_memory", lambda: 2 * weights - 2)
+    assert qwen_jax.load(folder).dtype == jnp.bfloat16
+    monkeypatch.setattr(memory, "host_memory", lambda: None)                      # unknown: float32
+    assert api.default_dtype(model.config) == np.float32
+    # on a mesh every simulated device's share lives in the host: 8 replicas need 8 times the memory
+    monkeypatch.setattr(memory, "host_memory", lambda: 2 * weights * 4)
+    assert qwen_jax.load(folder, mesh="data=4").dtype == np.float32
+    assert qwen_jax.load(folder, mesh="data=8").dtype == jnp.bfloat16
+
+    class Gpu:
+        platform, process_index = "gpu", 0
+    monkeypatch.setattr(api.jax, "devices", lambda *a: [Gpu()])
+    assert api.default_dtype(model.config) == jnp.bfloat16
 
 
 def _copy_checkpoint(src, dst):
