@@ -47,9 +47,9 @@ def _dtype(dtype) -> jnp.dtype | None:
 
 
 def default_dtype(config: QwenConfig, mesh=None) -> jnp.dtype:
-    """``dtype="auto"``: bfloat16 on GPUs and TPUs; on CPUs float32, where XLA's bfloat16 matrix-vector products
-    run 5-15x slower than float32 ones (the 0.5B decodes 8x faster), unless float32 weights would take more than
-    half of the host's memory (a 7B on a 24 GB host): then bfloat16, which holds them in half."""
+    """``dtype="auto"``: bfloat16 on GPUs and TPUs; on CPUs float32 (XLA converts bfloat16 weights to float32 for
+    every matrix product there, at every step: the 0.5B decodes 8x faster in float32), unless float32 weights would
+    take more than half of the host's memory (a 7B on a 24 GB host): then bfloat16, which holds them in half."""
     from qwen_jax import memory
     devices = list(mesh.devices.flat) if mesh is not None else jax.devices()[:1]
     if any(d.platform != "cpu" for d in devices):

@@ -232,8 +232,8 @@ BENCHMARKS = {"prefill": "qwen_jax.bench.prefill", "decode": "qwen_jax.bench.dec
               "stream": "qwen_jax.bench.stream", "prefix": "qwen_jax.bench.prefix"}
 
 
-# the sampling flags' values when neither the flag nor --generation-config gives one: greedy
 DTYPE_HELP = "parameter dtype (auto, the default: bfloat16 on GPU/TPU, float32 on CPU where it fits)"
+# the sampling flags' values when neither the flag nor --generation-config gives one: greedy
 SAMPLING_DEFAULTS = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
 
 
@@ -440,8 +440,8 @@ def cmd_passkey(args) -> int:
     print(passkey.table(results))
     if args.json:
         dca = model.config.dual_chunk_attention_config
-        passkey.write_json(args.json, results, env=environment(), model=args.model,
-                           dtype=model.dtype.name, dca=None if dca is None else {"chunk_size": dca.chunk_size, "local_size": dca.local_size,
+        passkey.write_json(args.json, results, env=environment(), model=args.model, dtype=model.dtype.name,
+                           dca=None if dca is None else {"chunk_size": dca.chunk_size, "local_size": dca.local_size,
                                                          "original_max_position_embeddings":
                                                              dca.original_max_position_embeddings,
                                                          "sparse": dca.sparse_attention_enabled,

@@ -130,7 +130,8 @@ def _bad_arguments(tmp_path, hf_folder):
         ("qwen_jax.bench.generation", ["--model", hf_folder, "--json", missing], "does not exist"),
         ("qwen_jax.bench.generation", ["--config", "qwen2.5-7b"], "--config needs --random-weights"),
         ("qwen_jax.bench.generation", ["--config", "qwen3", "--random-weights"], "--config 'qwen3': choose one of"),
-        ("qwen_jax.bench.generation", ["--model", hf_folder, "--random-weights"], "--random-weights goes with --config"),
+        ("qwen_jax.bench.generation", ["--model", hf_folder, "--random-weights"],
+         "--random-weights goes with --config"),
     ]
 
 

@@ -169,7 +169,8 @@ def test_a_malformed_sparse_attention_config_json_is_named(tmp_path, content, me
 
 def test_load_names_the_accepted_dtypes_and_refuses_non_float_ones(tiny_checkpoint):
     folder = tiny_checkpoint[0]
-    with pytest.raises(ConfigError, match="unknown dtype 'int8'; use auto, one of bfloat16, bf16, float32, f32, float16"):
+    with pytest.raises(ConfigError, match="unknown dtype 'int8'; use auto, one of bfloat16, bf16, float32, f32, "
+                                          "float16"):
         qwen_jax.load(folder, dtype="int8")
     with pytest.raises(ConfigError, match="dtype int32 is not supported"):
         qwen_jax.load(folder, dtype=np.int32)

@@ -15,9 +15,9 @@ each and how far apart the prompt's last-token logits are (largest difference, a
 the top-1 margin): random weights give nearly flat logits, whose argmax bfloat16 rounding can flip.
 
 ``--model``: an HF checkpoint folder; the prompt is real text (this file) in its tokenizer. ``--config NAME
---random-weights``: an exact architecture (``qwen_jax.presets``) with random weights, drawn by transformers
-on the benchmark's device and written once to a temporary HF folder that both engines load (so they run the
-same weights); the prompt is random token ids.
+--random-weights``: an exact architecture (``qwen_jax.presets``; a DCA block is left out, as transformers has no
+DCA) with random weights, drawn by transformers on the benchmark's device and written once to a temporary HF
+folder that both engines load (so they run the same weights); the prompt is random token ids.
 """
 
 from __future__ import annotations
