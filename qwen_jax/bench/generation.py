@@ -1,7 +1,8 @@
 """Prefill and decode tokens/s of qwen-jax against HF transformers, same weights, same machine, same run.
 
     python -m qwen_jax.bench.generation (--model PATH | --config qwen2.5-7b --random-weights)
-                                        [--prompt-tokens 512] [--new-tokens 32] [--dtype auto] [--json out.json]
+                                        [--prompt-tokens 512] [--new-tokens 32] [--dtype auto]
+                                        [--transformers-static] [--float32-reference] [--json out.json]
 
 Prefill: one forward over the prompt that fills the cache. Decode: greedy steps of one token with the cache
 (qwen-jax: ``decode_and_sample``, as ``generate`` runs it; transformers: the model called on one token with
@@ -13,6 +14,9 @@ instead of taking most of the card up front. ``--dtype auto`` is ``qwen_jax.load
 GPU, float32 on a CPU), and transformers runs in the same dtype. Reported too: the first greedy tokens of
 each and how far apart the prompt's last-token logits are (largest difference, against the largest logit and
 the top-1 margin): random weights give nearly flat logits, whose argmax bfloat16 rounding can flip.
+``--transformers-static`` adds a third row: transformers' own ``generate`` with a static cache, whose decoding
+step transformers compiles itself on a GPU (``torch.compile`` with CUDA graphs; prefill: a one-token
+``generate``, decode: the rest of one of ``--new-tokens + 1``; three warm-up calls each).
 
 ``--model``: an HF checkpoint folder; the prompt is real text (this file) in its tokenizer. ``--config NAME
 --random-weights``: an exact architecture (``qwen_jax.presets``; a DCA block is left out, as transformers has no
@@ -109,6 +113,34 @@ def bench_transformers(path, dtype, prompt, new_tokens, repeats, device):
             last[0].float().cpu().numpy())
 
 
+def bench_transformers_static(path, dtype, prompt, new_tokens, repeats, device):
+    """transformers' ``generate`` with a static cache (``cache_implementation="static"``), which on a GPU compiles
+    its decoding step itself (``torch.compile``, CUDA graphs). Prefill: ``generate`` of one token; decode: the rest
+    of ``generate`` of ``new_tokens + 1`` tokens; three warm-up calls each. (prefill tokens/s, decode tokens/s,
+    greedy tokens)."""
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    from qwen_jax.bench import median_time
+
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    model = Qwen2ForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device).eval()
+    ids = torch.tensor(prompt, device=device)[None]
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    out = {}
+
+    def run(n):
+        with torch.no_grad():
+            out[n] = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, top_k=None, top_p=None,
+                                    temperature=None, cache_implementation="static")
+        sync()
+
+    t_one = median_time(lambda: run(1), repeats, warmup=3)
+    t_all = median_time(lambda: run(new_tokens + 1), repeats, warmup=3)
+    shown = out[new_tokens + 1][0, prompt.size:prompt.size + TOKENS_SHOWN].tolist()
+    return prompt.size / t_one, new_tokens / max(t_all - t_one, 1e-9), shown
+
+
 def float32_logits(path, prompt, device):
     """The prompt's last-token logits from transformers in float32 (no TF32): the reference both engines'
     bfloat16 logits are compared with (``--float32-reference``)."""
@@ -155,6 +187,8 @@ def _parse(argv):
                    help="auto: qwen_jax.load's choice (bfloat16 on a GPU, float32 on a CPU)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompt (--random-weights)")
+    p.add_argument("--transformers-static", action="store_true",
+                   help="also time transformers' generate with a static cache (compiled by transformers on a GPU)")
     p.add_argument("--float32-reference", action="store_true",
                    help="also compare both engines' last-token logits with transformers' in float32")
     p.add_argument("--json", default=None, help="write results here")
@@ -203,6 +237,8 @@ def main(argv=None) -> int:
         ours = bench_qwen_jax(path, args.dtype, prompt, args.new_tokens, args.repeats)
         dtype = ours[3]
         hf = bench_transformers(path, dtype, prompt, args.new_tokens, args.repeats, device)
+        static = (bench_transformers_static(path, dtype, prompt, args.new_tokens, args.repeats, device)
+                  if args.transformers_static else None)
         reference = float32_logits(path, prompt, device) if args.float32_reference else None
     env = dict(environment(), torch=hf[3], torch_device=torch.cuda.get_device_name() if device == "cuda" else "cpu")
     rows = [
@@ -211,6 +247,10 @@ def main(argv=None) -> int:
         {"engine": "transformers", "dtype": dtype, "prefill tok/s": f"{hf[0]:.1f}", "decode tok/s": f"{hf[1]:.2f}",
          "greedy tokens": " ".join(map(str, hf[2]))},
     ]
+    if static is not None:
+        rows.append({"engine": "transformers generate, static cache", "dtype": dtype,
+                     "prefill tok/s": f"{static[0]:.1f}", "decode tok/s": f"{static[1]:.2f}",
+                     "greedy tokens": " ".join(map(str, static[2]))})
     same = sum(a == b for a, b in zip(ours[2], hf[2]))
     # the prompt's last logits: how far apart the engines are, against the logits' own scale and the top-1 margin
     diff, scale = float(np.max(np.abs(ours[4] - hf[4]))), float(np.max(np.abs(hf[4])))
