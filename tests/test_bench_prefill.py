@@ -222,10 +222,11 @@ def test_generation_benchmark_runs_both_engines_on_the_same_random_weights(tmp_p
     from qwen_jax.bench import generation
     out = tmp_path / "gen.json"
     assert generation.main(["--config", "tiny-1m", "--random-weights", "--prompt-tokens", "40", "--new-tokens", "5",
-                            "--repeats", "1", "--json", str(out)]) == 0
+                            "--repeats", "1", "--transformers-static", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
-    assert [r["engine"] for r in data["rows"]] == ["qwen-jax", "transformers"]
+    assert [r["engine"] for r in data["rows"]] == ["qwen-jax", "transformers", "transformers generate, static cache"]
     assert {r["dtype"] for r in data["rows"]} == {"float32"} and data["prompt_tokens"] == 40
-    ours, theirs = (r["greedy tokens"].split() for r in data["rows"])
-    assert len(ours) == 5 and ours == theirs and data["greedy tokens equal"] == 5
+    ours, theirs, static = (r["greedy tokens"].split() for r in data["rows"])
+    assert len(ours) == 5 and ours == theirs == static and data["greedy tokens equal"] == 5
+    assert data["last-token logits"]["max abs difference"] < 1e-4 * data["last-token logits"]["max abs logit"]
     assert all(float(r["prefill tok/s"]) > 0 and float(r["decode tok/s"]) > 0 for r in data["rows"])

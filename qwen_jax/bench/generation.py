@@ -137,7 +137,7 @@ def bench_transformers_static(path, dtype, prompt, new_tokens, repeats, device):
 
     t_one = median_time(lambda: run(1), repeats, warmup=3)
     t_all = median_time(lambda: run(new_tokens + 1), repeats, warmup=3)
-    shown = out[new_tokens + 1][0, prompt.size:prompt.size + TOKENS_SHOWN].tolist()
+    shown = out[new_tokens + 1][0, prompt.size:prompt.size + min(TOKENS_SHOWN, new_tokens)].tolist()
     return prompt.size / t_one, new_tokens / max(t_all - t_one, 1e-9), shown
 
 
