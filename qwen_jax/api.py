@@ -55,7 +55,7 @@ def default_dtype(config: QwenConfig, mesh=None) -> jnp.dtype:
     if any(d.platform != "cpu" for d in devices):
         return jnp.dtype(jnp.bfloat16)
     local = sum(d.process_index == jax.process_index() for d in devices)     # their shares all live in this host
-    weights = memory.plan(config, tokens=1, mesh=mesh, dtype=jnp.float32).weights * local
+    weights = memory.plan(config, tokens=1, mesh=mesh, dtype=jnp.float32, sparse=False).weights * local
     host = memory.host_memory()
     fits = host is None or weights <= host // 2
     if jax.process_count() > 1:      # every process must choose the same: float32 only if it fits on every host
