@@ -78,15 +78,23 @@ def bench_qwen_jax(path, dtype, prompt, new_tokens, repeats):
     return prompt.size / t_prefill, new_tokens / t_decode, shown, model.dtype.name, np.asarray(logits[0], np.float32)
 
 
-def bench_transformers(path, dtype, prompt, new_tokens, repeats, device):
-    """(prefill tokens/s, decode tokens/s, greedy tokens, torch version, the prompt's last logits)."""
+def _transformers_model(path, dtype: str, device: str):
+    """transformers' ``Qwen2ForCausalLM`` of the folder ``path``, in ``dtype`` ("float32" or "bfloat16"), on
+    ``device``, in inference mode."""
     import torch
     from transformers import Qwen2ForCausalLM
 
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    return Qwen2ForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device).eval()
+
+
+def bench_transformers(path, dtype, prompt, new_tokens, repeats, device):
+    """(prefill tokens/s, decode tokens/s, greedy tokens, torch version, the prompt's last logits)."""
+    import torch
+
     from qwen_jax.bench import median_time
 
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    model = Qwen2ForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device).eval()
+    model = _transformers_model(path, dtype, device)
     ids = torch.tensor(prompt, device=device)[None]
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     shown, last = [], []
@@ -119,12 +127,10 @@ def bench_transformers_static(path, dtype, prompt, new_tokens, repeats, device):
     of ``generate`` of ``new_tokens + 1`` tokens; three warm-up calls each. (prefill tokens/s, decode tokens/s,
     greedy tokens)."""
     import torch
-    from transformers import Qwen2ForCausalLM
 
     from qwen_jax.bench import median_time
 
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    model = Qwen2ForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device).eval()
+    model = _transformers_model(path, dtype, device)
     ids = torch.tensor(prompt, device=device)[None]
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     out = {}
@@ -145,10 +151,9 @@ def float32_logits(path, prompt, device):
     """The prompt's last-token logits from transformers in float32 (no TF32): the reference both engines'
     bfloat16 logits are compared with (``--float32-reference``)."""
     import torch
-    from transformers import Qwen2ForCausalLM
 
     torch.backends.cuda.matmul.allow_tf32 = False
-    model = Qwen2ForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+    model = _transformers_model(path, "float32", device)
     with torch.no_grad():
         return model(torch.tensor(prompt, device=device)[None], logits_to_keep=1).logits[0, -1].cpu().numpy()
 
