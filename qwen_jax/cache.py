@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import functools
 import math
 
 import jax
@@ -50,18 +51,38 @@ class KVCache(NamedTuple):
 
 
 def init_cache(config: QwenConfig, batch: int, max_len: int, dtype=jnp.bfloat16, mesh=None) -> KVCache:
-    """Zeroed cache of ``max_len`` slots per row (sharded over ``mesh`` by ``CACHE_AXES`` when given; a
-    mesh with more attention shards than kv heads stores each kv head once per shard that reads it)."""
+    """Zeroed cache of ``max_len`` slots per row, on JAX's default device (sharded over ``mesh`` by ``CACHE_AXES``
+    when given; a mesh with more attention shards than kv heads stores each kv head once per shard that reads it)."""
     from qwen_jax.attention.parallel import cache_kv_heads
     shape = (batch, cache_kv_heads(config, mesh), max_len, config.head_dim)
     if mesh is None:
-        make = lambda: jnp.zeros(shape, dtype)  # noqa: E731
+        sharding = jax.sharding.SingleDeviceSharding(default_device())
     else:
         from qwen_jax.sharding import named_sharding
         sharding = named_sharding(CACHE_AXES, shape, mesh)
-        make = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
     L = config.num_hidden_layers
-    return KVCache(tuple(make() for _ in range(L)), tuple(make() for _ in range(L)))
+    buffers = zeroed(2 * L, shape, dtype, sharding)
+    return KVCache(tuple(buffers[:L]), tuple(buffers[L:]))
+
+
+def zeroed(count: int, shape: tuple, dtype, sharding) -> tuple[jax.Array, ...]:
+    """``count`` zeroed arrays placed by ``sharding``, made by one program: one ``jnp.zeros`` per buffer costs
+    ~0.7 ms each from Python on an H100's host (34 ms for the 0.5B's 48 cache buffers, three times its
+    4096-token prefill's work on the card)."""
+    return _zeros_program(count, tuple(shape), jnp.dtype(dtype), sharding)()
+
+
+@functools.lru_cache(maxsize=16)
+def _zeros_program(count, shape, dtype, sharding):
+    return jax.jit(lambda: tuple(jnp.zeros(shape, dtype) for _ in range(count)), out_shardings=sharding)
+
+
+def default_device() -> jax.Device:
+    """The device ``jnp.zeros`` would use: ``jax.default_device``'s if set, else the default backend's first."""
+    device = jax.config.jax_default_device
+    if isinstance(device, jax.Device):
+        return device
+    return jax.devices(device)[0] if isinstance(device, str) else jax.devices()[0]
 
 
 # ``kv_cache_dtype`` names: "auto" stores the model's dtype; fp8 (e4m3) halves a bf16 cache.

@@ -18,7 +18,7 @@ import numpy as np
 
 from qwen_jax import attention
 from qwen_jax.attention import parallel
-from qwen_jax.cache import KVCache, cache_length, init_cache
+from qwen_jax.cache import KVCache, cache_length, default_device, init_cache, zeroed
 from qwen_jax.config import QwenConfig
 from qwen_jax.errors import QwenJaxError
 from qwen_jax.layers import DecoderLayer, Embed, Qwen2, RMSNorm
@@ -36,20 +36,26 @@ def params_dtype(params) -> jnp.dtype:
 
 
 def placed_like(params, tree):
-    """``tree`` with its uncommitted arrays committed to the one device the parameters are committed to.
+    """``tree`` with its arrays placed on the one device the parameters are committed to (and committed there).
 
     A jitted step's outputs are committed where its committed inputs (the parameters) are. State carried
     from step to step (the KV cache, the last hidden state) that starts uncommitted (``jnp.zeros``)
     therefore changes placement after the first step, and jit compiles the step again (a program per
-    mix of placements it is given). Placing that state up front makes the first compilation serve every
-    step. Parameters sharded over a mesh, or not committed, leave ``tree`` as it is.
+    mix of placements it is given); state committed to another device would not run at all. Placing that
+    state up front makes the first compilation serve every step. Parameters sharded over a mesh, or not
+    committed, leave ``tree`` as it is.
     """
     leaf = jax.tree.leaves(params)[0]
     if not (isinstance(leaf, jax.Array) and leaf.committed and len(leaf.sharding.device_set) == 1):
         return tree
     device = next(iter(leaf.sharding.device_set))
-    return jax.tree.map(lambda x: x if not isinstance(x, jax.Array) or x.committed else jax.device_put(x, device),
-                        tree)
+    leaves, treedef = jax.tree.flatten(tree)
+    away = [i for i, x in enumerate(leaves)
+            if isinstance(x, jax.Array) and not (x.committed and x.sharding.device_set == {device})]
+    # one device_put for them all: one call per array costs ~0.1 ms each from Python (a cache has 2L)
+    for i, x in zip(away, jax.device_put([leaves[i] for i in away], device)):
+        leaves[i] = x
+    return jax.tree.unflatten(treedef, leaves)
 
 
 def shardings_of(tree) -> list:
@@ -279,24 +285,30 @@ def prefill(params, tokens, lengths, cache: KVCache, config: QwenConfig, *, chun
     _check_sparse_chunks(config, chunk_size)
     spec = attention.with_sparse_rows(spec, config, lengths)
     lengths = jnp.asarray(lengths, jnp.int32)
-    last_hidden = jnp.zeros((B, config.hidden_size), params_dtype(params))
-    cache, last_hidden = placed_like(params, (cache, last_hidden))
     if spec.mesh is not None:   # one global, replicated array over the mesh (every process holds it)
-        last_hidden = global_array(last_hidden, jax.sharding.NamedSharding(spec.mesh, jax.sharding.PartitionSpec()))
+        last_hidden = global_array(jnp.zeros((B, config.hidden_size), params_dtype(params)),
+                                   jax.sharding.NamedSharding(spec.mesh, jax.sharding.PartitionSpec()))
+    else:
+        last_hidden = zeroed(1, (B, config.hidden_size), params_dtype(params),
+                             jax.sharding.SingleDeviceSharding(default_device()))[0]
+    cache, last_hidden = placed_like(params, (cache, last_hidden))
     carried = shardings_of(last_hidden)     # (the cache comes back from each chunk spelled as it went in)
     for begin, end in _chunks(T, chunk_size):
-        last_hidden, cache = _prefill_chunk(params, tokens[:, begin:end], jnp.int32(start + begin), lengths,
+        chunk = tokens if end - begin == T else tokens[:, begin:end]   # (a slice is one more dispatch)
+        last_hidden, cache = _prefill_chunk(params, chunk, np.int32(start + begin), lengths,
                                             last_hidden, cache, config, spec, False)
         last_hidden = relabel(last_hidden, carried)
         if progress is not None:
             jax.block_until_ready(last_hidden)   # report work done, not work dispatched
             progress(end)
-    return _jit_unembed(params, last_hidden, config), cache
+    return _jit_unembed(_head(params, config), last_hidden, config), cache
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
-def _jit_unembed(params, hidden, config):
-    return _unembed(params, hidden, config)
+def _jit_unembed(head, hidden, config):
+    """Logits of ``hidden`` [B, D]; ``head``: ``_head``'s parameters only (the whole tree costs its flattening
+    at every call)."""
+    return _module(config, hidden.dtype).apply({"params": head}, hidden, method=Qwen2.unembed)
 
 
 def prefill_logits(params, tokens, config: QwenConfig, *, chunk_size: int = DEFAULT_PREFILL_CHUNK,
@@ -312,7 +324,7 @@ def prefill_logits(params, tokens, config: QwenConfig, *, chunk_size: int = DEFA
     out = np.empty((B, T, config.vocab_size), np.float32)
     request_lengths = jnp.full((B,), T, jnp.int32)
     for begin, end in _chunks(T, chunk_size):
-        logits, cache = _prefill_chunk(params, tokens[:, begin:end], jnp.int32(begin), request_lengths, None, cache,
+        logits, cache = _prefill_chunk(params, tokens[:, begin:end], np.int32(begin), request_lengths, None, cache,
                                        config, spec, True)
         out[:, begin:end] = to_host(logits)
     return out

@@ -93,7 +93,7 @@ def measure(params, config: QwenConfig, tokens, *, chunk_size: int, spec: attent
     dense_pairs, chosen = 0, []
     for begin in range(0, T, chunk_size):
         end = min(begin + chunk_size, T)
-        k, c, t, sel, cache = _chunk(params, tokens[:, begin:end], jnp.int32(begin), lengths, cache, config, spec,
+        k, c, t, sel, cache = _chunk(params, tokens[:, begin:end], np.int32(begin), lengths, cache, config, spec,
                                      selections)
         c = np.asarray(c, np.float64)
         kept += np.asarray(k, np.float64)

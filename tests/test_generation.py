@@ -35,13 +35,33 @@ def test_a_chunked_prefill_compiles_each_step_once_and_shares_it_across_layers(m
     lengths = jnp.full((1,), tokens.shape[1], jnp.int32)
     before, layers_before = model_fns.prefill_programs(), model_fns._layer_step._cache_size()
     cache = init_cache(model.config, 1, cache_length(tokens.shape[1]), jnp.float32)
-    assert not cache.k[0].committed          # as jnp.zeros makes it: placed by prefill
+    assert cache.k[0].committed and cache.k[0].devices() == {jax.devices()[0]}   # where the parameters are
     _, cache = qwen_jax.prefill(model.params, tokens, lengths, cache, model.config, chunk_size=24)
     assert model_fns.prefill_programs() == before + 3           # embedding, one layer program, final rows
     assert model_fns._layer_step._cache_size() == layers_before + 1
     logits = qwen_jax.prefill_logits(model.params, np.asarray(tokens), model.config, chunk_size=24)
     assert model_fns.prefill_programs() == before + 4           # the all-logits variant: only its final step
     assert np.isfinite(logits).all()
+
+
+def test_a_cache_made_on_another_device_than_the_parameters_is_moved_to_them(model):
+    """``init_cache`` commits its buffers to JAX's default device (one program makes them all); parameters
+    committed elsewhere take the cache there (prefill's ``placed_like``) and give the same logits."""
+    from qwen_jax.cache import init_cache
+    other = jax.devices()[1]
+    with jax.default_device(other):
+        cache = init_cache(model.config, 1, 128, jnp.float32)
+    assert {x.devices().pop() for x in cache.k + cache.v} == {other} and all(x.committed for x in cache.k)
+    assert not np.asarray(cache.k[0]).any()
+    tokens = np.random.default_rng(11).integers(0, 1000, (1, 30))
+    lengths = jnp.full((1,), 30, jnp.int32)
+    here, _ = qwen_jax.prefill(model.params, tokens, lengths, init_cache(model.config, 1, 128, jnp.float32),
+                               model.config)
+    params = jax.device_put(model.params, other)
+    there, cache = qwen_jax.prefill(params, tokens, lengths, init_cache(model.config, 1, 128, jnp.float32),
+                                    model.config)
+    assert there.devices() == {other} and cache.k[-1].devices() == {other}
+    np.testing.assert_allclose(np.asarray(there), np.asarray(here), rtol=0, atol=1e-6 * np.abs(here).max())
 
 
 def test_prefill_then_decode_equals_full_forward(model):
