@@ -78,11 +78,12 @@ def _zeros_program(count, shape, dtype, sharding):
 
 
 def default_device() -> jax.Device:
-    """The device ``jnp.zeros`` would use: ``jax.default_device``'s if set, else the default backend's first."""
+    """The device ``jnp.zeros`` would use: ``jax.default_device``'s if set, else this process's first of the default
+    backend."""
     device = jax.config.jax_default_device
     if isinstance(device, jax.Device):
         return device
-    return jax.devices(device)[0] if isinstance(device, str) else jax.devices()[0]
+    return jax.local_devices(backend=device)[0] if isinstance(device, str) else jax.local_devices()[0]
 
 
 # ``kv_cache_dtype`` names: "auto" stores the model's dtype; fp8 (e4m3) halves a bf16 cache.

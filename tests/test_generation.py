@@ -128,22 +128,71 @@ def test_eos_stops_a_row(model):
     assert stopped == free[: free.index(free[3])]
 
 
-def test_each_step_is_dispatched_before_the_previous_tokens_are_read(model, monkeypatch):
+def _expected_events(block: int, max_new_tokens: int, last_read: int) -> list[str]:
+    """``generate``'s dispatches ("step": a block of decode steps) and reads up to the one holding token
+    ``last_read``: the prefill's token is read alone, then each block's; a block goes out before the read
+    before it, while tokens remain to sample."""
+    events, fed, read = [], 1, -1
+    while read < last_read:
+        if fed < max_new_tokens:
+            events.append("step")
+            fed += block
+        events.append("read")
+        read = 0 if read < 0 else read + block
+    return events
+
+
+def test_each_block_is_dispatched_before_the_previous_tokens_are_read(model, monkeypatch):
     from qwen_jax import generation
-    events, real_step, real_host = [], generation.decode_and_sample, generation.to_host
-    monkeypatch.setattr(generation, "decode_and_sample", lambda *a, **k: events.append("step") or real_step(*a, **k))
+    monkeypatch.setattr(generation, "DECODE_BLOCK", 2)
+    events, real_step, real_host = [], generation.decode_block, generation.to_host
+    monkeypatch.setattr(generation, "decode_block", lambda *a, **k: events.append("step") or real_step(*a, **k))
     monkeypatch.setattr(generation, "to_host", lambda x: events.append("read") or real_host(x))
     prompt = [[11, 12, 13]]
     sampled = dict(sampling=Sampling(temperature=1.0), seed=3)      # varied tokens (greedy repeats one here)
     free = generate_ids(model.params, model.config, prompt, max_new_tokens=6, **sampled)[0]
-    # 6 tokens: the first from the prefill, 5 steps; each step goes out before the tokens it follows are read
-    assert events == ["step", "read"] * 5 + ["read"] and len(free) == 6
-    events.clear()
-    k = next(i for i, t in enumerate(free) if t not in free[:i] and i > 0)     # a token first seen at k < 5
-    assert k < 5
-    stopped = generate_ids(model.params, model.config, prompt, max_new_tokens=6, eos_ids=[free[k]], **sampled)[0]
-    assert stopped == free[:k]      # token k is the EOS: the one step past it was computed and dropped
-    assert events == ["step", "read"] * (k + 1)
+    # 6 tokens: the first from the prefill, then blocks of 2 (the third block's second token is dropped)
+    assert events == ["step", "read"] * 3 + ["read"] == _expected_events(2, 6, 5) and len(free) == 6
+    for k in range(1, 5):
+        events.clear()
+        if free[k] in free[:k]:
+            continue
+        stopped = generate_ids(model.params, model.config, prompt, max_new_tokens=6, eos_ids=[free[k]], **sampled)[0]
+        assert stopped == free[:k]      # token k is the EOS: what was computed past it is dropped
+        assert events == _expected_events(2, 6, k)
+
+
+@pytest.mark.parametrize("block", [1, 3, 8])
+def test_blocks_of_decode_steps_sample_as_one_step_per_program(model, monkeypatch, block):
+    """``generate``'s blocks of steps give the tokens of the one-step loop: token 0 sampled from the prefill's
+    logits with ``fold_in(key, 0)``, token j fed back at position ``length + j`` and token j + 1 sampled with
+    ``fold_in(key, j + 1)``; with a temperature, top-k and a repetition penalty, rows of different lengths, and
+    a last block running past ``max_new_tokens`` and past the cache's slots."""
+    from qwen_jax import generation
+    from qwen_jax.cache import cache_length
+    from qwen_jax.generation import decode_and_sample, prompt_seen, right_padded
+    monkeypatch.setattr(generation, "DECODE_BLOCK", block)
+    rng = np.random.default_rng(12)
+    # the cache: 256 slots, and the longer row's last token asked for is fed back at slot 254; blocks of 3 feed
+    # tokens up to position 256
+    prompts = [rng.integers(0, 1000, n).tolist() for n in (100, 128)]
+    sampling, seed, n = Sampling(temperature=0.9, top_k=50, repetition_penalty=1.3), 7, 128
+    got = generate_ids(model.params, model.config, prompts, max_new_tokens=n, sampling=sampling, seed=seed)
+
+    tokens, lengths = right_padded(prompts, model.config)
+    cache = qwen_jax.init_cache(model.config, 2, cache_length(tokens.shape[1], n), jnp.float32)
+    assert cache.max_len == 256
+    seen = prompt_seen(tokens, lengths, model.config, model.attention)
+    logits, cache = qwen_jax.prefill(model.params, tokens, lengths, cache, model.config)
+    key = jax.random.key(seed)
+    current = generation._first_sample(logits, jax.random.fold_in(key, 0), sampling, seen)
+    want = [np.asarray(current)]
+    for j in range(n - 1):
+        current, cache, seen = decode_and_sample(model.params, current, jnp.asarray(lengths + j), cache,
+                                                 jax.random.fold_in(key, j + 1), model.config, model.attention,
+                                                 sampling, seen)
+        want.append(np.asarray(current))
+    assert got == np.stack(want, 1).tolist()
 
 
 def test_stop_strings_cut_and_stream(model):

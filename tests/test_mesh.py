@@ -127,11 +127,11 @@ def test_sharded_prefill_and_decode_compile_their_steps_once(mesh_checkpoint):
     before = model_fns.prefill_programs()
     qwen_jax.prefill_logits(model.params, tokens, model.config, chunk_size=128, spec=model.attention)
     assert model_fns.prefill_programs() == before + 1                # the all-logits variant: its final step, once
-    before = generation.decode_and_sample._cache_size()
-    ids = generation.generate_ids(model.params, model.config, [list(tokens[0, :200])], max_new_tokens=5,
-                                  spec=model.attention, prefill_chunk_size=128)
-    assert len(ids[0]) == 5
-    assert generation.decode_and_sample._cache_size() == before + 1
+    before = generation.decode_block._cache_size()
+    ids = generation.generate_ids(model.params, model.config, [list(tokens[0, :200])], max_new_tokens=17,
+                                  spec=model.attention, prefill_chunk_size=128)     # two blocks of decode steps
+    assert len(ids[0]) == 17
+    assert generation.decode_block._cache_size() == before + 1
 
 
 def test_decode_over_a_data_axis_compiles_its_step_once(mesh_checkpoint):
@@ -143,8 +143,8 @@ def test_decode_over_a_data_axis_compiles_its_step_once(mesh_checkpoint):
     model = load(mesh_checkpoint, mesh="data=2,seq=2,tensor=2")
     prompts = [list(np.random.default_rng(12).integers(0, 1000, n)) for n in (150, 97)]
     for sampling in (Sampling(), Sampling(repetition_penalty=1.3)):
-        before = generation.decode_and_sample._cache_size()
-        ids = generation.generate_ids(model.params, model.config, prompts, max_new_tokens=5, spec=model.attention,
-                                      prefill_chunk_size=128, sampling=sampling)
-        assert [len(row) for row in ids] == [5, 5]
-        assert generation.decode_and_sample._cache_size() == before + 1
+        before = generation.decode_block._cache_size()
+        ids = generation.generate_ids(model.params, model.config, prompts, max_new_tokens=17, spec=model.attention,
+                                      prefill_chunk_size=128, sampling=sampling)   # two blocks of decode steps
+        assert [len(row) for row in ids] == [17, 17]
+        assert generation.decode_block._cache_size() == before + 1

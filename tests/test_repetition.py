@@ -125,9 +125,9 @@ def test_a_penalty_on_a_mesh_equals_one_device_and_compiles_its_step_once(tiny_c
     rng = np.random.default_rng(12)
     prompts = [rng.integers(0, 1000, n).tolist() for n in (6, 19)]
     s = Sampling(repetition_penalty=1.25)                   # a program no other test compiles
-    before = generation.decode_and_sample._cache_size()
+    before = generation.decode_block._cache_size()
     got = generate_ids(meshed.params, meshed.config, prompts, max_new_tokens=10, sampling=s, spec=meshed.attention)
-    assert generation.decode_and_sample._cache_size() == before + 1
+    assert generation.decode_block._cache_size() == before + 1
     assert got == generate_ids(model.params, model.config, prompts, max_new_tokens=10, sampling=s)
     assert got != generate_ids(model.params, model.config, prompts, max_new_tokens=10)
 

@@ -6,8 +6,8 @@
 
 For each context length L the cache is filled up to L with random keys and values (a decode step's
 time depends on how many slots it reads, not on what they hold, so no prefill is run), then greedy
-decode steps (``generation.decode_and_sample``: the model, the logits and the pick, as ``generate``
-runs them) feed one token a row at positions L, L + 1, ...; the first step compiles, then the median time a
+decode steps (``generation.decode_and_sample``: the model, the logits and the pick, one step per program;
+``generate`` runs the same step in blocks of ``DECODE_BLOCK``, one program each) feed one token a row at positions L, L + 1, ...; the first step compiles, then the median time a
 token is taken over ``--steps`` steps run as ``generate`` runs them (each step dispatched before the previous
 one's tokens are read, so the host's dispatch overlaps the device: ``ms/token``) and over ``--steps`` more run one
 at a time (``synced ms/token``: the device's step plus the host's dispatch). Kernels, all in the same process on the

@@ -5,7 +5,7 @@
                                         [--transformers-static] [--float32-reference] [--json out.json]
 
 Prefill: one forward over the prompt that fills the cache. Decode: greedy steps of one token with the cache
-(qwen-jax: ``decode_and_sample``, as ``generate`` runs it; transformers: the model called on one token with
+(qwen-jax: blocks of ``DECODE_BLOCK`` steps, ``decode_block``, as ``generate`` runs them; transformers: the model called on one token with
 its ``past_key_values``, as its ``generate`` loop does; its prompt's logits at the last token only,
 ``logits_to_keep=1``, as its ``generate`` asks and as qwen-jax's prefill computes). Each figure is the median
 of ``--repeats`` runs after a warm-up (compilation excluded). On a GPU both run there (transformers through
@@ -45,14 +45,15 @@ def bench_qwen_jax(path, dtype, prompt, new_tokens, repeats):
     import qwen_jax
     from qwen_jax.bench import median_time
     from qwen_jax.cache import cache_length
-    from qwen_jax.generation import decode_and_sample
+    from qwen_jax.generation import DECODE_BLOCK, decode_block
     from qwen_jax.sampling import Sampling
 
     model = qwen_jax.load(path, dtype=dtype)
     cfg, params, spec = model.config, model.params, model.attention
     tokens = jnp.asarray(prompt)[None]
     lengths = jnp.asarray([prompt.size], jnp.int32)
-    max_len = cache_length(prompt.size, new_tokens + 1)
+    blocks = -(-new_tokens // DECODE_BLOCK)
+    max_len = cache_length(prompt.size, blocks * DECODE_BLOCK + 1)
 
     def run_prefill():
         cache = qwen_jax.init_cache(cfg, 1, max_len, model.kv_cache_dtype)
@@ -66,16 +67,21 @@ def bench_qwen_jax(path, dtype, prompt, new_tokens, repeats):
 
     def run_decode():
         nonlocal cache
-        tok, pos, c, out = jnp.argmax(logits, -1).astype(jnp.int32), lengths, cache, []
-        for i in range(new_tokens):
-            out.append(tok)
-            tok, c, _ = decode_and_sample(params, tok, pos + i, c, jax.random.key(0), cfg, spec, Sampling())
+        tok, c, out = jnp.argmax(logits, -1).astype(jnp.int32), cache, []
+        key, first = jax.random.key(0), np.arange(blocks, dtype=np.int32) * DECODE_BLOCK + 1
+        positions = [np.asarray(lengths) + f - 1 for f in first]
+        out.append(tok[None])
+        for b in range(blocks):
+            block, tok, c, _ = decode_block(params, tok, positions[b], c, key, first[b], cfg, spec, Sampling(),
+                                            steps=DECODE_BLOCK)
+            out.append(block)
         jax.block_until_ready(tok)
-        shown[:] = [int(t[0]) for t in out[:TOKENS_SHOWN]]
+        row0 = np.concatenate([np.asarray(b)[:, 0] for b in out])
+        shown[:] = [int(t) for t in row0[:min(TOKENS_SHOWN, new_tokens)]]
         cache = c  # the cache was donated: keep the live buffer (slots past the prompt are rewritten each run)
 
     t_decode = median_time(run_decode, repeats)
-    return prompt.size / t_prefill, new_tokens / t_decode, shown, model.dtype.name, np.asarray(logits[0], np.float32)
+    return prompt.size / t_prefill, blocks * DECODE_BLOCK / t_decode, shown, model.dtype.name, np.asarray(logits[0], np.float32)
 
 
 def _transformers_model(path, dtype: str, device: str):
