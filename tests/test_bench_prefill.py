@@ -125,6 +125,7 @@ def _bad_arguments(tmp_path, hf_folder):
         ("qwen_jax.bench.compile", [*COMPILE, "--json", missing], "does not exist"),
         ("qwen_jax.bench.generation", ["--model", str(tmp_path / "nonexistent")], "no such folder"),
         ("qwen_jax.bench.generation", ["--model", str(tmp_path)], "not a checkpoint folder"),
+        ("qwen_jax.bench.generation", ["--model", str(tmp_path / "no_tokenizer")], "no tokenizer.json"),
         ("qwen_jax.bench.generation", ["--model", hf_folder, "--prompt-tokens", "0"], "--prompt-tokens 0: must be"),
         ("qwen_jax.bench.generation", ["--model", hf_folder, "--repeats", "0"], "--repeats 0: must be at least 1"),
         ("qwen_jax.bench.generation", ["--model", hf_folder, "--json", missing], "does not exist"),
@@ -140,6 +141,9 @@ def test_bad_benchmark_arguments_are_refused_in_one_line_before_any_work(tmp_pat
     hf_folder = tmp_path / "hf"
     hf_folder.mkdir()
     (hf_folder / "config.json").write_text("{}")
+    (hf_folder / "tokenizer.json").write_text("{}")
+    (tmp_path / "no_tokenizer").mkdir()
+    (tmp_path / "no_tokenizer" / "config.json").write_text("{}")
     for module, argv, message in _bad_arguments(tmp_path, str(hf_folder)):
         refusal = _refusal(module, argv)
         assert message in refusal and "\n" not in refusal, (module, argv, refusal)

@@ -211,6 +211,9 @@ def _parse(argv):
             raise SystemExit(f"--model {args.model}: no such folder (give an HF checkpoint folder)")
         if not os.path.isfile(os.path.join(args.model, "config.json")):
             raise SystemExit(f"--model {args.model}: not a checkpoint folder (no config.json)")
+        if not os.path.isfile(os.path.join(args.model, "tokenizer.json")):
+            raise SystemExit(f"--model {args.model}: no tokenizer.json, and the prompt is text in the model's "
+                             f"tokenizer (random weights: --config NAME --random-weights)")
     else:
         if args.config not in PRESETS:
             raise SystemExit(f"--config {args.config!r}: choose one of {', '.join(sorted(PRESETS))}")
