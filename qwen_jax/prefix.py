@@ -6,8 +6,8 @@ room after it. A continuation is prefilled from slot ``P0``, ``P`` rounded down 
 prefix's last ``P - P0`` tokens before its own (``prefill(..., start=P0)``: every prefill chunk then starts on the
 64-token grid that the chunks of a whole prompt start on, where the sparse kernels are checked), and decoded after
 that, writing only slots ``>= P0`` (the prefix's own values again below ``P``); attention reads a row's slots below
-its own length only, so whatever an earlier continuation left past ``P`` is never seen. Every step donates the
-cache, so the ``PrefixCache`` takes the live buffer after each one: the prefix stays usable after a call that fails
+its own length only, so whatever an earlier continuation left past ``P`` is never seen. Every block of decode steps
+donates the cache, so the ``PrefixCache`` takes the live buffer after each one: the prefix stays usable after a call that fails
 between steps (a callback that raises, an interrupt while tokens stream). One stopped inside the continuation's
 prefill, between two layers' programs, can leave it without its cache: the next call says so.
 
@@ -51,6 +51,14 @@ class PrefixCache:
     config: QwenConfig
     mesh: object = None
     owner: object = dataclasses.field(default=None, repr=False)    # the ``Model`` that cached it, if one did
+    _seen: object = dataclasses.field(default=None, repr=False)    # its ids as a penalty's [1, V] mask, once made
+
+    def seen(self, spec: attention.AttentionSpec):
+        """The prefix's ids as a repetition penalty's [1, V] ``seen`` mask, made at the first call that asks (over
+        a 1M-token prefix, ~20 ms a call on a host)."""
+        if self._seen is None:
+            self._seen = prompt_seen(*right_padded([self.tokens], self.config), self.config, spec)
+        return self._seen
 
     @property
     def length(self) -> int:
@@ -129,7 +137,7 @@ def continue_prefix(prefix: PrefixCache, run: Callable, prompts: Sequence[Sequen
             f"with reserve={longest} or more")
     warn_past_positions(config, prompt_tokens=prefix.length + max(map(len, prompts)), max_new_tokens=max_new_tokens,
                         stacklevel=3)
-    prefix_seen = prompt_seen(*right_padded([prefix.tokens], config), config, spec) if penalty else None
+    prefix_seen = prefix.seen(spec) if penalty else None
 
     def keep(cache):
         prefix.cache = cache
