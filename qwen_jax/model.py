@@ -134,7 +134,8 @@ def _hidden(params, tokens, positions, cache, request_lengths, config, spec):
 
 
 def _unembed(params, hidden, config):
-    return _module(config, params_dtype(params)).apply({"params": params}, hidden, method=Qwen2.unembed)
+    """Logits of ``hidden`` (in the parameters' dtype); ``params`` may be the head's alone (``_head``)."""
+    return _module(config, hidden.dtype).apply({"params": params}, hidden, method=Qwen2.unembed)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "spec"), donate_argnames=("cache",))
@@ -209,7 +210,7 @@ def _final_step(params, x, start, request_lengths, last_hidden, config, all_logi
     token where this chunk holds it (``last_hidden`` elsewhere). ``params``: norm (and head) only."""
     hidden = RMSNorm(config.rms_norm_eps, x.dtype).apply({"params": params["norm"]}, x)
     if all_logits:
-        return _module(config, x.dtype).apply({"params": params}, hidden, method=Qwen2.unembed)
+        return _unembed(params, hidden, config)
     B, T = x.shape[:2]
     last_positions = request_lengths - 1
     in_chunk = (last_positions >= start) & (last_positions < start + T)
@@ -306,9 +307,9 @@ def prefill(params, tokens, lengths, cache: KVCache, config: QwenConfig, *, chun
 
 @functools.partial(jax.jit, static_argnames=("config",))
 def _jit_unembed(head, hidden, config):
-    """Logits of ``hidden`` [B, D]; ``head``: ``_head``'s parameters only (the whole tree costs its flattening
-    at every call)."""
-    return _module(config, hidden.dtype).apply({"params": head}, hidden, method=Qwen2.unembed)
+    """``_unembed`` of ``hidden`` [B, D] given ``_head``'s parameters only (the whole tree costs its flattening at
+    every call)."""
+    return _unembed(head, hidden, config)
 
 
 def prefill_logits(params, tokens, config: QwenConfig, *, chunk_size: int = DEFAULT_PREFILL_CHUNK,
