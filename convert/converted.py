@@ -50,7 +50,10 @@ def atomic_folder(dst: str):
     """Yield a temporary folder next to ``dst``; rename it to ``dst`` only if the block succeeds."""
     check_destination(dst)
     parent = os.path.dirname(os.path.abspath(dst))
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(dst))}.partial-", dir=parent)
+    try:
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(dst))}.partial-", dir=parent)
+    except OSError as e:         # a read-only or pseudo file system: name the destination, not the temporary name
+        raise CheckpointError(f"{dst}: cannot create a folder in {parent} ({e.strerror or e})") from None
     try:
         yield tmp
         os.rename(tmp, dst)

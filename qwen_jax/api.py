@@ -147,6 +147,9 @@ class Model:
             if self.tokenizer is None:
                 raise CheckpointError("this checkpoint has no tokenizer.json, so a text prefix cannot be encoded")
             prefix = self.tokenizer.encode(prefix)
+        elif isinstance(prefix, (list, tuple)) and prefix and isinstance(prefix[0], dict):
+            raise QwenJaxError("a prefix is text (encoded without a chat template) or token ids, not a chat: cache the "
+                               "rendered text up to where the chats part (as `qwen-jax generate --chat --question` does)")
         cached = cache_prefix(self.params, self.config, prefix, reserve=reserve, spec=self.attention,
                               prefill_chunk_size=self.prefill_chunk_size, cache_dtype=self.kv_cache_dtype,
                               progress=progress)
@@ -166,7 +169,8 @@ class Model:
         ``prefix`` (from ``cache_prefix``): the prompts are text that follows it, each continued in turn."""
         stop = stop_strings(stop)
         sampling = Sampling(temperature, top_k, top_p, repetition_penalty)
-        check_generation_args(max_new_tokens=max_new_tokens, seed=seed, on_text=on_text)  # before the prompts encode
+        check_generation_args(max_new_tokens=max_new_tokens, seed=seed, on_text=on_text,    # before the prompts encode
+                              progress=progress)
         if prefix is not None and not (isinstance(prompts, str) or (
                 isinstance(prompts, (list, tuple)) and all(isinstance(p, str) for p in prompts))):
             raise QwenJaxError("after a prefix, prompts are the text that follows it (a string or a list of strings); "
@@ -185,7 +189,7 @@ class Model:
 def load(path: str | os.PathLike, *, dtype="auto", mesh=None, **config_overrides) -> Model:
     """Load an HF checkpoint folder, a folder written by ``qwen-jax convert``, or (online) a hub repo id.
 
-    ``dtype``: parameter and compute dtype, "bfloat16" or "float32"; "auto" (or None): bfloat16 on GPUs and
+    ``dtype``: parameter and compute dtype, "bfloat16", "float32" or "float16"; "auto" (or None): bfloat16 on GPUs and
     TPUs, float32 on CPUs where it fits in half the host's memory (``default_dtype``). ``mesh``: a ``jax.sharding.Mesh``
     or a string such as ``"seq=4,tensor=2"``; parameters are placed by their logical axes. In a
     multi-process job (``qwen_jax.distributed``) the mesh must span every process's devices; each
@@ -206,7 +210,7 @@ def load(path: str | os.PathLike, *, dtype="auto", mesh=None, **config_overrides
     kv_dtype = config_overrides.pop("kv_cache_dtype", None)
     cache_dtype(kv_dtype, jnp.float32)           # a bad name is refused before any weight is read
     dtype = _dtype(dtype)
-    folder = _resolve(str(path))
+    folder = resolve_checkpoint(str(path))
     config = QwenConfig.from_hf_dict(read_config_json(folder, config_overrides))
     generation_eos, recommended = _read_generation_config(folder)    # a malformed one: refused before the weights
     if mesh is None and jax.process_count() > 1:
@@ -287,7 +291,8 @@ def _describe(value) -> str:
     return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
 
 
-def _resolve(path: str) -> str:
+def resolve_checkpoint(path: str) -> str:
+    """A checkpoint folder for ``path``: the folder itself, or a hub repo id downloaded (json, safetensors, text)."""
     if os.path.isdir(path):
         return path
     if os.path.exists(path):

@@ -126,10 +126,12 @@ def _model_overrides(args) -> dict:
         overrides["attn_implementation"] = AttentionSpec(
             impl=args.attention or AttentionSpec.impl, window=args.window, block_q=args.block_q, block_k=args.block_k)
     sparse = args.sparse or args.sparse_config or args.sparse_threshold is not None
-    if args.dca or sparse:
+    if args.dca is not None or sparse:
         # --dca and the sparse flags edit the checkpoint's own block, key by key (a 1M checkpoint keeps its
         # original_max_position_embeddings and budgets file); a model without one takes --dca as the block
-        block = dict(_checkpoint_dca(args.model))
+        block = dict(_checkpoint_dca(args))
+        if args.dca is not None and not args.dca.strip():
+            raise QwenJaxError("--dca is empty: give key=integer pairs such as chunk_size=32768,local_size=2048")
         for part in args.dca.split(",") if args.dca else []:
             key, _, value = part.partition("=")
             if not value.strip().lstrip("-").isdigit():
@@ -148,24 +150,45 @@ def _model_overrides(args) -> dict:
     return overrides
 
 
-def _checkpoint_dca(model: str) -> dict:
-    """The ``dual_chunk_attention_config`` of the checkpoint folder ``model`` ({} without one, or for a hub id)."""
+def _folder(args) -> str:
+    """``--model`` as a local folder (a hub repo id is downloaded, once): what every later step reads."""
+    if getattr(args, "model_folder", None) is None:
+        from qwen_jax.api import resolve_checkpoint
+        args.model_folder = resolve_checkpoint(args.model)
+    return args.model_folder
+
+
+def _checkpoint_dca(args) -> dict:
+    """The ``dual_chunk_attention_config`` of ``--model``'s config.json ({} without one)."""
     import os
 
     from qwen_jax.config import read_config_json
-    if not os.path.isfile(os.path.join(model, "config.json")):
+    folder = _folder(args)
+    if not os.path.isfile(os.path.join(folder, "config.json")):
         return {}
-    block = read_config_json(model).get("dual_chunk_attention_config")
+    block = read_config_json(folder).get("dual_chunk_attention_config")
     return block if isinstance(block, dict) else {}
 
 
+def _require_tokenizer(args) -> None:
+    """Text prompts need the checkpoint's tokenizer: refuse a folder without one before its weights load."""
+    import os
+
+    from qwen_jax.errors import CheckpointError
+    if not os.path.isfile(os.path.join(_folder(args), "tokenizer.json")):
+        raise CheckpointError(f"--model {args.model}: no tokenizer.json, so the prompt cannot be encoded (this "
+                              f"command needs the checkpoint's tokenizer)")
+
+
 def _load(args, **kw):
-    """``qwen_jax.load`` with the model options; a sparse-config file the model cannot use is named in the error."""
+    """``qwen_jax.load`` with the model options, once they and the checkpoint's tokenizer (every command that loads
+    encodes text) are checked; a sparse-config file the model cannot use is named in the error."""
     import qwen_jax
     from qwen_jax.errors import ConfigError
     overrides = _model_overrides(args)
+    _require_tokenizer(args)
     try:
-        return qwen_jax.load(args.model, dtype=args.dtype, **kw, **overrides)
+        return qwen_jax.load(_folder(args), dtype=args.dtype, **kw, **overrides)
     except ConfigError as e:
         if args.sparse_config and str(e).startswith("sparse_attention_config"):
             raise ConfigError(f"--sparse-config {args.sparse_config}: {e}") from None
@@ -248,7 +271,8 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
                    help="start from the sampling the checkpoint's generation_config.json recommends; the sampling "
                         "flags given override it")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not included in the output")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable), taken literally: not included in the output (a newline: "
+                        "--stop $'\\n' in bash)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -318,8 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "bfloat16", "float32", "fp8"),
                    help="KV cache storage (auto: the model dtype)")
     p.add_argument("--device-memory", type=_size, default=None,
-                   help="memory per device: GiB, or with a unit (80GB, 79.6GiB); default: what the first device "
-                        "reports, if it does")
+                   help="memory per device: GiB, or with a unit (79.6GiB: what an H100 80GB reports; 80GB is "
+                        "80e9 bytes, 74.5GiB); default: what the first device reports, if it does")
 
     p = sub.add_parser("bench", help="benchmarks: prefill and long-context decode (random-weight "
                                      "architectures), attention kernels, sparse attention, generation, compile time, "
@@ -349,10 +373,31 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def _check_sampling_flags(args) -> None:
+    """The sampling flags given, ``--max-new-tokens`` and ``--seed``, checked before anything loads (the errors
+    named by their flags)."""
+    from qwen_jax.errors import QwenJaxError
+    from qwen_jax.generation import check_generation_args
+    from qwen_jax.sampling import Sampling
+    given = {name: getattr(args, name) for name in SAMPLING_DEFAULTS if getattr(args, name) is not None}
+    try:
+        Sampling(**given)
+        check_generation_args(max_new_tokens=args.max_new_tokens, seed=args.seed)
+    except QwenJaxError as e:
+        message = str(e)
+        for name in (*SAMPLING_DEFAULTS, "max_new_tokens", "seed"):
+            message = message.replace(name, "--" + name.replace("_", "-"), 1) if message.startswith(name) else message
+        raise QwenJaxError(message) from None
+
+
 def cmd_generate(args) -> int:
     from qwen_jax.errors import QwenJaxError
     if args.system is not None and not args.chat:
         raise QwenJaxError("--system needs --chat (the system message is part of the chat template)")
+    for i, question in enumerate(args.question or []):
+        if not question.strip():
+            raise QwenJaxError(f"--question {i + 1} is empty")
+    _check_sampling_flags(args)
     main_process = _start_distributed(args)
     text = _read_prompt(args)
     model = _load(args, mesh=args.mesh)
@@ -462,7 +507,7 @@ def cmd_recall(args) -> int:
     from qwen_jax.bench import environment
     from qwen_jax.errors import QwenJaxError
 
-    if not args.dca and not _checkpoint_dca(args.model):
+    if not args.dca and not _checkpoint_dca(args):
         raise QwenJaxError("recall measures sparse prefill, which runs on dual chunk attention: pass --dca (this "
                            "checkpoint's config.json has none)")
     args.sparse = True
@@ -471,9 +516,14 @@ def cmd_recall(args) -> int:
     length = passkey.parse_length(args.length)
     _check_outputs(json=args.json, png=args.png, save_selections=args.save_selections)
     text = _read_text(args.prompt_file, "--prompt-file") if args.prompt_file else None
+    if text is not None and not text.strip():
+        raise QwenJaxError(f"--prompt-file {args.prompt_file} is empty")
     model = _load(args)
     if text is not None:
         tokens = model.tokenizer.encode(text)[:length]
+        if len(tokens) < length:
+            warnings.warn(f"--prompt-file {args.prompt_file} encodes to {len(tokens)} tokens, fewer than --length "
+                          f"{args.length}: measuring those {len(tokens)}", stacklevel=2)
     else:
         tokens = passkey.build_prompt(model.tokenizer.encode, length, 0.5, 71432)
     t0 = time.perf_counter()
@@ -561,8 +611,14 @@ def cmd_plan(args) -> int:
 
 def cmd_bench(args) -> int:
     import importlib
+    from qwen_jax.errors import QwenJaxError
     sys.argv[0] = f"qwen-jax bench {args.which}"     # the benchmarks' argparse names itself after argv[0]
-    return importlib.import_module(BENCHMARKS[args.which]).main(args.rest)
+    try:
+        return importlib.import_module(BENCHMARKS[args.which]).main(args.rest)
+    except SystemExit as e:        # a benchmark's refusal, SystemExit("message"): the CLI's one line
+        if isinstance(e.code, str):
+            raise QwenJaxError(f"bench {args.which}: {e.code}") from None
+        raise
 
 
 def cmd_demo(args) -> int:
@@ -585,6 +641,10 @@ def main(argv=None) -> int:
         return commands[args.command](args)
     except QwenJaxError as e:
         message, code = f"error: {e}", 1
+    except BrokenPipeError:       # the reader went away (generate ... | head): stop quietly, as command-line tools do
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # nothing more reaches the closed pipe
+        return 1
     except OSError as e:  # unreadable prompt file, full disk, permissions
         message, code = f"error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", 1
     except KeyboardInterrupt:

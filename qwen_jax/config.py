@@ -88,6 +88,10 @@ class QwenConfig:
                 f"num_key_value_heads ({self.num_key_value_heads})")
         if self.head_dim % 2:
             raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if self.dual_chunk_attention_config is not None and self.rope_scaling is not None:
+            # from_hf_dict drops YaRN with a warning (Qwen's rule); a config built in code would rotate with it
+            raise ConfigError("rope_scaling cannot be combined with dual_chunk_attention_config: DCA rotates with "
+                              "plain RoPE, as Qwen's inference code does; replace rope_scaling=None too")
         if self.dual_chunk_attention_config is not None:
             from qwen_jax.attention.sparse import check_sparse_config
             check_sparse_config(self.dual_chunk_attention_config, self.num_hidden_layers, self.num_attention_heads)
@@ -318,6 +322,9 @@ def read_config_json(folder: str | os.PathLike, overrides: Mapping[str, Any] | N
         raw[key] = dict(raw[key], sparse_attention_config=read_sparse_config(sparse_path))
     for name, value in (overrides or {}).items():
         known = name in raw or name in _IGNORED_FIELDS or name in _KNOWN_FIELDS
+        if not known and name in _HF_LOADING_KEYWORDS:
+            raise ConfigError(f"{name}= is a keyword of HF's from_pretrained that qwen_jax.load has no use for "
+                              f"({_HF_LOADING_KEYWORDS[name]})")
         if not known:
             raise ConfigError(f"unknown config field {name!r} (not in config.json and not a Qwen2 config field)")
         if name in _REFUSED_OVERRIDES and _REFUSED_OVERRIDES[name][0](value):
@@ -337,6 +344,22 @@ _REFUSED_OVERRIDES = {
     "output_attentions": (bool, "qwen-jax returns logits only (attention weights are never materialised)"),
     "output_hidden_states": (bool, "qwen-jax returns logits only"),
     "use_cache": (lambda v: not v, "qwen-jax always prefills into and decodes from a KV cache"),
+}
+
+
+# ``from_pretrained`` keywords about loading, not the config: why qwen-jax has no such choice.
+_HF_LOADING_KEYWORDS = {
+    "trust_remote_code": "no checkpoint code is ever run: Qwen2 is built in",
+    "device_map": "parameters go to the default device, or over mesh=",
+    "low_cpu_mem_usage": "weights are read one tensor at a time already",
+    "revision": "download that revision to a folder and load the folder",
+    "cache_dir": "download to a folder and load the folder",
+    "token": "download to a folder and load the folder",
+    "local_files_only": "a folder is always read locally",
+    "use_safetensors": "only safetensors are read",
+    "quantization_config": "weights load as bfloat16, float16 or float32 (dtype=)",
+    "load_in_8bit": "weights load as bfloat16, float16 or float32 (dtype=)",
+    "load_in_4bit": "weights load as bfloat16, float16 or float32 (dtype=)",
 }
 
 

@@ -20,7 +20,7 @@ from qwen_jax.cache import cache_length, init_cache, padded_prompt_length
 from qwen_jax.config import QwenConfig
 from qwen_jax.errors import QwenJaxError
 from qwen_jax.model import DEFAULT_PREFILL_CHUNK, decode_logits, params_dtype, prefill, relabel, shardings_of
-from qwen_jax.sampling import Sampling, mark_seen, sample, seen_in_prompts
+from qwen_jax.sampling import Sampling, fold_step, mark_seen, row_keys, sample, seen_in_prompts
 from qwen_jax.sharding import to_host
 
 GREEDY = Sampling()
@@ -58,7 +58,8 @@ def _decode_and_sample(params, tokens, positions, cache, key, config, spec, samp
 def decode_block(params, tokens, positions, cache, key, first, config: QwenConfig, spec: attention.AttentionSpec,
                  sampling: Sampling, seen=None, steps: int = DECODE_BLOCK):
     """``steps`` ``decode_and_sample`` steps in one program: feed ``tokens`` [B] at ``positions`` [B], then each
-    step's sample at the next position; step ``i`` samples with ``fold_in(key, first + i)``.
+    step's sample at the next position; step ``i`` samples with ``key`` (one, or one per row [B]) folded with
+    ``first + i`` (``sampling.fold_step``).
 
     Returns ``(sampled [steps, B], the last of them [B], cache, seen)``. A step whose position is past the
     cache's last slot (only steps past the last token anyone asked for) reads and writes that last slot instead.
@@ -68,7 +69,7 @@ def decode_block(params, tokens, positions, cache, key, first, config: QwenConfi
     def step(carry, i):
         tokens, positions, cache, seen = carry
         tokens, cache, seen = _decode_and_sample(params, tokens, jnp.minimum(positions, last_slot), cache,
-                                                 jax.random.fold_in(key, first + i), config, spec, sampling, seen)
+                                                 fold_step(key, first + i), config, spec, sampling, seen)
         return (tokens, positions + 1, cache, seen), tokens
 
     (tokens, _, cache, seen), sampled = jax.lax.scan(step, (tokens, positions, cache, seen), jnp.arange(steps))
@@ -112,14 +113,27 @@ def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def check_generation_args(*, max_new_tokens, seed, on_text=None) -> None:
-    """Refuse a ``max_new_tokens``, ``seed`` or ``on_text`` generation cannot use, before anything runs."""
+def check_ids(tokens, config: QwenConfig, what: str) -> list[int]:
+    """``tokens`` as a list of ints, refused in one line unless a non-empty sequence of ids in the vocabulary."""
+    ids = list(tokens) if isinstance(tokens, (list, tuple, np.ndarray)) else None
+    if not ids or not all(_is_int(t) for t in ids):
+        raise QwenJaxError(f"{what} must be a non-empty list of token ids")
+    if min(ids) < 0 or max(ids) >= config.vocab_size:
+        raise QwenJaxError(f"{what}: token ids must be in [0, {config.vocab_size})")
+    return [int(t) for t in ids]
+
+
+def check_generation_args(*, max_new_tokens, seed, on_text=None, progress=None) -> None:
+    """Refuse a ``max_new_tokens``, ``seed``, ``on_text`` or ``progress`` generation cannot use, before anything
+    runs."""
     if not _is_int(max_new_tokens) or max_new_tokens < 1:
         raise QwenJaxError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     if not _is_int(seed) or not 0 <= seed < 2 ** 32:
         raise QwenJaxError(f"seed must be an integer in [0, 2**32), got {seed!r}")
     if on_text is not None and not callable(on_text):
         raise QwenJaxError(f"on_text must be a function (row, text) or None, got {on_text!r}")
+    if progress is not None and not callable(progress):
+        raise QwenJaxError(f"progress must be a function (done, total) or None, got {progress!r}")
 
 
 def warn_past_positions(config: QwenConfig, *, prompt_tokens: int, max_new_tokens: int, stacklevel: int = 2):
@@ -252,10 +266,16 @@ def generate_ids(params, config: QwenConfig, prompts: Sequence[Sequence[int]], *
     ``prefix``: a ``qwen_jax.prefix.PrefixCache``; each prompt then continues it (one row after another over
     the prefix's one cache, see ``qwen_jax.prefix``) and ``cache_dtype`` is the prefix's.
     """
-    if not prompts or any(len(p) == 0 for p in prompts):
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise QwenJaxError("prompts must be a non-empty list of token-id lists")
+    if any(isinstance(p, (list, tuple, np.ndarray)) and len(p) == 0 for p in prompts):
         raise QwenJaxError("every prompt must have at least one token")
-    check_generation_args(max_new_tokens=max_new_tokens, seed=seed, on_text=on_text)
+    prompts = [check_ids(p, config, f"prompt {i}") for i, p in enumerate(prompts)]
+    check_generation_args(max_new_tokens=max_new_tokens, seed=seed, on_text=on_text, progress=progress)
     stop = stop_strings(stop)
+    if stop and decode is None:
+        raise QwenJaxError("stop strings are looked for in the decoded text: pass decode= (the tokenizer's decode) "
+                           "with stop=")
     run = functools.partial(_generate, params, config, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
                             eos_ids=eos_ids, stop=stop, decode=decode, spec=spec, chunk_size=prefill_chunk_size)
     if prefix is not None:
@@ -295,18 +315,19 @@ def prefill_progress(progress: Callable[[int, int], None] | None, total: int, ch
 
 def _generate(params, config: QwenConfig, tokens, lengths, cache, *, max_new_tokens: int, sampling: Sampling,
               seed: int, eos_ids, stop, decode, spec, chunk_size: int, on_text, progress, seen, start: int = 0,
-              keep: Callable | None = None) -> list[list[int]]:
+              keep: Callable | None = None, rows: Sequence[int] | None = None) -> list[list[int]]:
     """Prefill ``tokens`` [B, T] at positions ``[start, start + T)`` (rows ``lengths`` long, counting the ``start``
     slots already filled), then decode. ``seen``: a repetition penalty's ids so far (``prompt_seen``), or None
     without one. ``keep(cache)`` hears of the live cache after the prefill and after each block of decode steps
-    (every block donates the one before)."""
+    (every block donates the one before). ``rows``: the rows' numbers among the prompts of the call (their keys,
+    ``sampling.row_keys``; default ``0 .. B - 1``)."""
     B, T = tokens.shape
     logits, cache = prefill(params, tokens, lengths, cache, config, chunk_size=chunk_size, spec=spec,
                             progress=prefill_progress(progress, T, chunk_size), start=start)
     keep = keep or (lambda _: None)
     keep(cache)
-    key = jax.random.key(seed)
-    next_tokens = _first_sample(logits, jax.random.fold_in(key, 0), sampling, seen, spec.mesh)
+    key = row_keys(seed, range(B) if rows is None else rows)
+    next_tokens = _first_sample(logits, fold_step(key, 0), sampling, seen, spec.mesh)
     lengths = np.asarray(lengths)
     carried = shardings_of((next_tokens, cache, seen))   # each block's state spelled as the first's (one program)
     eos = set(int(e) for e in eos_ids)

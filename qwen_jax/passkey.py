@@ -49,13 +49,23 @@ def build_prompt(encode: Callable[[str], list[int]], length: int, depth: float, 
     return head + group * before + needle + group * (n_groups - before) + tail
 
 
+def shortest(encode: Callable[[str], list[int]]) -> int:
+    """The fewest tokens a passkey prompt takes: the task, one filler group, the needle (its longest key) and the
+    question."""
+    return len(build_prompt(encode, 0, 0.5, 99999))
+
+
 def evaluate(model, lengths: Sequence[int], depths: Sequence[float] = DEFAULT_DEPTHS, *, seed: int = 0,
              max_new_tokens: int = 8, on_result: Callable[[dict], None] | None = None,
              progress: Callable[[int, int], None] | None = None) -> list[dict]:
     """Run every (length, depth) prompt through ``model`` (a ``qwen_jax.Model``, its KV cache dtype included);
     one result dict each. ``progress(done, total)``: each prompt's prefill (``generate_ids``)."""
+    from qwen_jax.errors import QwenJaxError
     from qwen_jax.generation import generate_ids
 
+    if min(lengths) < (floor := shortest(model.tokenizer.encode)):
+        raise QwenJaxError(f"a passkey prompt takes at least {floor} tokens with this tokenizer (the task, one filler "
+                           f"group, the needle and the question); asked {min(lengths)}")
     rng = np.random.default_rng(seed)
     results = []
     for length in lengths:

@@ -20,7 +20,8 @@ The cache holds what the parameters given to ``cache_prefix`` computed: continue
 ``Model`` refuses another model's prefix; the functions cannot tell).
 
 Prompts given with a prefix run one after another over its one cache (a batch would need a copy of the prefix's
-cache per row). Each row samples as a one-prompt call with the same seed would.
+cache per row). Each row samples as it would in one batch of the same prompts without a prefix: with its own key
+(``sampling.row_keys``: the seed and the row's number).
 """
 
 from __future__ import annotations
@@ -31,13 +32,12 @@ from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from qwen_jax import attention
 from qwen_jax.cache import PROMPT_BUCKET, KVCache, cache_length, init_cache, padded_prompt_length
 from qwen_jax.config import QwenConfig
 from qwen_jax.errors import QwenJaxError
-from qwen_jax.generation import check_length, prefill_progress, prompt_seen, right_padded, warn_past_positions
+from qwen_jax.generation import check_ids, check_length, prefill_progress, prompt_seen, right_padded, warn_past_positions
 from qwen_jax.model import DEFAULT_PREFILL_CHUNK, params_dtype, prefill
 
 DEFAULT_RESERVE = 8192      # slots after the prefix, for a continuation and its new tokens
@@ -85,22 +85,15 @@ def needed_room(prompt_tokens: int, max_new_tokens: int, prefix_tokens: int | No
     return max(padded_prompt_length(tail + prompt_tokens) - tail, prompt_tokens + max_new_tokens - 1)
 
 
-def _check_ids(tokens, config: QwenConfig, what: str) -> list[int]:
-    ids = list(tokens) if isinstance(tokens, (list, tuple, np.ndarray)) else None
-    if not ids or not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in ids):
-        raise QwenJaxError(f"{what} must be a non-empty list of token ids")
-    if min(ids) < 0 or max(ids) >= config.vocab_size:
-        raise QwenJaxError(f"{what}: token ids must be in [0, {config.vocab_size})")
-    return [int(t) for t in ids]
-
-
 def cache_prefix(params, config: QwenConfig, tokens: Sequence[int], *, reserve: int = DEFAULT_RESERVE,
                  spec: attention.AttentionSpec = attention.DEFAULT_SPEC,
                  prefill_chunk_size: int = DEFAULT_PREFILL_CHUNK, cache_dtype=None,
                  progress: Callable[[int, int], None] | None = None) -> PrefixCache:
     """Prefill the ids ``tokens`` into a cache with ``reserve`` more slots; ``progress(done, total)`` hears of the
     prefill's tokens after each chunk, where it takes more than one."""
-    ids = _check_ids(tokens, config, "a prefix")
+    ids = check_ids(tokens, config, "a prefix")
+    if progress is not None and not callable(progress):
+        raise QwenJaxError(f"progress must be a function (done, total) or None, got {progress!r}")
     if isinstance(reserve, bool) or not isinstance(reserve, numbers.Integral) or reserve < 1:
         raise QwenJaxError(f"reserve must be an integer >= 1 (slots after the prefix), got {reserve!r}")
     P = len(ids)
@@ -128,7 +121,7 @@ def continue_prefix(prefix: PrefixCache, run: Callable, prompts: Sequence[Sequen
     if any(a.is_deleted() for a in jax.tree.leaves(prefix.cache)):
         raise QwenJaxError("this prefix's cache is gone (a call was stopped inside its prefill, or the cache was "
                            "donated elsewhere); cache the prefix again")
-    prompts = [_check_ids(p, config, f"prompt {i}") for i, p in enumerate(prompts)]
+    prompts = [check_ids(p, config, f"prompt {i}") for i, p in enumerate(prompts)]
     longest = max(needed_room(len(p), max_new_tokens, prefix.length) for p in prompts)
     if longest > prefix.room:
         raise QwenJaxError(
@@ -149,5 +142,5 @@ def continue_prefix(prefix: PrefixCache, run: Callable, prompts: Sequence[Sequen
         seen = None if prefix_seen is None else prefix_seen | prompt_seen(tokens, lengths, config, spec)
         stream = None if on_text is None else (lambda _, text, row=row: on_text(row, text))
         out += run(tokens, lengths + start, prefix.cache, start=start, seen=seen, on_text=stream, progress=progress,
-                   keep=keep)
+                   keep=keep, rows=[row])
     return out

@@ -9,8 +9,14 @@ import numbers
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from qwen_jax.errors import QwenJaxError
+
+
+# The smallest temperature or repetition penalty taken: below float32's smallest normal number a device flushes the
+# divisor to 0 (x / 0: inf or nan, and the pick is no longer the largest logit's).
+_TINY = float(np.finfo(np.float32).tiny)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,14 +39,14 @@ class Sampling:
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, numbers.Integral):
             raise QwenJaxError(f"top_k must be an integer (0: off), got {self.top_k!r}")
         object.__setattr__(self, "top_k", int(self.top_k))
-        if self.temperature < 0:
-            raise QwenJaxError(f"temperature must be >= 0, got {self.temperature}")
+        if self.temperature < 0 or 0 < self.temperature < _TINY:
+            raise QwenJaxError(f"temperature must be 0 (greedy) or at least {_TINY:.3g}, got {self.temperature}")
         if self.top_k < 0:
             raise QwenJaxError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise QwenJaxError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise QwenJaxError(f"repetition_penalty must be > 0 (1: off), got {self.repetition_penalty}")
+        if self.repetition_penalty < _TINY:
+            raise QwenJaxError(f"repetition_penalty must be at least {_TINY:.3g} (1: off), got {self.repetition_penalty}")
 
 
 def penalize(logits: jax.Array, seen: jax.Array, penalty: float) -> jax.Array:
@@ -63,24 +69,45 @@ def mark_seen(seen: jax.Array, tokens: jax.Array) -> jax.Array:
     return seen.at[jnp.arange(seen.shape[0]), tokens].set(True, mode="drop")
 
 
+def row_keys(seed: int, rows) -> jax.Array:
+    """One key per row: ``fold_in(key(seed), row)`` for each row number in ``rows``. ``generate`` samples row ``r``
+    with its own key, so what a row draws depends on the seed and its place in the list of prompts, not on the
+    other prompts (nor on whether they run as one batch or, after a prefix, one at a time)."""
+    return jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(seed), jnp.asarray(rows, jnp.uint32))
+
+
+def fold_step(key: jax.Array, step) -> jax.Array:
+    """``key`` (one key, or one per row [B]) folded with the step number ``step``."""
+    if key.ndim == 0:
+        return jax.random.fold_in(key, step)
+    return jax.vmap(jax.random.fold_in, (0, None))(key, step)
+
+
 def sample(logits: jax.Array, key: jax.Array, sampling: Sampling, seen: jax.Array | None = None) -> jax.Array:
-    """logits [B, V] float32 -> tokens [B] int32. ``seen`` [B, V] bool (the ids so far: prompt and generated)
-    is needed for a repetition penalty, and unused without one."""
+    """logits [B, V] float32 -> tokens [B] int32. ``key``: one key for the batch, or one per row [B] (``row_keys``:
+    each row then draws from its own). ``seen`` [B, V] bool (the ids so far: prompt and generated) is needed for a
+    repetition penalty, and unused without one."""
     if sampling.repetition_penalty != 1.0:
         if seen is None:
             raise QwenJaxError("a repetition penalty needs seen (bool [batch, vocab]: the ids so far)")
         logits = penalize(logits, seen, sampling.repetition_penalty)
     if sampling.temperature == 0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits.astype(jnp.float32) / sampling.temperature
+    # the row's largest logit moved to 0 first: a tiny temperature then sends the others to -inf, not the top
+    # ones to +inf (where ties of inf, or inf / inf, would pick a token that is not the largest)
+    logits = logits.astype(jnp.float32)
+    logits = (logits - jnp.max(logits, axis=-1, keepdims=True)) / sampling.temperature
     if sampling.top_k:
         kth = jax.lax.top_k(logits, min(sampling.top_k, logits.shape[-1]))[0][:, -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
     if sampling.top_p < 1.0:
         ordered = jnp.sort(logits, axis=-1)[:, ::-1]
         probs = jax.nn.softmax(ordered, axis=-1)
-        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays), and every token whose
+        # logit ties with that prefix's last: which of equal logits HF's sort keeps is an accident of its order.
         keep = (jnp.cumsum(probs, axis=-1) - probs) < sampling.top_p
         threshold = jnp.take_along_axis(ordered, jnp.sum(keep, axis=-1, keepdims=True) - 1, axis=-1)
         logits = jnp.where(logits < threshold, -jnp.inf, logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    if key.ndim == 0:
+        return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    return jax.vmap(jax.random.categorical)(key, logits).astype(jnp.int32)

@@ -69,7 +69,9 @@ class Tokenizer:
         except _TemplateRefused as e:   # the template's own raise_exception: it rejects these messages
             raise QwenJaxError(f"{where} refused the messages: {_first_line(e)}") from None
         except (TemplateError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{where} failed to render ({type(e).__name__}: {_first_line(e)})") from None
+            # the messages' shape or the template's code: the same error either way, so the message names both
+            raise QwenJaxError(f"{where} could not render these messages ({type(e).__name__}: {_first_line(e)}); "
+                               f"check the messages' contents against what the template expects") from None
 
 
 def _first_line(error: Exception) -> str:

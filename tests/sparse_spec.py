@@ -42,12 +42,16 @@ def select_head(vertical, slash, begin, end, P, *, S, vertical_size, slash_size)
     sorted distances)."""
     vertical, slash = np.array(vertical[:end], np.float64), np.array(slash[:end], np.float64)
     vertical[:30] = np.inf
-    slash[max(0, end - 100):] = np.inf
+    # the forced diagonals first, nearest to the main one first (a budget under 100 keeps d = 0, 1, ...), then the
+    # others by score, ties to the lower index
+    forced = np.arange(max(0, end - 100), end)[::-1]
+    slash[forced] = np.inf
     vs = 130 if vertical_size == 30 else vertical_size
     nv = min(max(vs, 30), end)
     ns = min(max(slash_size, 50), end)
     cols = np.argsort(-vertical, kind="stable")[:nv]
-    diag_i = np.argsort(-slash, kind="stable")[:ns]
+    rest = [i for i in np.argsort(-slash, kind="stable") if i < end - 100]
+    diag_i = np.concatenate([forced, np.asarray(rest, int)])[:ns]
     L = end - begin
     out = []
     for p in range(3):                         # inter, successive, intra

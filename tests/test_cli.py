@@ -254,7 +254,7 @@ def test_an_empty_system_message_is_sent_as_given(tiny_checkpoint, monkeypatch):
     assert prompts == [[{"role": "system", "content": ""}, {"role": "user", "content": "hi"}]]
 
 
-def test_dca_flags_edit_the_checkpoints_own_block(tiny_checkpoint, tmp_path):
+def test_dca_flags_edit_the_checkpoints_own_block(tiny_checkpoint, tmp_path, monkeypatch):
     """--dca K=V and the sparse flags change those keys of a DCA checkpoint's block and keep the rest (they
     replaced it: original_max_position_embeddings fell to 0 and the budgets file to the defaults); the sparse
     flags need no --dca where config.json has a block."""
@@ -282,6 +282,14 @@ def test_dca_flags_edit_the_checkpoints_own_block(tiny_checkpoint, tmp_path):
     assert edited.sparse_attention_enabled and edited.sparse_attention_threshold == 0
     assert layer_budgets(edited, 1, heads).vertical[:2] == (40, 41)
     assert dca("--sparse-threshold", "100").sparse_attention_threshold == 100       # no --dca needed here
+    # a hub repo id: its (downloaded) folder's block is the one edited, not a block of defaults
+    import qwen_jax.api
+    resolve = qwen_jax.api.resolve_checkpoint
+    monkeypatch.setattr(qwen_jax.api, "resolve_checkpoint", lambda p: str(folder) if p == "acme/dca" else resolve(p))
+    args = build_parser().parse_args(["generate", "--model", "acme/dca", "--prompt", "x", "--dtype", "float32",
+                                      "--dca", "chunk_size=320", "--sparse"])
+    hub = _load(args).config.dual_chunk_attention_config
+    assert (hub.chunk_size, hub.local_size, hub.original_max_position_embeddings) == (320, 64, 128)
     args = build_parser().parse_args(["generate", "--model", tiny_checkpoint[0], "--prompt", "x", "--sparse"])
     with pytest.raises(QwenJaxError, match="pass --dca too"):
         _load(args)
@@ -316,3 +324,51 @@ def test_questions_after_one_prefill_answer_as_the_api_does(tiny_checkpoint, mon
     assert calls == [shared]
     assert asked == [(rest, len(model.tokenizer.encode(shared))) for rest in rests]
     assert capsys.readouterr().out == "".join(e + "\n\n" for e in expected)
+
+
+def test_refusals_come_before_the_weights_load(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    """Sampling flags (named as flags), an empty --question or --dca, a checkpoint without tokenizer.json
+    (generate, passkey, recall), an empty recall prompt file and a benchmark's own refusal: one line each, exit 1,
+    and no weight read."""
+    import shutil
+
+    import qwen_jax
+    from qwen_jax.cli import main
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the weights were loaded")
+    monkeypatch.setattr(qwen_jax, "load", no_load)
+    notok = tmp_path / "notok"
+    shutil.copytree(tiny_checkpoint[0], notok)
+    (notok / "tokenizer.json").unlink()
+    empty = tmp_path / "empty.txt"
+    empty.write_text(" \n")
+    model, dca = tiny_checkpoint[0], ["--dca", "chunk_size=96,local_size=32"]
+    cases = [
+        (["generate", "--model", model, "--prompt", "x", "--temperature", "-1"], "error: --temperature must be"),
+        (["generate", "--model", model, "--prompt", "x", "--max-new-tokens", "0"], "error: --max-new-tokens must be"),
+        (["generate", "--model", model, "--prompt", "x", "--seed", "-3"], "error: --seed must be"),
+        (["generate", "--model", model, "--prompt", "x", "--question", "a", "--question", ""], "--question 2 is empty"),
+        (["generate", "--model", model, "--prompt", "x", "--dca", ""], "--dca is empty"),
+        (["generate", "--model", str(notok), "--prompt", "x"], "no tokenizer.json"),
+        (["passkey", "--model", str(notok), "--lengths", "300"], "no tokenizer.json"),
+        (["recall", "--model", str(notok), "--length", "300", *dca], "no tokenizer.json"),
+        (["recall", "--model", model, "--length", "300", "--prompt-file", str(empty), *dca], f"{empty} is empty"),
+        (["bench", "generation", "--model", str(notok)], "error: bench generation: --model"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 1, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("qwen-jax: error:") and message in err[0], (argv, err)
+
+
+def test_passkey_lengths_shorter_than_the_prompt_itself_are_refused(tiny_checkpoint, capsys):
+    """A 10-token passkey prompt cannot be made (the task, one filler group, the needle and the question take more):
+    refused, where it ran a longer prompt and reported it under length 10."""
+    from qwen_jax import passkey
+    from qwen_jax.cli import main
+    from qwen_jax.tokenizer import Tokenizer
+    floor = passkey.shortest(Tokenizer(tiny_checkpoint[0]).encode)
+    assert 30 < floor < 200
+    assert main(["passkey", "--model", tiny_checkpoint[0], "--lengths", f"{floor - 1},300", "--dtype", "float32"]) == 1
+    assert f"at least {floor} tokens" in capsys.readouterr().err

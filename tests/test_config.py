@@ -71,6 +71,11 @@ def test_yarn_is_ignored_with_a_warning_under_dca():
     plain = QwenConfig.from_hf_dict(QWEN25_7B_1M)
     assert c == plain and c.rope_scaling is None and c.dual_chunk_attention_config is not None
     assert Rope.from_config(c) == Rope.from_config(plain)
+    # a config built in code is refused instead (it rotated with YaRN's frequencies and attention factor)
+    yarn = QwenConfig.from_hf_dict(dict(QWEN25_7B_1M, rope_scaling=block, dual_chunk_attention_config=None))
+    assert yarn.rope_scaling is not None
+    with pytest.raises(ConfigError, match="rope_scaling cannot be combined with dual_chunk_attention_config"):
+        yarn.replace(dual_chunk_attention_config=plain.dual_chunk_attention_config)
 
 
 def test_sliding_window_is_refused_with_a_clear_message():

@@ -1,5 +1,7 @@
 """Generation mechanics: chunked prefill, batching, sampling, EOS and stop strings, streaming."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -116,9 +118,52 @@ def test_greedy_is_argmax_and_top_k_top_p_restrict_support():
 
 
 def test_invalid_sampling_settings_are_refused():
-    for bad in (dict(temperature=-1), dict(top_k=-2), dict(top_p=0.0), dict(top_p=1.5)):
+    for bad in (dict(temperature=-1), dict(temperature=1e-39), dict(top_k=-2), dict(top_p=0.0), dict(top_p=1.5),
+                dict(repetition_penalty=0.0), dict(repetition_penalty=1e-39)):
         with pytest.raises(qwen_jax.QwenJaxError):
             Sampling(**bad)
+
+
+def test_a_tiny_temperature_samples_the_largest_logit_and_splits_its_ties():
+    """Logits divided by 1e-37 overflowed to +inf (both of 39 and 40: the first id won every draw); now the largest
+    is moved to 0 first, so the draws go to it, and equal largest logits share them."""
+    keys = jax.random.split(jax.random.key(3), 400)
+    for temperature in (1e-37, 1e-30, 1e-6):
+        for logits, allowed in (([39.0, 40.0, -5.0], {1}), ([9.0, 10.0, 10.0, -5.0], {1, 2})):
+            draw = functools.partial(sample, jnp.asarray([logits]), sampling=Sampling(temperature))
+            got = np.asarray(jax.vmap(lambda k, draw=draw: draw(key=k))(keys))[:, 0]
+            assert set(got.tolist()) == allowed, (temperature, logits, np.bincount(got))
+    # moving the largest to 0 does not change what an ordinary temperature draws
+    logits = jnp.asarray(np.random.default_rng(4).normal(0, 3, (3, 40)), jnp.float32)
+    drawn = jax.vmap(lambda k: sample(logits, k, Sampling(0.7, top_k=10, top_p=0.9)))(keys)
+    moved = jax.vmap(lambda k: sample(logits + 100.0, k, Sampling(0.7, top_k=10, top_p=0.9)))(keys)
+    assert np.array_equal(drawn, moved)
+
+
+def test_a_rows_samples_do_not_depend_on_the_other_prompts(model):
+    """Each row draws with its own key (the seed and its number): row 1 samples the same tokens whatever row 0
+    holds; the same prompt as rows 0 and 1 samples two continuations."""
+    s = Sampling(temperature=1.0, top_k=50)
+    b = [21, 22, 23, 24, 25]
+    one = generate_ids(model.params, model.config, [[5, 6, 7], b], max_new_tokens=12, sampling=s, seed=3)
+    other = generate_ids(model.params, model.config, [[9] * 40, b], max_new_tokens=12, sampling=s, seed=3)
+    assert one[1] == other[1]
+    same = generate_ids(model.params, model.config, [b, b], max_new_tokens=12, sampling=s, seed=3)
+    assert same[1] == one[1] and same[0] != same[1]
+
+
+def test_token_ids_stop_strings_and_progress_are_checked_before_anything_runs(model):
+    V = model.config.vocab_size
+    for prompts, message in (([[5, V]], rf"prompt 0: token ids must be in \[0, {V}\)"),
+                             ([[1], [-1]], "prompt 1: token ids must be in"), ([[1, 2**40]], "token ids must be in"),
+                             ([[1.5]], "prompt 0 must be a non-empty list of token ids"),
+                             ([[]], "every prompt must have at least one token")):
+        with pytest.raises(qwen_jax.QwenJaxError, match=message):
+            generate_ids(model.params, model.config, prompts, max_new_tokens=2)
+    with pytest.raises(qwen_jax.QwenJaxError, match="pass decode="):
+        generate_ids(model.params, model.config, [[1, 2]], max_new_tokens=2, stop=["x"])
+    with pytest.raises(qwen_jax.QwenJaxError, match="progress must be a function"):
+        generate_ids(model.params, model.config, [[1, 2]], max_new_tokens=2, progress=5)
 
 
 def test_eos_stops_a_row(model):
@@ -165,8 +210,8 @@ def test_each_block_is_dispatched_before_the_previous_tokens_are_read(model, mon
 @pytest.mark.parametrize("block", [1, 3, 8])
 def test_blocks_of_decode_steps_sample_as_one_step_per_program(model, monkeypatch, block):
     """``generate``'s blocks of steps give the tokens of the one-step loop: token 0 sampled from the prefill's
-    logits with ``fold_in(key, 0)``, token j fed back at position ``length + j`` and token j + 1 sampled with
-    ``fold_in(key, j + 1)``; with a temperature, top-k and a repetition penalty, rows of different lengths, and
+    logits with each row's key (``row_keys``: ``fold_in(key(seed), row)``) folded with 0, token j fed back at position
+    ``length + j`` and token j + 1 sampled with the row keys folded with j + 1; with a temperature, top-k and a repetition penalty, rows of different lengths, and
     a last block running past ``max_new_tokens`` and past the cache's slots."""
     from qwen_jax import generation
     from qwen_jax.cache import cache_length
@@ -184,12 +229,13 @@ def test_blocks_of_decode_steps_sample_as_one_step_per_program(model, monkeypatc
     assert cache.max_len == 256
     seen = prompt_seen(tokens, lengths, model.config, model.attention)
     logits, cache = qwen_jax.prefill(model.params, tokens, lengths, cache, model.config)
-    key = jax.random.key(seed)
-    current = generation._first_sample(logits, jax.random.fold_in(key, 0), sampling, seen)
+    key = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(seed), jnp.arange(2, dtype=jnp.uint32))
+    step_key = jax.vmap(jax.random.fold_in, (0, None))
+    current = generation._first_sample(logits, step_key(key, 0), sampling, seen)
     want = [np.asarray(current)]
     for j in range(n - 1):
         current, cache, seen = decode_and_sample(model.params, current, jnp.asarray(lengths + j), cache,
-                                                 jax.random.fold_in(key, j + 1), model.config, model.attention,
+                                                 step_key(key, j + 1), model.config, model.attention,
                                                  sampling, seen)
         want.append(np.asarray(current))
     assert got == np.stack(want, 1).tolist()

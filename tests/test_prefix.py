@@ -51,12 +51,13 @@ def test_prefill_after_a_prefix_equals_prefilling_the_whole_prompt(model):
 @pytest.mark.parametrize("sampling", [Sampling(), SAMPLED], ids=["greedy", "sampled"])
 def test_each_continuation_equals_generating_from_the_whole_prompt(model, sampling):
     """Two continuations in one call, then the first again after the second left its tokens past the prefix:
-    each gives the tokens the whole prompt gives (sampled: the same seed, the penalty counting the prefix)."""
+    each gives the tokens its whole prompt gives in one batch of the whole prompts (sampled: the same seed, so the
+    same key for the same row, the penalty counting the prefix)."""
     prefix, rests = _ids(3, 203), [_ids(4, 37), _ids(5, 70)]
     pc = cache_prefix(model.params, model.config, prefix, reserve=128, spec=model.attention, prefill_chunk_size=64)
     got = _run(model, rests, pc, sampling=sampling, seed=7)
     again = _run(model, rests[:1], pc, sampling=sampling, seed=7)
-    want = [_run(model, [prefix + r], sampling=sampling, seed=7)[0] for r in rests]
+    want = _run(model, [prefix + r for r in rests], sampling=sampling, seed=7)
     assert got == want and again == want[:1]
     if sampling.temperature:
         assert _run(model, rests[:1], pc, sampling=sampling, seed=8) != want[:1]

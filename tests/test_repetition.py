@@ -166,7 +166,7 @@ def test_generation_config_holds_the_recommended_generate_keywords(tiny_checkpoi
 
 @pytest.mark.parametrize("content,message", [
     ({"do_sample": True, "top_p": 1.5}, r"top_p must be in \(0, 1\], got 1.5"),
-    ({"repetition_penalty": 0}, "repetition_penalty must be > 0"),
+    ({"repetition_penalty": 0}, "repetition_penalty must be at least"),
     ({"temperature": "warm"}, "temperature must be a finite number, got 'warm'"),
     ({"top_k": 2.5}, r"top_k must be an integer \(0: off\), got 2.5"),
     ({"do_sample": "yes"}, "do_sample must be true or false, got 'yes'"),

@@ -60,6 +60,7 @@ def test_estimate_scores_and_selection_match_the_numpy_spec(impl):
                 want = sparse_spec.select_head(np.asarray(vert[b, g, h]), np.asarray(slash[b, g, h]), bg, en, Pg,
                                                S=DCA.chunk_len, vertical_size=budgets.vertical[h],
                                                slash_size=budgets.slash[h])
+                assert want[2][1][0] == 0        # budgets of 50-80 diagonals: the main one is still in (d = 0)
                 for p, (c, d) in enumerate(want):
                     cn, dn = int(sel.col_count[b, g, h, p]), int(sel.dist_count[b, g, h, p])
                     np.testing.assert_array_equal(np.asarray(sel.cols[b, g, h, p, :cn]), c)
@@ -153,6 +154,31 @@ def test_sparse_prefill_paths_agree_and_budgets_matter(tiny_checkpoint):
     high = qwen_jax.load(tiny_checkpoint[0], dtype="float32", dual_chunk_attention_config=cfg_hi,
                          prefill_chunk_size=192).logits(tokens)
     assert np.abs(high - dense).max() <= 1e-5 * np.abs(dense).max()
+
+
+def test_a_one_token_prefill_chunk_runs_sparse_and_decode_stays_dense(tiny_checkpoint, monkeypatch):
+    """A 321-token prompt in chunks of 320 ends in a one-token chunk: a prefill chunk, so it estimates (from its one
+    query) and attends sparsely as the chunk before it did (a single query was taken for a decode step, and it ran
+    dense); the blockwise and reference paths agree on it. A decode step after it estimates nothing."""
+    import qwen_jax
+    from qwen_jax.attention import AttentionSpec
+    estimated = []
+    original = sparse.estimate
+    monkeypatch.setattr(sparse, "estimate", lambda q, *a, **kw: estimated.append(q.shape[1]) or original(q, *a, **kw))
+    jax.clear_caches()                       # every program traced again, so every estimate is seen
+    cfg = dict(DCA_TINY, sparse_attention_enabled=True, sparse_attention_threshold=0,
+               sparse_attention_config=budgets_json(2, 4, 30, 50))
+    model = qwen_jax.load(tiny_checkpoint[0], dtype="float32", dual_chunk_attention_config=cfg, prefill_chunk_size=320)
+    tokens = np.random.default_rng(5).integers(0, 1000, (1, 321))
+    got = model.logits(tokens)
+    assert sorted(set(estimated)) == [1, 320], estimated
+    ref = qwen_jax.Model(model.config, model.params, attn_implementation=AttentionSpec(impl="reference"),
+                         prefill_chunk_size=320).logits(tokens)
+    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
+    estimated.clear()
+    out = qwen_jax.generation.generate_ids(model.params, model.config, [tokens[0].tolist()], max_new_tokens=3,
+                                           spec=model.attention, prefill_chunk_size=320)
+    assert len(out[0]) == 3 and 1 not in estimated and estimated      # the prompt's chunks only
 
 
 def test_layers_share_a_prefill_program_only_where_their_budgets_agree(tiny_checkpoint):

@@ -61,6 +61,10 @@ class AttentionSpec:
     # prefill sets it from the concrete prompt lengths, "all" (tables sized for the budgets only) or
     # "none" (dense prefill, no estimate at all).
     sparse_rows: str = "mixed"
+    # Set by prefill (``with_sparse_rows``): every chunk is prefill, a one-token chunk included (the last of a
+    # prompt k * chunk + 1 tokens long), so it runs sparse where the prompt passes the threshold; unset, a single
+    # query is taken for a decode step, which stays dense.
+    prefill: bool = False
     # A device mesh: attention runs sequence-parallel over it (``attention.parallel``); None: one device.
     mesh: Any = None
 
@@ -117,8 +121,8 @@ def cached_attention(q, k_cache, v_cache, q_positions, kv_length, request_length
     request_lengths [B] int32 (the whole request's length, for DCA's scale). Returns
     ``(out [B, T, N, H] q.dtype, lse [B, T, N] f32)``.
 
-    With ``sparse_attention_enabled`` in the DCA config, a chunk of more than one query (prefill) runs
-    the vertical-slash estimate (``attention.sparse``) with ``layer``'s budgets and attends only to
+    With ``sparse_attention_enabled`` in the DCA config, a prefill chunk (``spec.prefill``, or more than one
+    query) runs the vertical-slash estimate (``attention.sparse``) with ``layer``'s budgets and attends only to
     the selected keys; decode (one query) stays dense. ``sparse=False`` forces the dense path (the
     recall measurement compares both). ``head_offset``: the global index of q's first head (a device's
     share under sequence-parallel attention; it picks the heads' sparse budgets). ``selection``: a
@@ -160,10 +164,11 @@ def cached_attention(q, k_cache, v_cache, q_positions, kv_length, request_length
 
 
 def sparse_active(config: QwenConfig, n_queries: int, spec: AttentionSpec = DEFAULT_SPEC) -> bool:
-    """Whether a chunk of ``n_queries`` runs sparse prefill (sparse enabled, more than one query, and
-    not every row known to be under the threshold)."""
+    """Whether a chunk of ``n_queries`` runs sparse prefill (sparse enabled, a prefill chunk: ``spec.prefill`` or
+    more than one query, and not every row known to be under the threshold)."""
     dca = config.dual_chunk_attention_config
-    return dca is not None and dca.sparse_attention_enabled and n_queries > 1 and spec.sparse_rows != "none"
+    return (dca is not None and dca.sparse_attention_enabled and (spec.prefill or n_queries > 1)
+            and spec.sparse_rows != "none")
 
 
 def with_sparse_rows(spec: AttentionSpec, config: QwenConfig, lengths) -> AttentionSpec:
@@ -173,7 +178,8 @@ def with_sparse_rows(spec: AttentionSpec, config: QwenConfig, lengths) -> Attent
     if dca is None or not dca.sparse_attention_enabled:
         return spec
     over = np.asarray(lengths) > dca.sparse_attention_threshold
-    return dataclasses.replace(spec, sparse_rows="all" if over.all() else "none" if not over.any() else "mixed")
+    return dataclasses.replace(spec, sparse_rows="all" if over.all() else "none" if not over.any() else "mixed",
+                               prefill=True)
 
 
 def sparse_selection(q, k_cache, q_positions, request_lengths, *, rope: Rope, config: QwenConfig,

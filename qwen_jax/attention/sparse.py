@@ -317,7 +317,11 @@ def _top_by_segment(vertical, slash, end, n_v, kv: int, n_s, ks: int):
     def picks(v, s, e, nv, ns):                                              # one segment: [B, N, S], [B]
         e = e[:, None, None]
         v_score = jnp.where(pos < e, jnp.where(pos < FORCED_COLUMNS, inf, v), -inf)
-        s_score = jnp.where(pos < e, jnp.where(pos >= e - FORCED_DIAGONALS, inf, s), -inf)
+        # the forced diagonals as the largest finite floats, descending with the distance: under a budget of
+        # fewer than FORCED_DIAGONALS the nearest ones win (d = 0 first: every query sees its own key); ties of
+        # inf went to the lower index, the farthest
+        nearest_first = lax.bitcast_convert_type(jnp.int32(0x7F7FFFFF) - (e - 1 - pos), jnp.float32)
+        s_score = jnp.where(pos < e, jnp.where(pos >= e - FORCED_DIAGONALS, nearest_first, s), -inf)
         # one top-k for both (half the launches: on GPUs the top-k of a 32K chunk is launch-bound)
         both = top_indices(jnp.stack([v_score, s_score]), jnp.stack([nv, ns]), max(kv, ks))
         return both[0, ..., :kv], both[1, ..., :ks]
