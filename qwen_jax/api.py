@@ -24,6 +24,7 @@ from qwen_jax.tokenizer import Tokenizer
 
 DTYPES = {"bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16, "float32": jnp.float32, "f32": jnp.float32,
           "float16": jnp.float16, "fp16": jnp.float16}
+_MALFORMED = "config.json has a malformed field: "
 _HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.jinja"]
 
 
@@ -211,7 +212,14 @@ def load(path: str | os.PathLike, *, dtype="auto", mesh=None, **config_overrides
     cache_dtype(kv_dtype, jnp.float32)           # a bad name is refused before any weight is read
     dtype = _dtype(dtype)
     folder = resolve_checkpoint(str(path))
-    config = QwenConfig.from_hf_dict(read_config_json(folder, config_overrides))
+    try:
+        config = QwenConfig.from_hf_dict(read_config_json(folder, config_overrides))
+    except ConfigError as e:      # a field given here, not read from the file: say so
+        field = str(e).removeprefix(_MALFORMED).split(".")[0].split(" ")[0]
+        if str(e).startswith(_MALFORMED) and field in config_overrides:
+            raise ConfigError(f"{str(e).removeprefix(_MALFORMED)} (as given to load or on the command line, not read "
+                              f"from config.json)") from None
+        raise
     generation_eos, recommended = _read_generation_config(folder)    # a malformed one: refused before the weights
     if mesh is None and jax.process_count() > 1:
         raise ConfigError(f"this is a {jax.process_count()}-process job: pass a mesh over all {jax.device_count()} "

@@ -248,7 +248,9 @@ def _parse_dca(block: Mapping[str, Any] | None) -> DCAConfig | None:
     local_size = _int(block, "local_size", 1024, minimum=0, where=where)
     orig = _int(block, "original_max_position_embeddings", 0, minimum=0, where=where)
     if not 0 <= local_size < chunk_size:
-        raise ConfigError(f"dual_chunk_attention_config needs 0 <= local_size < chunk_size, got {local_size}, {chunk_size}")
+        given = lambda key: "" if key in block else " (the default)"  # noqa: E731
+        raise ConfigError(f"dual_chunk_attention_config needs 0 <= local_size < chunk_size, got local_size "
+                          f"{local_size}{given('local_size')} and chunk_size {chunk_size}{given('chunk_size')}")
     sparse_cfg = block.get("sparse_attention_config")
     if sparse_cfg is not None:
         check_sparse_layers(sparse_cfg, where + "sparse_attention_config")

@@ -187,6 +187,19 @@ def test_load_names_the_accepted_dtypes_and_refuses_non_float_ones(tiny_checkpoi
         qwen_jax.load(folder, rope_scaling="yarn")
 
 
+def test_errors_in_keywords_given_to_load_do_not_blame_config_json(tiny_checkpoint):
+    folder = tiny_checkpoint[0]
+    for kw, message in ((dict(rope_theta="x"), r"^rope_theta must be a finite number > 0, got 'x' \(as given to load"),
+                        (dict(dual_chunk_attention_config={"chunk_size": -5, "local_size": 3}),
+                         r"^dual_chunk_attention_config.chunk_size must be a positive integer, got -5 \(as given"),
+                        (dict(dual_chunk_attention_config={"chunk_size": 192}),
+                         "got local_size 1024 .the default. and chunk_size 192$"),
+                        (dict(trust_remote_code=True), "trust_remote_code= is a keyword of HF's from_pretrained"),
+                        (dict(device_map="auto"), "device_map= is a keyword of HF's from_pretrained")):
+        with pytest.raises(ConfigError, match=message):
+            qwen_jax.load(folder, **kw)
+
+
 def test_auto_dtype_is_float32_on_a_cpu_unless_the_host_cannot_hold_it(tiny_checkpoint, monkeypatch):
     """On CPUs XLA converts bfloat16 weights to float32 at every step (the 0.5B decodes 8x slower): "auto" (the
     default) takes float32 there, and bfloat16 where float32 weights would fill more than half the host (or where a
