@@ -13,6 +13,7 @@ import os
 import re
 from typing import Callable
 
+import ml_dtypes
 import numpy as np
 
 from convert import keymap
@@ -24,6 +25,22 @@ from qwen_jax.config import QwenConfig, read_config_json
 from qwen_jax.errors import CheckpointError
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024 ** 3
+WEIGHT_DTYPES = {np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64), np.dtype(ml_dtypes.bfloat16)}
+CAST_DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.float32),
+               "float16": np.dtype(np.float16)}
+
+
+def cast_dtype(dtype) -> np.dtype | None:
+    """``convert_checkpoint``'s ``dtype``: None (keep), or one of ``CAST_DTYPES`` by name or dtype."""
+    if dtype is None:
+        return None
+    try:
+        resolved = CAST_DTYPES[dtype] if isinstance(dtype, str) else np.dtype(dtype)
+    except (KeyError, TypeError):
+        resolved = None
+    if resolved not in CAST_DTYPES.values():
+        raise CheckpointError(f"cannot cast weights to {dtype!r}: use None (keep), {', '.join(CAST_DTYPES)}")
+    return resolved
 
 
 def _progress(items, desc: str, enabled: bool):
@@ -47,6 +64,11 @@ def read_hf_params(folder: str, config: QwenConfig, *, dtype=None,
     checkpoint = HFCheckpoint(folder)
     keys = checkpoint.keys()
     todo = keymap.plan(keys, {k: checkpoint.info(k)[1] for k in keys}, config, expected_paths(config))
+    for key, _, _ in todo:
+        stored = checkpoint.info(key)[0]
+        if stored not in WEIGHT_DTYPES:
+            raise CheckpointError(f"{key}: stored as {stored.name}; model weights must be float16, bfloat16, float32 "
+                                  f"or float64 (a quantized or integer checkpoint is not supported)")
     if config.tie_word_embeddings and "lm_head.weight" in keys:
         if not np.array_equal(checkpoint.read("lm_head.weight"), checkpoint.read("model.embed_tokens.weight")):
             raise CheckpointError("lm_head.weight differs from model.embed_tokens.weight but tie_word_embeddings is "
@@ -66,6 +88,7 @@ def convert_checkpoint(src: str, dst: str, *, to: str = "jax", dtype=None, progr
     """Convert ``src`` into a new folder ``dst`` (never overwritten); returns ``dst``."""
     if to not in ("jax", "hf"):
         raise CheckpointError(f"unknown conversion target {to!r} (use 'jax' or 'hf')")
+    dtype = cast_dtype(dtype)
     if not os.path.isdir(src):
         raise CheckpointError(f"{src}: not a folder")
     check_destination(dst, src)
@@ -98,7 +121,6 @@ def _record_dtype(folder: str, dtype) -> None:
     ``from_pretrained(dtype="auto")`` loads the weights in the dtype they are stored in."""
     if dtype is None:
         return
-    import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
     path = os.path.join(folder, "config.json")
     with open(path) as f:
         raw = json.load(f)

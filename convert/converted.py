@@ -17,6 +17,8 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
+import time
 
 from qwen_jax.errors import CheckpointError
 
@@ -50,14 +52,22 @@ def atomic_folder(dst: str):
     """Yield a temporary folder next to ``dst``; rename it to ``dst`` only if the block succeeds."""
     check_destination(dst)
     parent = os.path.dirname(os.path.abspath(dst))
+    before = set(threading.enumerate())
     try:
         tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(dst))}.partial-", dir=parent)
     except OSError as e:         # a read-only or pseudo file system: name the destination, not the temporary name
         raise CheckpointError(f"{dst}: cannot create a folder in {parent} ({e.strerror or e})") from None
     try:
         yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)        # mkdtemp's 0700 would keep other users (a shared checkpoint) out
         os.rename(tmp, dst)
     except BaseException:
+        # threads started inside (orbax's writers) may still write into it after an interrupt: let them end first
+        deadline = time.monotonic() + 30
+        for thread in set(threading.enumerate()) - before:
+            thread.join(max(0.0, deadline - time.monotonic()))
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
@@ -75,6 +85,11 @@ def save_params(folder: str, params: dict) -> None:
     try:
         checkpointer.save(os.path.join(os.path.abspath(folder), "params"), params)
         checkpointer.wait_until_finished()
+    except BaseException:
+        # interrupted: let orbax's writer threads finish first, or they write into the folder after it is removed
+        with contextlib.suppress(BaseException):
+            checkpointer.wait_until_finished()
+        raise
     finally:
         checkpointer.close()
 

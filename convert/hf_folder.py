@@ -34,7 +34,13 @@ class HFCheckpoint:
             raise CheckpointError(f"{folder}: not a folder")
         self.folder = folder
         index_path = os.path.join(folder, INDEX_NAME)
-        if os.path.isfile(index_path):
+        single = os.path.join(folder, "model.safetensors")
+        if os.path.isfile(single):
+            # model.safetensors first, as transformers reads it: a folder that also holds shards and their index
+            # (one layout saved over the other) gives the weights transformers gives
+            self._where = {}
+            self._add_file(SafetensorsFile(single))
+        elif os.path.isfile(index_path):
             self._where = self._from_index(index_path)
         else:
             paths = sorted(glob.glob(os.path.join(glob.escape(folder), "*.safetensors")))
@@ -68,15 +74,17 @@ class HFCheckpoint:
             raise CheckpointError(f"{INDEX_NAME}: {e}") from None
         except (OSError, ValueError, KeyError, AssertionError, TypeError):
             raise CheckpointError(f"{INDEX_NAME}: malformed (expected a JSON object with a 'weight_map' of file names)") from None
-        root = os.path.realpath(self.folder)
         by_file: dict[str, set[str]] = {}
         for key, name in weight_map.items():
             by_file.setdefault(name, set()).add(key)
         self._where = {}
         for name, keys in sorted(by_file.items()):
-            path = os.path.realpath(os.path.join(root, name))
-            if os.path.isabs(name) or os.path.commonpath([root, path]) != root or path == root:
+            # the name, not where a link leads: the hub's cache links each shard to ../../blobs/<sha>, outside
+            # the snapshot folder, and that folder is what a repo id resolves to
+            parts = name.replace("\\", "/").split("/")
+            if os.path.isabs(name) or not name or any(p in ("", ".", "..") for p in parts):
                 raise CheckpointError(f"{INDEX_NAME}: entry {name!r} points outside the checkpoint folder; refused")
+            path = os.path.join(self.folder, name)
             if not name.endswith(".safetensors"):
                 raise CheckpointError(f"{INDEX_NAME}: entry {name!r} is not a .safetensors file; refused")
             if not os.path.isfile(path):

@@ -86,6 +86,10 @@ class SafetensorsFile:
                 raise CheckpointError(f"{name}: truncated file ({key!r} ends at byte {self._data_start + end}, "
                                       f"file has {size})")
             self._entries[key] = (dtype, shape, begin, end)
+        spans = sorted((begin, end, key) for key, (_, _, begin, end) in self._entries.items() if end > begin)
+        for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+            if begin < end:          # two tensors on the same bytes: one of them would read the other's data
+                raise CheckpointError(f"{name}: corrupt header: {first!r} and {second!r} overlap")
 
     def keys(self) -> list[str]:
         return list(self._entries)

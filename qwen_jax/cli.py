@@ -365,9 +365,16 @@ def _read_prompt(args) -> str:
     return _read_text(args.prompt_file, "--prompt-file")
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def cmd_convert(args) -> int:
+    import signal
+
     from convert import convert_checkpoint
     t0 = time.perf_counter()
+    signal.signal(signal.SIGTERM, _interrupt)      # a killed conversion removes its partial folder, as Ctrl-C does
     convert_checkpoint(args.src, args.dst, to=args.to, dtype=args.dtype)
     print(f"wrote {args.dst} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
     return 0

@@ -113,7 +113,9 @@ class QwenConfig:
         model_type = raw.get("model_type", "qwen2")
         if model_type != "qwen2":
             raise ConfigError(f"model_type {model_type!r} is not supported (qwen-jax runs Qwen2/Qwen2.5: model_type 'qwen2')")
-        if raw.get("use_sliding_window"):
+        layers, window_layers = raw.get("num_hidden_layers"), raw.get("max_window_layers")
+        no_layer_slides = isinstance(layers, int) and isinstance(window_layers, int) and window_layers >= layers
+        if raw.get("use_sliding_window") and not no_layer_slides:     # layers from max_window_layers on would slide
             raise ConfigError(
                 "use_sliding_window: true is not supported (Qwen2.5 checkpoints set it false); "
                 "set it to false in config.json or pass use_sliding_window=False")
@@ -131,6 +133,11 @@ class QwenConfig:
                 raise ConfigError(f"config.json has a malformed field: rope_parameters must be a mapping, "
                                   f"got {rope_params!r}")
             theta_from = raw if raw.get("rope_theta") is not None else rope_params
+            if raw.get("rope_theta") is not None and rope_params.get("rope_theta") is not None and \
+                    raw["rope_theta"] != rope_params["rope_theta"]:
+                # transformers 4 reads the first, transformers 5 the second: which model is meant is unknowable
+                raise ConfigError(f"config.json has two rope_theta values: {raw['rope_theta']!r} and "
+                                  f"rope_parameters.rope_theta {rope_params['rope_theta']!r}; make them agree")
             eos = raw.get("eos_token_id")
             eos = [] if eos is None else eos if isinstance(eos, list) else [eos]
             dca, scaling = _parse_dca(raw.get("dual_chunk_attention_config")), _parse_rope_scaling(raw, rope_params)
@@ -145,7 +152,7 @@ class QwenConfig:
                 intermediate_size=_int(raw, "intermediate_size"),
                 num_hidden_layers=_int(raw, "num_hidden_layers"),
                 num_attention_heads=heads,
-                num_key_value_heads=_int(raw, "num_key_value_heads", heads),
+                num_key_value_heads=heads if raw.get("num_key_value_heads") is None else _int(raw, "num_key_value_heads"),
                 head_dim=head_dim,
                 rope_theta=_float(theta_from, "rope_theta", 10000.0, positive=True),
                 rms_norm_eps=_float(raw, "rms_norm_eps", 1e-6, positive=False),
@@ -332,6 +339,15 @@ def read_config_json(folder: str | os.PathLike, overrides: Mapping[str, Any] | N
         if name in _REFUSED_OVERRIDES and _REFUSED_OVERRIDES[name][0](value):
             raise ConfigError(f"{name}={value!r}: {_REFUSED_OVERRIDES[name][1]}")
         raw[name] = value
+        params = raw.get("rope_parameters")
+        if name in ("rope_theta", "rope_scaling") and isinstance(params, Mapping):
+            # transformers 5 keeps both in rope_parameters: the override replaces them there too
+            params = dict(params)
+            if name == "rope_theta":
+                params["rope_theta"] = value
+            elif value is None:
+                params = {"rope_type": "default", **{k: params[k] for k in ("rope_theta",) if k in params}}
+            raw["rope_parameters"] = params
     block = (overrides or {}).get(key)
     if isinstance(block, Mapping) and "sparse_attention_config" not in block and os.path.isfile(sparse_path):
         raw[key] = dict(block, sparse_attention_config=read_sparse_config(sparse_path))

@@ -179,7 +179,13 @@ def check(p: MemoryPlan, *, tokens: int, mesh=None, chunk_size: int) -> None:
     short = (p.total - p.capacity) / GiB
     sizes = mesh_sizes(mesh)
     devices = math.prod(sizes.values())
-    options = [f"more devices along seq (now seq={sizes['seq']}, {devices} device(s) in all)"]
+    options = []
+    if p.weights + XLA_RESERVE >= p.capacity:
+        # the weights alone do not fit: only splitting them helps (seq and data keep a whole copy a device)
+        options.append(f"split the weights over more devices along tensor (now tensor={sizes['tensor']}: "
+                       f"{p.weights / GiB:.1f} GiB of weights a device)")
+    else:
+        options.append(f"more devices along seq (now seq={sizes['seq']}, {devices} device(s) in all)")
     if chunk_size > 4096:
         options.append(f"a smaller prefill chunk (--prefill-chunk {chunk_size // 2})")
     raise QwenJaxError(f"prefill of {tokens} tokens needs {p.describe()}: {short:.1f} GiB short; options: "

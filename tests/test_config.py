@@ -80,7 +80,16 @@ def test_yarn_is_ignored_with_a_warning_under_dca():
 
 def test_sliding_window_is_refused_with_a_clear_message():
     with pytest.raises(ConfigError, match="use_sliding_window: true is not supported"):
-        QwenConfig.from_hf_dict(dict(QWEN25_7B_1M, use_sliding_window=True))
+        QwenConfig.from_hf_dict(dict(QWEN25_7B_1M, use_sliding_window=True, max_window_layers=20))
+    # no layer at or past max_window_layers: nothing slides (transformers attends fully there too)
+    full = QwenConfig.from_hf_dict(dict(QWEN25_7B_1M, use_sliding_window=True, max_window_layers=28))
+    assert full == QwenConfig.from_hf_dict(QWEN25_7B_1M)
+
+
+def test_num_key_value_heads_null_means_one_per_query_head():
+    assert QwenConfig.from_hf_dict(dict(QWEN25_7B_1M, num_key_value_heads=None)).num_key_value_heads == 28
+    with pytest.raises(ConfigError, match="num_key_value_heads"):
+        QwenConfig.from_hf_dict(dict(QWEN25_7B_1M, num_key_value_heads=0))
 
 
 @pytest.mark.parametrize("bad,message", [

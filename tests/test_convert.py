@@ -117,10 +117,28 @@ def _broken(tmp_path, bf16_checkpoint, how):
         keys = list(load_file(str(outside)).keys())
         (folder / "model.safetensors.index.json").write_text(
             json.dumps({"weight_map": {k: "../outside.safetensors" for k in keys}}))
+    elif how == "overlapping":
+        data = bytearray(weights.read_bytes())
+        n = int.from_bytes(data[:8], "little")
+        header = json.loads(data[8:8 + n])
+        first, second = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"])[:2]
+        begin = header[first]["data_offsets"][0]
+        size = header[second]["data_offsets"][1] - header[second]["data_offsets"][0]
+        header[second]["data_offsets"] = [begin, begin + size]           # the second tensor on the first's bytes
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (n - len(text))
+        assert len(text) == n
+        weights.write_bytes(bytes(data[:8]) + text + bytes(data[8 + n:]))
+    elif how == "integer_weights":
+        tensors = load_file(str(weights))
+        tensors["model.norm.weight"] = tensors["model.norm.weight"].to(torch.int32)
+        save_file(tensors, str(weights), metadata={"format": "pt"})
     return str(folder)
 
 
 @pytest.mark.parametrize("how,message", [
+    ("overlapping", "overlap"),
+    ("integer_weights", "model.norm.weight: stored as int32; model weights must be float16"),
     ("truncated", "truncated file"),
     ("corrupt_header", "corrupt header"),
     ("missing_shard", "missing shard"),
@@ -164,7 +182,8 @@ def test_strict_key_map_names_the_key(tmp_path, bf16_checkpoint, edit, message):
 def test_duplicated_key_across_files_is_refused(tmp_path, bf16_checkpoint):
     folder = tmp_path / "dup"
     shutil.copytree(bf16_checkpoint, folder)
-    tensors = load_file(str(folder / "model.safetensors"))
+    os.rename(folder / "model.safetensors", folder / "weights.safetensors")     # no model.safetensors: every file
+    tensors = load_file(str(folder / "weights.safetensors"))
     save_file({"model.norm.weight": tensors["model.norm.weight"]}, str(folder / "extra.safetensors"),
               metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="duplicated key 'model.norm.weight'"):
@@ -277,3 +296,47 @@ def test_a_cast_is_recorded_in_config_json(tmp_path, tiny_checkpoint):
     assert Qwen2ForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype="auto").dtype == torch.bfloat16
     assert main(["convert", src, str(tmp_path / "kept")]) == 0                  # no cast: config.json as it was
     assert json.loads(open(tmp_path / "kept" / "config.json").read()) == before
+
+
+def test_a_hub_cache_snapshot_of_shards_loads_and_converts(tmp_path):
+    """huggingface_hub's cache, what a repo id resolves to: each file of snapshots/<rev>/ is a relative link to
+    ../../blobs/<hash>, outside the snapshot folder (sharded folders were refused as pointing outside it)."""
+    model = make_hf_model(seed=6)
+    plain = save_hf_checkpoint(model, tmp_path / "plain", max_shard_size="100KB")
+    snapshot, blobs = tmp_path / "hub" / "snapshots" / "abc", tmp_path / "hub" / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    for i, name in enumerate(sorted(os.listdir(plain))):
+        shutil.copy(os.path.join(plain, name), blobs / f"blob{i}")
+        os.symlink(f"../../blobs/blob{i}", snapshot / name)
+    assert os.path.isfile(snapshot / "model.safetensors.index.json")
+    want = qwen_jax.load(plain, dtype="float32").logits(np.arange(1, 9)[None])
+    got = qwen_jax.load(str(snapshot), dtype="float32").logits(np.arange(1, 9)[None])
+    assert np.array_equal(got, want)
+    assert main(["convert", str(snapshot), str(tmp_path / "jax")]) == 0
+
+
+def test_model_safetensors_wins_over_an_index_beside_it_as_in_transformers(tmp_path):
+    sharded = save_hf_checkpoint(make_hf_model(seed=7), tmp_path / "both", max_shard_size="100KB")
+    single = save_hf_checkpoint(make_hf_model(seed=8), tmp_path / "single")
+    shutil.copy(os.path.join(single, "model.safetensors"), os.path.join(sharded, "model.safetensors"))
+    from transformers import Qwen2ForCausalLM
+    hf = Qwen2ForCausalLM.from_pretrained(sharded).model.embed_tokens.weight.detach().numpy()
+    ours = np.asarray(qwen_jax.load(sharded, dtype="float32").params["embed"]["embedding"])
+    assert np.array_equal(ours, hf)
+    assert np.array_equal(ours, np.asarray(qwen_jax.load(single, dtype="float32").params["embed"]["embedding"]))
+
+
+def test_casts_are_checked_first_and_outputs_follow_the_umask(tmp_path, bf16_checkpoint):
+    for bad in ("int8", np.complex64, "bf17"):
+        with pytest.raises(CheckpointError, match="cannot cast weights to .*: use None .keep., bfloat16, float32, float16"):
+            convert_checkpoint(bf16_checkpoint, str(tmp_path / "x"), dtype=bad)
+    assert not os.listdir(tmp_path)
+    old = os.umask(0o022)
+    try:
+        convert_checkpoint(bf16_checkpoint, str(tmp_path / "f16"), dtype=np.float16, progress=False)
+    finally:
+        os.umask(old)
+    assert (os.stat(tmp_path / "f16").st_mode & 0o777) == 0o755           # not mkdtemp's 0700
+    config = json.loads((tmp_path / "f16" / "config.json").read_text())
+    assert config.get("dtype", config.get("torch_dtype")) == "float16"

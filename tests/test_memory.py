@@ -78,6 +78,11 @@ def test_refusal_names_the_shortfall_and_the_options(capsys):
     assert not p.fits
     with pytest.raises(QwenJaxError, match=r"GiB short; options: more devices along seq .*smaller prefill chunk"):
         memory.check(p, tokens=1 << 20, mesh=None, chunk_size=32768)
+    # weights alone over the device: more seq devices would hold a whole copy each, so tensor is what is named
+    small = memory.plan(c, tokens=32768, capacity=20 * memory.GiB)
+    with pytest.raises(QwenJaxError, match=r"options: split the weights over more devices along tensor \(now "
+                                           r"tensor=1: 27.5 GiB of weights a device\)"):
+        memory.check(small, tokens=32768, mesh=None, chunk_size=32768)
     from qwen_jax.cli import main
     assert main(["plan", "--config", "qwen2.5-7b-1m", "--tokens", "1m", "--mesh", "seq=2",
                  "--device-memory", "80"]) == 0
