@@ -150,7 +150,8 @@ class Model:
             prefix = self.tokenizer.encode(prefix)
         elif isinstance(prefix, (list, tuple)) and prefix and isinstance(prefix[0], dict):
             raise QwenJaxError("a prefix is text (encoded without a chat template) or token ids, not a chat: cache the "
-                               "text the chats share, rendered with the template (as `qwen-jax generate --chat --question` does)")
+                               "text the chats share, rendered with the template (as `qwen-jax generate --chat "
+                               "--question` does)")
         cached = cache_prefix(self.params, self.config, prefix, reserve=reserve, spec=self.attention,
                               prefill_chunk_size=self.prefill_chunk_size, cache_dtype=self.kv_cache_dtype,
                               progress=progress)
