@@ -89,6 +89,7 @@ def convert_checkpoint(src: str, dst: str, *, to: str = "jax", dtype=None, progr
     if to not in ("jax", "hf"):
         raise CheckpointError(f"unknown conversion target {to!r} (use 'jax' or 'hf')")
     dtype = cast_dtype(dtype)
+    _check_side_files(src)
     if not os.path.isdir(src):
         raise CheckpointError(f"{src}: not a folder")
     check_destination(dst, src)
@@ -114,6 +115,16 @@ def convert_checkpoint(src: str, dst: str, *, to: str = "jax", dtype=None, progr
         copy_metadata(src, tmp, _metadata_files(src))
         _record_dtype(tmp, dtype)
     return dst
+
+
+def _check_side_files(folder: str) -> None:
+    """The generation defaults and the tokenizer are copied as they are: refuse them here if ``qwen_jax.load``
+    would, rather than write a folder that cannot be loaded."""
+    from qwen_jax.api import _read_generation_config
+    from qwen_jax.tokenizer import Tokenizer
+    _read_generation_config(folder)
+    if os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        Tokenizer(folder)
 
 
 def _record_dtype(folder: str, dtype) -> None:
