@@ -620,12 +620,16 @@ def cmd_bench(args) -> int:
     import importlib
     from qwen_jax.errors import QwenJaxError
     sys.argv[0] = f"qwen-jax bench {args.which}"     # the benchmarks' argparse names itself after argv[0]
+    error = argparse.ArgumentParser.error
+    argparse.ArgumentParser.error = _Parser.error      # the benchmark's own parser: usage errors in one line too
     try:
         return importlib.import_module(BENCHMARKS[args.which]).main(args.rest)
     except SystemExit as e:        # a benchmark's refusal, SystemExit("message"): the CLI's one line
         if isinstance(e.code, str):
             raise QwenJaxError(f"bench {args.which}: {e.code}") from None
         raise
+    finally:
+        argparse.ArgumentParser.error = error
 
 
 def cmd_demo(args) -> int:

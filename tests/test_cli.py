@@ -66,6 +66,7 @@ def _one_line_error(result, code=1):
 
 def test_usage_errors_are_one_line_with_exit_code_2(tiny_checkpoint):
     for args in [(), ("generate", "--model", tiny_checkpoint[0]), ("plan", "--config", "x", "--tokens", "1", "--batch", "y"),
+                 ("bench", "prefill", "--tokens", "1k"),      # a benchmark's own parser: one line as well
                  ("generate", "--model", tiny_checkpoint[0], "--prompt", "a", "--prompt-file", "b")]:
         line = _one_line_error(run(*args), code=2)
         assert "--help" in line, line
