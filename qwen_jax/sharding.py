@@ -15,6 +15,7 @@ jit itself, and ``to_host`` reads back an output whose shards live on other proc
 from __future__ import annotations
 
 import math
+import re
 from typing import Sequence
 
 import jax
@@ -42,10 +43,14 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 def parse_mesh(spec: str | None) -> dict[str, int]:
     """Axis sizes from a string such as ``"seq=4,tensor=2"`` (absent axes, or no string, give 1)."""
     sizes = {axis: 1 for axis in MESH_AXES}
+    given = set()
     for part in str(spec).split(",") if spec else ():
-        name, _, value = part.strip().partition("=")
-        if name not in sizes or not value.strip().isdigit() or int(value) < 1:
+        name, _, value = (x.strip() for x in part.partition("="))
+        if name not in sizes or not re.fullmatch(r"[0-9]+", value) or int(value) < 1:
             raise ConfigError(f"bad mesh {spec!r}: expected comma-separated axis=size with axes {', '.join(MESH_AXES)}")
+        if name in given:
+            raise ConfigError(f"bad mesh {spec!r}: axis {name} given twice")
+        given.add(name)
         sizes[name] = int(value)
     return sizes
 
@@ -63,7 +68,15 @@ def make_mesh(spec: str | Mesh | None, devices: Sequence[jax.Device] | None = No
         if missing:
             raise ConfigError(f"the mesh has no device of process(es) {sorted(missing)}; a multi-process mesh must "
                               f"give every process a part")
-        return spec
+        if set(spec.axis_names) == set(MESH_AXES):
+            return spec
+        # axes left out have size 1: the same devices, every axis named (attention asks each one's size)
+        names, devices = list(spec.axis_names), spec.devices
+        for axis in MESH_AXES:
+            if axis not in names:
+                names.append(axis)
+                devices = devices[..., None]
+        return Mesh(devices.transpose([names.index(axis) for axis in MESH_AXES]), MESH_AXES)
     devices = list(devices if devices is not None else jax.devices())
     sizes = parse_mesh(spec)
     if not spec:

@@ -148,3 +148,22 @@ def test_decode_over_a_data_axis_compiles_its_step_once(mesh_checkpoint):
                                       prefill_chunk_size=128, sampling=sampling)   # two blocks of decode steps
         assert [len(row) for row in ids] == [17, 17]
         assert generation.decode_block._cache_size() == before + 1
+
+
+def test_mesh_strings_are_checked_and_a_mesh_missing_axes_gets_them(mesh_checkpoint, single):
+    """A repeated axis, a non-ASCII digit: one-line refusals (the last repeat won; int('²') escaped as a
+    ValueError). A jax Mesh naming only some axes runs with the others of size 1 (it loaded, then failed inside jit
+    on the unbound axis)."""
+    import jax
+
+    import qwen_jax
+    from qwen_jax.sharding import parse_mesh
+    for bad, message in (("seq=4,seq=2", "axis seq given twice"), ("seq=\u00b2", "bad mesh"), ("seq=0", "bad mesh")):
+        with pytest.raises(qwen_jax.QwenJaxError, match=message):
+            parse_mesh(bad)
+    assert parse_mesh("seq = 4, tensor=2") == {"data": 1, "seq": 4, "tensor": 2}
+    model = load(mesh_checkpoint, mesh=jax.sharding.Mesh(np.asarray(jax.devices()[:2]), ("tensor",)))
+    assert dict(model.mesh.shape) == {"data": 1, "seq": 1, "tensor": 2}
+    tokens, want = single[0], single[1]
+    got = model.logits(tokens)
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
