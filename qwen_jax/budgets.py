@@ -28,7 +28,7 @@ from qwen_jax.attention.sparse import DEFAULT_BUDGET
 from qwen_jax.errors import QwenJaxError
 
 # what must agree between runs for their heads to be comparable
-_SAME = ("tokens", "prefill chunk")
+_SAME = ("tokens", "prefill chunk", "prompt sha256", "dtype", "kv_cache_dtype")
 _SAME_DCA = ("chunk_size", "local_size", "original_max_position_embeddings")
 
 
@@ -47,13 +47,16 @@ def read_run(path: str) -> tuple[Run, dict]:
         recall, tiles = np.asarray(d["recall"], np.float64), np.asarray(d["tile share"], np.float64)
         recall[recall < 0] = np.nan       # written as -1: a head that never ran sparse
         dca = d["dca"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        if not isinstance(dca, dict):
+            raise TypeError("dca is not an object")
+        budgets = np.asarray(d["head budgets"], np.int64) if "head budgets" in d else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise QwenJaxError(f"{path}: not a recall file written by qwen-jax recall --json ({e})") from None
-    if "head budgets" in d:
-        budgets = np.asarray(d["head budgets"], np.int64)
-    elif str(dca.get("budgets", "")).startswith("default"):
+    if np.any(recall > 1 + 1e-3):          # rounding aside
+        raise QwenJaxError(f"{path}: recall above 1, which no run measures; not a recall file of qwen-jax recall")
+    if budgets is None and str(dca.get("budgets", "")).startswith("default"):
         budgets = np.broadcast_to(np.asarray(DEFAULT_BUDGET, np.int64), recall.shape + (2,))
-    else:
+    elif budgets is None:
         raise QwenJaxError(f"{path}: the run used a budget file but does not record its per-head budgets "
                            "(written by an older qwen-jax recall): run it again")
     if recall.ndim != 2 or tiles.shape != recall.shape or budgets.shape != recall.shape + (2,):

@@ -468,9 +468,9 @@ def cmd_passkey(args) -> int:
     from qwen_jax.bench import environment
     from qwen_jax.errors import QwenJaxError
 
-    lengths = [passkey.parse_length(x) for x in args.lengths.split(",")]
+    lengths = list(dict.fromkeys(passkey.parse_length(x) for x in args.lengths.split(",")))   # each once, in order
     try:
-        depths = [float(x) for x in args.depths.split(",")]
+        depths = list(dict.fromkeys(float(x) for x in args.depths.split(",")))
     except ValueError:
         raise QwenJaxError(f"bad --depths {args.depths!r}: expected comma-separated numbers") from None
     if any(not 0 <= d <= 1 for d in depths):
@@ -520,6 +520,8 @@ def cmd_recall(args) -> int:
     args.sparse = True
     if args.sparse_threshold is None:
         args.sparse_threshold = 0
+    import hashlib
+
     length = passkey.parse_length(args.length)
     _check_outputs(json=args.json, png=args.png, save_selections=args.save_selections)
     text = _read_text(args.prompt_file, "--prompt-file") if args.prompt_file else None
@@ -533,6 +535,10 @@ def cmd_recall(args) -> int:
                           f"{args.length}: measuring those {len(tokens)}", stacklevel=2)
     else:
         tokens = passkey.build_prompt(model.tokenizer.encode, length, 0.5, 71432)
+    threshold = model.config.dual_chunk_attention_config.sparse_attention_threshold
+    if len(tokens) <= threshold:
+        raise QwenJaxError(f"the prompt's {len(tokens)} tokens are not above the sparse threshold ({threshold}): "
+                           f"nothing runs sparse, so there is no recall to measure (lower --sparse-threshold)")
     t0 = time.perf_counter()
     out = recall.measure(model.params, model.config, tokens, chunk_size=model.prefill_chunk_size,
                          spec=model.attention,
@@ -555,6 +561,9 @@ def cmd_recall(args) -> int:
                                "threshold": dca.sparse_attention_threshold,
                                "budgets": "file" if dca.sparse_attention_config else "default (1000, 6096)"},
                        "prefill chunk": model.prefill_chunk_size, "kv_cache_dtype": model.kv_cache_dtype.name,
+                       "dtype": model.dtype.name,
+                       # the prompt itself: budgets combine only runs of one prompt (not one length)
+                       "prompt sha256": hashlib.sha256(np.asarray(tokens, np.int64).tobytes()).hexdigest(),
                        "head budgets": [list(zip(*sparse_budgets(dca, layer, model.config.num_attention_heads)))
                                         for layer in range(model.config.num_hidden_layers)],
                        "recall": np.nan_to_num(out["recall"], nan=-1).tolist(),
