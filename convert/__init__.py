@@ -25,9 +25,9 @@ from qwen_jax.config import QwenConfig, read_config_json
 from qwen_jax.errors import CheckpointError
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024 ** 3
-WEIGHT_DTYPES = {np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64), np.dtype(ml_dtypes.bfloat16)}
 CAST_DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.float32),
                "float16": np.dtype(np.float16)}
+WEIGHT_DTYPES = {*CAST_DTYPES.values(), np.dtype(np.float64)}
 
 
 def cast_dtype(dtype) -> np.dtype | None:
@@ -89,9 +89,9 @@ def convert_checkpoint(src: str, dst: str, *, to: str = "jax", dtype=None, progr
     if to not in ("jax", "hf"):
         raise CheckpointError(f"unknown conversion target {to!r} (use 'jax' or 'hf')")
     dtype = cast_dtype(dtype)
-    _check_side_files(src)
     if not os.path.isdir(src):
         raise CheckpointError(f"{src}: not a folder")
+    _check_side_files(src)
     check_destination(dst, src)
     if to == "jax":
         if is_converted(src):

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qwen_jax import attention
-from qwen_jax.config import QwenConfig, read_config_json
+from qwen_jax.config import MALFORMED, QwenConfig, read_config_json
 from qwen_jax.errors import CheckpointError, ConfigError, QwenJaxError, read_json
 from qwen_jax.generation import check_generation_args, generate_ids, stop_strings, truncate_at_stop
 from qwen_jax.cache import cache_dtype
@@ -24,7 +24,6 @@ from qwen_jax.tokenizer import Tokenizer
 
 DTYPES = {"bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16, "float32": jnp.float32, "f32": jnp.float32,
           "float16": jnp.float16, "fp16": jnp.float16}
-_MALFORMED = "config.json has a malformed field: "
 _HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.jinja"]
 
 
@@ -216,9 +215,9 @@ def load(path: str | os.PathLike, *, dtype="auto", mesh=None, **config_overrides
     try:
         config = QwenConfig.from_hf_dict(read_config_json(folder, config_overrides))
     except ConfigError as e:      # a field given here, not read from the file: say so
-        field = str(e).removeprefix(_MALFORMED).split(".")[0].split(" ")[0]
-        if str(e).startswith(_MALFORMED) and field in config_overrides:
-            raise ConfigError(f"{str(e).removeprefix(_MALFORMED)} (as given to load or on the command line, not read "
+        field = str(e).removeprefix(MALFORMED).split(".")[0].split(" ")[0]
+        if str(e).startswith(MALFORMED) and field in config_overrides:
+            raise ConfigError(f"{str(e).removeprefix(MALFORMED)} (as given to load or on the command line, not read "
                               f"from config.json)") from None
         raise
     generation_eos, recommended = _read_generation_config(folder)    # a malformed one: refused before the weights

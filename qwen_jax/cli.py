@@ -392,8 +392,9 @@ def _check_sampling_flags(args) -> None:
         check_generation_args(max_new_tokens=args.max_new_tokens, seed=args.seed)
     except QwenJaxError as e:
         message = str(e)
-        for name in (*SAMPLING_DEFAULTS, "max_new_tokens", "seed"):
-            message = message.replace(name, "--" + name.replace("_", "-"), 1) if message.startswith(name) else message
+        name = next((n for n in (*SAMPLING_DEFAULTS, "max_new_tokens", "seed") if message.startswith(n)), None)
+        if name is not None:
+            message = "--" + name.replace("_", "-") + message[len(name):]
         raise QwenJaxError(message) from None
 
 
@@ -447,8 +448,6 @@ def _split_questions(model, prompt, questions: list[str]) -> tuple[str, list[str
     """``generate --question``: the text every question shares (the prompt and a blank line; for a chat, the
     template rendered up to there) and what follows it for each question."""
     from qwen_jax.errors import QwenJaxError
-    if model.tokenizer is None:
-        raise QwenJaxError("this checkpoint has no tokenizer.json, so the prompt cannot be encoded")
     if isinstance(prompt, str):
         return prompt + QUESTION_SEPARATOR, list(questions)
     shared = prompt[-1]["content"] + QUESTION_SEPARATOR
@@ -505,6 +504,7 @@ def cmd_passkey(args) -> int:
 
 
 def cmd_recall(args) -> int:
+    import hashlib
     import json
 
     import numpy as np
@@ -520,8 +520,6 @@ def cmd_recall(args) -> int:
     args.sparse = True
     if args.sparse_threshold is None:
         args.sparse_threshold = 0
-    import hashlib
-
     length = passkey.parse_length(args.length)
     _check_outputs(json=args.json, png=args.png, save_selections=args.save_selections)
     text = _read_text(args.prompt_file, "--prompt-file") if args.prompt_file else None

@@ -130,7 +130,7 @@ class QwenConfig:
             head_dim = hidden // heads if raw.get("head_dim") is None else _int(raw, "head_dim")
             rope_params = raw.get("rope_parameters") or {}
             if not isinstance(rope_params, Mapping):
-                raise ConfigError(f"config.json has a malformed field: rope_parameters must be a mapping, "
+                raise ConfigError(f"{MALFORMED}rope_parameters must be a mapping, "
                                   f"got {rope_params!r}")
             theta_from = raw if raw.get("rope_theta") is not None else rope_params
             if raw.get("rope_theta") is not None and rope_params.get("rope_theta") is not None and \
@@ -166,14 +166,17 @@ class QwenConfig:
         except KeyError as e:
             raise ConfigError(f"config.json is missing the required field {e.args[0]!r}") from None
         except (TypeError, ValueError) as e:
-            raise ConfigError(f"config.json has a malformed field: {e}") from None
+            raise ConfigError(f"{MALFORMED}{e}") from None
 
 
 # Typed reads of one field: a wrong type or range is refused naming the field and what it allows, where int()
 # and float() would truncate 64.5 to 64, read "false" as true or let a zero rope_theta turn every logit into NaN.
 
+MALFORMED = "config.json has a malformed field: "      # how a field's error starts (``load`` re-words overrides')
+
+
 def _malformed(field: str, allowed: str, value) -> ConfigError:
-    return ConfigError(f"config.json has a malformed field: {field} must be {allowed}, got {value!r}")
+    return ConfigError(f"{MALFORMED}{field} must be {allowed}, got {value!r}")
 
 
 _REQUIRED = object()

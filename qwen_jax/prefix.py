@@ -111,7 +111,8 @@ def continue_prefix(prefix: PrefixCache, run: Callable, prompts: Sequence[Sequen
                     max_new_tokens: int, spec: attention.AttentionSpec, penalty: bool, on_text=None,
                     progress=None) -> list[list[int]]:
     """``generate_ids(..., prefix=prefix)``: each prompt after the prefix, one after another (``run`` is
-    ``generation._generate`` with the generation settings bound). Everything is checked before anything runs."""
+    ``generation._generate`` with the generation settings bound); ``prompts``: id lists ``generate_ids`` has
+    checked. Everything else is checked here before anything runs."""
     if not isinstance(prefix, PrefixCache):
         raise QwenJaxError(f"prefix must be a PrefixCache (from cache_prefix), got {type(prefix).__name__}")
     if prefix.config != config:
@@ -121,7 +122,6 @@ def continue_prefix(prefix: PrefixCache, run: Callable, prompts: Sequence[Sequen
     if any(a.is_deleted() for a in jax.tree.leaves(prefix.cache)):
         raise QwenJaxError("this prefix's cache is gone (a call was stopped inside its prefill, or the cache was "
                            "donated elsewhere); cache the prefix again")
-    prompts = [check_ids(p, config, f"prompt {i}") for i, p in enumerate(prompts)]
     longest = max(needed_room(len(p), max_new_tokens, prefix.length) for p in prompts)
     if longest > prefix.room:
         raise QwenJaxError(
