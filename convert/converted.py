@@ -134,7 +134,7 @@ def restore_params(folder: str, target, *, as_numpy: bool = False):
             raise CheckpointError(f"{folder}: params/ is damaged (its parameter metadata cannot be read); "
                                   "convert the checkpoint again")
         _check_tree(stored, target, folder)
-        with _damaged(folder):
+        with _damaged(folder, path):
             if as_numpy:
                 restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
                 params = ocp.PyTreeCheckpointer().restore(path, restore_args=restore_args)
@@ -146,11 +146,14 @@ def restore_params(folder: str, target, *, as_numpy: bool = False):
 
 
 @contextlib.contextmanager
-def _damaged(folder: str):
-    """Orbax and TensorStore raise bare ``Exception``s (the cause chained) for unreadable data: one line instead."""
+def _damaged(folder: str, path: str | None = None):
+    """Orbax and TensorStore raise bare ``Exception``s (the cause chained) for unreadable data: one line instead.
+    After a failed read of ``path``, the reads' sibling tasks that failed too are dropped from asyncio's log."""
     try:
         yield
     except Exception as e:
+        if path is not None:
+            _quiet_failed_reads(path)
         raise CheckpointError(f"{folder}: params/ is damaged and cannot be read ({_root_cause(e)}); "
                               "convert the checkpoint again") from None
 
@@ -171,6 +174,25 @@ def _root_cause(e: BaseException, limit: int = 240) -> str:
         e = e.__cause__
     text = (str(e).strip().splitlines() or [type(e).__name__])[0]
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+class _FailedReads(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" for reads of one params folder: when one read
+    fails, its siblings' exceptions are logged whenever the tasks are collected, after the one-line error."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = path
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        return not (text.startswith("Task exception was never retrieved") and self.path in text)
+
+
+def _quiet_failed_reads(path: str) -> None:
+    logger = logging.getLogger("asyncio")
+    if not any(isinstance(f, _FailedReads) and f.path == path for f in logger.filters):
+        logger.addFilter(_FailedReads(path))
 
 
 def _drop_orbax_leftovers(previous):

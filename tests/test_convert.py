@@ -1,6 +1,7 @@
 """Conversion: bit-exact round trip, strict key map, unsafe or broken checkpoints refused cleanly."""
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -242,6 +243,41 @@ def test_damaged_converted_checkpoint_gives_one_line_error(tmp_path, converted, 
     assert result.returncode == 1
     assert len(err.splitlines()) == 1 and err.startswith(f"qwen-jax: error: {folder}: ") and message in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_failed_sibling_reads_of_a_damaged_checkpoint_are_not_logged_later(tmp_path, caplog):
+    # one failed read fails the restore; its sibling reads' tasks fail too and asyncio logs each one
+    # ("Task exception was never retrieved") whenever they are collected: after the one-line error
+    import asyncio
+    import gc
+
+    from convert import converted as converted_module
+
+    damaged, other = str(tmp_path / "damaged" / "params"), str(tmp_path / "other" / "params")
+
+    def orphan(path):
+        async def read():
+            raise ValueError(f'OUT_OF_RANGE: Error reading "w" in OCDBT database at local file "{path}/"')
+        loop = asyncio.new_event_loop()
+        task = loop.create_task(read())
+        loop.run_until_complete(asyncio.sleep(0))
+        assert task.done()
+        loop.close()
+
+    logger = logging.getLogger("asyncio")
+    before = list(logger.filters)
+    try:
+        with pytest.raises(CheckpointError, match="params/ is damaged and cannot be read"):
+            with converted_module._damaged(str(tmp_path / "damaged"), damaged):
+                raise ValueError("read failed")
+        with caplog.at_level(logging.ERROR, logger="asyncio"):
+            orphan(damaged)
+            orphan(other)
+            gc.collect()
+        logged = [r.getMessage() for r in caplog.records if r.name == "asyncio"]
+        assert len(logged) == 1 and other in logged[0] and damaged not in logged[0], logged
+    finally:
+        logger.filters[:] = before
 
 
 def test_corrupt_marker_of_a_converted_checkpoint_is_refused(tmp_path, converted):
