@@ -57,6 +57,8 @@ class MemoryPlan:
     activations: int
     workspace: int
     capacity: int | None            # bytes per device, when known
+    cache_heads: int = 1            # kv heads of the cache a device holds (more attention shards split them)
+    cache_itemsize: int = 2         # bytes of one cached element
 
     @property
     def total(self) -> int:
@@ -105,6 +107,7 @@ def plan(config: QwenConfig, *, tokens: int, batch: int = 1, mesh=None, chunk_si
     """Per-device bytes to prefill ``batch`` prompts of ``tokens`` tokens (see the module docstring)."""
     from qwen_jax.attention.parallel import attention_heads, cache_kv_heads, check_mesh
     from qwen_jax.cache import CACHE_AXES, cache_length
+    from qwen_jax.sharding import attention_degree
 
     sizes = mesh_sizes(mesh)
     check_mesh(config, SimpleNamespace(shape=sizes))
@@ -113,7 +116,8 @@ def plan(config: QwenConfig, *, tokens: int, batch: int = 1, mesh=None, chunk_si
     c = config
     weights = sum(_sharded_bytes(shape, ax, sizes, item) for shape, ax in _param_layout(c))
     S = cache_length(tokens)
-    layer_cache = (batch, cache_kv_heads(c, SimpleNamespace(shape=sizes)), S, c.head_dim)
+    kv_heads = cache_kv_heads(c, SimpleNamespace(shape=sizes))
+    layer_cache = (batch, kv_heads, S, c.head_dim)
     cache = 2 * c.num_hidden_layers * _sharded_bytes(layer_cache, CACHE_AXES, sizes, cache_item)
     data = sizes["data"] if batch % sizes["data"] == 0 else 1
     tensor = sizes["tensor"]
@@ -152,7 +156,8 @@ def plan(config: QwenConfig, *, tokens: int, batch: int = 1, mesh=None, chunk_si
         workspace = 0
     if cache_item == 1:
         workspace += 2 * cache // (2 * c.num_hidden_layers) * item    # one layer's K and V widened for attention
-    return MemoryPlan(weights, cache, activations, workspace, capacity)
+    cache_heads = kv_heads // attention_degree(SimpleNamespace(shape=sizes))
+    return MemoryPlan(weights, cache, activations, workspace, capacity, cache_heads, cache_item)
 
 
 def device_capacity() -> int | None:
@@ -185,8 +190,18 @@ def check(p: MemoryPlan, *, tokens: int, mesh=None, chunk_size: int) -> None:
         options.append(f"split the weights over more devices along tensor (now tensor={sizes['tensor']}: "
                        f"{p.weights / GiB:.1f} GiB of weights a device)")
     else:
-        options.append(f"more devices along seq (now seq={sizes['seq']}, {devices} device(s) in all)")
+        # where each device holds one kv head's cache already, more attention shards leave the cache as it is
+        if p.cache_heads > 1:
+            options.append(f"more devices along seq (now seq={sizes['seq']}, {devices} device(s) in all)")
+        if p.cache_itemsize > 1:
+            options.append(f"an 8-bit KV cache (--kv-cache-dtype fp8: {p.cache / GiB:.1f} GiB of cache a device, "
+                           f"about half of it saved)")
+        if p.weights >= p.total - p.capacity:
+            options.append(f"devices along tensor instead of seq or data, which keep a whole copy of the weights "
+                           f"(now tensor={sizes['tensor']}: {p.weights / GiB:.1f} GiB of weights a device)")
     if chunk_size > 4096:
         options.append(f"a smaller prefill chunk (--prefill-chunk {chunk_size // 2})")
+    if not options:
+        options.append("a shorter prompt")
     raise QwenJaxError(f"prefill of {tokens} tokens needs {p.describe()}: {short:.1f} GiB short; options: "
                        + "; ".join(options))

@@ -96,6 +96,33 @@ def test_refusal_names_the_shortfall_and_the_options(capsys):
     assert "per device of 74.5 GiB" in capsys.readouterr().out
 
 
+def test_refusal_suggests_what_shrinks_the_shortfall_where_each_device_holds_one_kv_head():
+    # 7B-1M has 4 kv heads: from 4 attention shards on, each device holds one kv head's cache, and more
+    # devices along seq leave it as it is; an 8-bit cache halves it, tensor in place of seq splits the weights
+    c = preset_config("qwen2.5-7b-1m")
+
+    def options(mesh, cache_dtype, capacity, chunk=32768):
+        p = memory.plan(c, tokens=1 << 21, mesh=mesh, cache_dtype=cache_dtype, capacity=capacity * memory.GiB,
+                        chunk_size=chunk)
+        with pytest.raises(QwenJaxError) as e:
+            memory.check(p, tokens=1 << 21, mesh=mesh, chunk_size=chunk)
+        return p, str(e.value).split("options: ")[1].split("; ")
+
+    p, opts = options("seq=2", "bfloat16", 40)
+    assert p.cache_heads == 2 and opts[0].startswith("more devices along seq (now seq=2")
+    assert opts[1].startswith(f"an 8-bit KV cache (--kv-cache-dtype fp8: {p.cache / memory.GiB:.1f} GiB")
+    p, opts = options("seq=4", "bfloat16", 40)
+    assert p.cache_heads == 1 and not any("along seq" in o for o in opts)
+    assert opts[0].startswith("an 8-bit KV cache") and opts[-1] == "a smaller prefill chunk (--prefill-chunk 16384)"
+    # 8-bit already: only the weights' copy a device is left to split (14.2 GiB >= the shortfall)
+    p, opts = options("seq=4", "float8_e4m3fn", 24)
+    assert p.weights >= p.total - p.capacity and len(opts) == 2
+    assert opts[0] == "devices along tensor instead of seq or data, which keep a whole copy of the weights (now " \
+                      f"tensor=1: {p.weights / memory.GiB:.1f} GiB of weights a device)"
+    p, opts = options("seq=4", "float8_e4m3fn", 16, chunk=4096)
+    assert p.weights < p.total - p.capacity and opts == ["a shorter prompt"]
+
+
 def test_memory_sizes_take_units_and_refuse_garbage_in_one_line(capsys):
     from qwen_jax.cli import main
     assert memory.parse_size("80") == memory.parse_size("80GiB") == memory.parse_size("80 g") == 80 * memory.GiB
