@@ -154,19 +154,23 @@ def table(recall: np.ndarray) -> str:
     return "\n".join(lines)
 
 
-# A small perceptual colormap (viridis anchors), 0 -> dark purple, 1 -> yellow.
+# A small perceptual colormap (viridis anchors), 0 -> dark purple, 1 -> yellow; grey: not measured.
 _ANCHORS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], np.float64)
+UNMEASURED = (160, 160, 160)
 
 
 def _color(values: np.ndarray) -> np.ndarray:
     x = np.clip(np.nan_to_num(values, nan=0.0), 0.0, 1.0) * (len(_ANCHORS) - 1)
     i = np.minimum(np.floor(x).astype(int), len(_ANCHORS) - 2)
     t = (x - i)[..., None]
-    return (_ANCHORS[i] * (1 - t) + _ANCHORS[i + 1] * t).round().astype(np.uint8)
+    rgb = (_ANCHORS[i] * (1 - t) + _ANCHORS[i + 1] * t).round().astype(np.uint8)
+    rgb[np.isnan(values)] = UNMEASURED
+    return rgb
 
 
 def write_png(path: str, recall: np.ndarray, *, vmin: float = 0.5, cell: int = 16) -> None:
-    """Heatmap of ``recall`` [L, N] (rows: layers, columns: heads), colours scaled from ``vmin`` to 1."""
+    """Heatmap of ``recall`` [L, N] (rows: layers, columns: heads), colours scaled from ``vmin`` to 1; heads
+    not measured (NaN: no query of theirs ran sparse) grey."""
     rgb = _color((recall - vmin) / (1.0 - vmin))
     img = np.repeat(np.repeat(rgb, cell, axis=0), cell, axis=1)
     h, w, _ = img.shape

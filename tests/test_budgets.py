@@ -137,3 +137,33 @@ def test_budgets_out_must_not_be_one_of_the_runs(tmp_path, capsys):
     assert main(["budgets", a, "--out", str(tmp_path / "nodir" / "o.json")]) == 1
     assert "does not exist" in capsys.readouterr().err
     assert main(["budgets", a, "--out", str(tmp_path / "o.json")]) == 0
+
+
+def test_recall_png_draws_unmeasured_heads_grey_and_the_scale_from_vmin_to_one(tmp_path):
+    import struct
+    import zlib
+
+    from qwen_jax import recall
+
+    values = np.array([[np.nan, 0.5, 1.0], [0.75, np.nan, 0.2]])
+    path = tmp_path / "r.png"
+    recall.write_png(str(path), values, vmin=0.5, cell=4)
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    chunks, at = {}, 8
+    while at < len(data):
+        (n,), kind = struct.unpack(">I", data[at:at + 4]), data[at + 4:at + 8]
+        chunks[kind] = data[at + 8:at + 8 + n]
+        at += 12 + n
+    w, h = struct.unpack(">II", chunks[b"IHDR"][:8])
+    assert (w, h) == (12, 8)
+    rows = zlib.decompress(chunks[b"IDAT"])
+    pixels = np.frombuffer(rows, np.uint8).reshape(h, 1 + 3 * w)[:, 1:].reshape(h, w, 3)
+    cells = pixels[::4, ::4]
+    assert (pixels == np.repeat(np.repeat(cells, 4, 0), 4, 1)).all()
+    grey, purple, yellow = recall.UNMEASURED, tuple(recall._ANCHORS[0]), tuple(recall._ANCHORS[-1])
+    assert tuple(cells[0, 0]) == grey and tuple(cells[1, 1]) == grey
+    assert tuple(cells[0, 1]) == purple and tuple(cells[1, 2]) == purple        # vmin and below
+    assert tuple(cells[0, 2]) == yellow
+    assert tuple(cells[1, 0]) == tuple(recall._ANCHORS[2])                      # halfway: the middle anchor
+    assert grey not in {tuple(c) for c in recall._ANCHORS}
