@@ -177,8 +177,11 @@ def _root_cause(e: BaseException, limit: int = 240) -> str:
 
 
 class _FailedReads(logging.Filter):
-    """Drops asyncio's "Task exception was never retrieved" for reads of one params folder: when one read
-    fails, its siblings' exceptions are logged whenever the tasks are collected, after the one-line error."""
+    """Drops asyncio's "Task exception was never retrieved" and "Future exception was never retrieved" for reads
+    of one params folder: when one read fails, orbax's event loop stops and closes with its siblings' reads in
+    flight. A sibling failing in the loop's last pass leaves its exception unretrieved in the future TensorStore
+    resolved for it, one failing a pass earlier in its task; either is logged whenever it is collected, after
+    the one-line error."""
 
     def __init__(self, path: str):
         super().__init__()
@@ -186,7 +189,10 @@ class _FailedReads(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         text = record.getMessage()
-        return not (text.startswith("Task exception was never retrieved") and self.path in text)
+        if not text.split("\n", 1)[0].endswith(" exception was never retrieved"):
+            return True
+        error = record.exc_info[1] if record.exc_info else None     # the read's error, its path as it is
+        return self.path not in (text if error is None else f"{error}\n{text}")
 
 
 def _quiet_failed_reads(path: str) -> None:
