@@ -20,6 +20,7 @@ from qwen_jax.cache import cache_dtype
 from qwen_jax.model import DEFAULT_PREFILL_CHUNK, abstract_params, param_shardings, params_dtype, prefill_logits
 from qwen_jax.prefix import DEFAULT_RESERVE, PrefixCache, cache_prefix
 from qwen_jax.sampling import Sampling
+from qwen_jax.sharding import check_same_on_every_process
 from qwen_jax.tokenizer import Tokenizer
 
 DTYPES = {"bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16, "float32": jnp.float32, "f32": jnp.float32,
@@ -109,6 +110,7 @@ class Model:
                                f"{tokens.dtype}{list(tokens.shape)}")
         if tokens.size and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
             raise QwenJaxError(f"token ids must be in [0, {self.config.vocab_size})")
+        check_same_on_every_process(tokens, "the tokens")
         return prefill_logits(self.params, tokens, self.config, chunk_size=self.prefill_chunk_size,
                               spec=self.attention, cache_dtype=self.kv_cache_dtype)
 

@@ -34,6 +34,7 @@ The aborts come from JAX's C++ runtime; Python cannot intercept them or shorten 
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 from qwen_jax.errors import ConfigError
@@ -64,15 +65,20 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     if coordinator_address is not None and (num_processes is None or process_id is None):
         raise ConfigError(f"with coordinator {coordinator_address} also give the number of processes and this "
                           f"process's id (--num-processes/--process-id or {ENV_NUM_PROCESSES}/{ENV_PROCESS_ID})")
+    if num_processes is not None and num_processes < 1:
+        raise ConfigError(f"the number of processes must be at least 1, got {num_processes}")
     if num_processes is not None and process_id is not None and not 0 <= process_id < num_processes:
         raise ConfigError(f"process id {process_id} is not in [0, {num_processes})")
     # gloo is what CPU processes exchange data through (the default since jax 0.5; older versions had none);
     # the setting only configures the CPU client, so it is harmless on GPU and TPU hosts.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address, num_processes, process_id, local_device_ids=local_device_ids,
-                               initialization_timeout=initialization_timeout_s,
-                               heartbeat_timeout_seconds=heartbeat_timeout_s,
-                               shutdown_timeout_seconds=shutdown_timeout_s)
+    try:
+        jax.distributed.initialize(coordinator_address, num_processes, process_id, local_device_ids=local_device_ids,
+                                   initialization_timeout=initialization_timeout_s,
+                                   heartbeat_timeout_seconds=heartbeat_timeout_s,
+                                   shutdown_timeout_seconds=shutdown_timeout_s)
+    except (ValueError, RuntimeError) as e:   # no cluster detected, a second call, a port that cannot be served
+        raise ConfigError(_join_failure(coordinator_address, e)) from None
     if exit_on_error:
         sys.excepthook = _exit_at_once
 
@@ -118,12 +124,23 @@ def _exit_at_once(kind, error, tb) -> None:
     exit_now(1)
 
 
+def _join_failure(coordinator_address: str | None, error: BaseException) -> str:
+    """One line for ``jax.distributed.initialize`` refusing to start (before any other process is involved)."""
+    text = str(error).strip()
+    first = text.splitlines()[0] if text else type(error).__name__
+    if coordinator_address is None:
+        return (f"cannot join a multi-process job: {first} (with coordinator auto, JAX detects TPU pods, SLURM and "
+                f"Open MPI jobs only; elsewhere give process 0's HOST:PORT, the number of processes and this "
+                f"process's id)")
+    return f"cannot join the multi-process job at {coordinator_address}: {first}"
+
+
 def _int_or_env(value: int | None, name: str) -> int | None:
     if value is not None:
         return int(value)
     raw = os.environ.get(name, "").strip()
     if not raw:
         return None
-    if not raw.isdigit():
+    if not re.fullmatch(r"[0-9]+", raw):      # (str.isdigit also takes '²', which int() refuses)
         raise ConfigError(f"{name}={raw!r} is not a non-negative integer")
     return int(raw)

@@ -21,7 +21,7 @@ from qwen_jax.config import QwenConfig
 from qwen_jax.errors import QwenJaxError
 from qwen_jax.model import DEFAULT_PREFILL_CHUNK, decode_logits, params_dtype, prefill, relabel, shardings_of
 from qwen_jax.sampling import Sampling, fold_step, mark_seen, row_keys, sample, seen_in_prompts
-from qwen_jax.sharding import to_host
+from qwen_jax.sharding import check_same_on_every_process, to_host
 
 GREEDY = Sampling()
 
@@ -273,6 +273,8 @@ def generate_ids(params, config: QwenConfig, prompts: Sequence[Sequence[int]], *
     prompts = [check_ids(p, config, f"prompt {i}") for i, p in enumerate(prompts)]
     check_generation_args(max_new_tokens=max_new_tokens, seed=seed, on_text=on_text, progress=progress)
     stop = stop_strings(stop)
+    check_same_on_every_process((prompts, max_new_tokens, sampling, seed, sorted(int(e) for e in eos_ids), stop),
+                                "the prompts or generation settings")
     if stop and decode is None:
         raise QwenJaxError("stop strings are looked for in the decoded text: pass decode= (the tokenizer's decode) "
                            "with stop=")

@@ -84,6 +84,7 @@ class Attention(nn.Module):
         kwargs = dict(rope=rope, config=c, spec=self.spec, layer=self.layer)
         recall = self.spec.recall and attention.sparse_active(c, q.shape[1], self.spec)
         mesh = self.spec.mesh
+        _check_cache_heads(k_cache, c, mesh)
         if recall and mesh is not None:
             raise ConfigError("the attention-recall measurement runs on one device; load without a mesh")
 
@@ -117,6 +118,16 @@ class Attention(nn.Module):
         y = Projection((N, H, D), ("heads", "head_dim", "embed"), "btnh,nhd->btd", self.dtype, name="o_proj")(
             out.astype(self.dtype))
         return y, k_cache, v_cache
+
+
+def _check_cache_heads(k_cache, config: QwenConfig, mesh) -> None:
+    """Refuse a cache made for another mesh (or none): with other kv heads each device would read and write other
+    heads' slots than its queries' (wrong logits, no error)."""
+    want = parallel.cache_kv_heads(config, mesh)
+    if k_cache.shape[1] != want:
+        where = "over this mesh" if mesh is not None else "without a mesh"
+        raise ConfigError(f"the KV cache holds {k_cache.shape[1]} kv heads, attention {where} needs {want}: make it "
+                          f"with init_cache(config, batch, max_len, dtype, mesh=) given the attention spec's mesh")
 
 
 class MLP(nn.Module):

@@ -14,6 +14,7 @@ jit itself, and ``to_host`` reads back an output whose shards live on other proc
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from typing import Sequence
@@ -136,6 +137,23 @@ def global_array(value, sharding: jax.sharding.Sharding) -> jax.Array:
     """
     value = np.asarray(value)
     return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def check_same_on_every_process(value, what: str) -> None:
+    """In a multi-process job, refuse in one line (on every process) a host value that is not the same on every
+    process: each process would feed its own into the one computation (a mix of them, or collectives that do not
+    match). A collective of a 64-bit digest: every process must call this in the same order."""
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+    data = value.tobytes() + repr((value.shape, value.dtype.str)).encode() if isinstance(value, np.ndarray) else \
+        repr(value).encode()     # (an array's repr leaves out the middle of a large one)
+    digest = np.frombuffer(hashlib.sha256(data).digest()[:8], np.int32)
+    every = np.asarray(multihost_utils.process_allgather(digest)).reshape(jax.process_count(), -1)
+    other = np.flatnonzero((every != every[0]).any(axis=1)).tolist()
+    if other:
+        raise ConfigError(f"{what} differ between the processes of this job (process(es) {other} have others than "
+                          f"process 0); every process must be given the same")
 
 
 def to_host(array) -> np.ndarray:

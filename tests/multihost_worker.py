@@ -2,7 +2,7 @@
 
 ``run PORT PID CHECKPOINT OUT MESH...``: the CLI's greedy generation on the first mesh (on stdout; the
 worker's own messages go to stderr), then for every mesh the prefill logits and greedy token ids,
-written by process 0.
+written by process 0 (on the first mesh also: inputs that differ between the processes are refused).
 ``die PORT PID CHECKPOINT WHEN VICTIM``: process VICTIM exits abruptly (right after joining the job, or
 after one collective with the other); the other one enters collectives and must be stopped.
 (Not tested: the coordinator dying right after joining. Its ``initialize`` can return before the
@@ -78,10 +78,32 @@ def run(port, pid, checkpoint, out, *meshes):
                               prefill_chunk_size=PREFILL_CHUNK)
         logits[mesh], ids[mesh] = results(model)
         log(f"{mesh} done")
+        if mesh == meshes[0]:
+            refuse_other_inputs(model, pid)
     if pid == 0:
         np.savez(os.path.join(out, "logits.npz"), **logits)
         with open(os.path.join(out, "ids.json"), "w") as f:
             json.dump(ids, f)
+
+
+def refuse_other_inputs(model, pid):
+    """Ids that differ between the processes, of the same length (the same programs): each process fed its own
+    into the one computation, with no error (over data=2,tensor=4 each process even computed its own prompt, and
+    process 0 printed its answer); in other shapes the collectives of the two do not match. Now one line on both."""
+    import pytest
+
+    from qwen_jax.errors import ConfigError
+    from qwen_jax.generation import generate_ids
+    first = r" differ between the processes of this job \(process\(es\) \[1\] have others than process 0\)"
+    with pytest.raises(ConfigError, match="^the prompts or generation settings" + first):
+        generate_ids(model.params, model.config, [PROMPT[pid:pid + 50]], max_new_tokens=2, spec=model.attention)
+    with pytest.raises(ConfigError, match="^the prompts or generation settings" + first):
+        generate_ids(model.params, model.config, [PROMPT[:50]], max_new_tokens=2, seed=pid, spec=model.attention)
+    with pytest.raises(ConfigError, match="^the tokens" + first):
+        model.logits(LOGITS_TOKENS + pid)
+    with pytest.raises(ConfigError, match="^the prefix's ids" + first):
+        model.cache_prefix(PROMPT[pid:pid + 50])
+    log("other inputs refused")
 
 
 def die(port, pid, checkpoint, when, victim):

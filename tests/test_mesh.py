@@ -167,3 +167,30 @@ def test_mesh_strings_are_checked_and_a_mesh_missing_axes_gets_them(mesh_checkpo
     tokens, want = single[0], single[1]
     got = model.logits(tokens)
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_a_cache_made_for_another_mesh_is_refused_in_one_line(mesh_checkpoint):
+    """Over ``data=2,seq=4`` attention reads 4 kv heads (each of the 2 stored twice). A cache of 2 (made for
+    ``data=8``, or for no mesh) or 8 (``tensor=8``) kv heads ran without an error and gave wrong logits (each device
+    read and wrote other heads' slots); a cache made for another mesh with the same heads runs as it should."""
+    import jax.numpy as jnp
+    import qwen_jax
+    from qwen_jax.sharding import make_mesh
+    tokens = np.random.default_rng(21).integers(0, 1000, (1, 128))
+    lengths = np.array([128])
+    ref = load(mesh_checkpoint)
+    want, _ = qwen_jax.prefill(ref.params, tokens, lengths, qwen_jax.init_cache(ref.config, 1, 256, jnp.float32),
+                               ref.config, chunk_size=128, spec=ref.attention)
+    model = load(mesh_checkpoint, mesh="data=2,seq=4")
+    for other, heads in (("data=8", 2), ("tensor=8", 8), (None, 2)):
+        cache = qwen_jax.init_cache(model.config, 1, 256, jnp.float32, mesh=other and make_mesh(other))
+        with pytest.raises(qwen_jax.ConfigError, match=rf"^the KV cache holds {heads} kv heads, attention over this "
+                                                       rf"mesh needs 4: make it with init_cache\("):
+            qwen_jax.prefill(model.params, tokens, lengths, cache, model.config, chunk_size=128, spec=model.attention)
+    with pytest.raises(qwen_jax.ConfigError, match="the KV cache holds 8 kv heads, attention without a mesh needs 2"):
+        qwen_jax.decode_step(ref.params, jnp.zeros(1, jnp.int32), jnp.zeros(1, jnp.int32),
+                             qwen_jax.init_cache(ref.config, 1, 128, jnp.float32, mesh=make_mesh("tensor=8")),
+                             ref.config, spec=ref.attention)
+    cache = qwen_jax.init_cache(model.config, 1, 256, jnp.float32, mesh=make_mesh("data=2,seq=2,tensor=2"))
+    got, _ = qwen_jax.prefill(model.params, tokens, lengths, cache, model.config, chunk_size=128, spec=model.attention)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5 * np.abs(np.asarray(want)).max())

@@ -3,6 +3,7 @@ logits and greedy tokens with DCA and sparse prefill, and a process that dies st
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -14,9 +15,10 @@ import numpy as np
 from tests import multihost_worker as worker
 from tests.conftest import ROOT
 
-# Global meshes over the 8 devices of the two processes (data is the outer axis: one batch row per
-# process); every one is checked in the same job.
-MESHES = ["data=2,tensor=4", "data=2,seq=2,tensor=2"]
+# Global meshes over the 8 devices of the two processes (the outer axis spans them: data, one batch row per
+# process, or seq, the all-to-alls crossing processes, as the README's one-prompt pod recipes do); every one is
+# checked in the same job.
+MESHES = ["data=2,tensor=4", "data=2,seq=2,tensor=2", "seq=2,tensor=4"]
 WORKER = os.path.join(ROOT, "tests", "multihost_worker.py")
 
 
@@ -113,3 +115,26 @@ def test_a_dead_process_stops_the_other_within_seconds(tiny_checkpoint, tmp_path
             assert "Terminating process because the JAX distributed service detected fatal errors" in log, where
         if when == "init":
             assert heartbeat, where
+
+
+def test_a_job_that_cannot_be_joined_is_refused_in_one_line():
+    """``--coordinator auto`` where JAX detects no cluster (it raised 'ValueError: coordinator_address should be
+    defined.' with a traceback), a process count of the environment's that int() refuses ('²' passed str.isdigit), a
+    job of no processes: one line and exit 1, before any JAX backend starts."""
+    detected = ("SLURM_", "OMPI_", "TPU_", "MEGASCALE_", "CLOUD_TPU", "KUBERNETES_", "JAX_COORDINATOR",
+                "QWEN_JAX_COORDINATOR", "QWEN_JAX_NUM_PROCESSES", "QWEN_JAX_PROCESS_ID")
+    base = {k: v for k, v in os.environ.items() if not k.startswith(detected)}
+    base.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    cases = [([], {"QWEN_JAX_COORDINATOR": "auto"},       # (JAX's own words in the middle: ".+")
+              re.escape("cannot join a multi-process job: ") + ".+" + re.escape(
+                  " (with coordinator auto, JAX detects TPU pods, SLURM and Open MPI jobs only; elsewhere give process "
+                  "0's HOST:PORT, the number of processes and this process's id)")),
+             (["--coordinator", "localhost:1"], {"QWEN_JAX_NUM_PROCESSES": "\u00b2", "QWEN_JAX_PROCESS_ID": "0"},
+              re.escape("QWEN_JAX_NUM_PROCESSES='\u00b2' is not a non-negative integer")),
+             (["--coordinator", "localhost:1", "--num-processes", "0", "--process-id", "0"], {},
+              "the number of processes must be at least 1, got 0")]
+    for flags, env, message in cases:
+        done = subprocess.run([sys.executable, "-m", "qwen_jax", "generate", "--model", "unused", "--prompt", "hi",
+                               *flags], env=dict(base, **env), capture_output=True, text=True, timeout=120)
+        assert done.returncode == 1, (flags, env, done.stderr[-2000:])
+        assert re.fullmatch(f"qwen-jax: error: {message}\n", done.stderr), done.stderr[-2000:]
