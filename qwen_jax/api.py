@@ -125,7 +125,7 @@ class Model:
             if not (isinstance(prompt, str) or chat):
                 raise QwenJaxError(
                     f"prompt {i} is {_describe(prompt)}: a prompt is a string or a chat (a non-empty list of "
-                    "{'role': ..., 'content': ...} dicts); token ids go to qwen_jax.generate_ids")
+                    "{'role': ..., 'content': ...} dicts); token ids go to qwen_jax.generation.generate_ids")
         if self.tokenizer is None:
             raise CheckpointError("this checkpoint has no tokenizer.json, so text prompts cannot be encoded")
         out = []

@@ -15,6 +15,14 @@ class _Parser(argparse.ArgumentParser):
         command = self.prog.partition(" ")[2]     # subparsers are named "qwen-jax generate"
         self.exit(2, f"qwen-jax: error: {command + ': ' if command else ''}{message} (see {self.prog} --help)\n")
 
+    def parse_args(self, args=None, namespace=None):
+        """Arguments a command does not take are refused by that command (its --help named), not the top parser."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            commands = getattr(self, "commands", {})
+            commands.get(getattr(parsed, "command", None), self).error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
+
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-chunk", type=int, default=None, help="prefill chunk size in tokens (default 32768)")
@@ -280,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="qwen-jax", description="Qwen2.5 inference in JAX.")
     parser.add_argument("--version", action="version", version=f"qwen-jax {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.commands = sub.choices
 
     p = sub.add_parser("convert", help="convert a checkpoint: HF safetensors -> qwen-jax (orbax), or back with --to hf")
     p.add_argument("src", help="source folder")
@@ -347,8 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks: prefill and long-context decode (random-weight "
                                      "architectures), attention kernels, sparse attention, generation, compile time, "
-                                     "streamed text, prefix caching",
-                       add_help=False)
+                                     "streamed text, prefix caching")
     p.add_argument("which", choices=sorted(BENCHMARKS), help="which benchmark")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="its arguments (qwen-jax bench WHICH --help)")
 
@@ -667,6 +675,8 @@ def main(argv=None) -> int:
     except BrokenPipeError:       # the reader went away (generate ... | head): stop quietly, as command-line tools do
         import os
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # nothing more reaches the closed pipe
+        if is_multiprocess():
+            exit_now(1)          # the other processes may wait on this one in a collective
         return 1
     except OSError as e:  # unreadable prompt file, full disk, permissions
         message, code = f"error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", 1

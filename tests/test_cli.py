@@ -44,6 +44,25 @@ def test_user_errors_are_one_line_and_non_zero(tiny_checkpoint, tmp_path):
     assert usage.returncode == 2 and "not allowed with" in usage.stderr
 
 
+def test_usage_errors_name_the_commands_own_help_and_bench_has_one(capsys):
+    from qwen_jax.cli import main
+    for argv, command in ((["generate", "--model", "m", "--prompt", "x", "--bogus", "1"], "generate"),
+                          (["plan", "--config", "tiny", "--tokens", "1k", "--zzz"], "plan")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err == (f"qwen-jax: error: {command}: unrecognized arguments: "
+                                             f"{' '.join(argv[-2 if command == 'generate' else -1:])} "
+                                             f"(see qwen-jax {command} --help)\n"), err
+    with pytest.raises(SystemExit) as e:       # the help an error points to exists (it was refused as a usage error)
+        main(["bench", "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and out.startswith("usage: qwen-jax bench [-h]") and "prefill" in out
+    with pytest.raises(SystemExit) as e:       # and a benchmark's own --help is still its own
+        main(["bench", "prefill", "--help"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("usage: qwen-jax bench prefill")
+
+
 def test_passkey_command_prints_a_table_and_writes_json(tiny_checkpoint, tmp_path):
     import json
     out = tmp_path / "pk.json"
