@@ -72,6 +72,9 @@ class Model:
                  eos_token_ids: Sequence[int] = (), attn_implementation: "attention.AttentionSpec | str | None" = None,
                  prefill_chunk_size: int = DEFAULT_PREFILL_CHUNK, kv_cache_dtype=None,
                  generation_config: dict | None = None):
+        if mesh is not None:
+            from qwen_jax.sharding import make_mesh
+            mesh = make_mesh(mesh)          # a string such as "seq=2,tensor=4" too, as load takes
         self.config, self.params, self.tokenizer, self.mesh = config, params, tokenizer, mesh
         # the ``generate`` keywords the checkpoint recommends: ``model.generate(p, **model.generation_config)``
         self.generation_config = dict(generation_config or {})
@@ -225,7 +228,9 @@ def load(path: str | os.PathLike, *, dtype="auto", mesh=None, **config_overrides
     generation_eos, recommended = _read_generation_config(folder)    # a malformed one: refused before the weights
     if mesh is None and jax.process_count() > 1:
         raise ConfigError(f"this is a {jax.process_count()}-process job: pass a mesh over all {jax.device_count()} "
-                          f"devices, e.g. mesh=\"data={jax.process_count()},tensor={jax.local_device_count()}\"")
+                          f"devices, e.g. mesh=\"seq={jax.process_count()},tensor={jax.local_device_count()}\" (one "
+                          f"long prompt) or \"data={jax.process_count()},tensor={jax.local_device_count()}\" (a batch of "
+                          f"prompts)")
     mesh = make_mesh(mesh) if mesh is not None else None
     dtype = dtype or default_dtype(config, mesh)
     if mesh is not None:

@@ -191,6 +191,11 @@ def test_a_cache_made_for_another_mesh_is_refused_in_one_line(mesh_checkpoint):
         qwen_jax.decode_step(ref.params, jnp.zeros(1, jnp.int32), jnp.zeros(1, jnp.int32),
                              qwen_jax.init_cache(ref.config, 1, 128, jnp.float32, mesh=make_mesh("tensor=8")),
                              ref.config, spec=ref.attention)
-    cache = qwen_jax.init_cache(model.config, 1, 256, jnp.float32, mesh=make_mesh("data=2,seq=2,tensor=2"))
+    # (init_cache and Model take a mesh string as load does: they failed with an AttributeError)
+    cache = qwen_jax.init_cache(model.config, 1, 256, jnp.float32, mesh="data=2,seq=2,tensor=2")
     got, _ = qwen_jax.prefill(model.params, tokens, lengths, cache, model.config, chunk_size=128, spec=model.attention)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-5 * np.abs(np.asarray(want)).max())
+    again = qwen_jax.Model(model.config, model.params, model.tokenizer, mesh="data=2,seq=4",
+                           attn_implementation=model.attention, kv_cache_dtype=model.kv_cache_dtype)
+    assert again.mesh == model.mesh
+    np.testing.assert_allclose(again.logits(tokens), model.logits(tokens), rtol=0, atol=0)
