@@ -1,7 +1,7 @@
 """Compile-time benchmark: how long one prefill chunk step of an exact architecture takes to compile.
 
     qwen-jax bench compile --config qwen2.5-7b-1m --tokens 1m [--prefill-chunk 32768] [--modes sparse,dense]
-                           [--layers 1,4,all] [--attention pallas] [--kv-cache-dtype fp8] [--json out.json]
+                           [--layers 1,4,all] [--attention auto] [--kv-cache-dtype fp8] [--json out.json]
 
 The programs ``qwen_jax.prefill`` runs per chunk, for a cache of ``--tokens`` slots (the embedding, one
 program per distinct decoder layer, the final rows), are lowered and compiled from abstract inputs (no
@@ -33,7 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-chunk", type=int, default=32768)
     p.add_argument("--modes", default="sparse,dense", help="sparse and/or dense prefill")
     p.add_argument("--layers", default="all", help="comma-separated layer counts, or all")
-    p.add_argument("--attention", default="pallas", help="blockwise, pallas or reference")
+    p.add_argument("--attention", default="auto", help="pallas (default on GPUs and TPUs), blockwise (default on CPUs) "
+                                                       "or reference")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     p.add_argument("--kv-cache-dtype", default="auto", choices=tuple(CACHE_DTYPES), help="auto (the model dtype) or fp8")
     p.add_argument("--json", default=None)

@@ -1,7 +1,7 @@
 """Long-prompt prefill benchmark on an exact architecture with random weights.
 
     qwen-jax bench prefill --config qwen2.5-7b-1m --random-weights --tokens 1m [--modes sparse,dense]
-                           [--prefill-chunk 32768] [--attention pallas] [--json out.json]
+                           [--prefill-chunk 32768] [--attention auto] [--json out.json]
 
 For each mode the memory planner checks the run first (and refuses with the shortfall instead of
 running out of memory), one prefill chunk is run to compile, then the whole prompt is prefilled
@@ -81,7 +81,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", required=True, help="prompt length, e.g. 1m")
     p.add_argument("--modes", default="sparse,dense", help="sparse and/or dense prefill")
     p.add_argument("--prefill-chunk", type=int, default=32768)
-    p.add_argument("--attention", default="pallas", help="blockwise, pallas or reference")
+    p.add_argument("--attention", default="auto", help="pallas (default on GPUs and TPUs), blockwise (default on CPUs) "
+                                                       "or reference")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     p.add_argument("--mesh", default=None, help='device mesh, e.g. "seq=2" or "seq=4,tensor=2"')
     p.add_argument("--kv-cache-dtype", default="auto", choices=tuple(CACHE_DTYPES), help="auto (the model dtype) or fp8")
@@ -218,7 +219,7 @@ def main(argv=None) -> int:
     linear, attn = model_flops(base, T)
     n_dev = 1 if mesh is None else mesh.devices.size
     config = mode_config(base, mode)
-    spec = dataclasses.replace(AttentionSpec.of(args.attention), mesh=mesh)
+    spec = dataclasses.replace(AttentionSpec.of(args.attention).resolved(), mesh=mesh)
     plan = memory.plan(config, tokens=T, mesh=mesh, chunk_size=args.prefill_chunk, dtype=dtype,
                        cache_dtype=kv_dtype, sparse=mode == "sparse", attention=spec.impl, capacity=capacity)
     memory.check(plan, tokens=T, mesh=mesh, chunk_size=args.prefill_chunk)
