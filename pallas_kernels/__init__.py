@@ -22,11 +22,15 @@ natural log; a query that sees no key gets out 0 and lse -inf. Unsupported combi
 
 from __future__ import annotations
 
+import numbers
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels.masks import MASK_VALUE, MaskSpec
 from pallas_kernels.reference import masked_attention
+from pallas_kernels.shapes import attention_dims
 
 IMPLS = ("auto", "mosaic_gpu", "triton", "mosaic_tpu", "reference")
 _NATIVE = {"gpu": ("mosaic_gpu", "triton"), "cuda": ("mosaic_gpu", "triton"), "tpu": ("mosaic_tpu",)}
@@ -81,13 +85,33 @@ def widened(x, dtype):
     return x.astype(dtype) if x.dtype.itemsize == 1 else x
 
 
-def _inputs(q, q_offset, kv_length, scale):
-    """Queries as a tuple (one per phase), and q_offset, kv_length, scale broadcast to [B]."""
+def _check_blocks(**blocks):
+    for name, size in blocks.items():
+        if size is not None and (not isinstance(size, numbers.Integral) or size < 1):
+            raise ValueError(f"{name} must be a positive number of rows, got {size!r}")
+
+
+def _known(x):
+    """``x`` as numpy where its value is known now; None under a trace (jit), where it is not."""
+    try:
+        return np.asarray(x)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+def _inputs(q, k, v, mask, q_offset, kv_length, scale):
+    """Queries as a tuple (one per phase), checked against k and v; q_offset, kv_length (at most the cache
+    length: a traced one is clipped to it) and scale broadcast to [B]."""
     queries = tuple(q) if isinstance(q, (tuple, list)) else (q,)
-    B, H = queries[0].shape[0], queries[0].shape[-1]
-    return (queries, jnp.broadcast_to(jnp.asarray(q_offset, jnp.int32), (B,)),
-            jnp.broadcast_to(jnp.asarray(kv_length, jnp.int32), (B,)),
-            jnp.broadcast_to(jnp.asarray(H ** -0.5 if scale is None else scale, jnp.float32), (B,)))
+    d = attention_dims(queries, k, mask, v=v)
+    q_offset, kv_length = (jnp.asarray(x, jnp.int32) for x in (q_offset, kv_length))
+    offsets, lengths = _known(q_offset), _known(kv_length)
+    if offsets is not None and (offsets < 0).any():
+        raise ValueError(f"q_offset must be >= 0, got {offsets.tolist()}")
+    if lengths is not None and ((lengths < 0) | (lengths > d.S)).any():
+        raise ValueError(f"kv_length must lie in [0, {d.S}] (the cache length), got {lengths.tolist()}")
+    return (queries, jnp.broadcast_to(q_offset, (d.B,)), jnp.broadcast_to(jnp.minimum(kv_length, d.S), (d.B,)),
+            jnp.broadcast_to(jnp.asarray(d.H ** -0.5 if scale is None else scale, jnp.float32), (d.B,)))
 
 
 def _reference(queries, k, v, q_offset, kv_length, scale, mask, restrict=None):
@@ -110,7 +134,8 @@ def flash_attention(q, k, v, *, q_offset, kv_length, scale=None, mask: MaskSpec 
     On a GPU, ``auto`` runs decode-sized chunks (at most ``DECODE_MAX_ROWS`` query rows per kv group) through
     the split-key decode kernel (``decode_gpu``); naming ``triton`` keeps them on the prefill kernel.
     """
-    queries, q_offset, kv_length, scale = _inputs(q, q_offset, kv_length, scale)
+    _check_blocks(block_q=block_q, block_k=block_k)
+    queries, q_offset, kv_length, scale = _inputs(q, k, v, mask, q_offset, kv_length, scale)
     T = queries[0].shape[1]
     requested, impl = impl, resolve_impl(impl, interpret)
     group = queries[0].shape[2] // k.shape[1]
@@ -215,7 +240,8 @@ def vslash_attention(q, k, v, selection, *, q_offset, kv_length, scale=None, mas
     ``mosaic_tpu`` (TPUs; Triton and TPU on the CPU with ``interpret``), ``reference`` (dense masked
     jnp) or ``auto`` (GPU: mosaic_gpu where it applies, else triton)."""
     from pallas_kernels import vslash
-    queries, q_offset, kv_length, scale = _inputs(q, q_offset, kv_length, scale)
+    _check_blocks(block_k=block_k)
+    queries, q_offset, kv_length, scale = _inputs(q, k, v, mask, q_offset, kv_length, scale)
     requested, impl = impl, _sparse_impl(impl, interpret)
     if impl == "reference":
         return _reference(queries, k, v, q_offset, kv_length, scale, mask,
@@ -247,7 +273,7 @@ def block_sparse_attention(q, k, v, blocks, counts, *, q_offset, kv_length, scal
     ``mosaic_gpu`` runs it correctly but not fast: every query block is its own segment, so the two
     blocks of a program never share a window."""
     from pallas_kernels import vslash
-    queries, q_offset, kv_length, scale = _inputs(q, q_offset, kv_length, scale)
+    queries, q_offset, kv_length, scale = _inputs(q, k, v, mask, q_offset, kv_length, scale)
     requested, impl = impl, _sparse_impl(impl, interpret)
     if impl == "reference":
         return _reference(queries, k, v, q_offset, kv_length, scale, mask,

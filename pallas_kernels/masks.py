@@ -37,6 +37,9 @@ class MaskSpec:
     def __post_init__(self):
         if self.chunk_len is not None and (not self.causal or self.window is not None):
             raise ValueError("dual chunk attention is causal and has no sliding window")
+        for name in ("window", "chunk_len"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
     @property
     def phases(self) -> tuple[str, ...]:

@@ -19,7 +19,7 @@ from pallas_kernels.shapes import attention_dims
 
 
 def masked_attention(queries: tuple, k, v, q_positions, kv_length, scale, *, mask: MaskSpec, restrict=None):
-    d = attention_dims(queries, k, mask)
+    d = attention_dims(queries, k, mask, v=v)
     B, T, N, H, K, S, G = d.B, d.T, d.N, d.H, d.K, d.S, d.G
     scale = scale.astype(jnp.float32)[:, None, None, None, None]
     slots = jnp.arange(S, dtype=jnp.int32)[None, None, :]

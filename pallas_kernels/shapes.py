@@ -29,12 +29,21 @@ class Dims:
         return self.N // self.K
 
 
-def attention_dims(queries: tuple, k, mask: MaskSpec, block_k: int | None = None) -> Dims:
-    """Validate ``queries`` (one [B, T, N, H] per mask phase) against k [B, K, S, H]; a clear error otherwise."""
+def attention_dims(queries: tuple, k, mask: MaskSpec, block_k: int | None = None, v=None) -> Dims:
+    """Validate ``queries`` (one [B, T, N, H] per mask phase) against k (and v) [B, K, S, H]; a clear error
+    otherwise."""
     if len(queries) != len(mask.phases):
         raise ValueError(f"{len(mask.phases)} query copies needed for {mask}, got {len(queries)}")
-    B, T, N, H = queries[0].shape
+    shape = tuple(queries[0].shape)
+    if len(shape) != 4 or k.ndim != 4 or any(tuple(q.shape) != shape for q in queries):
+        raise ValueError(f"q must be [B, T, N, H] (every copy alike) and k [B, K, S, H]; got q "
+                         f"{[tuple(q.shape) for q in queries]}, k {tuple(k.shape)}")
+    B, T, N, H = shape
     K, S = k.shape[1], k.shape[2]
+    if (k.shape[0], k.shape[3]) != (B, H):
+        raise ValueError(f"k {tuple(k.shape)} does not match q {shape}: it must be [B={B}, K, S, H={H}]")
+    if v is not None and v.shape != k.shape:
+        raise ValueError(f"v {tuple(v.shape)} must have k's shape {tuple(k.shape)}")
     if N % K:
         raise ValueError(f"query heads ({N}) must be a multiple of kv heads ({K})")
     if block_k is not None and S % block_k:

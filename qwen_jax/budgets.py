@@ -108,6 +108,7 @@ def combine(paths: list[str], target: float) -> tuple[list[dict], dict]:
     with the report's expected mean recall and tile share and how many heads each run gave."""
     if not paths:
         raise QwenJaxError("give at least one recall file")
+    paths = list(dict.fromkeys(paths))     # a file named twice (a shell glob and its name) is one run
     runs, keys = zip(*(read_run(p) for p in paths))
     for path, key in zip(paths[1:], keys[1:]):
         if not _same_model(key["model"], keys[0]["model"]):

@@ -58,6 +58,21 @@ def test_combine_checks_the_runs_agree(tmp_path):
         combine([str(tmp_path / "e.json")], 0.95)
 
 
+def test_a_run_named_twice_counts_once(tmp_path):
+    rng = np.random.default_rng()
+    recall_a, recall_b = rng.uniform(0.5, 1, (3, 4)), rng.uniform(0.5, 1, (3, 4))
+    a = _write(tmp_path / "a.json", recall_a.tolist(), np.full((3, 4), 0.2).tolist())
+    b = _write(tmp_path / "b.json", recall_b.tolist(), np.full((3, 4), 0.6).tolist(), np.full((3, 4, 2), 3000).tolist())
+    config, report = combine([a, b, a], 0.8)
+    want = np.where(recall_a >= 0.8, 0, np.where(recall_b >= 0.8, 1, np.argmax([recall_a, recall_b], 0)))
+    assert report["heads per run"] == {a: int((want == 0).sum()), b: int((want == 1).sum())}
+    assert sum(report["heads per run"].values()) == report["heads"] == 12
+    for layer in range(3):
+        for head in range(4):
+            v, s, r = (1000, 6096, recall_a) if want[layer, head] == 0 else (3000, 3000, recall_b)
+            assert config[layer][str(head)] == ["vertical_and_slash", v, s, round(float(r[layer, head]), 4)]
+
+
 def test_refined_budgets_keep_each_heads_recall(tiny_checkpoint, tmp_path, capsys):
     """Dense attention drives a recall run, so a head's recall depends on its own budgets only: the file
     ``qwen-jax budgets`` writes, measured again, gives every head the recall of the run it came from."""

@@ -230,8 +230,8 @@ def test_dispatch_picks_or_refuses_loudly():
     out, lse = flash_attention(qs[0], k, v, q_offset=q_offset, kv_length=kv_length, scale=scale, interpret=True)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref[0]), atol=1e-5)        # auto, emulated: Triton
     with pytest.raises(ValueError, match="no key block of at least 16 divides"):
-        flash_attention(qs[0], k[:, :, :100], v[:, :, :100], q_offset=q_offset, kv_length=kv_length, impl="triton",
-                        interpret=True)
+        flash_attention(qs[0], k[:, :, :100], v[:, :, :100], q_offset=q_offset, kv_length=jnp.minimum(kv_length, 100),
+                        impl="triton", interpret=True)
     assert pallas_kernels.DEFAULT_BLOCKS["triton"] == (128, 64)
     from qwen_jax.attention import AttentionSpec
     assert AttentionSpec().impl == "auto" and AttentionSpec().resolved().impl == "blockwise"      # CPU default
@@ -239,6 +239,66 @@ def test_dispatch_picks_or_refuses_loudly():
     with pytest.raises(ValueError, match="mosaic_gpu kernel takes bfloat16 or float16"):
         from pallas_kernels.flash_mgpu import check_supported
         check_supported((qs[0],), k, v, 64, 128, 2)                    # float32: Triton's job
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton", "mosaic_tpu"])
+def test_kernels_refuse_mismatched_inputs_in_one_line(impl):
+    qs, k, v, q_offset, kv_length, scale = inputs(5, 4, 1, T=8, S=64)
+    run = functools.partial(flash_attention, q_offset=q_offset, scale=scale, impl=impl, block_q=8, block_k=32,
+                            interpret=True)
+    with pytest.raises(ValueError, match=r"k \(1, 2, 64, 32\) does not match q"):
+        run(qs[0], k[:1], v[:1], kv_length=kv_length)                       # one cache row for three query rows
+    with pytest.raises(ValueError, match="it must be"):
+        run(qs[0], k[..., :16], v[..., :16], kv_length=kv_length)           # another head_dim
+    with pytest.raises(ValueError, match="must have k's shape"):
+        run(qs[0], k, v[:, :, :32], kv_length=kv_length)
+    with pytest.raises(ValueError, match="every copy alike"):
+        run((qs[0], qs[0][:, :4], qs[0]), k, v, kv_length=kv_length, mask=MASKS["dca"])
+    with pytest.raises(ValueError, match=r"kv_length must lie in \[0, 64\]"):
+        run(qs[0], k, v, kv_length=jnp.array([65, 3, 0]))
+    with pytest.raises(ValueError, match="q_offset must be >= 0"):
+        flash_attention(qs[0], k, v, q_offset=-8, kv_length=kv_length, impl=impl, interpret=True)
+    with pytest.raises(ValueError, match="block_q must be a positive number"):
+        run(qs[0], k, v, kv_length=kv_length, block_q=-8)
+    with pytest.raises(ValueError, match="block_k must be a positive number"):
+        run(qs[0], k, v, kv_length=kv_length, block_k=-32)
+    with pytest.raises(ValueError, match="chunk_len must be at least 1"):
+        MaskSpec(chunk_len=0)
+    with pytest.raises(ValueError, match="window must be at least 1"):
+        MaskSpec(window=-3)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_a_traced_kv_length_past_the_cache_sees_the_cache_only(kernel):
+    """Under jit kv_length cannot be checked: a value past the cache reads the cache's keys, as the reference does,
+    not blocks beyond it."""
+    qs, k, v, q_offset, _, scale = inputs(6, 4, 1, T=8, S=64)
+    kv_length = jnp.array([80, 64, 100], jnp.int32)
+    fn = jax.jit(lambda q, kv: flash_attention(q, k, v, q_offset=jnp.array([60, 40, 56]), kv_length=kv, scale=scale,
+                                               mask=MaskSpec(causal=False), impl=kernel, block_q=8, block_k=32,
+                                               interpret=True))
+    out, lse = fn(qs[0], kv_length)
+    ref_out, ref_lse = expected(qs, k, v, jnp.array([60, 40, 56]), jnp.full(3, 64), scale, MaskSpec(causal=False))
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref_out), atol=2e-6, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(lse), np.asarray(ref_lse), atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", KERNELS + ["auto"])
+@pytest.mark.parametrize("mask_name,G", [("causal", 7), ("dca", 1), ("window", 7), ("full", 1)])
+def test_kernels_on_ragged_shapes(kernel, mask_name, G):
+    """T = 13 (not a multiple of block_q 8), kv_length short of the 64-slot cache, two rows; ``auto`` (emulated)
+    takes the decode kernel where T x G <= 64."""
+    mask = MASKS[mask_name]
+    qs, k, v, _, _, scale = inputs(zlib.crc32(f"ragged{mask_name}{G}".encode()), G, len(mask.phases), T=13, S=64, H=16)
+    q_offset, kv_length = jnp.array([30, 0, 45], jnp.int32), jnp.array([43, 9, 58], jnp.int32)
+    out, lse = flash_attention(qs, k, v, q_offset=q_offset, kv_length=kv_length, scale=scale, mask=mask, impl=kernel,
+                               block_q=8, block_k=16, interpret=True)
+    ref_out, ref_lse = expected(qs, k, v, q_offset, kv_length, scale, mask)
+    out, lse, ref_out, ref_lse = map(np.asarray, (out, lse, ref_out, ref_lse))
+    np.testing.assert_allclose(out, ref_out, atol=2e-6, rtol=1e-5)
+    assert np.array_equal(np.isneginf(lse), np.isneginf(ref_lse))
+    finite = np.isfinite(ref_lse)
+    np.testing.assert_allclose(lse[finite], ref_lse[finite], atol=2e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("mask_name", sorted(MASKS))

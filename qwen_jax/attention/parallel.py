@@ -44,7 +44,7 @@ def check_mesh(config: QwenConfig, mesh) -> None:
     if padded != N:
         warnings.warn(f"{N} attention heads do not split over tensor x seq = {attention_degree(mesh)} devices: "
                       f"attention runs {padded} heads, zero heads padding each kv group "
-                      f"({padded / N - 1:.0%} more attention work)")   # one place: Python shows it once
+                      f"({padded / N - 1:.0%} more attention work)", stacklevel=1)   # one place: shown once
 
 
 def cache_kv_heads(config: QwenConfig, mesh) -> int:
