@@ -24,7 +24,8 @@ DEFAULT_DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 
 def parse_length(text: str) -> int:
-    """"32k" -> 32768, "1m" -> 1048576, "5000" -> 5000; refuses lengths below one token."""
+    """"32k" -> 32768, "1m" -> 1048576, "5000" -> 5000; refuses lengths below one token and a fraction
+    of a token without a suffix ("1.5" was taken as 1)."""
     from qwen_jax.errors import QwenJaxError
     t = str(text).strip().lower()
     scale = {"k": 1024, "m": 1024 * 1024}.get(t[-1:], 1)
@@ -32,9 +33,9 @@ def parse_length(text: str) -> int:
         number = float(t[:-1] if scale > 1 else t)
     except ValueError:
         number = math.nan
-    if not math.isfinite(number) or number * scale < 1:
-        raise QwenJaxError(f"bad length {text!r}: use a number of tokens >= 1 with an optional k or m suffix "
-                           f"(e.g. 5000, 32k, 1m)")
+    if not math.isfinite(number) or number * scale < 1 or (scale == 1 and number != int(number)):
+        raise QwenJaxError(f"bad length {text!r}: use a number of tokens >= 1 (a whole one without a k or m suffix; "
+                           f"e.g. 5000, 32k, 1.5k, 1m)")
     return int(number * scale)
 
 

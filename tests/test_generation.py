@@ -401,7 +401,7 @@ def test_a_broken_chat_template_is_named_and_a_refusing_one_says_why(tmp_path, t
         refusing.apply_chat_template(messages)
 
 
-@pytest.mark.parametrize("text", ["inf", "0", "-5", "nan", "0.0001k", "", "abc"])
+@pytest.mark.parametrize("text", ["inf", "0", "-5", "nan", "0.0001k", "", "abc", "1.5", "4096.5"])
 def test_passkey_lengths_below_one_token_or_not_finite_are_refused(text):
     from qwen_jax.passkey import parse_length
     with pytest.raises(qwen_jax.QwenJaxError, match="a number of tokens >= 1"):

@@ -198,4 +198,6 @@ def test_a_cache_made_for_another_mesh_is_refused_in_one_line(mesh_checkpoint):
     again = qwen_jax.Model(model.config, model.params, model.tokenizer, mesh="data=2,seq=4",
                            attn_implementation=model.attention, kv_cache_dtype=model.kv_cache_dtype)
     assert again.mesh == model.mesh
+    from qwen_jax.attention import AttentionSpec
+    assert AttentionSpec(mesh="data=2,seq=4").mesh == model.mesh
     np.testing.assert_allclose(again.logits(tokens), model.logits(tokens), rtol=0, atol=0)
