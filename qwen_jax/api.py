@@ -20,7 +20,7 @@ from qwen_jax.cache import cache_dtype
 from qwen_jax.model import DEFAULT_PREFILL_CHUNK, abstract_params, param_shardings, params_dtype, prefill_logits
 from qwen_jax.prefix import DEFAULT_RESERVE, PrefixCache, cache_prefix
 from qwen_jax.sampling import Sampling
-from qwen_jax.sharding import check_same_on_every_process
+from qwen_jax.sharding import as_mesh, check_same_on_every_process
 from qwen_jax.tokenizer import Tokenizer
 
 DTYPES = {"bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16, "float32": jnp.float32, "f32": jnp.float32,
@@ -72,9 +72,7 @@ class Model:
                  eos_token_ids: Sequence[int] = (), attn_implementation: "attention.AttentionSpec | str | None" = None,
                  prefill_chunk_size: int = DEFAULT_PREFILL_CHUNK, kv_cache_dtype=None,
                  generation_config: dict | None = None):
-        if mesh is not None:
-            from qwen_jax.sharding import make_mesh
-            mesh = make_mesh(mesh)          # a string such as "seq=2,tensor=4" too, as load takes
+        mesh = as_mesh(mesh)
         self.config, self.params, self.tokenizer, self.mesh = config, params, tokenizer, mesh
         # the ``generate`` keywords the checkpoint recommends: ``model.generate(p, **model.generation_config)``
         self.generation_config = dict(generation_config or {})
@@ -206,7 +204,7 @@ def load(path: str | os.PathLike, *, dtype="auto", mesh=None, **config_overrides
     ``Model.generation_config`` holds the sampling that ``generation_config.json`` recommends, as keywords.
     """
     from convert import is_converted, read_hf_params, restore_params
-    from qwen_jax.sharding import global_array, make_mesh
+    from qwen_jax.sharding import global_array
 
     impl = attention.AttentionSpec.of(config_overrides.pop("attn_implementation", None))
     chunk = config_overrides.pop("prefill_chunk_size", DEFAULT_PREFILL_CHUNK)
@@ -231,7 +229,7 @@ def load(path: str | os.PathLike, *, dtype="auto", mesh=None, **config_overrides
                           f"devices, e.g. mesh=\"seq={jax.process_count()},tensor={jax.local_device_count()}\" (one "
                           f"long prompt) or \"data={jax.process_count()},tensor={jax.local_device_count()}\" (a batch of "
                           f"prompts)")
-    mesh = make_mesh(mesh) if mesh is not None else None
+    mesh = as_mesh(mesh)
     dtype = dtype or default_dtype(config, mesh)
     if mesh is not None:
         shardings = param_shardings(config, mesh)

@@ -52,16 +52,15 @@ class KVCache(NamedTuple):
 
 def init_cache(config: QwenConfig, batch: int, max_len: int, dtype=jnp.bfloat16, mesh=None) -> KVCache:
     """Zeroed cache of ``max_len`` slots per row, on JAX's default device (sharded over ``mesh``, a ``Mesh`` or a
-    string as ``load`` takes, by ``CACHE_AXES`` when given; a mesh with more attention shards than kv heads stores each kv head once per shard that reads it)."""
+    string as ``load`` takes, by ``CACHE_AXES`` when given; a mesh with more attention shards than kv heads stores
+    each kv head once per shard that reads it)."""
     from qwen_jax.attention.parallel import cache_kv_heads
-    if mesh is not None:
-        from qwen_jax.sharding import make_mesh
-        mesh = make_mesh(mesh)              # a string such as "seq=2,tensor=4" too
+    from qwen_jax.sharding import as_mesh, named_sharding
+    mesh = as_mesh(mesh)
     shape = (batch, cache_kv_heads(config, mesh), max_len, config.head_dim)
     if mesh is None:
         sharding = jax.sharding.SingleDeviceSharding(default_device())
     else:
-        from qwen_jax.sharding import named_sharding
         sharding = named_sharding(CACHE_AXES, shape, mesh)
     L = config.num_hidden_layers
     buffers = zeroed(2 * L, shape, dtype, sharding)

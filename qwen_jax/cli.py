@@ -541,11 +541,12 @@ def cmd_recall(args) -> int:
                           f"{args.length}: measuring those {len(tokens)}", stacklevel=2)
     else:
         tokens = passkey.build_prompt(model.tokenizer.encode, length, 0.5, 71432)
-    if args.save_selections and len(tokens) % 64:
+    whole = len(tokens) // 64 * 64
+    if args.save_selections and whole < len(tokens):
         # the kernels that time saved selections (python -m qwen_jax.bench.sparse) take whole 64-token blocks
-        print(f"measuring the first {len(tokens) - len(tokens) % 64} of the prompt's {len(tokens)} tokens: "
-              f"--save-selections keeps whole 64-token blocks", file=sys.stderr)
-        tokens = tokens[:len(tokens) - len(tokens) % 64]
+        print(f"measuring the first {whole} of the prompt's {len(tokens)} tokens: --save-selections keeps whole "
+              f"64-token blocks", file=sys.stderr)
+        tokens = tokens[:whole]
     threshold = model.config.dual_chunk_attention_config.sparse_attention_threshold
     if len(tokens) <= threshold:
         raise QwenJaxError(f"the prompt's {len(tokens)} tokens are not above the sparse threshold ({threshold}): "

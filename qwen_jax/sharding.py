@@ -139,6 +139,12 @@ def global_array(value, sharding: jax.sharding.Sharding) -> jax.Array:
     return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
 
+def as_mesh(mesh: str | Mesh | None) -> Mesh | None:
+    """``mesh`` as ``load`` takes it, a ``Mesh`` or a string such as ``"seq=4,tensor=2"`` (``make_mesh``); None
+    (one device, no mesh) stays None."""
+    return None if mesh is None else make_mesh(mesh)
+
+
 def check_same_on_every_process(value, what: str) -> None:
     """In a multi-process job, refuse in one line (on every process) a host value that is not the same on every
     process: each process would feed its own into the one computation (a mix of them, or collectives that do not

@@ -69,9 +69,9 @@ class AttentionSpec:
     mesh: Any = None
 
     def __post_init__(self):
-        if isinstance(self.mesh, str):             # "seq=2,tensor=4", as load takes
-            from qwen_jax.sharding import make_mesh
-            object.__setattr__(self, "mesh", make_mesh(self.mesh))
+        if isinstance(self.mesh, str):             # "seq=2,tensor=4", as load takes (a Mesh is taken as it is)
+            from qwen_jax.sharding import as_mesh
+            object.__setattr__(self, "mesh", as_mesh(self.mesh))
         if self.impl not in IMPLEMENTATIONS:
             raise ConfigError(f"unknown attention implementation {self.impl!r}; choose one of {list(IMPLEMENTATIONS)}")
         if (self.block_q is not None and self.block_q < 1) or (self.block_k is not None and self.block_k < 1):
