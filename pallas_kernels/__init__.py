@@ -26,11 +26,10 @@ import numbers
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from pallas_kernels.masks import MASK_VALUE, MaskSpec
 from pallas_kernels.reference import masked_attention
-from pallas_kernels.shapes import attention_dims
+from pallas_kernels.shapes import attention_dims, known
 
 IMPLS = ("auto", "mosaic_gpu", "triton", "mosaic_tpu", "reference")
 _NATIVE = {"gpu": ("mosaic_gpu", "triton"), "cuda": ("mosaic_gpu", "triton"), "tpu": ("mosaic_tpu",)}
@@ -67,13 +66,15 @@ def resolve_impl(impl: str, interpret: bool = False, backend: str | None = None)
 
 
 def _fit(block: int, length: int, minimum: int) -> int:
-    """The largest power-of-two block <= ``block`` that divides ``length``."""
+    """``block`` where it divides ``length``, else the largest power of two below it that does."""
     b = block
-    while b >= minimum and length % b:
-        b //= 2
+    if length % b:
+        b = 1 << ((block - 1).bit_length() - 1)
+        while b >= minimum and length % b:
+            b //= 2
     if b < minimum:
         raise ValueError(f"no key block of at least {minimum} divides the cache length {length}; "
-                         f"allocate the cache in multiples of {block}")
+                         f"allocate the cache in multiples of {block if block % minimum == 0 else minimum}")
     return b
 
 
@@ -91,21 +92,19 @@ def _check_blocks(**blocks):
             raise ValueError(f"{name} must be a positive number of rows, got {size!r}")
 
 
-def _known(x):
-    """``x`` as numpy where its value is known now; None under a trace (jit), where it is not."""
-    try:
-        return np.asarray(x)
-    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-        return None
-
-
 def _inputs(q, k, v, mask, q_offset, kv_length, scale):
     """Queries as a tuple (one per phase), checked against k and v; q_offset, kv_length (at most the cache
     length: a traced one is clipped to it) and scale broadcast to [B]."""
     queries = tuple(q) if isinstance(q, (tuple, list)) else (q,)
     d = attention_dims(queries, k, mask, v=v)
+    if d.T < 1 or d.S < 1:
+        raise ValueError(f"attention needs at least one query and one key slot; got q with {d.T} queries, "
+                         f"k with {d.S} slots")
+    for name, x in (("q_offset", q_offset), ("kv_length", kv_length)):
+        if not jnp.issubdtype(jnp.result_type(x), jnp.integer):
+            raise ValueError(f"{name} must be integers, got {jnp.result_type(x)}")
     q_offset, kv_length = (jnp.asarray(x, jnp.int32) for x in (q_offset, kv_length))
-    offsets, lengths = _known(q_offset), _known(kv_length)
+    offsets, lengths = known(q_offset), known(kv_length)
     if offsets is not None and (offsets < 0).any():
         raise ValueError(f"q_offset must be >= 0, got {offsets.tolist()}")
     if lengths is not None and ((lengths < 0) | (lengths > d.S)).any():
@@ -182,6 +181,15 @@ _SPARSE_NATIVE = {"gpu": "mosaic_gpu", "cuda": "mosaic_gpu", "tpu": "mosaic_tpu"
 MGPU_SPARSE_BLOCK_K, MGPU_SPARSE_PINGPONG = 96, False
 
 
+def _check_band_offsets(q_offset):
+    """The sparse kernels' query blocks are 64 rows at multiples of 64: so must ``q_offset`` be."""
+    from pallas_kernels.vslash import BAND
+    offsets = known(q_offset)
+    if offsets is not None and (offsets % BAND).any():
+        raise ValueError(f"sparse attention needs q_offset a multiple of {BAND} (its query blocks), got "
+                         f"{offsets.tolist()}")
+
+
 def _mgpu_sparse_stages(block_k: int) -> int:
     from pallas_kernels.vslash_mgpu import max_stages
     return max_stages(block_k)
@@ -234,14 +242,18 @@ def vslash_attention(q, k, v, selection, *, q_offset, kv_length, scale=None, mas
                      impl: str = "auto", block_k: int | None = None, interpret: bool = False):
     """Attention restricted to a vertical-slash sparse mask (``pallas_kernels.vslash``), ``(out, lse)``.
 
-    Same arguments as ``flash_attention`` plus ``selection`` (a ``vslash.Selection``); ``q_offset``
-    must be a multiple of 64 (the band height). ``impl``: ``mosaic_gpu`` (Hopper; bf16/f16, head_dim %
+    Same arguments as ``flash_attention`` plus ``selection`` (a ``vslash.Selection`` for q's rows, heads and
+    the mask's phases: checked, and where its values are known, its lists too); ``q_offset`` must be a
+    multiple of 64 (the band height). ``impl``: ``mosaic_gpu`` (Hopper; bf16/f16, head_dim %
     64 == 0; ``block_k`` keys per window, a multiple of 16 from 64, default 96), ``triton`` (GPUs),
     ``mosaic_tpu`` (TPUs; Triton and TPU on the CPU with ``interpret``), ``reference`` (dense masked
     jnp) or ``auto`` (GPU: mosaic_gpu where it applies, else triton)."""
     from pallas_kernels import vslash
     _check_blocks(block_k=block_k)
     queries, q_offset, kv_length, scale = _inputs(q, k, v, mask, q_offset, kv_length, scale)
+    _check_band_offsets(q_offset)
+    B, _, N, _ = queries[0].shape
+    selection = vslash.checked(selection, B, N, len(mask.phases))
     requested, impl = impl, _sparse_impl(impl, interpret)
     if impl == "reference":
         return _reference(queries, k, v, q_offset, kv_length, scale, mask,
@@ -274,6 +286,12 @@ def block_sparse_attention(q, k, v, blocks, counts, *, q_offset, kv_length, scal
     blocks of a program never share a window."""
     from pallas_kernels import vslash
     queries, q_offset, kv_length, scale = _inputs(q, k, v, mask, q_offset, kv_length, scale)
+    B, T, N, _ = queries[0].shape
+    want = (B, N, -(-T // vslash.BAND), len(mask.phases))
+    if tuple(blocks.shape[:4]) != want or blocks.ndim != 5 or tuple(counts.shape) != want:
+        raise ValueError(f"blocks must be [B, N, T/64, P, M] = {list(want) + ['M']} and counts {list(want)} for q "
+                         f"{tuple(queries[0].shape)} and {len(mask.phases)} mask phase(s); got blocks "
+                         f"{tuple(blocks.shape)}, counts {tuple(counts.shape)}")
     requested, impl = impl, _sparse_impl(impl, interpret)
     if impl == "reference":
         return _reference(queries, k, v, q_offset, kv_length, scale, mask,

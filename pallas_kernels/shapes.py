@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from pallas_kernels.masks import MaskSpec
@@ -13,6 +15,14 @@ from pallas_kernels.masks import MaskSpec
 def matmul_precision(dtype) -> lax.Precision:
     """float32 means float32: without HIGHEST, GPUs (XLA and Triton) run float32 dots in TF32."""
     return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else lax.Precision.DEFAULT
+
+
+def known(x):
+    """``x`` as numpy where its value is known now; None under a trace (jit), where it is not."""
+    try:
+        return np.asarray(x)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
 
 
 @dataclasses.dataclass(frozen=True)

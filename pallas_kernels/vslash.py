@@ -1,6 +1,7 @@
 """Vertical-slash sparse masks (MInference), as functions of positions, and the index tables kernels read.
 
-A sparse head is described, per query *segment* and DCA phase, by two sorted lists:
+A sparse head is described, per query *segment* and DCA phase, by two sorted lists (an entry listed twice
+counts once; a count above a list's capacity means the whole list):
 
     distances  selected diagonals ``d = q - k`` (d >= 0)
     columns    selected key positions (vertical lines)
@@ -36,8 +37,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels.masks import MaskSpec
+from pallas_kernels.shapes import known
 
 BAND = 64
 NO_KEY = 2 ** 30  # padding position: beyond any cache, so every mask rejects it
@@ -235,10 +238,13 @@ def build_index(sel: "Selection", q_offset, T: int, kv_length, mask: MaskSpec, b
     t0, t1 = jnp.where(empty, 0, t0), jnp.where(empty, 0, jnp.maximum(t1, t0))
     V = sel.cols.shape[-1]
     vpos = jnp.where(jnp.arange(V) < sel.col_count[..., None], sel.cols, NO_KEY)
-    # keep: the block's vertical columns that none of its bands covers (else they would count twice)
+    # keep: the block's vertical columns that none of its bands covers and that are not listed twice (else
+    # they would count twice)
     first, last = band_tables(sel.dist, sel.dist_count, n_keys)
+    repeat = jnp.concatenate([jnp.zeros_like(vpos[..., :1], bool), vpos[..., 1:] == vpos[..., :-1]], axis=-1)
     seg_cols = vpos.reshape(-1, V)[row]                                     # [B, N, nqb, P, V]
     keep = ~covered_by_table(first, last, row[..., None], q0_[..., None] - seg_cols) & (seg_cols < NO_KEY)
+    keep &= ~repeat.reshape(-1, V)[row]
     return VSIndex(rel_start, rel_end, t0, t1, block_seg, vpos, keep)
 
 
@@ -260,6 +266,34 @@ class Selection(NamedTuple):
     col_count: jax.Array    # [B, G, N, P]
     seg_begin: jax.Array    # [B, G] first position of each segment
     seg_end: jax.Array      # [B, G] one past its last (empty segments: end <= begin)
+
+
+def checked(sel: Selection, B: int, N: int, P: int) -> Selection:
+    """``sel`` for B rows, N query heads and P mask phases, with its counts clipped to the lists' capacity;
+    one-line errors for other shapes, and, where the values are known (not under jit), for lists that are
+    not sorted or hold negative entries."""
+    shapes = {name: tuple(getattr(sel, name).shape) for name in Selection._fields}
+    G = shapes["seg_begin"][1] if len(shapes["seg_begin"]) == 2 else None
+    D, V = shapes["dist"][-1:], shapes["cols"][-1:]
+    want = {"dist": (B, G, N, P, *D), "dist_count": (B, G, N, P), "cols": (B, G, N, P, *V),
+            "col_count": (B, G, N, P), "seg_begin": (B, G), "seg_end": (B, G)}
+    wrong = [f"{name} {shapes[name]}" for name in want if G is None or shapes[name] != want[name]]
+    if wrong:
+        raise ValueError(f"the selection must be dist [B, G, N, P, D], cols [B, G, N, P, V], their counts "
+                         f"[B, G, N, P] and seg_begin / seg_end [B, G] for B={B} rows, N={N} query heads and P={P} "
+                         f"mask phases; got {', '.join(wrong)}")
+    sel = sel._replace(dist_count=jnp.clip(sel.dist_count, 0, shapes["dist"][-1]),
+                       col_count=jnp.clip(sel.col_count, 0, shapes["cols"][-1]))
+    for name, count in (("dist", "dist_count"), ("cols", "col_count")):
+        values, n = known(getattr(sel, name)), known(getattr(sel, count))
+        if values is None or n is None:
+            continue
+        valid = np.arange(values.shape[-1]) < n[..., None]
+        if (valid & (values < 0)).any():
+            raise ValueError(f"selection {name} holds a negative entry ({int(values[valid].min())})")
+        if (valid[..., 1:] & (values[..., 1:] < values[..., :-1])).any():
+            raise ValueError(f"selection {name} must be sorted in increasing order within its {count}")
+    return sel
 
 
 def segment_of(sel: Selection, positions):

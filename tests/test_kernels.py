@@ -262,6 +262,15 @@ def test_kernels_refuse_mismatched_inputs_in_one_line(impl):
         run(qs[0], k, v, kv_length=kv_length, block_q=-8)
     with pytest.raises(ValueError, match="block_k must be a positive number"):
         run(qs[0], k, v, kv_length=kv_length, block_k=-32)
+    with pytest.raises(ValueError, match="kv_length must be integers, got float"):
+        run(qs[0], k, v, kv_length=10.7)                                    # it was cut to 10
+    with pytest.raises(ValueError, match="at least one query and one key slot; got q with 0 queries"):
+        run(qs[0][:, :0], k, v, kv_length=kv_length)
+    # a block that does not divide the cache: the largest power of two below it that does (48 halved to 24, 12)
+    assert (pallas_kernels._fit(48, 128, 16), pallas_kernels._fit(96, 192, 64), pallas_kernels._fit(96, 128, 64)) \
+        == (32, 96, 64)
+    with pytest.raises(ValueError, match="no key block of at least 16 divides the cache length 60; .* multiples of 48"):
+        pallas_kernels._fit(48, 60, 16)
     with pytest.raises(ValueError, match="chunk_len must be at least 1"):
         MaskSpec(chunk_len=0)
     with pytest.raises(ValueError, match="window must be at least 1"):

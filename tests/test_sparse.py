@@ -1,6 +1,8 @@
 """Sparse prefill (MInference vertical-slash with DCA): estimate vs a numpy oracle, index tables vs the
 mask's definition, kernels vs masked dense attention, and sparse prefill vs dense DCA prefill."""
 
+import functools
+
 import jax
 import numpy as np
 import jax.numpy as jnp
@@ -319,6 +321,62 @@ def test_block_sparse_primitive_matches_masked_dense_reference(kernel):
     assert np.array_equal(np.isneginf(lse), np.isneginf(ref_lse)) and np.isneginf(ref_lse[0, :, 0]).all()
     finite = np.isfinite(ref_lse)
     np.testing.assert_allclose(lse[finite], ref_lse[finite], atol=2e-5, rtol=1e-5)
+
+
+def small_selection(dists, cols, *, N=2, P=1, D=4, V=4, dist_count=None, col_count=None):
+    """One row, one segment covering every query, the same lists for every head and phase."""
+    d = np.full((1, 1, N, P, D), vslash.NO_KEY, np.int32)
+    c = np.full((1, 1, N, P, V), vslash.NO_KEY, np.int32)
+    d[..., :len(dists)], c[..., :len(cols)] = dists, cols
+    counts = lambda n, default: jnp.full((1, 1, N, P), default if n is None else n, jnp.int32)  # noqa: E731
+    return vslash.Selection(jnp.asarray(d), counts(dist_count, len(dists)), jnp.asarray(c),
+                            counts(col_count, len(cols)), jnp.zeros((1, 1), jnp.int32),
+                            jnp.full((1, 1), 10 ** 6, jnp.int32))
+
+
+@pytest.mark.parametrize("kernel", ["triton", "mosaic_tpu"])
+def test_sparse_kernels_count_a_repeated_column_once_and_read_no_count_past_its_list(kernel):
+    """A key listed twice is one key of the mask (as the reference reads it), and a count above the list's
+    capacity means the whole list; the kernels counted the column twice and read past the list."""
+    rng = np.random.default_rng(11)
+    q = jnp.asarray(rng.normal(size=(1, 128, 2, 32)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(1, 1, 256, 32)), jnp.float32) for _ in range(2))
+    run = functools.partial(vslash_attention, q, k, v, q_offset=64, kv_length=192, interpret=True)
+    for sel, same in [(small_selection([0], [5, 5, 9, 9]), small_selection([0], [5, 9])),
+                      (small_selection([0, 3], [5, 40], dist_count=20, col_count=20), small_selection([0, 3], [5, 40]))]:
+        out, lse = map(np.asarray, run(sel, impl=kernel))
+        ref_out, ref_lse = map(np.asarray, run(same, impl="reference"))
+        np.testing.assert_allclose(out, ref_out, atol=2e-6, rtol=1e-5)
+        np.testing.assert_allclose(lse, ref_lse, atol=2e-6, rtol=1e-5)
+        np.testing.assert_array_equal(ref_out, np.asarray(run(sel, impl="reference")[0]))
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton", "mosaic_tpu"])
+def test_sparse_entry_points_refuse_what_their_kernels_cannot_read(impl):
+    """Selections or block lists of another shape, a q_offset off the 64-row grid, unsorted or negative lists: one
+    line each, from every implementation alike (they answered silently, or crashed inside the kernel)."""
+    from pallas_kernels import block_sparse_attention
+    q = jnp.zeros((1, 128, 2, 32), jnp.float32)
+    k = jnp.zeros((1, 1, 256, 32), jnp.float32)
+    run = functools.partial(vslash_attention, q, k, k, kv_length=192, impl=impl, interpret=True)
+    with pytest.raises(ValueError, match=r"q_offset a multiple of 64 .* got \[32\]"):
+        run(small_selection([0], [5]), q_offset=32)
+    with pytest.raises(ValueError, match=r"N=2 query heads .* got dist \(1, 1, 1, 1, 4\)"):
+        run(small_selection([0], [5], N=1), q_offset=64)
+    with pytest.raises(ValueError, match="P=3 mask phases"):
+        vslash_attention((q, q, q), k, k, small_selection([0], [5]), q_offset=64, kv_length=192,
+                         mask=MaskSpec(chunk_len=64), impl=impl, interpret=True)
+    with pytest.raises(ValueError, match="cols must be sorted"):
+        run(small_selection([0], [40, 5]), q_offset=64)
+    with pytest.raises(ValueError, match="dist holds a negative entry"):
+        run(small_selection([-3, 0], [5]), q_offset=64)
+    run(small_selection([0], [40, 5], col_count=1), q_offset=64)          # past the count: not read, not checked
+    blocks, counts = jnp.zeros((1, 2, 1, 1, 3), jnp.int32), jnp.ones((1, 2, 1, 1), jnp.int32)
+    with pytest.raises(ValueError, match=r"blocks must be \[B, N, T/64, P, M\] = \[1, 2, 2, 1, 'M'\]"):
+        block_sparse_attention(q, k, k, blocks, counts, q_offset=0, kv_length=192, impl=impl, interpret=True)
+    with pytest.raises(ValueError, match="blocks must be"):
+        block_sparse_attention(q, k, k, blocks[:, :1].repeat(2, 2), counts[:, :1].repeat(2, 2), q_offset=0,
+                               kv_length=192, impl=impl, interpret=True)
 
 
 def test_rows_over_and_under_the_threshold_in_one_batch(tiny_checkpoint):
