@@ -139,11 +139,11 @@ def check_generation_args(*, max_new_tokens, seed, on_text=None, progress=None) 
 def warn_past_positions(config: QwenConfig, *, prompt_tokens: int, max_new_tokens: int, stacklevel: int = 2):
     """Warn past ``max_position_embeddings`` without DCA (only a warning: a model may still run past it; with DCA
     it is what the model is configured for, so no warning). ``stacklevel`` as ``warnings.warn``'s, from the caller."""
-    total = prompt_tokens + max_new_tokens
-    if total > config.max_position_embeddings and config.dual_chunk_attention_config is None:   # DCA: made for it
-        warnings.warn(f"prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) = {total} tokens exceeds "
-                      f"the model's max_position_embeddings ({config.max_position_embeddings}); output quality may "
-                      f"degrade past it", stacklevel=stacklevel + 1)
+    used = prompt_tokens + max_new_tokens - 1           # the last new token is sampled, never fed back
+    if used > config.max_position_embeddings and config.dual_chunk_attention_config is None:   # DCA: made for it
+        warnings.warn(f"prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) runs the model at {used} "
+                      f"positions, more than its max_position_embeddings ({config.max_position_embeddings}); output "
+                      f"quality may degrade past it", stacklevel=stacklevel + 1)
 
 
 def check_length(config: QwenConfig, *, prompt_tokens: int, max_new_tokens: int, batch: int, slots: int, dtype,
@@ -357,7 +357,7 @@ def _generate(params, config: QwenConfig, tokens, lengths, cache, *, max_new_tok
                     continue
                 delta = rows[row].push(token)
                 if on_text is not None and delta:
-                    on_text(row, delta)
+                    on_text(int(row), delta)
                 if rows[row].stopped:
                     done[row] = True
         if done.all() or taken == max_new_tokens:

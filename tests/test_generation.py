@@ -246,9 +246,10 @@ def test_stop_strings_cut_and_stream(model):
     assert len(out) > 6
     stop = out[3:6]
     pieces = []
-    cut = model.generate("The grass is", max_new_tokens=24, stop=[stop], on_text=lambda r, t: pieces.append(t))[0]
+    cut = model.generate("The grass is", max_new_tokens=24, stop=[stop], on_text=lambda r, t: pieces.append((r, t)))[0]
     assert cut == out[: out.index(stop)]
-    assert "".join(pieces) == cut
+    assert "".join(t for _, t in pieces) == cut
+    assert all(type(r) is int and r == 0 for r, _ in pieces)       # a plain int (it was numpy's while decoding)
 
 
 def _byte_decoder(pieces):
@@ -369,9 +370,12 @@ def test_generating_past_max_position_embeddings_warns_once_and_runs(model):
     with warnings.catch_warnings():
         warnings.simplefilter("error")               # within the limit: no warning
         generate_ids(model.params, model.config, [[1, 2, 3]], max_new_tokens=2)
-    short = model.config.replace(max_position_embeddings=4)
-    with pytest.warns(UserWarning, match=r"prompt \(3 tokens\) \+ max_new_tokens \(2\) = 5 tokens exceeds the model's "
-                                         r"max_position_embeddings \(4\)") as record:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")               # 3 + 2 tokens fill 4 positions: the last one is never fed back
+        generate_ids(model.params, model.config.replace(max_position_embeddings=4), [[1, 2, 3]], max_new_tokens=2)
+    short = model.config.replace(max_position_embeddings=3)
+    with pytest.warns(UserWarning, match=r"prompt \(3 tokens\) \+ max_new_tokens \(2\) runs the model at 4 positions, "
+                                         r"more than its max_position_embeddings \(3\)") as record:
         ids = generate_ids(model.params, short, [[1, 2, 3]], max_new_tokens=2)
     assert len(ids[0]) == 2 and len(record) == 1
     from qwen_jax.config import DCAConfig

@@ -174,7 +174,7 @@ def test_past_max_position_embeddings_a_continuation_warns_and_a_large_reserve_d
         warnings.simplefilter("error")
         pc = cache_prefix(model.params, model.config, _ids(12, 200), reserve=1024)     # room is not a promise
         _run(model, [_ids(13, 20)], pc, max_new_tokens=4)
-    with pytest.warns(UserWarning, match=r"prompt \(260 tokens\) \+ max_new_tokens \(4\) = 264 tokens exceeds"):
+    with pytest.warns(UserWarning, match=r"prompt \(260 tokens\) \+ max_new_tokens \(4\) runs the model at 263 positions"):
         _run(model, [_ids(13, 60)], pc, max_new_tokens=4)
 
 
