@@ -8,7 +8,8 @@
 ``pallas_kernels.decode_gpu``; a setting 0 or left out: its tuned default; an fp8 cache's math in float16,
 its default, or with ``q`` in the queries' dtype), ``triton`` (the prefill Triton kernel, one program per
 query head), ``xla`` (dense masked attention in XLA), ``cudnn`` (``jax.nn.dot_product_attention`` with one
-query, K/V in the compute dtype, plain causal only). The K/V cache is filled to each length;
+query, K/V in the compute dtype, plain causal only; the cache is laid out as it reads it, ``[B, L, K, H]``, before
+the timing). The K/V cache is filled to each length;
 an fp8 cache (``--kv-dtype fp8``) is read as stored by ``decode`` and widened first by the others (the
 widening is timed with them, as the model pays it). Reported: ms per call (median after warm-up) and the
 cache bytes read per second (K and V up to the length, in the stored dtype) against ``--peak-gbps``.
@@ -60,11 +61,13 @@ def _kernel(spec: str, mask):
             raise SystemExit("cudnn runs plain causal attention only: drop --dca or the cudnn entry")
 
         def run(queries, k, v, q_offset, kv_length, scale):
-            # the one query sees the whole filled cache: no mask needed past kv_length
-            k, v = (widened(x, queries[0].dtype).transpose(0, 2, 1, 3) for x in (k, v))
+            # k, v come [B, L, K, H] (``run.layout``, outside the timed call); the one query sees the whole filled
+            # cache: no mask needed past kv_length
+            k, v = widened(k, queries[0].dtype), widened(v, queries[0].dtype)
             out = jax.nn.dot_product_attention(queries[0], k, v, scale=float(queries[0].shape[-1]) ** -0.5,
                                                key_value_seq_lengths=kv_length, implementation="cudnn")
             return out, jnp.zeros(out.shape[:-1], jnp.float32)
+        run.layout = lambda x: x.transpose(0, 2, 1, 3)      # cuDNN's [B, L, K, H] cache: a layout, not its work
         return run
     raise SystemExit(f"unknown kernel {name!r} in --kernels (decode, triton, xla or cudnn)")
 
@@ -117,9 +120,12 @@ def main(argv=None) -> int:
         call = (queries, k, v, q_offset, kv_length, scale)
         for spec, fn in kernels:
             jitted = jax.jit(fn)
+            layout = getattr(fn, "layout", None)
             try:
-                ms = median_time(lambda f=jitted, a=call: jax.block_until_ready(f(*a)), args.repeats, warmup=2) * 1e3
-                out = jitted(*call)[0].astype(jnp.float32)
+                a = call if layout is None else (queries, layout(k), layout(v), q_offset, kv_length, scale)
+                ms = median_time(lambda f=jitted, a=a: jax.block_until_ready(f(*a)), args.repeats, warmup=2) * 1e3
+                out = jitted(*a)[0].astype(jnp.float32)
+                del a
             except Exception as e:      # one kernel that cannot run must not end the sweep
                 rows.append({"length": L, "kernel": spec, "ms": "-", "error": f"{type(e).__name__}: {e}"[:300]})
                 print(json.dumps(rows[-1]), flush=True)

@@ -19,8 +19,10 @@ def test_bench_decode_times_each_kernel_on_the_same_cache(tmp_path, capfd):
         (L, k) for L in (1536, 3000) for k in ("auto", "triton", "xla", "blockwise")]
     for r in rows:
         assert r["ms/token"] > 0 and r["tokens/s"] > 0 and r["kv cache"] == "float8_e4m3fn" and r["batch"] == 2
-        # a step reads the weights, and K and V of 2 layers x [batch 2, 2 kv heads, L slots, 32 dims] in fp8
-        assert r["bytes read per device"] == report["params bytes"] + 2 * 2 * (2 * 2 * r["context"] * 32)
+        # a step reads the weights but of the untied [1024, 128] bf16 embedding table only its batch's 2 rows (it
+        # counted the whole table), and K and V of 2 layers x [batch 2, 2 kv heads, L slots, 32 dims] in fp8
+        assert r["bytes read per device"] == (report["params bytes"] - (1024 - 2) * 128 * 2
+                                              + 2 * 2 * (2 * 2 * r["context"] * 32))
         assert len(r["first tokens"]) == 2
     for L in (1536, 3000):      # the split-key kernel, the prefill kernel and the jnp paths pick the same tokens
         assert len({json.dumps(r["first tokens"]) for r in rows if r["context"] == L}) == 1
@@ -56,3 +58,26 @@ def test_kernel_decode_benchmark_refuses_unknown_options():
         bench_decode.main(["--lengths", "1k", "--kernels", "cutlass"])
     with pytest.raises(SystemExit, match="cudnn runs plain causal attention only"):
         bench_decode.main(["--lengths", "1k", "--kernels", "cudnn", "--dca", "1024,128"])
+
+
+def test_the_cudnn_baseline_times_attention_not_a_copy_of_the_cache(monkeypatch, capsys):
+    """cuDNN reads a [B, L, K, H] cache: the benchmark lays the cache out so before timing (it transposed the whole
+    cache inside the timed call, which made the baseline slower than the attention it stands for)."""
+    import jax
+    import jax.numpy as jnp
+
+    from pallas_kernels import MaskSpec, bench_decode
+    seen = []
+
+    def fake_cudnn(q, k, v, *, scale, key_value_seq_lengths, implementation):     # cuDNN does not run on a CPU
+        seen.append((tuple(k.shape), implementation))
+        return q
+    monkeypatch.setattr(jax.nn, "dot_product_attention", fake_cudnn)
+    assert bench_decode.main(["--lengths", "1k", "--kernels", "cudnn", "--batch", "1", "--heads", "4",
+                              "--kv-heads", "2", "--head-dim", "32", "--repeats", "1"]) == 0
+    assert seen and all(s == ((1, 1024, 2, 32), "cudnn") for s in seen)
+    run = bench_decode._kernel("cudnn", MaskSpec())
+    q = jnp.zeros((1, 1, 4, 32), jnp.bfloat16)
+    k = run.layout(jnp.zeros((1, 2, 1024, 32), jnp.bfloat16))
+    text = jax.jit(run).lower((q,), k, k, jnp.zeros(1, jnp.int32), jnp.ones(1, jnp.int32), jnp.ones(1)).as_text()
+    assert "transpose" not in text

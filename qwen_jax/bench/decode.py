@@ -15,8 +15,8 @@ same cache: ``auto`` (the default path: on a GPU the split-key decode kernel ``p
 ``triton`` (the prefill Triton kernel: one program per query head, the whole cache each), ``xla``
 (dense masked attention in XLA, ``AttentionSpec(impl="reference")``), ``blockwise`` (the jnp online
 softmax; ``--interpret`` emulates the Pallas ones on a CPU). Reported per length and kernel: ms per token,
-tokens/s over the batch, the bytes one device must read per step (its share of the weights once, and of
-every layer's K and V up to L) over the step's time, as GB/s and as a share of ``--peak-gbps`` (the
+tokens/s over the batch, the bytes one device must read per step (its share of the weights once, of an untied
+embedding table only the batch's rows, and of every layer's K and V up to L) over the step's time, as GB/s and as a share of ``--peak-gbps`` (the
 card's memory bandwidth), and the first step's greedy tokens (the same for every kernel unless they
 disagree). A run whose weights and cache do not fit a device is refused before anything is allocated.
 """
@@ -153,14 +153,17 @@ def main(argv=None) -> int:
     params = init_params(config, jax.random.key(0), dtype=dtype, mesh=mesh)
     leaves = jax.tree.leaves(params)
     params_bytes = sum(x.size * x.dtype.itemsize for x in leaves)
-    device_params = sum(x.addressable_shards[0].data.nbytes for x in leaves)     # what one device reads
+    device_params = sum(x.addressable_shards[0].data.nbytes for x in leaves)     # what one device holds
+    if not config.tie_word_embeddings:    # a step gathers `batch` rows of the [V, D] table (tied: it is the lm_head)
+        table = params["embed"]["embedding"].addressable_shards[0].data
+        device_params -= table.nbytes - min(args.batch, table.shape[0]) * table.nbytes // table.shape[0]
     rows = []
     for L in contexts:
         slots = cache_length(L, 2 * args.steps + 4)
         cache = _filled_cache(config, args.batch, slots, kv_dtype, mesh, seed=L)
         tokens = jax.random.randint(jax.random.key(L), (args.batch,), 0, config.vocab_size, jnp.int32)
         device_cache = sum(b.addressable_shards[0].data.nbytes for b in cache.k + cache.v)
-        reads = device_params + device_cache * L // slots          # one device's weights, and its cache up to L
+        reads = device_params + device_cache * L // slots          # one device's weights read, and its cache up to L
         for name in kernels:
             spec = dataclasses.replace(AttentionSpec(**KERNELS[name]), mesh=mesh,
                                        interpret=args.interpret and KERNELS[name]["impl"] == "pallas")
