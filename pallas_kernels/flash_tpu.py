@@ -90,16 +90,16 @@ def _kernel(qoff_ref, kvlen_ref, scale_ref, *refs, mask: MaskSpec, block_q: int,
         q_pos = first + lax.broadcasted_iota(jnp.int32, shape, 0)
         k_pos = block * block_k + lax.broadcasted_iota(jnp.int32, shape, 1)
         s = jnp.full(shape, MASK_VALUE, jnp.float32)
-        ok = jnp.zeros(shape, jnp.bool_)
+        ok = jnp.zeros(shape, jnp.int32)       # int32, not bool: Mosaic cannot return i1 vectors from scf.if
         for phase, q_ref in zip(mask.phases, q_refs):
             def add_phase(s_ok, phase=phase, q_ref=q_ref):
                 s, ok = s_ok
                 vis = mask.visible(phase, q_pos, k_pos, kv_length)
-                return jnp.where(vis, logits(q_ref), s), ok | vis
+                return jnp.where(vis, logits(q_ref), s), jnp.where(vis, 1, ok)
 
             touches = phase_touches(mask, phase, first, last, kv_length, block, block_k)
             s, ok = add_phase((s, ok)) if n_phases == 1 else lax.cond(touches, add_phase, lambda x: x, (s, ok))
-        accumulate(s, ok)
+        accumulate(s, ok != 0)
 
     @pl.when(j == steps - 1)
     def _finish():

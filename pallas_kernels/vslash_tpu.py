@@ -10,7 +10,8 @@ are copied by hand, double-buffered, so only the selected tiles are ever read:
     vertical tiles  128 gathered columns at a time, masked by the block's ``keep`` row
 
 The program's tile range, and per phase the tile table of its (segment, head), are copied into SMEM
-(8 bytes per tile: 49 KB for Qwen's 6096 diagonals). One
+(8 bytes per tile: 49 KB for Qwen's 6096 diagonals), each table as a ``[1, TCAP]`` row (a copy may squeeze only
+untiled dimensions, so the phase axis is not squeezed out of the tables' last two). One
 online softmax over every phase's tiles, the dense mask (causal, DCA phase, cache length) on top.
 Runs on the CPU with ``interpret=pltpu.InterpretParams()``; lowers to Mosaic for TPU.
 """
@@ -46,7 +47,7 @@ def _kernel(qoff_ref, kvlen_ref, scale_ref, seg_ref, *refs, mask: MaskSpec, G: i
     q0 = qoff_ref[b] + i * BAND
     precision = matmul_precision(k_hbm.dtype)
     pltpu.sync_copy(t_hbm.at[b, n, i], t_smem)            # [2, P]: this block's tile range per phase
-    pltpu.sync_copy(vcnt_hbm.at[b, g, n], vcnt_smem)      # [P] vertical columns per phase
+    pltpu.sync_copy(vcnt_hbm.at[b, g, n], vcnt_smem)      # [1, P] vertical columns per phase
     m_scr[...] = jnp.full(m_scr.shape, MASK_VALUE, jnp.float32)
     l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
     acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
@@ -98,15 +99,15 @@ def _kernel(qoff_ref, kvlen_ref, scale_ref, seg_ref, *refs, mask: MaskSpec, G: i
     q_pos = q0 + lax.broadcasted_iota(jnp.int32, (BAND, WINDOW), 0)
     iota_k = lax.broadcasted_iota(jnp.int32, (BAND, WINDOW), 1)
     for p, (phase, q_ref) in enumerate(zip(mask.phases, q_refs)):
-        pltpu.sync_copy(rs_hbm.at[b, g, n, p], rs_smem)    # [TCAP] this phase's tile bounds (relative to q0)
+        pltpu.sync_copy(rs_hbm.at[b, g, n, p], rs_smem)    # [1, TCAP] this phase's tile bounds (relative to q0)
         pltpu.sync_copy(re_hbm.at[b, g, n, p], re_smem)
 
         def slash_sources(t):
-            start = window_start(q0 + rs_smem[t])
+            start = pl.multiple_of(window_start(q0 + rs_smem[0, t]), 8)   # BAND-aligned, or n_keys - WINDOW (S % 8 == 0)
             return k_hbm.at[b, kvh, pl.ds(start, WINDOW)], v_hbm.at[b, kvh, pl.ds(start, WINDOW)]
 
         def slash_compute(t, slot, phase=phase, q_ref=q_ref):
-            lo, hi = q0 + rs_smem[t], q0 + re_smem[t]
+            lo, hi = q0 + rs_smem[0, t], q0 + re_smem[0, t]
             k_pos = window_start(lo) + iota_k
             ok = (k_pos >= lo) & (k_pos < hi) & mask.visible(phase, q_pos, k_pos, kv_length)
             accumulate(q_ref[...], kbuf[slot], vbuf[slot], ok)
@@ -123,7 +124,7 @@ def _kernel(qoff_ref, kvlen_ref, scale_ref, seg_ref, *refs, mask: MaskSpec, G: i
             accumulate(q_ref[...], kbuf[slot], vbuf[slot], ok)
 
         pipelined(t_smem[0, p], t_smem[1, p], slash_sources, slash_compute)
-        pipelined(0, lax.div(vcnt_smem[p] + V_TILE - 1, V_TILE), vertical_sources, vertical_compute)
+        pipelined(0, lax.div(vcnt_smem[0, p] + V_TILE - 1, V_TILE), vertical_sources, vertical_compute)
 
     l, m = l_scr[...][:, :1], m_scr[...][:, :1]
     o_ref[...] = (acc_scr[...] / jnp.maximum(l, 1e-30)).astype(o_ref.dtype)
@@ -137,8 +138,9 @@ def vslash_attention_tpu(queries: tuple, k, v, q_offset, kv_length, scale, index
     ``interpret``: ``pltpu.InterpretParams()`` to run on the CPU."""
     d = attention_dims(queries, k, mask)
     B, T, N, H, S, G = d.B, d.T, d.N, d.H, d.S, d.G
-    if S < WINDOW:
-        raise ValueError(f"the TPU sparse kernel needs a cache of at least {WINDOW} slots, got {S}")
+    if S < WINDOW or S % 8:
+        raise ValueError(f"the TPU sparse kernel needs a cache of at least {WINDOW} slots, a multiple of 8 (its "
+                         f"copies start on the 8-row tile), got {S}")
     index = pad_verticals(index, V_TILE)
     queries, nqb = pad_queries(queries, BAND)
     queries = tuple(q.transpose(0, 2, 1, 3) for q in queries)               # heads-major inside
@@ -155,8 +157,8 @@ def vslash_attention_tpu(queries: tuple, k, v, q_offset, kv_length, scale, index
         grid=(B, N, nqb),
         in_specs=[q_spec] * len(queries) + [hbm] * 8 + [vpos_spec, keep_spec],
         out_specs=[q_spec, pl.BlockSpec((None, None, BAND, 1), lambda b, n, i, *_: (b, n, i, 0))],
-        scratch_shapes=[pltpu.SMEM((TC,), jnp.int32), pltpu.SMEM((TC,), jnp.int32),
-                        pltpu.SMEM((2, P), jnp.int32), pltpu.SMEM((P,), jnp.int32),
+        scratch_shapes=[pltpu.SMEM((1, TC), jnp.int32), pltpu.SMEM((1, TC), jnp.int32),
+                        pltpu.SMEM((2, P), jnp.int32), pltpu.SMEM((1, P), jnp.int32),
                         pltpu.VMEM((2, WINDOW, H), k.dtype), pltpu.VMEM((2, WINDOW, H), v.dtype),
                         pltpu.SemaphoreType.DMA((2, 2)),
                         pltpu.VMEM((BAND, LANES), jnp.float32), pltpu.VMEM((BAND, LANES), jnp.float32),
@@ -171,6 +173,7 @@ def vslash_attention_tpu(queries: tuple, k, v, q_offset, kv_length, scale, index
         interpret=interpret or False,
         name="qwen_jax_vslash_attention_tpu",
     )(q_offset.astype(jnp.int32), kv_length.astype(jnp.int32), scale.astype(jnp.float32), index.block_seg,
-      *queries, k, v, index.rel_start, index.rel_end, t_range, kg, vg, col_count, index.vpos,
+      *queries, k, v, index.rel_start[..., None, :], index.rel_end[..., None, :], t_range, kg, vg, col_count[..., None, :],
+      index.vpos,
       index.keep.astype(jnp.int32))
     return out.transpose(0, 2, 1, 3)[:, :T], lse[..., 0].transpose(0, 2, 1)[:, :T]

@@ -1,0 +1,87 @@
+"""Compile the TPU kernels and the model's TPU steps for a TPU, without one: libtpu's deviceless compiler (a
+v5e 2x2 topology) on this CPU host, so Mosaic TPU really compiles them (``jax.export`` only proves they lower).
+
+Run by ``tests/test_tpu_compile.py`` in a process of its own, with libtpu on ``PYTHONPATH`` and
+``JAX_PLATFORMS=cpu``; prints one line per case, ``OK name`` or ``FAIL name: error``.
+"""
+
+import functools
+import sys
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import topologies
+from jax.sharding import SingleDeviceSharding
+
+jax.default_backend = lambda: "tpu"      # what a TPU host answers: the dispatch picks what a TPU run picks
+
+from pallas_kernels import MaskSpec, flash_attention, vslash, vslash_attention  # noqa: E402
+from qwen_jax import model  # noqa: E402
+from qwen_jax.attention import AttentionSpec, with_sparse_rows  # noqa: E402
+from qwen_jax.cache import KVCache  # noqa: E402
+from qwen_jax.config import DCAConfig, QwenConfig, _freeze  # noqa: E402
+
+ONE = SingleDeviceSharding(topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices[0])
+MASKS = {"causal": MaskSpec(), "window": MaskSpec(window=700), "dca": MaskSpec(chunk_len=1024)}
+failed = 0
+
+
+def sd(shape, dtype):
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=ONE)
+
+
+def compile_case(name, fn, *args):
+    global failed
+    try:
+        jax.jit(fn).lower(*args).compile()
+        print("OK", name, flush=True)
+    except Exception as e:  # noqa: BLE001 - every case reports, the test names the failures
+        failed += 1
+        print("FAIL", name + ":", " ".join(str(e).split())[:300], flush=True)
+
+
+i32, f32, bf16 = jnp.int32, jnp.float32, jnp.bfloat16
+# The dense kernel (prefill chunks and decode), Qwen2.5-7B heads (28 / 4) and the 0.5B's head_dim 64.
+for mask_name, mask in MASKS.items():
+    for T, H, kv in [(1024, 128, bf16), (1, 128, bf16), (1024, 64, jnp.float8_e4m3fn), (1, 64, jnp.float8_e4m3fn)]:
+        B, N, K, S = 1, 28, 4, 4096
+        fn = functools.partial(flash_attention, mask=mask, impl="auto")
+        compile_case(f"flash_attention {mask_name} T={T} H={H} {jnp.dtype(kv).name}",
+                     lambda qs, k, v, qo, kl, sc, fn=fn: fn(qs, k, v, q_offset=qo, kv_length=kl, scale=sc),
+                     tuple(sd((B, T, N, H), bf16) for _ in mask.phases), sd((B, K, S, H), kv), sd((B, K, S, H), kv),
+                     sd((B,), i32), sd((B,), i32), sd((B,), f32))
+
+# The sparse kernel with Qwen's default budgets (6096 diagonals, 1000 columns) and a small one with head_dim 64.
+for mask_name in ("causal", "dca"):
+    mask = MASKS[mask_name]
+    for N, K, H, D, V in [(28, 4, 128, 6096, 1000), (4, 2, 64, 128, 64)]:
+        B, T, S, G, P = 1, 1024, 4096, 2, len(mask.phases)
+
+        def sparse(qs, k, v, qo, kl, sc, dist, dn, cols, cn, sb, se, mask=mask):
+            sel = vslash.Selection(dist, dn, cols, cn, sb, se)
+            return vslash_attention(qs, k, v, sel, q_offset=qo, kv_length=kl, scale=sc, mask=mask, impl="auto")
+        compile_case(f"vslash_attention {mask_name} N={N} H={H} D={D} V={V}", sparse,
+                     tuple(sd((B, T, N, H), bf16) for _ in range(P)), sd((B, K, S, H), bf16), sd((B, K, S, H), bf16),
+                     sd((B,), i32), sd((B,), i32), sd((B,), f32), sd((B, G, N, P, D), i32), sd((B, G, N, P), i32),
+                     sd((B, G, N, P, V), i32), sd((B, G, N, P), i32), sd((B, G), i32), sd((B, G), i32))
+
+# The model's own steps: a DCA + sparse prefill layer and a decode step, fp8 cache, head_dim 64 (as the 0.5B).
+L, N, K, H, S, T = 2, 4, 2, 64, 512, 256
+budgets = _freeze([{str(h): ["vertical_and_slash", 64, 128, 0.9] for h in range(N)}] * L)
+config = QwenConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=L, num_attention_heads=N,
+                    num_key_value_heads=K, head_dim=H, max_position_embeddings=4096,
+                    dual_chunk_attention_config=DCAConfig(chunk_size=192, local_size=64,
+                                                          original_max_position_embeddings=64,
+                                                          sparse_attention_enabled=True, sparse_attention_threshold=0,
+                                                          sparse_attention_config=budgets))
+params = jax.tree.map(lambda s: sd(s.shape, s.dtype), model.abstract_params(config, bf16))
+kc = sd((1, K, S, H), jnp.float8_e4m3fn)
+spec = AttentionSpec()
+prefill_spec = with_sparse_rows(spec, config, [T])
+compile_case("model prefill layer (DCA, sparse, fp8 cache)",
+             lambda lp, x, start, rl, k, v: model.apply_layer(lp, x, start, rl, k, v, config, prefill_spec, 0),
+             params["layers_0"], sd((1, T, config.hidden_size), bf16), sd((), i32), sd((1,), i32), kc, kc)
+compile_case("model decode step (DCA, fp8 cache)",
+             lambda p, tokens, positions, cache: model.decode_logits(p, tokens, positions, cache, config, spec),
+             params, sd((1,), i32), sd((1,), i32), KVCache((kc,) * L, (kc,) * L))
+sys.exit(1 if failed else 0)
