@@ -235,3 +235,9 @@ def test_generation_benchmark_runs_both_engines_on_the_same_random_weights(tmp_p
     assert len(ours) == 5 and ours == theirs == static and data["greedy tokens equal"] == 5
     assert data["last-token logits"]["max abs difference"] < 1e-4 * data["last-token logits"]["max abs logit"]
     assert all(float(r["prefill tok/s"]) > 0 and float(r["decode tok/s"]) > 0 for r in data["rows"])
+    import jaxlib
+    import transformers
+    env = data["env"]        # what the README's results table quotes: the versions of both engines, the repeats
+    assert (env["jaxlib"], env["transformers"], data["args"]["repeats"]) == (jaxlib.__version__,
+                                                                              transformers.__version__, 1)
+    assert env["commit"] is None or len(env["commit"].rstrip("+")) >= 7

@@ -14,11 +14,29 @@ from typing import Callable
 
 def environment() -> dict:
     import jax
+    import jaxlib
     info = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "python": platform.python_version(),
-            "jax": jax.__version__, "backend": jax.default_backend(),
+            "jax": jax.__version__, "jaxlib": jaxlib.__version__, "backend": jax.default_backend(),
             "device": jax.devices()[0].device_kind, "cpu": platform.processor() or platform.machine()}
     info["cpu_count"] = os.cpu_count()
+    info["commit"] = _commit()
     return info
+
+
+def _commit() -> str | None:
+    """The checkout's commit (with ``+`` where its tracked files differ from it), or None outside a git checkout."""
+    import subprocess
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                              timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode:
+        return None
+    return head.stdout.strip() + ("+" if dirty.stdout.strip() else "")
 
 
 def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:

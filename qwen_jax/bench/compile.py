@@ -10,8 +10,10 @@ weights or cache are allocated, so the 7B-1M at 1M runs on any machine that can 
 budgets share one program, so depth adds programs only where budgets differ. Reported per mode and
 depth: programs, seconds to trace and lower, seconds to compile, and the persistent compilation
 cache in use (``qwen_jax.compile_cache``: the folder, or ``off``). With a cache, a program compiled
-before is loaded instead: for a cold figure point ``QWEN_JAX_COMPILE_CACHE`` at an empty folder (or
-``off``), for a warm one run the same command again.
+before is loaded instead, also one an earlier row of the same run compiled (a layer program is the same at
+every depth): for cold figures in every row set ``QWEN_JAX_COMPILE_CACHE=off`` (an empty folder makes only
+the first row cold); for warm ones run the same command again with the cache on. A depth listed twice is
+traced once (its second row shows 0 s).
 """
 
 from __future__ import annotations

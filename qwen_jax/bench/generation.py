@@ -230,6 +230,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     import jax
     import torch
+    import transformers
 
     from qwen_jax.bench import environment, print_table, write_json
     from qwen_jax.tokenizer import Tokenizer
@@ -254,7 +255,8 @@ def main(argv=None) -> int:
         static = (bench_transformers_static(path, dtype, prompt, args.new_tokens, args.repeats, device)
                   if args.transformers_static else None)
         reference = float32_logits(path, prompt, device) if args.float32_reference else None
-    env = dict(environment(), torch=hf[3], torch_device=torch.cuda.get_device_name() if device == "cuda" else "cpu")
+    env = dict(environment(), torch=hf[3], transformers=transformers.__version__,
+               torch_device=torch.cuda.get_device_name() if device == "cuda" else "cpu")
     rows = [
         {"engine": "qwen-jax", "dtype": dtype, "prefill tok/s": f"{ours[0]:.1f}", "decode tok/s": f"{ours[1]:.2f}",
          "greedy tokens": " ".join(map(str, ours[2]))},
@@ -288,7 +290,7 @@ def main(argv=None) -> int:
               f"(qwen-jax, transformers): {logits['float32 top-1 equal (qwen-jax, transformers)']}")
     print_table(rows, ["engine", "dtype", "prefill tok/s", "decode tok/s", "greedy tokens"])
     write_json(args.json, {"env": env, "model": args.model or f"{args.config} (random weights)",
-                           "prompt_tokens": int(prompt.size), "new_tokens": args.new_tokens,
+                           "prompt_tokens": int(prompt.size), "new_tokens": args.new_tokens, "args": vars(args),
                            "greedy tokens equal": same, "last-token logits": logits, "rows": rows})
     return 0
 
