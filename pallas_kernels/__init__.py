@@ -199,9 +199,9 @@ def _sparse_impl(impl: str, interpret: bool) -> str:
     if impl not in SPARSE_IMPLS:
         raise ValueError(f"sparse attention kernel {impl!r} is not available; choose one of {list(SPARSE_IMPLS)}")
     if impl == "auto":
-        if interpret:
-            return resolve_impl("auto", interpret)
-        impl = _SPARSE_NATIVE.get(jax.default_backend(), "reference")
+        if interpret or jax.default_backend() not in _SPARSE_NATIVE:
+            return resolve_impl("auto", interpret)      # emulated; or, with no native kernel, refused as dense is
+        impl = _SPARSE_NATIVE[jax.default_backend()]
     return impl if impl == "reference" else resolve_impl(impl, interpret)
 
 

@@ -628,6 +628,8 @@ def test_sparse_dispatch_picks_or_refuses_loudly():
         vslash_attention(q, k, k, sel, q_offset=0, kv_length=256, impl="mosaic_gpu", interpret=True)
     with pytest.raises(ValueError, match="not available"):
         vslash_attention(q, k, k, sel, q_offset=0, kv_length=256, impl="cutlass")
+    with pytest.raises(ValueError, match="no Pallas attention kernel runs natively on 'cpu'"):
+        vslash_attention(q, k, k, sel, q_offset=0, kv_length=256)          # as flash_attention (it ran the reference)
 
 
 @pytest.mark.parametrize("S,unroll", [(700, False), (3072, False), (3072, True), (700, 4)])
