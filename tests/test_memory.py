@@ -135,3 +135,25 @@ def test_memory_sizes_take_units_and_refuse_garbage_in_one_line(capsys):
         main(["plan", "--config", "qwen2.5-7b-1m", "--tokens", "1m", "--device-memory", "80XB"])
     assert e.value.code == 2
     assert "argument --device-memory: bad memory size '80XB'" in capsys.readouterr().err
+
+
+def test_decode_on_a_cpu_counts_the_float32_copies_of_narrower_weights_and_an_8bit_cache(monkeypatch):
+    """XLA's CPU dots read float32, so a step's program holds float32 copies of bf16 weights (and of an fp8 cache):
+    the 7B in bf16 at 32K compiled to a 42 GiB peak against 16 GiB of weights and cache, which passed a 24 GiB host's
+    check and then ran out of memory."""
+    import jax.numpy as jnp
+
+    from qwen_jax.generation import check_length
+    config = preset_config("qwen2.5-7b-1m")
+    monkeypatch.setattr(memory, "device_capacity", lambda: None)                   # a CPU
+    monkeypatch.setattr(memory, "host_memory", lambda: 24 * memory.GiB)
+    run = dict(prompt_tokens=32000, max_new_tokens=768, batch=1, slots=32768)
+    with pytest.raises(QwenJaxError, match=r"of float32 copies a CPU makes is more than the 24.0 GiB this host's "
+                                           r"memory holds; .*or load in float32"):
+        check_length(config, **run, dtype=jnp.bfloat16, params_dtype=jnp.bfloat16)
+    monkeypatch.setattr(memory, "host_memory", lambda: 64 * memory.GiB)
+    check_length(config, **run, dtype=jnp.float32, params_dtype=jnp.float32)          # 28 + 3.5 GiB: no copies
+    check_length(config, **run, dtype=jnp.bfloat16, params_dtype=jnp.bfloat16)        # 14.2 x 3 + 1.8 GiB
+    with pytest.raises(QwenJaxError, match="float32 copies"):                         # 8-bit cache widened at once
+        check_length(config, **dict(run, slots=1 << 20, prompt_tokens=1 << 19), dtype=jnp.float8_e4m3fn,
+                     params_dtype=jnp.float32)
