@@ -1,5 +1,7 @@
 """Compile the TPU kernels and the model's TPU steps for a TPU, without one: libtpu's deviceless compiler (a
 v5e 2x2 topology) on this CPU host, so Mosaic TPU really compiles them (``jax.export`` only proves they lower).
+The model's steps compile on one chip and over meshes of the 4 chips (seq, tensor, both); generate's decode block
+on one.
 
 Run by ``tests/test_tpu_compile.py`` in a process of its own, with libtpu on ``PYTHONPATH`` and
 ``JAX_PLATFORMS=cpu``; prints one line per case, ``OK name`` or ``FAIL name: error``.
@@ -11,17 +13,21 @@ import sys
 import jax
 import jax.numpy as jnp
 from jax.experimental import topologies
-from jax.sharding import SingleDeviceSharding
+from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
 jax.default_backend = lambda: "tpu"      # what a TPU host answers: the dispatch picks what a TPU run picks
 
 from pallas_kernels import MaskSpec, flash_attention, vslash, vslash_attention  # noqa: E402
-from qwen_jax import model  # noqa: E402
+from qwen_jax import generation, model  # noqa: E402
 from qwen_jax.attention import AttentionSpec, with_sparse_rows  # noqa: E402
-from qwen_jax.cache import KVCache  # noqa: E402
+from qwen_jax.attention.parallel import cache_kv_heads  # noqa: E402
+from qwen_jax.cache import CACHE_AXES, KVCache  # noqa: E402
 from qwen_jax.config import DCAConfig, QwenConfig, _freeze  # noqa: E402
+from qwen_jax.sampling import Sampling, row_keys  # noqa: E402
+from qwen_jax.sharding import make_mesh, named_sharding  # noqa: E402
 
-ONE = SingleDeviceSharding(topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices[0])
+DEVICES = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices
+ONE = SingleDeviceSharding(DEVICES[0])
 MASKS = {"causal": MaskSpec(), "window": MaskSpec(window=700), "dca": MaskSpec(chunk_len=1024)}
 failed = 0
 
@@ -30,10 +36,11 @@ def sd(shape, dtype):
     return jax.ShapeDtypeStruct(shape, dtype, sharding=ONE)
 
 
-def compile_case(name, fn, *args):
+def compile_case(name, fn, *args, jitted=False, **static):
+    """``fn`` jitted here, or (``jitted``) a jitted function of the project's, lowered with ``static`` as it is."""
     global failed
     try:
-        jax.jit(fn).lower(*args).compile()
+        (fn if jitted else jax.jit(fn)).lower(*args, **static).compile()
         print("OK", name, flush=True)
     except Exception as e:  # noqa: BLE001 - every case reports, the test names the failures
         failed += 1
@@ -84,4 +91,40 @@ compile_case("model prefill layer (DCA, sparse, fp8 cache)",
 compile_case("model decode step (DCA, fp8 cache)",
              lambda p, tokens, positions, cache: model.decode_logits(p, tokens, positions, cache, config, spec),
              params, sd((1,), i32), sd((1,), i32), KVCache((kc,) * L, (kc,) * L))
+
+# generate's jitted block of decode-and-sample steps (its own program: a scan of DECODE_BLOCK steps, the cache and
+# the penalty's ``seen`` donated), sampling as Qwen's generation_config does (temperature, top-k/p, penalty).
+B = 2
+sampling = Sampling(temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.05)
+keys = jax.eval_shape(lambda: row_keys(0, range(B)))
+kc2 = sd((B, K, S, H), jnp.float8_e4m3fn)
+compile_case(f"generation decode_block (steps={generation.DECODE_BLOCK}, sampling, penalty, fp8 cache)",
+             generation.decode_block, params, sd((B,), i32), sd((B,), i32), KVCache((kc2,) * L, (kc2,) * L),
+             sd(keys.shape, keys.dtype), sd((), i32), jitted=True, config=config, spec=spec, sampling=sampling,
+             seen=sd((B, config.vocab_size), jnp.bool_), steps=generation.DECODE_BLOCK)
+
+# The same layer and decode step over meshes of the 4 chips, laid out as a run over that mesh lays them out:
+# parameters by ``param_shardings``, the cache by ``CACHE_AXES`` with ``cache_kv_heads`` kv heads (``init_cache``),
+# the prefill's activations split over batch and seq (``_embed_step``'s ``constrain_tokens``), the small host
+# inputs (start, lengths, tokens, positions) whole on every chip.
+for mesh_spec in ("seq=2", "tensor=2", "seq=2,tensor=2"):
+    mesh = make_mesh(mesh_spec, devices=DEVICES)
+    whole = NamedSharding(mesh, PartitionSpec())
+
+    def on(shape, dtype, logical=None, mesh=mesh, whole=whole):
+        sharding = whole if logical is None else named_sharding(logical, shape, mesh)
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+    mparams = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                           model.abstract_params(config, bf16), model.param_shardings(config, mesh))
+    mspec = AttentionSpec(mesh=mesh)
+    mprefill = with_sparse_rows(mspec, config, [T])
+    mkc = on((1, cache_kv_heads(config, mesh), S, H), jnp.float8_e4m3fn, CACHE_AXES)
+    compile_case(f"model prefill layer over mesh {mesh_spec} (DCA, sparse, fp8 cache)",
+                 lambda lp, x, start, rl, k, v, sp=mprefill: model.apply_layer(lp, x, start, rl, k, v, config, sp, 0),
+                 mparams["layers_0"], on((1, T, config.hidden_size), bf16, ("batch", "seq", None)), on((), i32),
+                 on((1,), i32), mkc, mkc)
+    compile_case(f"model decode step over mesh {mesh_spec} (DCA, fp8 cache)",
+                 lambda p, tokens, positions, cache, sp=mspec: model.decode_logits(p, tokens, positions, cache,
+                                                                                  config, sp),
+                 mparams, on((1,), i32), on((1,), i32), KVCache((mkc,) * L, (mkc,) * L))
 sys.exit(1 if failed else 0)
