@@ -103,7 +103,8 @@ def _kernel(qoff_ref, kvlen_ref, scale_ref, seg_ref, *refs, mask: MaskSpec, G: i
         pltpu.sync_copy(re_hbm.at[b, g, n, p], re_smem)
 
         def slash_sources(t):
-            start = pl.multiple_of(window_start(q0 + rs_smem[0, t]), 8)   # BAND-aligned, or n_keys - WINDOW (S % 8 == 0)
+            # BAND-aligned, or n_keys - WINDOW (S % 8 == 0): Mosaic copies only on the 8-row tile
+            start = pl.multiple_of(window_start(q0 + rs_smem[0, t]), 8)
             return k_hbm.at[b, kvh, pl.ds(start, WINDOW)], v_hbm.at[b, kvh, pl.ds(start, WINDOW)]
 
         def slash_compute(t, slot, phase=phase, q_ref=q_ref):
@@ -173,7 +174,7 @@ def vslash_attention_tpu(queries: tuple, k, v, q_offset, kv_length, scale, index
         interpret=interpret or False,
         name="qwen_jax_vslash_attention_tpu",
     )(q_offset.astype(jnp.int32), kv_length.astype(jnp.int32), scale.astype(jnp.float32), index.block_seg,
-      *queries, k, v, index.rel_start[..., None, :], index.rel_end[..., None, :], t_range, kg, vg, col_count[..., None, :],
-      index.vpos,
+      *queries, k, v, index.rel_start[..., None, :], index.rel_end[..., None, :], t_range, kg, vg,
+      col_count[..., None, :], index.vpos,
       index.keep.astype(jnp.int32))
     return out.transpose(0, 2, 1, 3)[:, :T], lse[..., 0].transpose(0, 2, 1)[:, :T]
