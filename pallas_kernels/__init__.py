@@ -92,9 +92,9 @@ def _check_blocks(**blocks):
             raise ValueError(f"{name} must be a positive number of rows, got {size!r}")
 
 
-def _inputs(q, k, v, mask, q_offset, kv_length, scale):
-    """Queries as a tuple (one per phase), checked against k and v; q_offset, kv_length (at most the cache
-    length: a traced one is clipped to it) and scale broadcast to [B]."""
+def _inputs(q, k, v, mask, q_offset, kv_length, scale, q_multiple: int = 1):
+    """Queries as a tuple (one per phase), checked against k and v; q_offset (a multiple of ``q_multiple`` where
+    known), kv_length (at most the cache length: a traced one is clipped to it) and scale broadcast to [B]."""
     queries = tuple(q) if isinstance(q, (tuple, list)) else (q,)
     d = attention_dims(queries, k, mask, v=v)
     if d.T < 1 or d.S < 1:
@@ -107,6 +107,9 @@ def _inputs(q, k, v, mask, q_offset, kv_length, scale):
     offsets, lengths = known(q_offset), known(kv_length)
     if offsets is not None and (offsets < 0).any():
         raise ValueError(f"q_offset must be >= 0, got {offsets.tolist()}")
+    if offsets is not None and (offsets % q_multiple).any():      # the sparse kernels' 64-row query blocks
+        raise ValueError(f"sparse attention needs q_offset a multiple of {q_multiple} (its query blocks), got "
+                         f"{offsets.reshape(-1).tolist()}")
     if lengths is not None and ((lengths < 0) | (lengths > d.S)).any():
         raise ValueError(f"kv_length must lie in [0, {d.S}] (the cache length), got {lengths.tolist()}")
     return (queries, jnp.broadcast_to(q_offset, (d.B,)), jnp.broadcast_to(jnp.minimum(kv_length, d.S), (d.B,)),
@@ -181,15 +184,6 @@ _SPARSE_NATIVE = {"gpu": "mosaic_gpu", "cuda": "mosaic_gpu", "tpu": "mosaic_tpu"
 MGPU_SPARSE_BLOCK_K, MGPU_SPARSE_PINGPONG = 96, False
 
 
-def _check_band_offsets(q_offset):
-    """The sparse kernels' query blocks are 64 rows at multiples of 64: so must ``q_offset`` be."""
-    from pallas_kernels.vslash import BAND
-    offsets = known(q_offset)
-    if offsets is not None and (offsets % BAND).any():
-        raise ValueError(f"sparse attention needs q_offset a multiple of {BAND} (its query blocks), got "
-                         f"{offsets.tolist()}")
-
-
 def _mgpu_sparse_stages(block_k: int) -> int:
     from pallas_kernels.vslash_mgpu import max_stages
     return max_stages(block_k)
@@ -250,8 +244,7 @@ def vslash_attention(q, k, v, selection, *, q_offset, kv_length, scale=None, mas
     jnp) or ``auto`` (GPU: mosaic_gpu where it applies, else triton)."""
     from pallas_kernels import vslash
     _check_blocks(block_k=block_k)
-    queries, q_offset, kv_length, scale = _inputs(q, k, v, mask, q_offset, kv_length, scale)
-    _check_band_offsets(q_offset)
+    queries, q_offset, kv_length, scale = _inputs(q, k, v, mask, q_offset, kv_length, scale, vslash.BAND)
     B, _, N, _ = queries[0].shape
     selection = vslash.checked(selection, B, N, len(mask.phases))
     requested, impl = impl, _sparse_impl(impl, interpret)

@@ -156,6 +156,7 @@ def check_length(config: QwenConfig, *, prompt_tokens: int, max_new_tokens: int,
     p = memory.plan(config, tokens=slots, batch=batch, mesh=mesh, dtype=params_dtype, cache_dtype=dtype, sparse=False)
     cache, weights = p.cache, p.weights           # per device; the weights are resident already
     capacity, holder, copies = memory.device_capacity(), "the device holds", 0
+    narrow = np.dtype(params_dtype).itemsize < 4
     if capacity is None:                 # CPU: every (simulated) device's share lives in the host's memory
         devices = max(1, int(np.prod(list(memory.mesh_sizes(mesh).values()))))
         cache, weights = cache * devices, weights * devices
@@ -163,15 +164,15 @@ def check_length(config: QwenConfig, *, prompt_tokens: int, max_new_tokens: int,
         # XLA's CPU dots read float32: a step's program holds a float32 copy of narrower weights, and of an 8-bit
         # cache (every layer's, widened at once): compiled decode steps of the 7B at 32K (bf16) and 1M (fp8 cache)
         # peaked at 2.7x and 3.3x weights + cache
-        copies = weights * 4 // np.dtype(params_dtype).itemsize if np.dtype(params_dtype).itemsize < 4 else 0
-        copies += cache * 4 if np.dtype(dtype).itemsize == 1 else 0
+        copies = (weights * 4 // np.dtype(params_dtype).itemsize if narrow else 0) + \
+            (cache * 4 if np.dtype(dtype).itemsize == 1 else 0)
     if capacity is not None and cache + weights + copies > capacity:
         extra = f" and {copies / memory.GiB:.1f} GiB of float32 copies a CPU makes" if copies else ""
         raise QwenJaxError(
             f"prompt ({prompt_tokens} tokens) + {room} ({max_new_tokens}) needs a KV cache of {slots} slots "
             f"x {batch} row(s) = {cache / memory.GiB:.1f} GiB, which with the {weights / memory.GiB:.1f} GiB of "
             f"weights{extra} is more than the {capacity / memory.GiB:.1f} GiB {holder}; lower {room} (or shorten "
-            f"the prompt{', or load in float32' if copies and np.dtype(params_dtype).itemsize < 4 else ''})")
+            f"the prompt{', or load in float32' if copies and narrow else ''})")
 
 
 def truncate_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
