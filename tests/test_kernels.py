@@ -339,6 +339,28 @@ def test_kernel_benchmark_refuses_unknown_mosaic_gpu_options():
         bench.main(["--lengths", "1k", "--no-cudnn", "--kernels", "cutlass:64:128:2"])
 
 
+def test_kernel_benchmark_compares_with_the_first_case_only(monkeypatch, tmp_path):
+    """``pallas_kernels.bench``'s "vs first" is each time against the first case's (cuDNN's); where that failed, the
+    column said "1.00x" for the next case that ran, as if it were the baseline. Now "-". The Triton kernel runs in
+    interpret mode here; cuDNN fails on a CPU by itself."""
+    import json
+    import pallas_kernels.flash_gpu
+    from pallas_kernels import bench
+    kernel = pallas_kernels.flash_gpu.flash_attention_gpu
+    monkeypatch.setattr(pallas_kernels.flash_gpu, "flash_attention_gpu", functools.partial(kernel, interpret=True))
+    out = tmp_path / "bench.json"
+    assert bench.main(["--lengths", "128", "--heads", "2", "--kv-heads", "1", "--head-dim", "16", "--repeats", "1",
+                       "--kernels", "triton:64:64:1,triton:32:32:1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["impl"] for r in rows] == ["cudnn", "triton:64:64:1 causal", "triton:32:32:1 causal"]
+    assert rows[0]["ms"] == "-" and rows[0]["vs first"].startswith("error")
+    assert [r["vs first"] for r in rows[1:]] == ["-", "-"] and all(float(r["ms"]) > 0 for r in rows[1:])
+    assert bench.main(["--lengths", "128", "--heads", "2", "--kv-heads", "1", "--head-dim", "16", "--repeats", "1",
+                       "--no-cudnn", "--kernels", "triton:64:64:1,triton:32:32:1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert rows[0]["vs first"] == "1.00x" and rows[1]["vs first"].endswith("x")
+
+
 def test_gpu_check_reports_a_failing_case_and_runs_the_rest(monkeypatch, capsys):
     """``pallas_kernels.gpu_check`` (GPU-only cases, stubbed here): a case that raises is reported with what it
     was, the others still run, and the exit status says one failed."""
