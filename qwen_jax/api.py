@@ -15,7 +15,8 @@ import numpy as np
 from qwen_jax import attention
 from qwen_jax.config import MALFORMED, QwenConfig, read_config_json
 from qwen_jax.errors import CheckpointError, ConfigError, QwenJaxError, read_json
-from qwen_jax.generation import check_generation_args, generate_ids, stop_strings, truncate_at_stop
+from qwen_jax.generation import (check_generation_args, generate_ids, special_stops, stop_strings,
+                                 truncate_at_stop)
 from qwen_jax.cache import cache_dtype
 from qwen_jax.model import DEFAULT_PREFILL_CHUNK, abstract_params, param_shardings, params_dtype, prefill_logits
 from qwen_jax.prefix import DEFAULT_RESERVE, PrefixCache, cache_prefix
@@ -166,12 +167,14 @@ class Model:
                  on_text: Callable[[int, str], None] | None = None,
                  progress: Callable[[int, int], None] | None = None, prefix: PrefixCache | None = None) -> list[str]:
         """Continue each prompt; returns one completion string per prompt (prompt and EOS excluded,
-        cut before the first stop string). ``repetition_penalty`` (HF's; 1: off) divides a positive logit of an
+        cut before the first stop string; a stop string that is a special token's text, such as ``"<|im_start|>"``,
+        stops at that token as at EOS). ``repetition_penalty`` (HF's; 1: off) divides a positive logit of an
         id already in the row (prompt or output) by it, and multiplies a negative one. ``on_text(row, text)``
         receives text as it is produced;
         ``progress(done, total)`` the prefill's tokens after each chunk, for prompts longer than one chunk.
         ``prefix`` (from ``cache_prefix``): the prompts are text that follows it, each continued in turn."""
         stop = stop_strings(stop)
+        stop_ids = special_stops(stop, self.tokenizer.special_tokens) if self.tokenizer is not None else []
         sampling = Sampling(temperature, top_k, top_p, repetition_penalty)
         check_generation_args(max_new_tokens=max_new_tokens, seed=seed, on_text=on_text,    # before the prompts encode
                               progress=progress)
@@ -183,9 +186,8 @@ class Model:
             raise QwenJaxError("this prefix was cached by another model (its cache holds that model's keys and "
                                "values); cache it with this one")
         ids = generate_ids(self.params, self.config, self.encode_prompts(prompts), max_new_tokens=max_new_tokens,
-                           sampling=sampling, seed=seed,
-                           eos_ids=self.eos_token_ids, stop=stop, decode=self.tokenizer.decode, on_text=on_text,
-                           spec=self.attention, prefill_chunk_size=self.prefill_chunk_size,
+                           sampling=sampling, seed=seed, eos_ids=(*self.eos_token_ids, *stop_ids), stop=stop,
+                           decode=self.tokenizer.decode, on_text=on_text, spec=self.attention, prefill_chunk_size=self.prefill_chunk_size,
                            cache_dtype=self.kv_cache_dtype, progress=progress, prefix=prefix)
         return [truncate_at_stop(self.tokenizer.decode(row), stop)[0] for row in ids]
 

@@ -279,8 +279,9 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
                    help="start from the sampling the checkpoint's generation_config.json recommends; the sampling "
                         "flags given override it")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable), taken literally: not included in the output (a newline: "
-                        "--stop $'\\n' in bash)")
+    p.add_argument("--stop", action="append", default=[],
+                   help="stop string (repeatable), taken literally: not included in the output (a newline: --stop "
+                        "$'\\n' in bash); a special token's text (--stop '<|im_start|>') stops at that token")
 
 
 def build_parser() -> argparse.ArgumentParser:

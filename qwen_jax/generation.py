@@ -146,6 +146,24 @@ def warn_past_positions(config: QwenConfig, *, prompt_tokens: int, max_new_token
                       f"quality may degrade past it", stacklevel=stacklevel + 1)
 
 
+def special_stops(stop: Sequence[str], special: Mapping[str, int]) -> list[int]:
+    """The ids of the stop strings that are a special token's text (``Tokenizer.special_tokens``): decoded text
+    skips special tokens, so such a stop string is the token itself, and generation stops at it as at EOS (the
+    string also stays a stop string, for the text spelled in ordinary tokens). A stop string that holds a special
+    token among other text could never match: refused."""
+    ids = []
+    for s in stop:
+        if s in special:
+            ids.append(special[s])
+            continue
+        inside = next((t for t in special if t and t in s), None)
+        if inside is not None:
+            raise QwenJaxError(f"stop string {s!r} holds the special token {inside!r}, which the decoded text never "
+                               f"does (special tokens are skipped), so it would never match; pass {inside!r} alone to "
+                               f"stop at that token")
+    return ids
+
+
 def check_length(config: QwenConfig, *, prompt_tokens: int, max_new_tokens: int, batch: int, slots: int, dtype,
                  params_dtype, mesh=None, room: str = "max_new_tokens") -> None:
     """Refuse a KV cache of ``slots`` slots the device (on CPU: the host) cannot hold, naming the numbers

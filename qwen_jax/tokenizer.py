@@ -40,6 +40,12 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        """Each special token's text and id: the tokens ``decode`` skips (Qwen's ``<|im_start|>``, ``<|endoftext|>``
+        ...), so decoded text never holds them."""
+        return {t.content: i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 

@@ -1,6 +1,7 @@
 """Generation mechanics: chunked prefill, batching, sampling, EOS and stop strings, streaming."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -250,6 +251,38 @@ def test_stop_strings_cut_and_stream(model):
     assert cut == out[: out.index(stop)]
     assert "".join(t for _, t in pieces) == cut
     assert all(type(r) is int and r == 0 for r, _ in pieces)       # a plain int (it was numpy's while decoding)
+
+
+def test_a_stop_string_that_is_a_special_token_stops_at_that_token(model):
+    """Decoded text skips special tokens, so ``stop=["<|im_start|>"]`` never matched and the row ran on past the token;
+    now the token stops the row as EOS does. A stop string holding a special token among other text is refused."""
+    from qwen_jax.api import Model
+    start = model.tokenizer.special_tokens["<|im_start|>"]
+    prompt = model.encode_prompts("The grass is")
+    plain = generate_ids(model.params, model.config, prompt, max_new_tokens=12, eos_ids=model.eos_token_ids)[0]
+    t = next(x for i, x in enumerate(plain) if i >= 2 and x not in plain[:i])     # a token first chosen later on
+    assert t != start and len(plain) == 12
+    # <|im_start|> made token t's twin: t's embedding, and t's output row times 1.05, so the special token is chosen
+    # where t's (positive) logit won and the row then goes on as after t
+    head = model.params["lm_head"]
+    axis = [d for d, n in enumerate(head["kernel"].shape) if n == model.config.vocab_size][0]
+    kernel, embedding = np.array(head["kernel"]), np.array(model.params["embed"]["embedding"])
+    np.moveaxis(kernel, axis, 0)[start] = 1.05 * np.moveaxis(kernel, axis, 0)[t]
+    embedding[start] = embedding[t]
+    params = {**model.params, "lm_head": {**head, "kernel": jnp.asarray(kernel)},
+              "embed": {**model.params["embed"], "embedding": jnp.asarray(embedding)}}
+    biased = Model(model.config, params, model.tokenizer, eos_token_ids=model.eos_token_ids)
+    ids = generate_ids(params, model.config, prompt, max_new_tokens=12, eos_ids=model.eos_token_ids)[0]
+    assert start in ids and 2 <= ids.index(start) < len(ids) - 1          # the row goes on past the token
+    want = model.tokenizer.decode(ids[:ids.index(start)])
+    assert want
+    assert model.tokenizer.decode(ids) != want                           # so stopping there is seen
+    pieces = []
+    got = biased.generate("The grass is", max_new_tokens=12, stop=["<|im_start|>"],
+                          on_text=lambda r, text: pieces.append(text))
+    assert got == [want] and "".join(pieces) == want
+    with pytest.raises(qwen_jax.QwenJaxError, match=re.escape("holds the special token '<|im_start|>'")):
+        model.generate("The grass is", max_new_tokens=2, stop=["\n<|im_start|>"])
 
 
 def _byte_decoder(pieces):
