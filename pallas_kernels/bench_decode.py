@@ -22,6 +22,7 @@ import functools
 import json
 import sys
 
+WARMUP_S = 0.5    # each kernel called this long before its timing (after its first, compiling, call)
 KV_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp8": "float8_e4m3fn"}
 
 
@@ -123,7 +124,8 @@ def main(argv=None) -> int:
             layout = getattr(fn, "layout", None)
             try:
                 a = call if layout is None else (queries, layout(k), layout(v), q_offset, kv_length, scale)
-                ms = median_time(lambda f=jitted, a=a: jax.block_until_ready(f(*a)), args.repeats, warmup=2) * 1e3
+                ms = median_time(lambda f=jitted, a=a: jax.block_until_ready(f(*a)), args.repeats, warmup=2,
+                                 warmup_s=WARMUP_S) * 1e3
                 out = jitted(*a)[0].astype(jnp.float32)
                 del a
             except Exception as e:      # one kernel that cannot run must not end the sweep

@@ -39,10 +39,16 @@ def _commit() -> str | None:
     return head.stdout.strip() + ("+" if dirty.stdout.strip() else "")
 
 
-def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
-    """Median wall time of ``fn`` (which must block until its work is done) after ``warmup`` calls."""
-    for _ in range(warmup):
+def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1, warmup_s: float = 0.0) -> float:
+    """Median wall time of ``fn`` (which must block until its work is done) after ``warmup`` calls, and more until
+    ``warmup_s`` seconds have passed after the first (its compilation leaves the GPU idle): a sub-millisecond
+    kernel's first calls find the card not yet warm (an H200's 128K decode: 0.283 ms a call over its first dozen
+    calls, 0.174 once warm)."""
+    done, start = 0, None
+    while done < warmup or (warmup_s > 0 and (start is None or time.perf_counter() - start < warmup_s)):
         fn()
+        done += 1
+        start = time.perf_counter() if start is None else start
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
