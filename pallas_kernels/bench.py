@@ -27,9 +27,8 @@ def main(argv=None) -> int:
 
     from pallas_kernels.flash_gpu import flash_attention_gpu
     from pallas_kernels.flash_mgpu import flash_attention_mgpu
-    from pallas_kernels.bench_decode import WARMUP_S
     from pallas_kernels.masks import MaskSpec
-    from qwen_jax.bench import median_time, report
+    from qwen_jax.bench import KERNEL_WARMUP_S, median_time, report
     from qwen_jax.bench import below_one, output_problem
     from qwen_jax.bench.sparse import parse_dca_pair
     from qwen_jax.passkey import parse_length
@@ -88,7 +87,7 @@ def main(argv=None) -> int:
             try:
                 jitted = jax.jit(fn)
                 ms = median_time(lambda f=jitted, a=fargs: jax.block_until_ready(f(*a)), args.repeats, warmup=2,
-                                 warmup_s=WARMUP_S) * 1e3
+                                 warmup_s=KERNEL_WARMUP_S) * 1e3
             except Exception as e:  # a config that does not fit (shared memory) must not end the sweep
                 rows.append({"T": T, "impl": name, "ms": "-", "TFLOP/s": "-", "vs first": f"error: {e}"[:300]})
                 print(rows[-1], flush=True)

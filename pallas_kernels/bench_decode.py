@@ -22,7 +22,6 @@ import functools
 import json
 import sys
 
-WARMUP_S = 0.5    # each kernel called this long before its timing (after its first, compiling, call)
 KV_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp8": "float8_e4m3fn"}
 
 
@@ -78,7 +77,7 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
 
     from pallas_kernels.masks import MaskSpec
-    from qwen_jax.bench import below_one, environment, median_time, output_problem, report
+    from qwen_jax.bench import KERNEL_WARMUP_S, below_one, environment, median_time, output_problem, report
     from qwen_jax.bench.decode import PEAK_GBPS
     from qwen_jax.bench.sparse import parse_dca_pair
     from qwen_jax.passkey import parse_length
@@ -125,7 +124,7 @@ def main(argv=None) -> int:
             try:
                 a = call if layout is None else (queries, layout(k), layout(v), q_offset, kv_length, scale)
                 ms = median_time(lambda f=jitted, a=a: jax.block_until_ready(f(*a)), args.repeats, warmup=2,
-                                 warmup_s=WARMUP_S) * 1e3
+                                 warmup_s=KERNEL_WARMUP_S) * 1e3
                 out = jitted(*a)[0].astype(jnp.float32)
                 del a
             except Exception as e:      # one kernel that cannot run must not end the sweep

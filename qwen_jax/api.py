@@ -187,8 +187,9 @@ class Model:
                                "values); cache it with this one")
         ids = generate_ids(self.params, self.config, self.encode_prompts(prompts), max_new_tokens=max_new_tokens,
                            sampling=sampling, seed=seed, eos_ids=(*self.eos_token_ids, *stop_ids), stop=stop,
-                           decode=self.tokenizer.decode, on_text=on_text, spec=self.attention, prefill_chunk_size=self.prefill_chunk_size,
-                           cache_dtype=self.kv_cache_dtype, progress=progress, prefix=prefix)
+                           decode=self.tokenizer.decode, on_text=on_text, spec=self.attention,
+                           prefill_chunk_size=self.prefill_chunk_size, cache_dtype=self.kv_cache_dtype,
+                           progress=progress, prefix=prefix)
         return [truncate_at_stop(self.tokenizer.decode(row), stop)[0] for row in ids]
 
 

@@ -39,6 +39,9 @@ def _commit() -> str | None:
     return head.stdout.strip() + ("+" if dirty.stdout.strip() else "")
 
 
+KERNEL_WARMUP_S = 0.5   # the kernel benchmarks call each kernel this long (after its compiling call) before timing it
+
+
 def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1, warmup_s: float = 0.0) -> float:
     """Median wall time of ``fn`` (which must block until its work is done) after ``warmup`` calls, and more until
     ``warmup_s`` seconds have passed after the first (its compilation leaves the GPU idle): a sub-millisecond
