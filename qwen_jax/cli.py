@@ -351,6 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dense", action="store_true", help="plan dense prefill even where the config enables sparse")
     p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "bfloat16", "float32", "fp8"),
                    help="KV cache storage (auto: the model dtype)")
+    p.add_argument("--attention", default="pallas", choices=("pallas", "blockwise", "reference"),
+                   help="the attention path planned: pallas (the GPU/TPU kernels; default), or blockwise / reference "
+                        "as a CPU runs them (float32 copies of each layer's weights and cache)")
     p.add_argument("--device-memory", type=_size, default=None,
                    help="memory per device: GiB, or with a unit (79.6GiB: what an H100 80GB reports; 80GB is "
                         "80e9 bytes, 74.5GiB); default: what the first device reports, if it does")
@@ -631,9 +634,10 @@ def cmd_plan(args) -> int:
     from qwen_jax.cache import cache_dtype
     p = memory.plan(config, tokens=tokens, batch=args.batch, mesh=args.mesh, chunk_size=args.prefill_chunk,
                     dtype=args.dtype, cache_dtype=cache_dtype(args.kv_cache_dtype, args.dtype),
-                    sparse=False if args.dense else None, capacity=capacity)
+                    sparse=False if args.dense else None, attention=args.attention, capacity=capacity)
     print(f"{args.config}, {tokens} tokens, batch {args.batch}, mesh {args.mesh or 'one device'}, "
-          f"prefill chunk {args.prefill_chunk}, kv cache {args.kv_cache_dtype}: {p.describe()}")
+          f"prefill chunk {args.prefill_chunk}, kv cache {args.kv_cache_dtype}, {args.attention} attention: "
+          f"{p.describe()}")
     memory.check(p, tokens=tokens, mesh=args.mesh, chunk_size=args.prefill_chunk)
     return 0
 

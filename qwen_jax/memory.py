@@ -16,6 +16,16 @@ Counted per device, with the mesh's sharding rules (``qwen_jax.sharding``):
 
 plus a fixed 1 GiB for XLA's own buffers. Estimates, not measurements: the benchmark reports the
 measured peak next to them.
+
+On a CPU's attention paths (``blockwise``, ``reference``: jnp, whose dots XLA's CPU backend runs in float32) the
+activations are float32 and the MLP's (gate and up; a float32 model's product too) or attention's (queries per
+phase, output), whichever is larger, besides the residual and the normed input; the workspace holds the layer's
+weights in float32, its K and V widened whole to float32 (sparse: the estimate's keys once more), the updated K
+and V copied once, and the path's own: each phase's picked diagonals and columns for a 512-query block (sparse
+blockwise), or the reference's [T, S] float32 logits per phase, masked logits and probabilities (sparse: each
+phase's mask besides). Against XLA's buffer assignment of the compiled layer program (with every other layer's
+weights and cache resident: 7B and 14B, 32K-1M tokens, chunks of 4K-128K, bf16 and fp8 caches, dense and sparse)
+these counts, the reserve aside, are 0-14% over.
 """
 
 from __future__ import annotations
@@ -104,7 +114,8 @@ def _param_layout(config: QwenConfig) -> tuple:
 def plan(config: QwenConfig, *, tokens: int, batch: int = 1, mesh=None, chunk_size: int = 32768,
          dtype="bfloat16", cache_dtype=None, sparse: bool | None = None, attention: str = "pallas",
          capacity: int | None = None) -> MemoryPlan:
-    """Per-device bytes to prefill ``batch`` prompts of ``tokens`` tokens (see the module docstring)."""
+    """Per-device bytes to prefill ``batch`` prompts of ``tokens`` tokens (see the module docstring); ``attention``:
+    the path (``AttentionSpec.impl``, resolved), ``blockwise`` and ``reference`` planned as a CPU runs them."""
     from qwen_jax.attention.parallel import attention_heads, cache_kv_heads, check_mesh
     from qwen_jax.cache import CACHE_AXES, cache_length
     from qwen_jax.sharding import attention_degree
@@ -138,7 +149,7 @@ def plan(config: QwenConfig, *, tokens: int, batch: int = 1, mesh=None, chunk_si
         sparse = dca is not None and dca.sparse_attention_enabled and tokens > dca.sparse_attention_threshold
     if sparse:
         # inside attention: the whole chunk, 1/(tensor x seq) of the heads
-        from qwen_jax.attention.sparse import LAST_Q, layer_budgets, n_segments
+        from qwen_jax.attention.sparse import LAST_Q, MIN_SLASH, MIN_VERTICAL, layer_budgets, n_segments
         Tc, n_a = min(chunk_size, tokens), n_t * sizes["seq"]
         G = n_segments(Tc, dca.chunk_len)
         budgets = [layer_budgets(dca, i, c.num_attention_heads) for i in range(c.num_hidden_layers)]
@@ -154,8 +165,35 @@ def plan(config: QwenConfig, *, tokens: int, batch: int = 1, mesh=None, chunk_si
         workspace = 4 * B * N * 512 * 512 * 4 // n_t
     else:
         workspace = 0
-    if cache_item == 1:
-        workspace += 2 * cache // (2 * c.num_hidden_layers) * item    # one layer's K and V widened for attention
+    if attention == "pallas":
+        if cache_item == 1:
+            workspace += 2 * cache // (2 * c.num_hidden_layers) * item    # one layer's K and V widened for attention
+    else:
+        # the jnp paths (blockwise, reference) as XLA compiles them for a CPU, whose dots read float32. Activations
+        # all in float32, the MLP's and attention's in turn (never live together): gate, up and their product (a
+        # narrower model rounds it over a factor), or the rotated queries per phase and the output; besides them
+        # the residual and the normed input
+        mlp = (3 if item == 4 else 2) * B * T * F * 4 // f_t
+        activations = max(mlp, B * T * N * H * 4 * (phases + 1) // n_t) + 2 * B * T * D * 4 + B * c.vocab_size * 4
+        kv = cache // (2 * c.num_hidden_layers)                         # one layer's K (or V) on a device
+        layer_weights = sum(_sharded_bytes(shape, ax, sizes, 4) for shape, ax in _param_layout(c)
+                            if "vocab" not in ax) // c.num_hidden_layers
+        # float32 copies of the layer's weights and of its K and V, widened whole outside the key loop (sparse: the
+        # estimate's K once more); the updated K and V copied once besides the donated buffers
+        workspace += ((layer_weights if item < 4 else 0)
+                      + ((3 if sparse else 2) * kv * 4 // cache_item if cache_item < 4 else 0)
+                      + 2 * kv)
+        Tc, n_a = min(chunk_size, tokens), n_t * sizes["seq"]
+        if attention == "reference":
+            # [T, S] float32 tensors of every head: the masked logits, each phase's, the probabilities (sparse: each
+            # phase's mask besides, from int32 [T, S] slots, distances and searched columns)
+            workspace += (phases + 1 + (7 * phases if sparse else 0)) * B * N * Tc * S * 4 // n_a
+        elif sparse:
+            # each phase's picked diagonals and columns for the queries of a 512-query block (vslash.allows), made
+            # once per block outside the key loop; the logits tiles
+            bumped = max(130 if v == 30 else v for b in budgets for v in b.vertical)     # as sparse.select
+            lists = min(max(ss, MIN_SLASH), S) + min(max(bumped, MIN_VERTICAL), S)
+            workspace += (phases * B * min(512, Tc) * N * lists * 4 + 4 * B * N * 512 * 512 * 4) // n_a
     cache_heads = kv_heads // attention_degree(SimpleNamespace(shape=sizes))
     return MemoryPlan(weights, cache, activations, workspace, capacity, cache_heads, cache_item)
 

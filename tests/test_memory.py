@@ -157,3 +157,57 @@ def test_decode_on_a_cpu_counts_the_float32_copies_of_narrower_weights_and_an_8b
     with pytest.raises(QwenJaxError, match="float32 copies"):                         # 8-bit cache widened at once
         check_length(config, **dict(run, slots=1 << 20, prompt_tokens=1 << 19), dtype=jnp.float8_e4m3fn,
                      params_dtype=jnp.float32)
+
+
+@pytest.mark.parametrize("attention, sparse, tokens, chunk, cache", [
+    ("blockwise", False, 1 << 20, 8192, "bfloat16"),      # before: 0.55 GiB planned of the 1.14 GiB XLA holds
+    ("blockwise", True, 1 << 16, 2048, "float8_e4m3fn"),  # before: 0.07 of 0.26
+    ("reference", True, 1 << 16, 2048, "bfloat16"),       # before: 0.07 of 45.3 ([T, S] masks and logits)
+])
+def test_plan_covers_a_cpu_prefill_chunk_as_xla_compiles_it(attention, sparse, tokens, chunk, cache):
+    """On a CPU the jnp attention paths hold what the GPU kernels do not: float32 copies of the layer's weights and
+    of its whole K and V (XLA's CPU dots read float32), the updated K and V copied once, the reference's [T, S]
+    tensors. One layer's program of a prefill chunk (the tiny preset, compiled for the CPU from abstract shapes) runs
+    with every other layer's weights and cache resident; what it holds besides, by XLA's buffer assignment, is its
+    arguments, its temporaries (all allocated for the whole run) and its outputs not written over donated
+    arguments. The planned bytes without the reserve (kept for what the buffer assignment does not show: the
+    runtime, the process, fragmentation) cover that, by at most 15% more."""
+    import jax.numpy as jnp
+
+    from qwen_jax.attention import AttentionSpec, with_sparse_rows
+    from qwen_jax.bench.prefill import mode_config
+    from qwen_jax.cache import cache_length
+    from qwen_jax.model import _layer_step, program_layers
+
+    config = mode_config(preset_config("tiny-1m"), "sparse" if sparse else "dense")
+    assert set(program_layers(config)) == {0}                      # every layer runs layer 0's program
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+
+    def sds(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=cpu)
+
+    def nbytes(tree):
+        return sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree))
+
+    params = abstract_params(config, jnp.bfloat16)
+    layer = jax.tree.map(lambda a: sds(a.shape, a.dtype), params["layers_0"])
+    kv = sds((1, config.num_key_value_heads, cache_length(tokens), config.head_dim), cache)
+    spec = with_sparse_rows(AttentionSpec(impl=attention), config, [tokens])
+    m = _layer_step.lower(layer, sds((1, chunk, config.hidden_size), jnp.bfloat16), sds((), jnp.int32),
+                          sds((1,), jnp.int32), kv, kv, config, spec, 0).compile().memory_analysis()
+    held = (nbytes(params) - nbytes(layer) + (config.num_hidden_layers - 1) * 2 * nbytes(kv)
+            + m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes)
+    p = memory.plan(config, tokens=tokens, chunk_size=chunk, cache_dtype=cache, sparse=sparse, attention=attention)
+    assert held <= p.total - memory.XLA_RESERVE <= 1.15 * held, (p.describe(), held / memory.GiB)
+    pallas = memory.plan(config, tokens=tokens, chunk_size=chunk, cache_dtype=cache, sparse=sparse)
+    assert (pallas.weights, pallas.cache) == (p.weights, p.cache)
+
+
+def test_the_plan_command_plans_the_attention_path_asked(capsys):
+    """``qwen-jax plan --attention blockwise`` plans a CPU's run (it planned the GPU kernels' whatever it was asked)."""
+    from qwen_jax.cli import main
+    run = ["plan", "--config", "qwen2.5-7b-1m", "--tokens", "1m", "--kv-cache-dtype", "fp8", "--device-memory", "56"]
+    assert main(run) == 0
+    assert "pallas attention" in capsys.readouterr().out
+    assert main([*run, "--attention", "blockwise"]) == 1          # 7B-1M, 1M, fp8: 52.8 GiB held by XLA's CPU program
+    assert "GiB short" in capsys.readouterr().err
