@@ -149,7 +149,7 @@ def plan(config: QwenConfig, *, tokens: int, batch: int = 1, mesh=None, chunk_si
         sparse = dca is not None and dca.sparse_attention_enabled and tokens > dca.sparse_attention_threshold
     if sparse:
         # inside attention: the whole chunk, 1/(tensor x seq) of the heads
-        from qwen_jax.attention.sparse import LAST_Q, MIN_SLASH, MIN_VERTICAL, layer_budgets, n_segments
+        from qwen_jax.attention.sparse import LAST_Q, layer_budgets, list_widths, n_segments
         Tc, n_a = min(chunk_size, tokens), n_t * sizes["seq"]
         G = n_segments(Tc, dca.chunk_len)
         budgets = [layer_budgets(dca, i, c.num_attention_heads) for i in range(c.num_hidden_layers)]
@@ -191,8 +191,7 @@ def plan(config: QwenConfig, *, tokens: int, batch: int = 1, mesh=None, chunk_si
         elif sparse:
             # each phase's picked diagonals and columns for the queries of a 512-query block (vslash.allows), made
             # once per block outside the key loop; the logits tiles
-            bumped = max(130 if v == 30 else v for b in budgets for v in b.vertical)     # as sparse.select
-            lists = min(max(ss, MIN_SLASH), S) + min(max(bumped, MIN_VERTICAL), S)
+            lists = max(sum(list_widths(b, S)) for b in budgets)
             workspace += (phases * B * min(512, Tc) * N * lists * 4 + 4 * B * N * 512 * 512 * 4) // n_a
     cache_heads = kv_heads // attention_degree(SimpleNamespace(shape=sizes))
     return MemoryPlan(weights, cache, activations, workspace, capacity, cache_heads, cache_item)

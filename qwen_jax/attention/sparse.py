@@ -361,6 +361,17 @@ def _take_run(sorted_idx, first, number, big, *, reverse=False):
     return jnp.where(j < number[..., None], vals, big)
 
 
+def bumped_vertical(budgets: Budgets) -> tuple[int, ...]:
+    """Each head's vertical budget as used: Qwen's code bumps a budget of 30 to 130."""
+    return tuple(130 if v == 30 else v for v in budgets.vertical)
+
+
+def list_widths(budgets: Budgets, S: int) -> tuple[int, int]:
+    """(vertical, slash) widths of a selection's lists over ``S`` keys: the largest budgets as used, at least
+    ``MIN_VERTICAL`` / ``MIN_SLASH``, at most ``S``."""
+    return min(max(max(bumped_vertical(budgets)), MIN_VERTICAL), S), min(max(max(budgets.slash), MIN_SLASH), S)
+
+
 def select(vertical, slash, begin, end, P, sparse_rows, *, budgets: Budgets, chunk_len: int,
            all_sparse: bool = False, head_offset=0):
     """Top-k picks split by phase (module docstring) -> ``Selection`` (phases: inter, successive, intra).
@@ -368,14 +379,12 @@ def select(vertical, slash, begin, end, P, sparse_rows, *, budgets: Budgets, chu
     that keep every key. ``head_offset``: the budgets' index of the first of the N heads scored here."""
     B, G, N, S = vertical.shape
     Sl = chunk_len
-    bumped = tuple(130 if v == 30 else v for v in budgets.vertical)       # Qwen's code bumps 30 to 130
-    vs = lax.dynamic_slice_in_dim(jnp.asarray(bumped, jnp.int32), head_offset, N)[None, None, :]
+    vs = lax.dynamic_slice_in_dim(jnp.asarray(bumped_vertical(budgets), jnp.int32), head_offset, N)[None, None, :]
     ss = lax.dynamic_slice_in_dim(jnp.asarray(budgets.slash, jnp.int32), head_offset, N)[None, None, :]
     live = (end > begin)[:, :, None]                                        # an empty segment picks nothing
     n_v = jnp.where(live, jnp.clip(jnp.maximum(vs, MIN_VERTICAL), None, end[:, :, None]), 0)
     n_s = jnp.where(live, jnp.clip(jnp.maximum(ss, MIN_SLASH), None, end[:, :, None]), 0)
-    kv = min(max(max(bumped), MIN_VERTICAL), S)
-    ks = min(max(max(budgets.slash), MIN_SLASH), S)
+    kv, ks = list_widths(budgets, S)
     cols, diag_i = _top_by_segment(vertical, slash, end, n_v, kv, n_s, ks)  # [B, G, N, kv | ks] ascending
     # the three phases (inter, successive, intra) on a new axis before the lists': [B, G, 1, 3]
     Pb, Lb, Eb, Bb = (x[:, :, None, None] for x in (P, end - begin, end, begin))
