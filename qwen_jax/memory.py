@@ -128,8 +128,8 @@ def plan(config: QwenConfig, *, tokens: int, batch: int = 1, mesh=None, chunk_si
     weights = sum(_sharded_bytes(shape, ax, sizes, item) for shape, ax in _param_layout(c))
     S = cache_length(tokens)
     kv_heads = cache_kv_heads(c, SimpleNamespace(shape=sizes))
-    layer_cache = (batch, kv_heads, S, c.head_dim)
-    cache = 2 * c.num_hidden_layers * _sharded_bytes(layer_cache, CACHE_AXES, sizes, cache_item)
+    kv = _sharded_bytes((batch, kv_heads, S, c.head_dim), CACHE_AXES, sizes, cache_item)   # one layer's K (or V)
+    cache = 2 * c.num_hidden_layers * kv
     data = sizes["data"] if batch % sizes["data"] == 0 else 1
     tensor = sizes["tensor"]
     T = min(chunk_size, tokens) // max(sizes["seq"], 1)
@@ -140,17 +140,25 @@ def plan(config: QwenConfig, *, tokens: int, batch: int = 1, mesh=None, chunk_si
     N, H, D, F = attention_heads(c, SimpleNamespace(shape=sizes)), c.head_dim, c.hidden_size, c.intermediate_size
     n_t = tensor if N % tensor == 0 else 1
     f_t = tensor if F % tensor == 0 else 1
-    activations = (B * T * D * item * 6                            # residual, norms, attention/MLP outputs
-                   + B * T * N * H * item * (phases + 1) // n_t     # rotated queries per phase, keys/values
-                   + B * T * N * H * 4 // n_t                       # float32 attention output
-                   + 3 * B * T * F * item // f_t                    # gate, up, their product
-                   + B * c.vocab_size * 4)                          # last-token logits
+    Tc, n_a = min(chunk_size, tokens), n_t * sizes["seq"]          # inside attention: the whole chunk, 1/n_a of heads
+    tiles = 4 * B * N * 512 * 512 * 4                               # blockwise logits tiles (512 x 512 blocks)
+    if attention == "pallas":
+        activations = (B * T * D * item * 6                         # residual, norms, attention/MLP outputs
+                       + B * T * N * H * item * (phases + 1) // n_t  # rotated queries per phase, keys/values
+                       + B * T * N * H * 4 // n_t                    # float32 attention output
+                       + 3 * B * T * F * item // f_t                 # gate, up, their product
+                       + B * c.vocab_size * 4)                       # last-token logits
+    else:
+        # the jnp paths (blockwise, reference) as XLA compiles them for a CPU, whose dots read float32: all in
+        # float32, the MLP's and attention's in turn (never live together): gate, up and their product (a
+        # narrower model rounds it over a factor), or the rotated queries per phase and the output; besides them
+        # the residual and the normed input, and the last-token logits
+        mlp = (3 if item == 4 else 2) * B * T * F * 4 // f_t
+        activations = max(mlp, B * T * N * H * 4 * (phases + 1) // n_t) + 2 * B * T * D * 4 + B * c.vocab_size * 4
     if sparse is None:
         sparse = dca is not None and dca.sparse_attention_enabled and tokens > dca.sparse_attention_threshold
     if sparse:
-        # inside attention: the whole chunk, 1/(tensor x seq) of the heads
         from qwen_jax.attention.sparse import LAST_Q, layer_budgets, list_widths, n_segments
-        Tc, n_a = min(chunk_size, tokens), n_t * sizes["seq"]
         G = n_segments(Tc, dca.chunk_len)
         budgets = [layer_budgets(dca, i, c.num_attention_heads) for i in range(c.num_hidden_layers)]
         vs, ss = (max(max(getattr(b, kind)) for b in budgets) for kind in ("vertical", "slash"))  # the largest
@@ -162,20 +170,13 @@ def plan(config: QwenConfig, *, tokens: int, batch: int = 1, mesh=None, chunk_si
                      + 2 * B * G * N * 3 * (vs + 64) * H * item // n_a     # gathered vertical K/V
                      + 4 * B * G * N * 3 * max(ss, S // 64 + 1) * 4 // n_a)   # distances and tiles
     elif attention == "blockwise":
-        workspace = 4 * B * N * 512 * 512 * 4 // n_t
+        workspace = tiles // n_t
     else:
         workspace = 0
     if attention == "pallas":
         if cache_item == 1:
-            workspace += 2 * cache // (2 * c.num_hidden_layers) * item    # one layer's K and V widened for attention
+            workspace += 2 * kv * item                                  # one layer's K and V widened for attention
     else:
-        # the jnp paths (blockwise, reference) as XLA compiles them for a CPU, whose dots read float32. Activations
-        # all in float32, the MLP's and attention's in turn (never live together): gate, up and their product (a
-        # narrower model rounds it over a factor), or the rotated queries per phase and the output; besides them
-        # the residual and the normed input
-        mlp = (3 if item == 4 else 2) * B * T * F * 4 // f_t
-        activations = max(mlp, B * T * N * H * 4 * (phases + 1) // n_t) + 2 * B * T * D * 4 + B * c.vocab_size * 4
-        kv = cache // (2 * c.num_hidden_layers)                         # one layer's K (or V) on a device
         layer_weights = sum(_sharded_bytes(shape, ax, sizes, 4) for shape, ax in _param_layout(c)
                             if "vocab" not in ax) // c.num_hidden_layers
         # float32 copies of the layer's weights and of its K and V, widened whole outside the key loop (sparse: the
@@ -183,7 +184,6 @@ def plan(config: QwenConfig, *, tokens: int, batch: int = 1, mesh=None, chunk_si
         workspace += ((layer_weights if item < 4 else 0)
                       + ((3 if sparse else 2) * kv * 4 // cache_item if cache_item < 4 else 0)
                       + 2 * kv)
-        Tc, n_a = min(chunk_size, tokens), n_t * sizes["seq"]
         if attention == "reference":
             # [T, S] float32 tensors of every head: the masked logits, each phase's, the probabilities (sparse: each
             # phase's mask besides, from int32 [T, S] slots, distances and searched columns)
@@ -192,7 +192,7 @@ def plan(config: QwenConfig, *, tokens: int, batch: int = 1, mesh=None, chunk_si
             # each phase's picked diagonals and columns for the queries of a 512-query block (vslash.allows), made
             # once per block outside the key loop; the logits tiles
             lists = max(sum(list_widths(b, S)) for b in budgets)
-            workspace += (phases * B * min(512, Tc) * N * lists * 4 + 4 * B * N * 512 * 512 * 4) // n_a
+            workspace += (phases * B * min(512, Tc) * N * lists * 4 + tiles) // n_a
     cache_heads = kv_heads // attention_degree(SimpleNamespace(shape=sizes))
     return MemoryPlan(weights, cache, activations, workspace, capacity, cache_heads, cache_item)
 
