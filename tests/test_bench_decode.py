@@ -83,20 +83,23 @@ def test_the_cudnn_baseline_times_attention_not_a_copy_of_the_cache(monkeypatch,
     assert "transpose" not in text
 
 
-def test_median_time_warms_up_for_the_time_asked_after_the_compiling_call():
+def test_median_time_warms_up_for_the_time_asked_after_the_compiling_call(monkeypatch):
     """``bench_decode`` times sub-millisecond kernels: two warm-up calls left the card cold (an H200's first 128K
-    decode timings 0.283 ms a call, 0.174 warm). ``warmup_s`` keeps calling for that long after the first call."""
-    import time
+    decode timings 0.283 ms a call, 0.174 warm). ``warmup_s`` keeps calling for that long after the first call.
+    On a clock of the test's own (a busy machine's real clock made the bounds race)."""
+    import qwen_jax.bench
     from qwen_jax.bench import median_time
-    ends = []
+    clock, ends = [0.0], []
+    monkeypatch.setattr(qwen_jax.bench.time, "perf_counter", lambda: clock[0])
 
     def fn():
-        time.sleep(0.2 if not ends else 0.001)      # the first call compiles
-        ends.append(time.perf_counter())
+        clock[0] += 100.0 if not ends else 0.25     # the first call compiles
+        ends.append(clock[0])
 
-    median_time(fn, repeats=3, warmup=2, warmup_s=0.05)
+    median_time(fn, repeats=3, warmup=2, warmup_s=1.0)
     warm = len(ends) - 3                             # calls before the timed ones
-    assert warm >= 2 and ends[warm - 1] - ends[0] >= 0.05 and ends[warm - 2] - ends[0] < 0.05
+    assert warm >= 2 and ends[warm - 1] - ends[0] >= 1.0 and ends[warm - 2] - ends[0] < 1.0
+    assert warm == 5                                 # the first, then 4 x 0.25 s
     ends.clear()
-    median_time(fn, repeats=2, warmup=0, warmup_s=0.02)
-    assert ends[-3] - ends[0] >= 0.02
+    median_time(fn, repeats=2, warmup=0, warmup_s=0.5)
+    assert ends[-3] - ends[0] >= 0.5 and len(ends) == 3 + 2

@@ -16,9 +16,10 @@ same cache: ``auto`` (the default path: on a GPU the split-key decode kernel ``p
 (dense masked attention in XLA, ``AttentionSpec(impl="reference")``), ``blockwise`` (the jnp online
 softmax; ``--interpret`` emulates the Pallas ones on a CPU). Reported per length and kernel: ms per token,
 tokens/s over the batch, the bytes one device must read per step (its share of the weights once, of an untied
-embedding table only the batch's rows, and of every layer's K and V up to L) over the step's time, as GB/s and as a share of ``--peak-gbps`` (the
-card's memory bandwidth), and the first step's greedy tokens (the same for every kernel unless they
-disagree). A run whose weights and cache do not fit a device is refused before anything is allocated.
+embedding table only the batch's rows, and of every layer's K and V up to L) over the step's time, as GB/s and as
+a share of ``--peak-gbps`` (the card's memory bandwidth), and the first step's greedy tokens (the same for every
+kernel unless they disagree). A run whose weights and cache do not fit a device is refused before anything is
+allocated.
 """
 
 from __future__ import annotations
