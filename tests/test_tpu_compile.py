@@ -22,7 +22,8 @@ def test_tpu_kernels_and_model_steps_compile_for_a_tpu():
     if folder is None:
         folder = ROOT / ".ci" / "libtpu"
         if not (folder / "libtpu").is_dir():
-            pytest.skip(f"libtpu is not installed in {folder} (pip install --target {folder} libtpu, see the docstring)")
+            pytest.skip(f"libtpu is not installed in {folder} (pip install --target {folder} libtpu, see the "
+                        f"docstring)")
     assert (pathlib.Path(folder) / "libtpu").is_dir(), f"QWEN_JAX_LIBTPU={folder} holds no libtpu"
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([str(ROOT), str(folder)]))
     env.pop("XLA_FLAGS", None)
