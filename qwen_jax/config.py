@@ -113,9 +113,7 @@ class QwenConfig:
         model_type = raw.get("model_type", "qwen2")
         if model_type != "qwen2":
             raise ConfigError(f"model_type {model_type!r} is not supported (qwen-jax runs Qwen2/Qwen2.5: model_type 'qwen2')")
-        layers, window_layers = raw.get("num_hidden_layers"), raw.get("max_window_layers")
-        no_layer_slides = isinstance(layers, int) and isinstance(window_layers, int) and window_layers >= layers
-        if raw.get("use_sliding_window") and not no_layer_slides:     # layers from max_window_layers on would slide
+        if _sliding_layers(raw):
             raise ConfigError(
                 "use_sliding_window: true is not supported (Qwen2.5 checkpoints set it false); "
                 "set it to false in config.json or pass use_sliding_window=False")
@@ -167,6 +165,19 @@ class QwenConfig:
             raise ConfigError(f"config.json is missing the required field {e.args[0]!r}") from None
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{MALFORMED}{e}") from None
+
+
+def _sliding_layers(raw: Mapping[str, Any]) -> bool:
+    """Whether transformers would give any layer a sliding window: with ``use_sliding_window`` and a
+    ``sliding_window``, the layers ``layer_types`` marks "sliding_attention" (transformers 5 writes that list
+    into config.json), without it those from ``max_window_layers`` (default 28, transformers') on."""
+    if not raw.get("use_sliding_window") or raw.get("sliding_window", 4096) is None:
+        return False
+    types = raw.get("layer_types")
+    if isinstance(types, list):
+        return "sliding_attention" in types
+    layers, window_layers = raw.get("num_hidden_layers"), raw.get("max_window_layers", 28)
+    return not (isinstance(layers, int) and isinstance(window_layers, int) and window_layers >= layers)
 
 
 # Typed reads of one field: a wrong type or range is refused naming the field and what it allows, where int()

@@ -86,6 +86,20 @@ def test_sliding_window_is_refused_with_a_clear_message():
     assert full == QwenConfig.from_hf_dict(QWEN25_7B_1M)
 
 
+def test_sliding_layers_follow_transformers_layer_types():
+    """transformers 5 writes ``layer_types`` into config.json and slides the layers it marks, whatever
+    max_window_layers says (this config gave dense attention's logits where transformers slid layer 0)."""
+    sliding = ["sliding_attention"] + ["full_attention"] * 27
+    with pytest.raises(ConfigError, match="use_sliding_window: true is not supported"):
+        QwenConfig.from_hf_dict(dict(QWEN25_7B_1M, use_sliding_window=True, sliding_window=4096,
+                                     max_window_layers=28, layer_types=sliding))
+    plain = QwenConfig.from_hf_dict(QWEN25_7B_1M)
+    for nothing_slides in (dict(max_window_layers=20, layer_types=["full_attention"] * 28),
+                           dict(max_window_layers=20, sliding_window=None),
+                           dict(layer_types=sliding, use_sliding_window=False)):
+        assert QwenConfig.from_hf_dict(dict(QWEN25_7B_1M, **{"use_sliding_window": True, **nothing_slides})) == plain
+
+
 def test_num_key_value_heads_null_means_one_per_query_head():
     assert QwenConfig.from_hf_dict(dict(QWEN25_7B_1M, num_key_value_heads=None)).num_key_value_heads == 28
     with pytest.raises(ConfigError, match="num_key_value_heads"):
