@@ -352,6 +352,16 @@ def read_config_json(folder: str | os.PathLike, overrides: Mapping[str, Any] | N
             raise ConfigError(f"unknown config field {name!r} (not in config.json and not a Qwen2 config field)")
         if name in _REFUSED_OVERRIDES and _REFUSED_OVERRIDES[name][0](value):
             raise ConfigError(f"{name}={value!r}: {_REFUSED_OVERRIDES[name][1]}")
+        if name == "rope_parameters" and isinstance(value, Mapping):
+            # transformers 5 takes the rotary embedding from this block alone: the file's legacy rope_scaling and
+            # rope_theta go with the block they stood for (a rope_theta the new block leaves out stays the file's)
+            previous = raw.get("rope_parameters")
+            theta = raw.get("rope_theta")
+            if theta is None and isinstance(previous, Mapping):
+                theta = previous.get("rope_theta")
+            value = {**({"rope_theta": theta} if theta is not None else {}), **value}
+            raw.pop("rope_scaling", None)
+            raw.pop("rope_theta", None)
         raw[name] = value
         params = raw.get("rope_parameters")
         if name in ("rope_theta", "rope_scaling") and isinstance(params, Mapping):

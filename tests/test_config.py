@@ -129,6 +129,25 @@ def test_overrides_replace_fields_like_from_pretrained(tmp_path):
         read_config_json(str(tmp_path), {"chunk_sise": 3})
 
 
+@pytest.mark.parametrize("block", [{"rope_type": "default", "rope_theta": 1e6},
+                                   {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e6},
+                                   {"rope_type": "yarn", "factor": 2.0, "rope_theta": 5e5}])
+def test_a_rope_parameters_override_replaces_the_files_legacy_rope_fields(tmp_path, block):
+    """As transformers 5 reads ``from_pretrained(rope_parameters=...)``: the block alone sets the rotary embedding,
+    over the file's legacy ``rope_scaling`` and ``rope_theta`` (the file's YaRN factor 4 was kept, and a new
+    rope_theta refused as "two rope_theta values" in config.json)."""
+    from transformers import Qwen2Config
+    raw = dict(QWEN25_7B_1M, dual_chunk_attention_config=None, max_position_embeddings=32768, rope_theta=5e5,
+               rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8192})
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    ours = QwenConfig.from_hf_dict(read_config_json(str(tmp_path), {"rope_parameters": block}))
+    hf = Qwen2Config.from_dict(raw, rope_parameters=dict(block)).rope_parameters
+    assert ours.rope_theta == hf["rope_theta"] == block["rope_theta"]
+    assert (ours.rope_scaling and ours.rope_scaling.factor) == hf.get("factor") == block.get("factor")
+    if ours.rope_scaling is not None:        # transformers' YaRN falls back on max_position_embeddings, as here
+        assert ours.rope_scaling.original_max_position_embeddings == 32768
+
+
 def test_sparse_attention_config_json_is_read_next_to_config(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(QWEN25_7B_1M))
     layers = [{str(h): ["vertical_and_slash", 1000 + h, 6096, 0.9] for h in range(28)} for _ in range(28)]
