@@ -104,8 +104,11 @@ def _chat_template(folder: str, config: dict) -> tuple[str | None, str]:
     """The template text and the file it came from."""
     jinja = os.path.join(folder, "chat_template.jinja")
     if os.path.isfile(jinja):
-        with open(jinja) as f:
-            return f.read(), jinja
+        try:
+            with open(jinja, encoding="utf-8") as f:
+                return f.read(), jinja
+        except UnicodeDecodeError as e:
+            raise CheckpointError(f"{jinja}: not UTF-8 text ({e})") from None
     source = os.path.join(folder, "tokenizer_config.json")
     template = config.get("chat_template")
     if not template:

@@ -132,6 +132,8 @@ def _broken(tmp_path, bf16_checkpoint, how):
         weights.write_bytes(bytes(data[:8]) + text + bytes(data[8 + n:]))
     elif how == "bad_generation_config":
         (folder / "generation_config.json").write_text("{bad json")
+    elif how == "non_utf8_chat_template":
+        (folder / "chat_template.jinja").write_bytes(b"\xff{{ messages }}")
     elif how == "integer_weights":
         tensors = load_file(str(weights))
         tensors["model.norm.weight"] = tensors["model.norm.weight"].to(torch.int32)
@@ -142,6 +144,7 @@ def _broken(tmp_path, bf16_checkpoint, how):
 @pytest.mark.parametrize("how,message", [
     ("overlapping", "overlap"),
     ("bad_generation_config", "generation_config.json: not valid JSON"),
+    ("non_utf8_chat_template", "chat_template.jinja: not UTF-8 text"),
     ("integer_weights", "model.norm.weight: stored as int32; model weights must be float16"),
     ("truncated", "truncated file"),
     ("corrupt_header", "corrupt header"),
