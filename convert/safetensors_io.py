@@ -74,6 +74,10 @@ class SafetensorsFile:
         data_size = size - self._data_start
         self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
         for key, entry in header.items():
+            if isinstance(entry, dict) and isinstance(entry.get("dtype"), str) and entry["dtype"] not in DTYPES:
+                # a valid file in a format newer than this reader (complex, 4-bit, 6-bit, float8 exponent scales)
+                raise CheckpointError(f"{name}: {key!r} is stored as {entry['dtype']}, which qwen-jax cannot read "
+                                      "(model weights must be float16, bfloat16, float32 or float64)")
             try:
                 dtype = DTYPES[entry["dtype"]]
                 shape = tuple(int(d) for d in entry["shape"])

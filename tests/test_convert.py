@@ -138,6 +138,10 @@ def _broken(tmp_path, bf16_checkpoint, how):
         tensors = load_file(str(weights))
         tensors["model.norm.weight"] = tensors["model.norm.weight"].to(torch.int32)
         save_file(tensors, str(weights), metadata={"format": "pt"})
+    elif how == "complex_weights":               # a dtype this reader has no numpy type for: not a corrupt file
+        tensors = load_file(str(weights))
+        tensors["model.norm.weight"] = tensors["model.norm.weight"].to(torch.complex64)
+        save_file(tensors, str(weights), metadata={"format": "pt"})
     return str(folder)
 
 
@@ -146,6 +150,7 @@ def _broken(tmp_path, bf16_checkpoint, how):
     ("bad_generation_config", "generation_config.json: not valid JSON"),
     ("non_utf8_chat_template", "chat_template.jinja: not UTF-8 text"),
     ("integer_weights", "model.norm.weight: stored as int32; model weights must be float16"),
+    ("complex_weights", "'model.norm.weight' is stored as C64, which qwen-jax cannot read (model weights must be"),
     ("truncated", "truncated file"),
     ("corrupt_header", "corrupt header"),
     ("missing_shard", "missing shard"),
