@@ -64,11 +64,15 @@ def atomic_folder(dst: str):
         os.chmod(tmp, 0o777 & ~umask)        # mkdtemp's 0700 would keep other users (a shared checkpoint) out
         os.rename(tmp, dst)
     except BaseException:
-        # threads started inside (orbax's writers) may still write into it after an interrupt: let them end first
+        # threads started inside (orbax's writers) may still write into it after an interrupt: let them end first,
+        # and those they start in turn (a commit thread); quietly, as a commit they can no longer finish logs a
+        # 17-line traceback that the caller's one line replaces
         deadline = time.monotonic() + 30
-        for thread in set(threading.enumerate()) - before:
-            thread.join(max(0.0, deadline - time.monotonic()))
-        shutil.rmtree(tmp, ignore_errors=True)
+        with _quiet_absl(logging.CRITICAL):
+            while (started := set(threading.enumerate()) - before) and time.monotonic() < deadline:
+                for thread in started:
+                    thread.join(max(0.0, deadline - time.monotonic()))
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
@@ -82,16 +86,19 @@ def save_params(folder: str, params: dict) -> None:
     import orbax.checkpoint as ocp
 
     checkpointer = ocp.StandardCheckpointer()
-    try:
-        checkpointer.save(os.path.join(os.path.abspath(folder), "params"), params)
-        checkpointer.wait_until_finished()
-    except BaseException:
-        # interrupted: let orbax's writer threads finish first, or they write into the folder after it is removed
-        with contextlib.suppress(BaseException):
+    # after an interrupt orbax's commit thread fails and logs a 17-line traceback at ERROR level, which the caller's
+    # one line replaces (atomic_folder waits for that thread, quietly too); any other failure is raised here
+    with _quiet_absl(logging.CRITICAL):
+        try:
+            checkpointer.save(os.path.join(os.path.abspath(folder), "params"), params)
             checkpointer.wait_until_finished()
-        raise
-    finally:
-        checkpointer.close()
+        except BaseException:
+            # interrupted: let orbax's writer threads finish first, or they write into the folder after it is removed
+            with contextlib.suppress(BaseException):
+                checkpointer.wait_until_finished()
+            raise
+        finally:
+            checkpointer.close()
 
 
 def write_marker(folder: str, **info) -> None:
@@ -159,14 +166,15 @@ def _damaged(folder: str, path: str | None = None):
 
 
 @contextlib.contextmanager
-def _quiet_absl():
+def _quiet_absl(level: int = logging.ERROR):
+    """Only absl's (orbax's) log records at ``level`` or above, while inside."""
     logger = logging.getLogger("absl")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    previous = logger.level
+    logger.setLevel(level)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        logger.setLevel(previous)
 
 
 def _root_cause(e: BaseException, limit: int = 240) -> str:

@@ -297,6 +297,45 @@ def test_failed_sibling_reads_of_a_damaged_checkpoint_are_not_logged_later(tmp_p
         logger.filters[:] = before
 
 
+def test_an_interrupted_write_waits_for_the_threads_its_threads_start_and_logs_none_of_their_errors(tmp_path, caplog):
+    # orbax's writer threads start a commit thread of their own; after an interrupt that commit can no longer
+    # finish and logs a 17-line traceback at ERROR level (seen between a killed `qwen-jax convert`'s output and
+    # its "qwen-jax: interrupted"): the folder must outlive it, and its log must not reach the user
+    import threading
+    import time
+
+    from absl import logging as absl_logging
+
+    from convert.converted import atomic_folder
+
+    seen = []
+
+    def commit(folder):
+        time.sleep(0.3)
+        seen.append(os.path.isdir(folder))
+        try:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        except RuntimeError:
+            absl_logging.error("Failed to run the commit callback in background save thread", exc_info=True)
+
+    def writer(folder):
+        time.sleep(0.1)
+        threading.Thread(target=commit, args=(folder,), name="test_commit").start()
+
+    dst = str(tmp_path / "out")
+    with caplog.at_level(logging.INFO):
+        with pytest.raises(KeyboardInterrupt):
+            with atomic_folder(dst) as tmp:
+                threading.Thread(target=writer, args=(tmp,), name="test_writer").start()
+                raise KeyboardInterrupt
+        for thread in threading.enumerate():
+            if thread.name == "test_commit":
+                thread.join()
+    assert seen == [True]
+    assert not os.path.exists(tmp) and not os.path.exists(dst)
+    assert not [r for r in caplog.records if r.name == "absl"], caplog.text
+
+
 def test_corrupt_marker_of_a_converted_checkpoint_is_refused(tmp_path, converted):
     folder = tmp_path / "marker"
     shutil.copytree(converted, folder)
