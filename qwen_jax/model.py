@@ -46,21 +46,26 @@ def placed_like(params, tree):
     committed, leave ``tree`` as it is.
     """
     leaf = jax.tree.leaves(params)[0]
-    if not (isinstance(leaf, jax.Array) and leaf.committed and len(leaf.sharding.device_set) == 1):
+    if not (_placed(leaf) and leaf.committed and len(leaf.sharding.device_set) == 1):
         return tree
     device = next(iter(leaf.sharding.device_set))
     leaves, treedef = jax.tree.flatten(tree)
-    away = [i for i, x in enumerate(leaves)
-            if isinstance(x, jax.Array) and not (x.committed and x.sharding.device_set == {device})]
+    away = [i for i, x in enumerate(leaves) if _placed(x) and not (x.committed and x.sharding.device_set == {device})]
     # one device_put for them all: one call per array costs ~0.1 ms each from Python (a cache has 2L)
     for i, x in zip(away, jax.device_put([leaves[i] for i in away], device)):
         leaves[i] = x
     return jax.tree.unflatten(treedef, leaves)
 
 
+def _placed(x) -> bool:
+    """Whether ``x`` is a jax array with a placement: not a tracer (prefill traced inside a caller's ``jax.jit``,
+    where jit places the state and a tracer has no ``committed`` or ``sharding`` to ask)."""
+    return isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+
+
 def shardings_of(tree) -> list:
-    """The sharding of each leaf of ``tree`` (``None`` for a leaf that is not a jax array): for ``relabel``."""
-    return [x.sharding if isinstance(x, jax.Array) else None for x in jax.tree.leaves(tree)]
+    """The sharding of each leaf of ``tree`` (``None`` for a leaf that is not a placed jax array): for ``relabel``."""
+    return [x.sharding if _placed(x) else None for x in jax.tree.leaves(tree)]
 
 
 def relabel(tree, shardings: list):
@@ -73,7 +78,7 @@ def relabel(tree, shardings: list):
     step's spelling, the state lets that step's compilation serve every later one.
     """
     def one(x, s):
-        if s is None or not isinstance(x, jax.Array) or x.sharding == s or not x.sharding.is_equivalent_to(s, x.ndim):
+        if s is None or not _placed(x) or x.sharding == s or not x.sharding.is_equivalent_to(s, x.ndim):
             return x
         return jax.device_put(x, s, donate=True)
 
@@ -287,7 +292,7 @@ def prefill(params, tokens, lengths, cache: KVCache, config: QwenConfig, *, chun
     spec = attention.with_sparse_rows(spec, config, lengths)
     lengths = jnp.asarray(lengths, jnp.int32)
     if spec.mesh is not None:   # one global, replicated array over the mesh (every process holds it)
-        last_hidden = global_array(jnp.zeros((B, config.hidden_size), params_dtype(params)),
+        last_hidden = global_array(np.zeros((B, config.hidden_size), params_dtype(params)),
                                    jax.sharding.NamedSharding(spec.mesh, jax.sharding.PartitionSpec()))
     else:
         last_hidden = zeroed(1, (B, config.hidden_size), params_dtype(params),
@@ -300,7 +305,8 @@ def prefill(params, tokens, lengths, cache: KVCache, config: QwenConfig, *, chun
                                             last_hidden, cache, config, spec, False)
         last_hidden = relabel(last_hidden, carried)
         if progress is not None:
-            jax.block_until_ready(last_hidden)   # report work done, not work dispatched
+            if _placed(last_hidden):
+                jax.block_until_ready(last_hidden)   # report work done, not work dispatched
             progress(end)
     return _jit_unembed(_head(params, config), last_hidden, config), cache
 

@@ -84,6 +84,27 @@ def test_prefill_then_decode_equals_full_forward(model):
         positions = positions + 1
 
 
+@pytest.mark.parametrize("sparse", [False, True])
+def test_prefill_inside_the_callers_jit_equals_prefill_called_directly(model, sparse):
+    """``prefill`` traced inside a caller's ``jax.jit`` (config, chunk size and spec static, cache donated) gives
+    what it gives called directly: it asked the traced parameters where they were placed (``committed``: a
+    ConcretizationTypeError), and sparse prefill read the traced lengths as numpy."""
+    from qwen_jax.config import DCAConfig
+    config = model.config
+    if sparse:
+        config = config.replace(dual_chunk_attention_config=DCAConfig(
+            chunk_size=96, local_size=32, sparse_attention_enabled=True, sparse_attention_threshold=100))
+    tokens = jnp.asarray(np.random.default_rng(14).integers(0, 1000, (2, 192)), jnp.int32)
+    lengths = jnp.asarray([192, 70], jnp.int32)            # (sparse: one row over the threshold, one under)
+    want, _ = qwen_jax.prefill(model.params, tokens, lengths, qwen_jax.init_cache(config, 2, 256, jnp.float32), config,
+                               chunk_size=64)
+    jitted = jax.jit(qwen_jax.prefill, static_argnames=("config", "chunk_size"), donate_argnames=("cache",))
+    got, cache = jitted(model.params, tokens, lengths, qwen_jax.init_cache(config, 2, 256, jnp.float32), config=config,
+                        chunk_size=64)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=1e-6 * np.abs(np.asarray(want)).max())
+    assert cache.max_len == 256
+
+
 def test_batch_of_different_lengths_equals_one_by_one(model):
     rng = np.random.default_rng(4)
     prompts = [rng.integers(0, 1000, n).tolist() for n in (5, 70, 33)]

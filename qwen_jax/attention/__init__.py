@@ -175,12 +175,16 @@ def sparse_active(config: QwenConfig, n_queries: int, spec: AttentionSpec = DEFA
 
 
 def with_sparse_rows(spec: AttentionSpec, config: QwenConfig, lengths) -> AttentionSpec:
-    """``spec`` with ``sparse_rows`` decided from concrete prompt ``lengths`` (what prefill knows)."""
-    import numpy as np
+    """``spec`` with ``sparse_rows`` decided from concrete prompt ``lengths`` (what prefill knows; traced
+    lengths, prefill inside a caller's ``jax.jit``, leave it ``mixed``: decided per row inside the step)."""
+    from pallas_kernels.shapes import known
     dca = config.dual_chunk_attention_config
     if dca is None or not dca.sparse_attention_enabled:
         return spec
-    over = np.asarray(lengths) > dca.sparse_attention_threshold
+    lengths = known(lengths)
+    if lengths is None:
+        return dataclasses.replace(spec, prefill=True)
+    over = lengths > dca.sparse_attention_threshold
     return dataclasses.replace(spec, sparse_rows="all" if over.all() else "none" if not over.any() else "mixed",
                                prefill=True)
 
