@@ -150,19 +150,33 @@ def forward(params, tokens, positions, cache: KVCache, config: QwenConfig, reque
 
     ``request_lengths`` [B] (default: last position + 1) is each row's whole request length, which
     sets DCA's logit scale. Writes the new keys/values at their positions and returns
-    ``(logits [B, T, V] float32, cache)``.
+    ``(logits [B, T, V] float32, cache)``. A row with a position outside the cache's slots gets NaN logits
+    (``outside_the_cache``); more tokens than slots are refused.
     """
+    _check_fits(tokens.shape[1], cache)
     if request_lengths is None:
         request_lengths = jnp.max(positions, axis=1).astype(jnp.int32) + 1
     hidden, cache = _hidden(params, tokens, positions, cache, request_lengths, config, spec)
-    return _unembed(params, hidden, config), cache
+    return outside_the_cache(_unembed(params, hidden, config), positions, cache), cache
 
 
 @functools.partial(jax.jit, static_argnames=("config", "spec"), donate_argnames=("cache",))
 def decode_step(params, tokens, positions, cache: KVCache, config: QwenConfig,
                 spec: attention.AttentionSpec = attention.DEFAULT_SPEC):
-    """One token per row: ``tokens``, ``positions`` [B] int32 -> ``(logits [B, V] float32, cache)``."""
-    return decode_logits(params, tokens, positions, cache, config, spec)
+    """One token per row: ``tokens``, ``positions`` [B] int32 -> ``(logits [B, V] float32, cache)``. A row whose
+    position is outside the cache's slots (decoding past its end) gets NaN logits (``outside_the_cache``)."""
+    logits, cache = decode_logits(params, tokens, positions, cache, config, spec)
+    return outside_the_cache(logits, positions[:, None], cache), cache
+
+
+def outside_the_cache(logits, positions, cache: KVCache):
+    """``logits`` [B, ...] with NaN in every row that has a position [B, T] outside the cache's slots ``[0, S)``.
+
+    Positions are traced, so a jitted step cannot refuse them; the cache write (``dynamic_update_slice``) would
+    clamp them into the cache instead, overwriting the row's last keys, and the step return plausible logits.
+    NaN makes the mistake visible in the row it concerns (``generate`` keeps its positions inside the cache)."""
+    outside = jnp.any((positions < 0) | (positions >= cache.max_len), axis=1)
+    return jnp.where(outside.reshape((-1,) + (1,) * (logits.ndim - 1)), jnp.nan, logits)
 
 
 def decode_logits(params, tokens, positions, cache, config, spec):

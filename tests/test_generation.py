@@ -84,6 +84,25 @@ def test_prefill_then_decode_equals_full_forward(model):
         positions = positions + 1
 
 
+def test_a_position_outside_the_cache_gives_nan_logits_not_a_write_clamped_into_it(model):
+    """Decoding past the cache's last slot (or before its first) wrote the keys at the last slot (the write's
+    ``dynamic_update_slice`` clamps), over the row's real keys, and returned finite logits: now that row's logits
+    are NaN, the other rows' are untouched, and a forward of more tokens than slots is refused in one line."""
+    cfg = model.config
+    tokens = jnp.asarray(np.random.default_rng(15).integers(0, 1000, (2, 8)), jnp.int32)
+    cache = qwen_jax.init_cache(cfg, 2, 8, jnp.float32)
+    _, cache = qwen_jax.prefill(model.params, tokens, np.array([8, 5]), cache, cfg)
+    logits, cache = qwen_jax.decode_step(model.params, tokens[:, 0], jnp.asarray([8, 5], jnp.int32), cache, cfg)
+    logits = np.asarray(logits)
+    assert np.isnan(logits[0]).all() and np.isfinite(logits[1]).all()
+    logits, _ = qwen_jax.forward(model.params, tokens[:, :3], jnp.asarray([[-1, 0, 1], [2, 3, 4]], jnp.int32), cache,
+                                 cfg)
+    assert np.isnan(np.asarray(logits[0])).all() and np.isfinite(np.asarray(logits[1])).all()
+    with pytest.raises(qwen_jax.QwenJaxError, match="^12 tokens do not fit a KV cache of 8 slots"):
+        qwen_jax.forward(model.params, jnp.zeros((1, 12), jnp.int32), jnp.arange(12, dtype=jnp.int32)[None],
+                         qwen_jax.init_cache(cfg, 1, 8, jnp.float32), cfg)
+
+
 @pytest.mark.parametrize("sparse", [False, True])
 def test_prefill_inside_the_callers_jit_equals_prefill_called_directly(model, sparse):
     """``prefill`` traced inside a caller's ``jax.jit`` (config, chunk size and spec static, cache donated) gives
