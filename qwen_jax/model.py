@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels.shapes import known
 from qwen_jax import attention
 from qwen_jax.attention import parallel
 from qwen_jax.cache import KVCache, cache_length, default_device, init_cache, zeroed
@@ -302,6 +303,7 @@ def prefill(params, tokens, lengths, cache: KVCache, config: QwenConfig, *, chun
         raise QwenJaxError(f"start must be an integer >= 0 (the prefix's length), got {start!r}")
     start = int(start)
     _check_fits(start + T, cache)
+    _check_lengths(lengths, B, start, T)
     _check_sparse_chunks(config, chunk_size)
     spec = attention.with_sparse_rows(spec, config, lengths)
     lengths = jnp.asarray(lengths, jnp.int32)
@@ -355,6 +357,22 @@ def _check_sparse_chunks(config: QwenConfig, chunk_size: int):
     dca = config.dual_chunk_attention_config
     if dca is not None and dca.sparse_attention_enabled and chunk_size % 64:
         raise QwenJaxError(f"sparse prefill needs a prefill chunk size that is a multiple of 64, got {chunk_size}")
+
+
+def _check_lengths(lengths, B: int, start: int, T: int):
+    """Refuse prompt lengths a prefill of ``T`` tokens after ``start`` cannot end at: a row whose last token is not
+    among them got logits of a zero hidden state (all zero), with no error. Traced lengths (prefill inside a caller's
+    ``jax.jit``) cannot be read and pass."""
+    known_lengths = known(lengths)
+    if known_lengths is None:
+        return
+    if known_lengths.shape != (B,):
+        raise QwenJaxError(f"lengths must be [B] = [{B}], one per row of tokens, got shape {known_lengths.shape}")
+    bad = (known_lengths <= start) | (known_lengths > start + T)
+    if bad.any():
+        where = f"{start} + " if start else ""
+        raise QwenJaxError(f"prompt lengths must be in [{start + 1}, {where}{T}] (each row's last token among the "
+                           f"{T} tokens given), got {known_lengths.tolist()}")
 
 
 def _check_fits(total: int, cache: KVCache):

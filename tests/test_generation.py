@@ -103,6 +103,25 @@ def test_a_position_outside_the_cache_gives_nan_logits_not_a_write_clamped_into_
                          qwen_jax.init_cache(cfg, 1, 8, jnp.float32), cfg)
 
 
+def test_prefill_refuses_lengths_whose_last_token_it_is_not_given(model):
+    """A row of length 0 (or less), or longer than the tokens given, has no last token among them: prefill returned
+    the logits of a zero hidden state (all zero) for it, with no error."""
+    cfg = model.config
+    tokens = np.random.default_rng(16).integers(0, 1000, (2, 8))
+    for lengths in ([8, 0], [9, 3], [-1, 2]):
+        with pytest.raises(qwen_jax.QwenJaxError, match=rf"^prompt lengths must be in \[1, 8\] \(each row's last token "
+                                                        rf"among the 8 tokens given\), got \{lengths}"):
+            qwen_jax.prefill(model.params, tokens, np.array(lengths), qwen_jax.init_cache(cfg, 2, 16, jnp.float32), cfg)
+    with pytest.raises(qwen_jax.QwenJaxError, match=r"prompt lengths must be in \[5, 4 \+ 8\]"):
+        qwen_jax.prefill(model.params, tokens, np.array([12, 4]), qwen_jax.init_cache(cfg, 2, 16, jnp.float32), cfg,
+                         start=4)
+    with pytest.raises(qwen_jax.QwenJaxError, match=r"lengths must be \[B\] = \[2\]"):
+        qwen_jax.prefill(model.params, tokens, np.array([8]), qwen_jax.init_cache(cfg, 2, 16, jnp.float32), cfg)
+    logits, _ = qwen_jax.prefill(model.params, tokens, np.array([8, 1]), qwen_jax.init_cache(cfg, 2, 16, jnp.float32),
+                                 cfg)
+    assert (np.abs(np.asarray(logits)).max(axis=1) > 0).all()      # lengths 8 and 1: both rows real logits
+
+
 @pytest.mark.parametrize("sparse", [False, True])
 def test_prefill_inside_the_callers_jit_equals_prefill_called_directly(model, sparse):
     """``prefill`` traced inside a caller's ``jax.jit`` (config, chunk size and spec static, cache donated) gives
