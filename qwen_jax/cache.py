@@ -110,7 +110,9 @@ def write(buffer: jax.Array, new: jax.Array, starts: jax.Array) -> jax.Array:
         top = float(jnp.finfo(buffer.dtype).max)
         new = jnp.clip(new.astype(jnp.float32), -top, top)
     new = new.astype(buffer.dtype)
-    return jax.vmap(lambda buf, x, s: jax.lax.dynamic_update_slice(buf, x, (0, s, 0)))(buffer, new, starts)
+    zero = jnp.int32(0)    # (the indices of one dtype: with jax_enable_x64 a literal 0 is int64, the positions int32)
+    return jax.vmap(lambda buf, x, s: jax.lax.dynamic_update_slice(buf, x, (zero, s, zero)))(
+        buffer, new, starts.astype(jnp.int32))
 
 
 def read(buffer: jax.Array, dtype) -> jax.Array:

@@ -143,6 +143,27 @@ def test_prefill_inside_the_callers_jit_equals_prefill_called_directly(model, sp
     assert cache.max_len == 256
 
 
+def test_a_program_with_jax_enable_x64_prefills_and_decodes_as_one_without(model):
+    """With 64-bit ints on (``jax_enable_x64``, as a caller's float64 oracle turns it on), every cache write failed:
+    its slot index mixed the int32 positions with int64 literals (``lax.concatenate requires arguments to have the same
+    dtypes``), so not even ``init_params`` ran."""
+    cfg = model.config
+    tokens = np.random.default_rng(17).integers(0, 1000, (2, 40))
+
+    def run():
+        params = qwen_jax.init_params(cfg, jax.random.key(0), jnp.float32)
+        cache = qwen_jax.init_cache(cfg, 2, 64, jnp.float32)
+        last, cache = qwen_jax.prefill(model.params, tokens, np.array([40, 21]), cache, cfg, chunk_size=16)
+        step, _ = qwen_jax.decode_step(model.params, jnp.asarray(tokens[:, 0]), jnp.asarray([40, 21]), cache, cfg)
+        return params, np.asarray(last), np.asarray(step)
+
+    want = run()
+    with jax.enable_x64(True):
+        got = run()
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_batch_of_different_lengths_equals_one_by_one(model):
     rng = np.random.default_rng(4)
     prompts = [rng.integers(0, 1000, n).tolist() for n in (5, 70, 33)]
