@@ -51,6 +51,14 @@ class DCAConfig:
     # Per layer: tuple of (head, pattern, vertical_size, slash_size, score); None: default budgets.
     sparse_attention_config: tuple | None = None
 
+    def __post_init__(self):
+        # (config.json's block is checked as it is parsed, ``_parse_dca``; this catches one built in code)
+        sizes = (self.chunk_size, self.local_size)
+        if not all(isinstance(x, int) and not isinstance(x, bool) for x in sizes) or not 0 <= self.local_size < \
+                self.chunk_size:
+            raise ConfigError(f"DCAConfig needs integers 0 <= local_size < chunk_size, got local_size "
+                              f"{self.local_size!r} and chunk_size {self.chunk_size!r}")
+
     @property
     def chunk_len(self) -> int:
         """``S = chunk_size - local_size``: the span of one DCA chunk in tokens."""

@@ -168,3 +168,14 @@ def test_decode_after_prefill_equals_full_forward_across_chunk_boundaries(dca_mo
                                              cache, cfg, spec=dca_model.attention)
         assert rel_err(logits, full[[0, 1], lengths + step]) <= 1e-5, step
         positions = positions + 1
+
+
+@pytest.mark.parametrize("chunk_size, local_size", [(48, 48), (48, 60), (48, -16), (48.0, 16)])
+def test_a_dca_config_built_in_code_refuses_local_size_outside_zero_to_chunk_size(chunk_size, local_size):
+    """config.json's block was checked, a ``DCAConfig`` built in code was not: local_size == chunk_size failed at the
+    first attention call (a ValueError about chunk_len), and a negative local_size ran with chunks longer than
+    chunk_size (successive and inter queries rotated by less than their chunk's keys: wrong logits, no error)."""
+    from qwen_jax.errors import ConfigError
+    with pytest.raises(ConfigError, match="DCAConfig needs integers 0 <= local_size < chunk_size"):
+        DCAConfig(chunk_size=chunk_size, local_size=local_size)
+    assert DCAConfig(chunk_size=48, local_size=0).chunk_len == 48
