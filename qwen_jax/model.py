@@ -360,19 +360,18 @@ def _check_sparse_chunks(config: QwenConfig, chunk_size: int):
 
 
 def _check_lengths(lengths, B: int, start: int, T: int):
-    """Refuse prompt lengths a prefill of ``T`` tokens after ``start`` cannot end at: a row whose last token is not
-    among them got logits of a zero hidden state (all zero), with no error. Traced lengths (prefill inside a caller's
-    ``jax.jit``) cannot be read and pass."""
+    """Refuse prompt lengths that end before the ``T`` tokens after ``start`` begin: such a row got the logits of a
+    zero hidden state (all zero), with no error. A length past ``start + T`` is a prompt prefilled in parts (its
+    logits come from the part holding its last token; ``bench prefill`` compiles on its first chunk so). Traced
+    lengths (prefill inside a caller's ``jax.jit``) cannot be read and pass."""
     known_lengths = known(lengths)
     if known_lengths is None:
         return
     if known_lengths.shape != (B,):
         raise QwenJaxError(f"lengths must be [B] = [{B}], one per row of tokens, got shape {known_lengths.shape}")
-    bad = (known_lengths <= start) | (known_lengths > start + T)
-    if bad.any():
-        where = f"{start} + " if start else ""
-        raise QwenJaxError(f"prompt lengths must be in [{start + 1}, {where}{T}] (each row's last token among the "
-                           f"{T} tokens given), got {known_lengths.tolist()}")
+    if (known_lengths <= start).any():
+        raise QwenJaxError(f"prompt lengths must be at least {start + 1} (each row's last token at or after the first "
+                           f"of the {T} tokens given{f', at {start}' if start else ''}), got {known_lengths.tolist()}")
 
 
 def _check_fits(total: int, cache: KVCache):

@@ -103,16 +103,18 @@ def test_a_position_outside_the_cache_gives_nan_logits_not_a_write_clamped_into_
                          qwen_jax.init_cache(cfg, 1, 8, jnp.float32), cfg)
 
 
-def test_prefill_refuses_lengths_whose_last_token_it_is_not_given(model):
-    """A row of length 0 (or less), or longer than the tokens given, has no last token among them: prefill returned
-    the logits of a zero hidden state (all zero) for it, with no error."""
+def test_prefill_refuses_lengths_that_end_before_its_tokens(model):
+    """A row of length 0 (or less), or one ending before ``start``, has no token among those given: prefill returned
+    the logits of a zero hidden state (all zero) for it, with no error. A row longer than the tokens given is a
+    prompt prefilled in parts: it runs, and equals the same tokens with the row's length cut to them where DCA's
+    scale does not depend on the length."""
     cfg = model.config
     tokens = np.random.default_rng(16).integers(0, 1000, (2, 8))
-    for lengths in ([8, 0], [9, 3], [-1, 2]):
-        with pytest.raises(qwen_jax.QwenJaxError, match=rf"^prompt lengths must be in \[1, 8\] \(each row's last token "
-                                                        rf"among the 8 tokens given\), got \{lengths}"):
+    for lengths in ([8, 0], [-1, 2]):
+        with pytest.raises(qwen_jax.QwenJaxError, match=rf"^prompt lengths must be at least 1 \(each row's last token "
+                                                        rf"at or after the first of the 8 tokens given\), got \{lengths}"):
             qwen_jax.prefill(model.params, tokens, np.array(lengths), qwen_jax.init_cache(cfg, 2, 16, jnp.float32), cfg)
-    with pytest.raises(qwen_jax.QwenJaxError, match=r"prompt lengths must be in \[5, 4 \+ 8\]"):
+    with pytest.raises(qwen_jax.QwenJaxError, match=r"prompt lengths must be at least 5 \(.* given, at 4\), got \[12, 4\]"):
         qwen_jax.prefill(model.params, tokens, np.array([12, 4]), qwen_jax.init_cache(cfg, 2, 16, jnp.float32), cfg,
                          start=4)
     with pytest.raises(qwen_jax.QwenJaxError, match=r"lengths must be \[B\] = \[2\]"):
@@ -120,6 +122,12 @@ def test_prefill_refuses_lengths_whose_last_token_it_is_not_given(model):
     logits, _ = qwen_jax.prefill(model.params, tokens, np.array([8, 1]), qwen_jax.init_cache(cfg, 2, 16, jnp.float32),
                                  cfg)
     assert (np.abs(np.asarray(logits)).max(axis=1) > 0).all()      # lengths 8 and 1: both rows real logits
+    _, whole = qwen_jax.prefill(model.params, tokens, np.array([8, 8]), qwen_jax.init_cache(cfg, 2, 16, jnp.float32),
+                                cfg)
+    _, part = qwen_jax.prefill(model.params, tokens, np.array([12, 8]), qwen_jax.init_cache(cfg, 2, 16, jnp.float32),
+                               cfg)
+    for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(part)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))    # row 0, 12 long, got its first 8 tokens' K/V
 
 
 @pytest.mark.parametrize("sparse", [False, True])
