@@ -241,3 +241,19 @@ def test_generation_benchmark_runs_both_engines_on_the_same_random_weights(tmp_p
     assert (env["jaxlib"], env["transformers"], data["args"]["repeats"]) == (jaxlib.__version__,
                                                                               transformers.__version__, 1)
     assert env["commit"] is None or len(env["commit"].rstrip("+")) >= 7
+
+
+def test_the_progress_bar_draws_on_the_stderr_of_the_moment(monkeypatch):
+    # it took sys.stderr as a default argument, fixed when the module was first imported: under pytest that stream
+    # is an earlier test's capture, closed since ("I/O operation on closed file" in test_prefix's benchmark test
+    # when this file ran first); a program that redirects sys.stderr later lost the bar the same way
+    import io
+
+    from qwen_jax.bench.prefill import progress_bar
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    bar = progress_bar(4, "prefill")
+    bar(2)
+    bar(4)
+    text = stream.getvalue()
+    assert text.startswith("\rprefill [###############...............] 2/4 tokens") and text.endswith("ETA 0 s\n"), text

@@ -26,8 +26,9 @@ import sys
 import time
 
 
-def progress_bar(total: int, label: str, stream=sys.stderr):
-    """A callable ``update(done)`` drawing ``label [#####.....] done/total tokens, elapsed, ETA``."""
+def progress_bar(total: int, label: str, stream=None):
+    """A callable ``update(done)`` drawing ``label [#####.....] done/total tokens, elapsed, ETA`` on ``stream``
+    (default: ``sys.stderr`` as it is at each update, not as it was when this module was imported)."""
     t0 = time.perf_counter()
 
     def update(done: int):
@@ -36,8 +37,8 @@ def progress_bar(total: int, label: str, stream=sys.stderr):
         bar = "#" * int(30 * frac) + "." * (30 - int(30 * frac))
         eta = elapsed / frac - elapsed if frac > 0 else 0.0
         end = "\n" if done >= total else ""
-        print(f"\r{label} [{bar}] {done}/{total} tokens, {elapsed:.1f} s, ETA {eta:.0f} s", end=end, file=stream,
-              flush=True)
+        print(f"\r{label} [{bar}] {done}/{total} tokens, {elapsed:.1f} s, ETA {eta:.0f} s", end=end,
+              file=stream or sys.stderr, flush=True)
 
     return update
 
