@@ -84,7 +84,7 @@ class Attention(nn.Module):
         kwargs = dict(rope=rope, config=c, spec=self.spec, layer=self.layer)
         recall = self.spec.recall and attention.sparse_active(c, q.shape[1], self.spec)
         mesh = self.spec.mesh
-        _check_cache_heads(k_cache, c, mesh)
+        _check_cache(k_cache, x.shape[0], c, mesh)
         if recall and mesh is not None:
             raise ConfigError("the attention-recall measurement runs on one device; load without a mesh")
 
@@ -120,9 +120,12 @@ class Attention(nn.Module):
         return y, k_cache, v_cache
 
 
-def _check_cache_heads(k_cache, config: QwenConfig, mesh) -> None:
-    """Refuse a cache made for another mesh (or none): with other kv heads each device would read and write other
-    heads' slots than its queries' (wrong logits, no error)."""
+def _check_cache(k_cache, batch: int, config: QwenConfig, mesh) -> None:
+    """Refuse a cache made for another batch (an XLA vmap error otherwise) or another mesh (or none): with other kv
+    heads each device would read and write other heads' slots than its queries' (wrong logits, no error)."""
+    if k_cache.shape[0] != batch:
+        raise ConfigError(f"the KV cache holds {k_cache.shape[0]} rows, the tokens {batch}: make it with "
+                          f"init_cache(config, batch={batch}, ...)")
     want = parallel.cache_kv_heads(config, mesh)
     if k_cache.shape[1] != want:
         where = "over this mesh" if mesh is not None else "without a mesh"

@@ -130,6 +130,18 @@ def test_prefill_refuses_lengths_that_end_before_its_tokens(model):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))    # row 0, 12 long, got its first 8 tokens' K/V
 
 
+def test_a_cache_made_for_another_batch_is_refused_in_one_line(model):
+    # it failed deep inside the layer's vmap with an XLA shape error
+    cfg = model.config
+    tokens = np.random.default_rng(17).integers(0, 1000, (2, 8))
+    with pytest.raises(qwen_jax.ConfigError, match=r"^the KV cache holds 1 rows, the tokens 2: make it with "
+                                                   r"init_cache\(config, batch=2, ...\)"):
+        qwen_jax.prefill(model.params, tokens, np.array([8, 8]), qwen_jax.init_cache(cfg, 1, 16, jnp.float32), cfg)
+    with pytest.raises(qwen_jax.ConfigError, match=r"^the KV cache holds 3 rows, the tokens 2"):
+        qwen_jax.decode_step(model.params, jnp.zeros((2,), jnp.int32), jnp.zeros((2,), jnp.int32),
+                             qwen_jax.init_cache(cfg, 3, 16, jnp.float32), cfg)
+
+
 @pytest.mark.parametrize("sparse", [False, True])
 def test_prefill_inside_the_callers_jit_equals_prefill_called_directly(model, sparse):
     """``prefill`` traced inside a caller's ``jax.jit`` (config, chunk size and spec static, cache donated) gives
