@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.masks import MASK_VALUE, MaskSpec
+from pallas_kernels.masks import MASK_VALUE, MaskSpec, div
 from pallas_kernels.online import merge_stacked, normalised, walk_phase
 from pallas_kernels.shapes import attention_dims, matmul_precision
 
@@ -68,10 +68,10 @@ def _kernel(qoff_ref, kvlen_ref, scale_ref, *refs, mask: MaskSpec, T: int, G: in
     first = qoff_ref[()]
     last = first + T - 1
     # row r is query r // G (padding rows repeat the last query's position; their outputs are dropped)
-    q_pos = first + jnp.minimum(lax.div(lax.broadcasted_iota(jnp.int32, (rows, 1), 0), G), T - 1)
+    q_pos = first + jnp.minimum(div(lax.broadcasted_iota(jnp.int32, (rows, 1), 0), G), T - 1)
     # this row's keys [0, kv_length) in ``splits`` runs of whole blocks, so each split has work however
     # much of the cache is filled
-    split = (lax.div(lax.div(kv_length + splits - 1, splits) + block_k - 1, block_k)) * block_k
+    split = (div(div(kv_length + splits - 1, splits) + block_k - 1, block_k)) * block_k
     s_lo = pl.program_id(2) * split
     s_hi = s_lo + split
     dtype = compute or q_refs[0].dtype
@@ -87,7 +87,7 @@ def _kernel(qoff_ref, kvlen_ref, scale_ref, *refs, mask: MaskSpec, T: int, G: in
         # the phase's blocks inside this split (splits are whole blocks, so none is visited twice)
         m, l, acc = walk_phase((m, l, acc), q, k_ref, v_ref, mask=mask, phase=phase, first=first, last=last,
                                q_pos=q_pos, kv_length=kv_length, scale=scale, block_k=block_k, precision=precision,
-                               dtype=dtype, within=(lax.div(s_lo, block_k), lax.div(s_hi, block_k)))
+                               dtype=dtype, within=(div(s_lo, block_k), div(s_hi, block_k)))
 
     o_ref[...], lse_ref[...] = normalised(m, l, acc)
 

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.masks import MASK_VALUE
+from pallas_kernels.masks import MASK_VALUE, div, rem
 from pallas_kernels.shapes import matmul_precision
 
 LAST_Q = 64
@@ -52,7 +52,7 @@ def tile_width(n_keys: int, chunk_len: int) -> int | None:
 def _share(info_ref, splits: int):
     """Program ``j``'s tiles ``[lo, hi)``: an even share of the live tiles."""
     live, j = info_ref[4], pl.program_id(1)
-    return lax.div(live * j, splits), lax.div(live * (j + 1), splits)
+    return div(live * j, splits), div(live * (j + 1), splits)
 
 
 def _tile(info_ref, scale_ref, qe_ref, k_ref, t, W: int, precision):
@@ -121,7 +121,7 @@ def _scores_kernel(info_ref, scale_ref, qe_ref, k_ref, lse_ref, vert_ref, slash_
             p = jnp.where(ok, jnp.exp(logits(g) - lse_ref[g, :][:, None]), 0.0)
             if columns:
                 vert_ref[g, pl.ds(t * W, W)] = p.sum(axis=0)
-            ring_ref[g, :, pl.ds(lax.rem(t + 2, 2) * W, W)] = p
+            ring_ref[g, :, pl.ds(rem(t + 2, 2) * W, W)] = p
 
     @pl.when((hi > lo) & (lo > 0))
     def _():
@@ -136,7 +136,7 @@ def _scores_kernel(info_ref, scale_ref, qe_ref, k_ref, lse_ref, vert_ref, slash_
         barrier()                            # every thread is done reading this slot (tile t - 2's)
         put_probs(t, columns=True)
         barrier()                            # ... and sees what the others wrote
-        col = lax.rem(t, 2) * W + c - (LAST_Q - 1) + r                       # key (i - 63 + r) in the ring
+        col = rem(t, 2) * W + c - (LAST_Q - 1) + r                       # key (i - 63 + r) in the ring
         col = jnp.where(col < 0, col + 2 * W, col)
 
         @pl.loop(0, Gq)
@@ -154,7 +154,7 @@ def _specs(b: int, group: int, Gq: int, S: int, H: int):
     info = pl.BlockSpec((INFO,), lambda h, j: (0,))
     scale = pl.BlockSpec((1,), lambda h, j: (0,))
     qe = pl.BlockSpec((3, group, LAST_Q, H), lambda h, j: (0, h, 0, 0))
-    k = pl.BlockSpec((None, None, S, H), lambda h, j: (b, lax.div(h * group, Gq), 0, 0))
+    k = pl.BlockSpec((None, None, S, H), lambda h, j: (b, div(h * group, Gq), 0, 0))
     return [info, scale, qe, k]
 
 

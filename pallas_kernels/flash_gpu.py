@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.masks import MASK_VALUE, MaskSpec
+from pallas_kernels.masks import MASK_VALUE, MaskSpec, div
 from pallas_kernels.online import normalised, walk_phase
 from pallas_kernels.shapes import attention_dims, matmul_precision, pad_queries
 
@@ -61,7 +61,7 @@ def flash_attention_gpu(queries: tuple, k, v, q_offset, kv_length, scale, *, mas
     queries, nq = pad_queries(queries, bq)
     scalar = pl.BlockSpec((None,), lambda b, n, i: (b,))
     q_spec = pl.BlockSpec((None, bq, None, H), lambda b, n, i: (b, i, n, 0))
-    kv_spec = pl.BlockSpec((None, None, S, H), lambda b, n, i: (b, lax.div(n, G), 0, 0))
+    kv_spec = pl.BlockSpec((None, None, S, H), lambda b, n, i: (b, div(n, G), 0, 0))
     out, lse = pl.pallas_call(
         functools.partial(_kernel, mask=mask, block_q=bq, block_k=block_k),
         grid=(B, N, nq),

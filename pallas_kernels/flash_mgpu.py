@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.masks import MASK_VALUE, MaskSpec
+from pallas_kernels.masks import MASK_VALUE, MaskSpec, div
 from pallas_kernels.shapes import attention_dims, pad_queries
 
 LOG2E = math.log2(math.e)
@@ -80,8 +80,8 @@ def check_supported(queries: tuple, k, v, block_q: int, block_k: int, stages: in
 
 def _blocks(lo, hi, block_k: int):
     """Block indices ``[j0, j1)`` covering key slots ``[lo, hi)`` (empty when the range is)."""
-    j0 = lax.div(lo, block_k)
-    return j0, jnp.where(hi > lo, lax.div(hi + block_k - 1, block_k), j0)
+    j0 = div(lo, block_k)
+    return j0, jnp.where(hi > lo, div(hi + block_k - 1, block_k), j0)
 
 
 def _kernel(meta_ref, scale_ref, *refs, mask: MaskSpec, G: int, block_q: int, block_k: int, stages: int,

@@ -22,7 +22,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.masks import MASK_VALUE, MaskSpec, block_span, phase_touches
+from pallas_kernels.masks import MASK_VALUE, MaskSpec, block_span, div, phase_touches
 from pallas_kernels.shapes import attention_dims, matmul_precision, pad_queries
 
 LANES = 128
@@ -122,7 +122,7 @@ def flash_attention_tpu(queries: tuple, k, v, q_offset, kv_length, scale, *, mas
     steps = S // block_k
 
     def kv_index(b, n, i, j, qoff_ref, kvlen_ref, scale_ref):
-        return b, lax.div(n, G), _block(mask, qoff_ref, kvlen_ref, b, i, j, bq, block_k)[0], 0
+        return b, div(n, G), _block(mask, qoff_ref, kvlen_ref, b, i, j, bq, block_k)[0], 0
 
     q_spec = pl.BlockSpec((None, None, bq, H), lambda b, n, i, j, *_: (b, n, i, 0))
     kv_spec = pl.BlockSpec((None, None, block_k, H), kv_index)

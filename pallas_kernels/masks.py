@@ -56,7 +56,7 @@ class MaskSpec:
                 hi = last + 1
         else:
             S = self.chunk_len
-            c_first, c_last = _div(first, S), _div(last, S)
+            c_first, c_last = div(first, S), div(last, S)
             lo, hi = {INTER: (zero, (c_last - 1) * S),
                       SUCCESSIVE: ((c_first - 1) * S, c_last * S),
                       INTRA: (c_first * S, last + 1)}[phase]
@@ -68,23 +68,23 @@ class MaskSpec:
         """Key blocks ``[u0, u1)`` every query at ``first..last`` sees whole in ``phase`` (no mask needed).
 
         Conservative: a block outside it may still be fully visible; the caller masks those."""
-        hi = _div(kv_length, block_k)                          # blocks wholly below kv_length
+        hi = div(kv_length, block_k)                          # blocks wholly below kv_length
         lo = jnp.zeros_like(hi)
         if self.causal:
-            hi = jnp.minimum(hi, _div(first + 1, block_k))     # every key <= the first query
+            hi = jnp.minimum(hi, div(first + 1, block_k))     # every key <= the first query
         if self.window is not None:
-            lo = jnp.maximum(lo, _div(jnp.maximum(last - self.window + block_k, 0), block_k))
+            lo = jnp.maximum(lo, div(jnp.maximum(last - self.window + block_k, 0), block_k))
         if phase != PLAIN:
             S = self.chunk_len
-            c_first, c_last = _div(first, S), _div(last, S)
+            c_first, c_last = div(first, S), div(last, S)
             one_chunk = c_first == c_last
             if phase == INTER:
-                hi = jnp.minimum(hi, _div(jnp.maximum((c_first - 1) * S, 0), block_k))
+                hi = jnp.minimum(hi, div(jnp.maximum((c_first - 1) * S, 0), block_k))
             elif phase == SUCCESSIVE:
-                lo = jnp.maximum(lo, _div(jnp.maximum((c_first - 1) * S + block_k - 1, 0), block_k))
-                hi = jnp.where(one_chunk, jnp.minimum(hi, _div(c_first * S, block_k)), 0)
+                lo = jnp.maximum(lo, div(jnp.maximum((c_first - 1) * S + block_k - 1, 0), block_k))
+                hi = jnp.where(one_chunk, jnp.minimum(hi, div(c_first * S, block_k)), 0)
             else:
-                lo = jnp.maximum(lo, _div(c_first * S + block_k - 1, block_k))
+                lo = jnp.maximum(lo, div(c_first * S + block_k - 1, block_k))
                 hi = jnp.where(one_chunk, hi, 0)
         return lo, jnp.maximum(hi, lo)
 
@@ -97,15 +97,21 @@ class MaskSpec:
             ok &= q_pos - k_pos < self.window
         if phase != PLAIN:
             S = self.chunk_len
-            gap = _div(jnp.maximum(q_pos, 0), S) - _div(k_pos, S)
+            gap = div(jnp.maximum(q_pos, 0), S) - div(k_pos, S)
             ok &= {INTER: gap >= 2, SUCCESSIVE: gap == 1, INTRA: gap == 0}[phase]
         return ok
 
 
-def _div(a, b):
+def div(a, b):
     """Integer division of a non-negative ``a``: truncating ``lax.div`` lowers on every backend (jnp's
-    floor division needs ``sign``, which Mosaic TPU cannot lower without a TPU attached)."""
+    floor division needs ``sign``, which Mosaic TPU cannot lower without a TPU attached). ``b`` takes ``a``'s
+    dtype: ``lax.div(int32, 2)`` fails under ``jax_enable_x64``, where the 2 becomes int64."""
     return lax.div(a, jnp.asarray(b, jnp.asarray(a).dtype))
+
+
+def rem(a, b):
+    """``lax.rem`` with ``b`` in ``a``'s dtype (as ``div``)."""
+    return lax.rem(a, jnp.asarray(b, jnp.asarray(a).dtype))
 
 
 def block_span(mask: MaskSpec, first, last, kv_length, block_k: int):
@@ -113,8 +119,8 @@ def block_span(mask: MaskSpec, first, last, kv_length, block_k: int):
     lo_blk, hi_blk = None, None
     for phase in mask.phases:
         lo, hi = mask.key_range(phase, first, last, kv_length)
-        lo_p = jnp.where(hi > lo, _div(lo, block_k), jnp.iinfo(jnp.int32).max)
-        hi_p = jnp.where(hi > lo, _div(hi + block_k - 1, block_k), 0)
+        lo_p = jnp.where(hi > lo, div(lo, block_k), jnp.iinfo(jnp.int32).max)
+        hi_p = jnp.where(hi > lo, div(hi + block_k - 1, block_k), 0)
         lo_blk = lo_p if lo_blk is None else jnp.minimum(lo_blk, lo_p)
         hi_blk = hi_p if hi_blk is None else jnp.maximum(hi_blk, hi_p)
     return jnp.minimum(lo_blk, hi_blk), hi_blk

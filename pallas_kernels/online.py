@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.masks import MASK_VALUE
+from pallas_kernels.masks import MASK_VALUE, div
 
 
 def online_softmax_step(carry, s, v, ok, precision):
@@ -41,7 +41,7 @@ def walk_phase(carry, q, k_ref, v_ref, *, mask, phase: str, first, last, q_pos, 
     (``mask.visible`` at ``q_pos`` [rows, 1]). ``within``: the blocks ``[first, end)`` to stay inside (a decode
     split). K/V blocks are read from the refs, widened to ``dtype`` if given (an 8-bit cache)."""
     lo, hi = mask.key_range(phase, first, last, kv_length)
-    j0, j1 = lax.div(lo, block_k), lax.div(hi + block_k - 1, block_k)
+    j0, j1 = div(lo, block_k), div(hi + block_k - 1, block_k)
     if within is not None:
         j0, j1 = jnp.maximum(j0, within[0]), jnp.minimum(j1, within[1])
     j1 = jnp.maximum(j1, j0)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.masks import MASK_VALUE, MaskSpec
+from pallas_kernels.masks import MASK_VALUE, MaskSpec, div
 from pallas_kernels.online import normalised, online_softmax_step
 from pallas_kernels.shapes import attention_dims, matmul_precision, pad_queries
 from pallas_kernels.vslash import BAND, VSIndex, gather_verticals, pad_verticals
@@ -78,7 +78,7 @@ def _kernel(qoff_ref, kvlen_ref, scale_ref, seg_ref, *refs, mask: MaskSpec, bloc
             return update(carry, q, kg_ref[g, p, at, :], vg_ref[g, p, at, :], ok)
 
         carry = lax.fori_loop(t0_ref[p], t1_ref[p], slash_tile, carry)
-        carry = lax.fori_loop(0, lax.div(vcnt_ref[g, p] + block_k - 1, block_k), vertical_tile, carry)
+        carry = lax.fori_loop(0, div(vcnt_ref[g, p] + block_k - 1, block_k), vertical_tile, carry)
 
     out, lse = normalised(*carry)
     o_ref[...] = out.astype(o_ref.dtype)
@@ -103,7 +103,7 @@ def vslash_attention_gpu(queries: tuple, k, v, q_offset, kv_length, scale, index
     VC = index.vpos.shape[-1]
     scalar = pl.BlockSpec((None,), lambda b, n, i: (b,))
     q_spec = pl.BlockSpec((None, BAND, None, H), lambda b, n, i: (b, i, n, 0))
-    kv_spec = pl.BlockSpec((None, None, S, H), lambda b, n, i: (b, lax.div(n, G), 0, 0))
+    kv_spec = pl.BlockSpec((None, None, S, H), lambda b, n, i: (b, div(n, G), 0, 0))
     per_head = lambda *shape: pl.BlockSpec((None, Gs, None) + shape, lambda b, n, i: (b, 0, n) + (0,) * len(shape))  # noqa: E731
     per_block = lambda *shape: pl.BlockSpec((None, None, None) + shape, lambda b, n, i: (b, n, i) + (0,) * len(shape))  # noqa: E731
     out, lse = pl.pallas_call(

@@ -26,7 +26,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.masks import MASK_VALUE, MaskSpec
+from pallas_kernels.masks import MASK_VALUE, MaskSpec, div, rem
 from pallas_kernels.shapes import attention_dims, matmul_precision, pad_queries
 from pallas_kernels.vslash import BAND, VSIndex, gather_verticals, pad_verticals
 
@@ -42,7 +42,7 @@ def _kernel(qoff_ref, kvlen_ref, scale_ref, seg_ref, *refs, mask: MaskSpec, G: i
      rs_smem, re_smem, t_smem, vcnt_smem, kbuf, vbuf, sem, m_scr, l_scr, acc_scr) = refs[n_phases:]
     b, n, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     g = seg_ref[b, i]
-    kvh = lax.div(n, G)
+    kvh = div(n, G)
     kv_length, scale = kvlen_ref[b], scale_ref[b]
     q0 = qoff_ref[b] + i * BAND
     precision = matmul_precision(k_hbm.dtype)
@@ -67,7 +67,7 @@ def _kernel(qoff_ref, kvlen_ref, scale_ref, seg_ref, *refs, mask: MaskSpec, G: i
         acc_scr[...] = acc_scr[...] * correction[:, :1] + pv
 
     def window_start(lo):
-        r = lax.rem(lo, BAND)
+        r = rem(lo, BAND)
         return jnp.clip(lo - jnp.where(r < 0, r + BAND, r), 0, n_keys - WINDOW)
 
     def copies(src_k, src_v, slot):
@@ -82,7 +82,7 @@ def _kernel(qoff_ref, kvlen_ref, scale_ref, seg_ref, *refs, mask: MaskSpec, G: i
                 c.start()
 
         def body(t, carry):
-            slot = lax.rem(t - first, 2)
+            slot = rem(t - first, 2)
             for c in copies(*sources(t), slot):
                 c.wait()
 
@@ -125,7 +125,7 @@ def _kernel(qoff_ref, kvlen_ref, scale_ref, seg_ref, *refs, mask: MaskSpec, G: i
             accumulate(q_ref[...], kbuf[slot], vbuf[slot], ok)
 
         pipelined(t_smem[0, p], t_smem[1, p], slash_sources, slash_compute)
-        pipelined(0, lax.div(vcnt_smem[0, p] + V_TILE - 1, V_TILE), vertical_sources, vertical_compute)
+        pipelined(0, div(vcnt_smem[0, p] + V_TILE - 1, V_TILE), vertical_sources, vertical_compute)
 
     l, m = l_scr[...][:, :1], m_scr[...][:, :1]
     o_ref[...] = (acc_scr[...] / jnp.maximum(l, 1e-30)).astype(o_ref.dtype)

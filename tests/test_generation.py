@@ -90,17 +90,17 @@ def test_a_position_outside_the_cache_gives_nan_logits_not_a_write_clamped_into_
     are NaN, the other rows' are untouched, and a forward of more tokens than slots is refused in one line."""
     cfg = model.config
     tokens = jnp.asarray(np.random.default_rng(15).integers(0, 1000, (2, 8)), jnp.int32)
-    cache = qwen_jax.init_cache(cfg, 2, 8, jnp.float32)
+    cache = qwen_jax.init_cache(cfg, 2, 32, jnp.float32)     # (32: the GPU kernels' smallest key block)
     _, cache = qwen_jax.prefill(model.params, tokens, np.array([8, 5]), cache, cfg)
-    logits, cache = qwen_jax.decode_step(model.params, tokens[:, 0], jnp.asarray([8, 5], jnp.int32), cache, cfg)
+    logits, cache = qwen_jax.decode_step(model.params, tokens[:, 0], jnp.asarray([32, 5], jnp.int32), cache, cfg)
     logits = np.asarray(logits)
     assert np.isnan(logits[0]).all() and np.isfinite(logits[1]).all()
     logits, _ = qwen_jax.forward(model.params, tokens[:, :3], jnp.asarray([[-1, 0, 1], [2, 3, 4]], jnp.int32), cache,
                                  cfg)
     assert np.isnan(np.asarray(logits[0])).all() and np.isfinite(np.asarray(logits[1])).all()
-    with pytest.raises(qwen_jax.QwenJaxError, match="^12 tokens do not fit a KV cache of 8 slots"):
-        qwen_jax.forward(model.params, jnp.zeros((1, 12), jnp.int32), jnp.arange(12, dtype=jnp.int32)[None],
-                         qwen_jax.init_cache(cfg, 1, 8, jnp.float32), cfg)
+    with pytest.raises(qwen_jax.QwenJaxError, match="^40 tokens do not fit a KV cache of 32 slots"):
+        qwen_jax.forward(model.params, jnp.zeros((1, 40), jnp.int32), jnp.arange(40, dtype=jnp.int32)[None],
+                         qwen_jax.init_cache(cfg, 1, 32, jnp.float32), cfg)
 
 
 def test_prefill_refuses_lengths_that_end_before_its_tokens(model):

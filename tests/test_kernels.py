@@ -204,6 +204,37 @@ def test_kernels_lower_for_their_hardware(kernel, platform, mask_name, monkeypat
     assert exported.platforms == (platform,) and marker in exported.mlir_module()
 
 
+def test_the_kernels_run_and_lower_with_jax_enable_x64():
+    """With 64-bit ints on, ``lax.div(int32, 2)`` inside a kernel made the 2 int64 and failed to trace (``lax.div
+    requires arguments to have the same dtypes``): every decode step on a GPU failed in a program that had turned
+    x64 on. Interpret mode against the reference, and lowering for the kernels' own hardware, both with x64."""
+    from pallas_kernels.decode_gpu import decode_attention_gpu
+    from pallas_kernels.flash_mgpu import flash_attention_mgpu
+    mask = MASKS["dca"]
+    args = inputs(31, 4, len(mask.phases))
+    ref_out = np.asarray(expected(*args, mask)[0])
+    runs = {kernel: functools.partial(flash_attention, mask=mask, impl=kernel, block_q=16, block_k=32, interpret=True)
+            for kernel in KERNELS}
+    runs["decode"] = functools.partial(decode_attention_gpu, mask=mask, block_k=16, splits=2, interpret=True)
+    with jax.enable_x64(True):
+        for kernel, run in runs.items():
+            out, _ = run(*args[:3], q_offset=args[3], kv_length=args[4], scale=args[5])
+            np.testing.assert_allclose(np.asarray(out), ref_out, atol=2e-6, rtol=1e-5, err_msg=kernel)
+        sd = jax.ShapeDtypeStruct
+        B, T, N, K, H, S = 1, 256, 28, 4, 128, 1024
+        shapes = (tuple(sd((B, T, N, H), jnp.bfloat16) for _ in mask.phases), sd((B, K, S, H), jnp.bfloat16),
+                  sd((B, K, S, H), jnp.bfloat16), sd((B,), jnp.int32), sd((B,), jnp.int32), sd((B,), jnp.float32))
+        triton = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+        for fn, platform, checks in [
+                (functools.partial(flash_attention_mgpu, mask=mask, block_q=64, block_k=128), "cuda", []),
+                (functools.partial(pallas_kernels.flash_gpu.flash_attention_gpu, mask=mask, block_q=64, block_k=64),
+                 "cuda", triton),
+                (functools.partial(decode_attention_gpu, mask=mask), "cuda", triton),
+                (functools.partial(pallas_kernels.flash_tpu.flash_attention_tpu, mask=mask, block_q=128, block_k=256),
+                 "tpu", [])]:
+            export.export(jax.jit(fn), platforms=[platform], disabled_checks=checks)(*shapes)
+
+
 def test_dispatch_picks_or_refuses_loudly():
     assert resolve_impl("auto", backend="gpu") == "mosaic_gpu"
     assert resolve_impl("triton", backend="gpu") == "triton"

@@ -158,6 +158,24 @@ def test_sparse_prefill_paths_agree_and_budgets_matter(tiny_checkpoint):
     assert np.abs(high - dense).max() <= 1e-5 * np.abs(dense).max()
 
 
+def test_sparse_prefill_through_the_kernels_with_jax_enable_x64_equals_it_without(tiny_checkpoint):
+    """With 64-bit ints on (a caller's float64 oracle turns them on), the kernels' ``lax.div(int32, 2)`` made the 2
+    int64 and failed to trace (``lax.div requires arguments to have the same dtypes``); on a GPU, every decode step."""
+    import qwen_jax
+    from qwen_jax.attention import AttentionSpec
+    tokens = np.random.default_rng(9).integers(0, 1000, (1, 320))
+    cfg = dict(DCA_TINY, sparse_attention_enabled=True, sparse_attention_threshold=0,
+               sparse_attention_config=budgets_json(2, 4, 30, 50))
+    base = qwen_jax.load(tiny_checkpoint[0], dtype="float32", dual_chunk_attention_config=cfg, prefill_chunk_size=192)
+    for kernel in ("triton", "mosaic_tpu"):
+        model = qwen_jax.Model(base.config, base.params, prefill_chunk_size=192,
+                               attn_implementation=AttentionSpec(impl="pallas", kernel=kernel, interpret=True))
+        want = model.logits(tokens)
+        with jax.enable_x64(True):
+            got = model.logits(tokens)
+        assert np.abs(got - want).max() <= 1e-6 * np.abs(want).max(), kernel
+
+
 def test_a_one_token_prefill_chunk_runs_sparse_and_decode_stays_dense(tiny_checkpoint, monkeypatch):
     """A 321-token prompt in chunks of 320 ends in a one-token chunk: a prefill chunk, so it estimates (from its one
     query) and attends sparsely as the chunk before it did (a single query was taken for a decode step, and it ran
