@@ -260,6 +260,9 @@ def load(path: str | os.PathLike, *, dtype="auto", mesh=None, **config_overrides
 
 
 _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "repetition_penalty")
+# what HF's ``generate`` samples with where neither the checkpoint nor the caller sets the field
+# (``GenerationConfig._get_default_generation_params``): top-p 1 and a penalty of 1 are off here too, top-k is not
+_HF_SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": 50}
 
 
 def _read_generation_config(folder: str) -> tuple[list[int], dict]:
@@ -285,7 +288,8 @@ def _generation_config_eos(path: str, generation_config: dict) -> list[int]:
 
 def _recommended_sampling(path: str, generation_config: dict) -> dict:
     """HF's reading: ``do_sample`` false or absent is greedy (temperature, top_p and top_k unused), true with no
-    temperature samples at 1.0; the repetition penalty applies either way. A null field counts as absent."""
+    temperature samples at 1.0 and with no top_k keeps the 50 likeliest tokens (top_k 0 turns it off); the
+    repetition penalty applies either way. A null field counts as absent."""
     fields = {name: generation_config[name] for name in _SAMPLING_FIELDS if generation_config.get(name) is not None}
     for name, value in fields.items():
         try:
@@ -296,7 +300,7 @@ def _recommended_sampling(path: str, generation_config: dict) -> dict:
     if do_sample is not None and not isinstance(do_sample, bool):
         raise CheckpointError(f"{path}: do_sample must be true or false, got {do_sample!r}")
     if do_sample:
-        fields.setdefault("temperature", 1.0)
+        fields = {**_HF_SAMPLING_DEFAULTS, **fields}
     else:
         fields = {"temperature": 0.0, **{k: v for k, v in fields.items() if k == "repetition_penalty"}}
     return fields

@@ -154,7 +154,7 @@ def _checkpoint_with(tiny_checkpoint, tmp_path, generation_config):
     ({"do_sample": False, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.1},
      dict(temperature=0.0, repetition_penalty=1.1)),
     ({"temperature": 0.7, "top_k": 20}, dict(temperature=0.0)),                   # do_sample absent: greedy
-    ({"do_sample": True, "top_p": 0.9, "top_k": None}, dict(temperature=1.0, top_p=0.9)),   # HF samples at 1.0
+    ({"do_sample": True, "top_p": 0.9, "top_k": None}, dict(temperature=1.0, top_p=0.9, top_k=50)),  # HF's defaults
     (None, {}),
 ])
 def test_generation_config_holds_the_recommended_generate_keywords(tiny_checkpoint, tmp_path, file, expected):
@@ -162,6 +162,18 @@ def test_generation_config_holds_the_recommended_generate_keywords(tiny_checkpoi
     assert loaded.generation_config == expected
     assert all(type(v) is type(expected[k]) for k, v in loaded.generation_config.items())
     assert len(loaded.generate("hi", max_new_tokens=3, **loaded.generation_config)) == 1
+
+
+@pytest.mark.parametrize("file,expected", [
+    ({"do_sample": True, "temperature": 0.7}, dict(temperature=0.7, top_k=50)),
+    ({"do_sample": True, "top_p": 0.9, "top_k": None}, dict(temperature=1.0, top_p=0.9, top_k=50)),
+    ({"do_sample": True, "top_k": 0}, dict(temperature=1.0, top_k=0)),
+])
+def test_sampling_without_top_k_in_the_file_keeps_hfs_50_likeliest_tokens(tiny_checkpoint, tmp_path, file, expected):
+    """HF's ``generate`` fills a field neither the file nor the caller sets from its defaults, and its top_k is 50
+    (transformers 5.24: TopKLogitsWarper(top_k=50) for these files); top_k 0 turns it off."""
+    loaded = qwen_jax.load(_checkpoint_with(tiny_checkpoint, tmp_path, file), dtype="float32")
+    assert loaded.generation_config == expected
 
 
 @pytest.mark.parametrize("content,message", [
