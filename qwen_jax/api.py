@@ -18,7 +18,8 @@ from qwen_jax.errors import CheckpointError, ConfigError, QwenJaxError, read_jso
 from qwen_jax.generation import (check_generation_args, generate_ids, special_stops, stop_strings,
                                  truncate_at_stop)
 from qwen_jax.cache import cache_dtype
-from qwen_jax.model import DEFAULT_PREFILL_CHUNK, abstract_params, param_shardings, params_dtype, prefill_logits
+from qwen_jax.model import (DEFAULT_PREFILL_CHUNK, abstract_params, check_token_ids, param_shardings, params_dtype,
+                            prefill_logits)
 from qwen_jax.prefix import DEFAULT_RESERVE, PrefixCache, cache_prefix
 from qwen_jax.sampling import Sampling
 from qwen_jax.sharding import as_mesh, check_same_on_every_process
@@ -110,8 +111,7 @@ class Model:
         if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer) or not tokens.size:
             raise QwenJaxError(f"tokens must be a non-empty integer array [batch, length], got "
                                f"{tokens.dtype}{list(tokens.shape)}")
-        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.config.vocab_size):
-            raise QwenJaxError(f"token ids must be in [0, {self.config.vocab_size})")
+        check_token_ids(tokens, self.config.vocab_size)
         check_same_on_every_process(tokens, "the tokens")
         return prefill_logits(self.params, tokens, self.config, chunk_size=self.prefill_chunk_size,
                               spec=self.attention, cache_dtype=self.kv_cache_dtype)

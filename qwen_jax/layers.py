@@ -211,7 +211,9 @@ class Embed(nn.Module):
         self.table = _param(self, self.param_name, ("vocab", "embed"), (self.num_embeddings, self.features))
 
     def __call__(self, tokens):
-        return jnp.take(self.table, tokens, axis=0)
+        # an id outside [0, V) gets a NaN row (``take`` wrapped -1 .. -V to the table's end, a plausible token): traced
+        # ids cannot be refused, so a wrong one shows as NaN logits in its row (``model.check_token_ids``)
+        return self.table.at[tokens].get(mode="fill", wrap_negative_indices=False)
 
     def attend(self, hidden):
         return jnp.einsum("...d,vd->...v", hidden, self.table, precision=matmul_precision(self.dtype),

@@ -144,7 +144,6 @@ def _unembed(params, hidden, config):
     return _module(config, hidden.dtype).apply({"params": params}, hidden, method=Qwen2.unembed)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "spec"), donate_argnames=("cache",))
 def forward(params, tokens, positions, cache: KVCache, config: QwenConfig, request_lengths=None,
             spec: attention.AttentionSpec = attention.DEFAULT_SPEC):
     """Full forward of ``tokens`` [B, T] at ``positions`` [B, T] (contiguous per row) over ``cache``.
@@ -152,8 +151,15 @@ def forward(params, tokens, positions, cache: KVCache, config: QwenConfig, reque
     ``request_lengths`` [B] (default: last position + 1) is each row's whole request length, which
     sets DCA's logit scale. Writes the new keys/values at their positions and returns
     ``(logits [B, T, V] float32, cache)``. A row with a position outside the cache's slots gets NaN logits
-    (``outside_the_cache``); more tokens than slots are refused.
+    (``outside_the_cache``); more tokens than slots are refused, and so are token ids outside the vocabulary where
+    their values are known (``check_token_ids``).
     """
+    check_token_ids(tokens, config.vocab_size)
+    return _forward(params, tokens, positions, cache, config, request_lengths, spec)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "spec"), donate_argnames=("cache",))
+def _forward(params, tokens, positions, cache: KVCache, config: QwenConfig, request_lengths, spec):
     _check_fits(tokens.shape[1], cache)
     if request_lengths is None:
         request_lengths = jnp.max(positions, axis=1).astype(jnp.int32) + 1
@@ -161,13 +167,45 @@ def forward(params, tokens, positions, cache: KVCache, config: QwenConfig, reque
     return outside_the_cache(_unembed(params, hidden, config), positions, cache), cache
 
 
-@functools.partial(jax.jit, static_argnames=("config", "spec"), donate_argnames=("cache",))
 def decode_step(params, tokens, positions, cache: KVCache, config: QwenConfig,
                 spec: attention.AttentionSpec = attention.DEFAULT_SPEC):
     """One token per row: ``tokens``, ``positions`` [B] int32 -> ``(logits [B, V] float32, cache)``. A row whose
-    position is outside the cache's slots (decoding past its end) gets NaN logits (``outside_the_cache``)."""
+    position is outside the cache's slots (decoding past its end) gets NaN logits (``outside_the_cache``); token ids
+    outside the vocabulary are refused where their values are known (``check_token_ids``)."""
+    check_token_ids(tokens, config.vocab_size)
+    return _decode_step(params, tokens, positions, cache, config, spec)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "spec"), donate_argnames=("cache",))
+def _decode_step(params, tokens, positions, cache: KVCache, config: QwenConfig, spec):
     logits, cache = decode_logits(params, tokens, positions, cache, config, spec)
     return outside_the_cache(logits, positions[:, None], cache), cache
+
+
+def check_token_ids(tokens, vocab_size: int):
+    """Refuse token ids outside ``[0, vocab_size)`` where their values are known: the embedding gives NaN for them
+    (``Embed``), which reached the logits with no error. Ids on the host (numpy, lists) cost a min and a max there, a
+    concrete jax array one small reduction on its device (and a wait for it). Traced ids (a step inside a caller's
+    ``jax.jit``) cannot be read: they pass, and their rows' logits come out NaN."""
+    if isinstance(tokens, jax.core.Tracer):
+        return
+    if isinstance(tokens, jax.Array):
+        if not tokens.size:
+            return
+        low, high = (int(x) for x in np.asarray(_id_range(tokens)))
+    else:
+        # (before any cast to int32, which would wrap an id of 2**32 to 0)
+        ids = np.asarray(tokens)
+        if not ids.size:
+            return
+        low, high = ids.min(), ids.max()
+    if low < 0 or high >= vocab_size:
+        raise QwenJaxError(f"token ids must be in [0, {vocab_size}) (the vocabulary), got {low if low < 0 else high}")
+
+
+@jax.jit
+def _id_range(tokens):
+    return jnp.stack([jnp.min(tokens), jnp.max(tokens)])
 
 
 def outside_the_cache(logits, positions, cache: KVCache):
@@ -295,8 +333,10 @@ def prefill(params, tokens, lengths, cache: KVCache, config: QwenConfig, *, chun
     Returns ``(logits [B, V] float32 at each row's last prompt token, cache)``. ``progress`` is
     an optional callable receiving the number of tokens done after each chunk.
     ``start``: the tokens go to positions (and slots) ``[start, start + T)`` after a prefix already in the cache
-    (``qwen_jax.prefix``); ``lengths`` count the prefix too. The chunks then begin at ``start``.
+    (``qwen_jax.prefix``); ``lengths`` count the prefix too. The chunks then begin at ``start``. Token ids outside
+    the vocabulary are refused where their values are known (``check_token_ids``).
     """
+    check_token_ids(tokens, config.vocab_size)
     tokens = jnp.asarray(tokens, jnp.int32)
     B, T = tokens.shape
     if isinstance(start, bool) or not isinstance(start, numbers.Integral) or start < 0:
@@ -338,6 +378,7 @@ def prefill_logits(params, tokens, config: QwenConfig, *, chunk_size: int = DEFA
                    spec: attention.AttentionSpec = attention.DEFAULT_SPEC, cache_dtype=None) -> np.ndarray:
     """Logits at every position, computed chunk by chunk through the prefill path: [B, T, V] float32
     (``cache_dtype``: the KV cache's storage, default the parameters' dtype)."""
+    check_token_ids(tokens, config.vocab_size)
     tokens = jnp.asarray(tokens, jnp.int32)
     B, T = tokens.shape
     _check_sparse_chunks(config, chunk_size)

@@ -103,6 +103,53 @@ def test_a_position_outside_the_cache_gives_nan_logits_not_a_write_clamped_into_
                          qwen_jax.init_cache(cfg, 1, 32, jnp.float32), cfg)
 
 
+@pytest.mark.parametrize("bad", [1024, 5000, -1, -1024, 2**32])
+def test_token_ids_outside_the_vocabulary_are_refused_in_one_line(model, bad):
+    """An id outside [0, V) gave NaN logits with no error through forward, prefill, prefill_logits and decode_step
+    (-1 .. -V even finite ones: the embedding wrapped them to the table's end; 2**32 wrapped to 0 in int32); ids on
+    the host and concrete jax arrays are now refused before anything runs."""
+    cfg = model.config
+    tokens = np.random.default_rng(18).integers(0, 1000, (2, 8))
+    tokens[1, 5] = bad
+    positions = np.broadcast_to(np.arange(8, dtype=np.int32), (2, 8))
+    message = rf"^token ids must be in \[0, 1024\) \(the vocabulary\), got {bad}$"
+    for ids in (tokens, jnp.asarray(tokens) if bad != 2**32 else tokens.tolist()):
+        with pytest.raises(qwen_jax.QwenJaxError, match=message):
+            qwen_jax.forward(model.params, ids, positions, qwen_jax.init_cache(cfg, 2, 32, jnp.float32), cfg)
+        with pytest.raises(qwen_jax.QwenJaxError, match=message):
+            qwen_jax.prefill(model.params, ids, np.array([8, 8]), qwen_jax.init_cache(cfg, 2, 32, jnp.float32), cfg)
+        with pytest.raises(qwen_jax.QwenJaxError, match=message):
+            qwen_jax.model.prefill_logits(model.params, ids, cfg)
+        with pytest.raises(qwen_jax.QwenJaxError, match=message):
+            qwen_jax.decode_step(model.params, jnp.asarray(ids)[:, 5] if bad != 2**32 else [0, bad], np.array([0, 0]),
+                                 qwen_jax.init_cache(cfg, 2, 32, jnp.float32), cfg)
+    with pytest.raises(qwen_jax.QwenJaxError, match=message):
+        model.logits(tokens)
+
+
+@pytest.mark.parametrize("bad", [1024, -1])
+def test_traced_token_ids_outside_the_vocabulary_give_nan_logits_in_their_row(model, bad):
+    """Inside a caller's ``jax.jit`` the ids cannot be read: the row holding a wrong one gets NaN logits, as README
+    says, the other rows are untouched (-1 gave finite logits: the embedding wrapped it to the table's last row)."""
+    cfg = model.config
+    tokens = np.random.default_rng(19).integers(0, 1000, (2, 8))
+    tokens[0, 5] = bad
+    positions = jnp.broadcast_to(jnp.arange(8, dtype=jnp.int32), (2, 8))
+    forward = jax.jit(qwen_jax.forward, static_argnames=("config",))
+    logits, _ = forward(model.params, jnp.asarray(tokens), positions, qwen_jax.init_cache(cfg, 2, 32, jnp.float32),
+                        config=cfg)
+    logits = np.asarray(logits)
+    assert np.isnan(logits[0, 5:]).all() and np.isfinite(logits[1]).all()
+    prefill = jax.jit(qwen_jax.prefill, static_argnames=("config",))
+    last, _ = prefill(model.params, jnp.asarray(tokens), jnp.asarray([8, 8]), qwen_jax.init_cache(cfg, 2, 32, jnp.float32),
+                      config=cfg)
+    assert np.isnan(np.asarray(last[0])).all() and np.isfinite(np.asarray(last[1])).all()
+    decode = jax.jit(qwen_jax.decode_step, static_argnames=("config",))
+    step, _ = decode(model.params, jnp.asarray(tokens[:, 5]), jnp.asarray([0, 0]),
+                     qwen_jax.init_cache(cfg, 2, 32, jnp.float32), config=cfg)
+    assert np.isnan(np.asarray(step[0])).all() and np.isfinite(np.asarray(step[1])).all()
+
+
 def test_prefill_refuses_lengths_that_end_before_its_tokens(model):
     """A row of length 0 (or less), or one ending before ``start``, has no token among those given: prefill returned
     the logits of a zero hidden state (all zero) for it, with no error. A row longer than the tokens given is a
