@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 import qwen_jax
 from conftest import make_hf_model, save_hf_checkpoint
-from convert import convert_checkpoint, read_hf_params
+from convert import CAST_DTYPES, convert_checkpoint, read_hf_params
 from convert.safetensors_io import SafetensorsFile
 from qwen_jax.cli import main
 from qwen_jax.config import QwenConfig, read_config_json
@@ -391,6 +391,22 @@ def test_a_cast_is_recorded_in_config_json(tmp_path, tiny_checkpoint):
     assert Qwen2ForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype="auto").dtype == torch.bfloat16
     assert main(["convert", src, str(tmp_path / "kept")]) == 0                  # no cast: config.json as it was
     assert json.loads(open(tmp_path / "kept" / "config.json").read()) == before
+
+
+@pytest.mark.parametrize("name", sorted(CAST_DTYPES))
+def test_convert_dtype_on_the_command_line_takes_every_cast_the_function_takes(tmp_path, tiny_checkpoint, name):
+    """``qwen-jax convert --dtype`` offered bfloat16 and float32 only, while ``convert_checkpoint`` also casts to
+    float16: the command now takes each cast, writes it (HF -> qwen-jax -> HF) and records it in config.json."""
+    from transformers import Qwen2ForCausalLM
+    src = tiny_checkpoint[0]
+    assert main(["convert", src, str(tmp_path / "jax"), "--dtype", name]) == 0
+    assert main(["convert", str(tmp_path / "jax"), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    want = getattr(torch, name)
+    original, written = _tensors(src), _tensors(tmp_path / "hf")
+    assert sorted(written) == sorted(original)
+    for key, tensor in written.items():
+        assert tensor.dtype == want and torch.equal(tensor, original[key].to(want)), key
+    assert Qwen2ForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype="auto").dtype == want
 
 
 def test_a_hub_cache_snapshot_of_shards_loads_and_converts(tmp_path):
