@@ -5,12 +5,16 @@
     DST/params/           orbax checkpoint of the parameter tree
 
 Writes are atomic: everything goes to a sibling temporary folder renamed into place at the end, so a
-failed or interrupted conversion leaves nothing at the destination.
+failed or interrupted conversion leaves nothing at the destination, and a destination that appears meanwhile
+(another conversion to it finished first) is left as it is, the later conversion refused in one line.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import functools
 import json
 import logging
 import os
@@ -62,7 +66,7 @@ def atomic_folder(dst: str):
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)        # mkdtemp's 0700 would keep other users (a shared checkpoint) out
-        os.rename(tmp, dst)
+        _rename_new(tmp, dst)
     except BaseException:
         # threads started inside (orbax's writers) may still write into it after an interrupt: let them end first,
         # and those they start in turn (a commit thread); quietly, as a commit they can no longer finish logs a
@@ -74,6 +78,51 @@ def atomic_folder(dst: str):
                     thread.join(max(0.0, deadline - time.monotonic()))
             shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _rename_new(tmp: str, dst: str) -> None:
+    """Rename the folder ``tmp`` to ``dst`` unless ``dst`` exists by now (another conversion to the same destination
+    finished first, or someone made it since ``check_destination``): then refuse in one line, ``dst`` untouched.
+
+    ``os.rename`` replaces an empty folder silently (whoever made it may be writing into it: a mix) and fails on a
+    full one with a bare OSError. Linux's ``renameat2(RENAME_NOREPLACE)`` checks and renames in one step; where it is
+    missing (another OS, a file system without the flag) a check just before the rename leaves a window that small."""
+    taken = CheckpointError(f"{dst}: created by someone else while this conversion ran (another conversion to the same "
+                            f"destination?); it is left as it is and this conversion's output is discarded")
+    renameat2 = _renameat2()
+    if renameat2 is not None:
+        if renameat2(_AT_FDCWD, os.fsencode(tmp), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err == errno.EEXIST:
+            raise taken
+        if err not in (errno.EINVAL, errno.ENOSYS):      # (EINVAL: the file system does not take the flag)
+            raise OSError(err, os.strerror(err), dst)
+    if os.path.lexists(dst):
+        raise taken
+    try:
+        os.rename(tmp, dst)
+    except OSError as e:
+        if e.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+            raise taken from None
+        raise
+
+
+_AT_FDCWD, _RENAME_NOREPLACE = -100, 1
+
+
+@functools.lru_cache(maxsize=1)
+def _renameat2():
+    """libc's ``renameat2`` (glibc 2.28 and later), or None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
 
 
 def copy_metadata(src: str, dst: str, names: list[str]) -> None:

@@ -211,6 +211,49 @@ def test_existing_destination_is_never_touched(tmp_path, bf16_checkpoint, capsys
     assert os.listdir(dst) == ["keep.txt"]
 
 
+@pytest.mark.parametrize("renameat2", [True, False])
+@pytest.mark.parametrize("made", ["empty folder", "folder", "file", "another conversion"])
+def test_a_destination_made_while_converting_is_kept_and_the_conversion_refused_in_one_line(
+        tmp_path, bf16_checkpoint, monkeypatch, capsys, made, renameat2):
+    """The destination is checked first and the finished folder renamed to it last: one made in between (by another
+    conversion to it, or by hand) was replaced if empty (a mix, if its maker writes into it) and otherwise failed the
+    rename with a bare OSError. Now it is kept as it is, the conversion refused in one line, nothing left behind
+    (with Linux's renameat2, and without: the check just before a plain rename)."""
+    import convert as convert_module
+    from convert import converted as converted_module
+    if not renameat2:
+        monkeypatch.setattr(converted_module, "_renameat2", lambda: None)
+    elif converted_module._renameat2() is None:
+        pytest.skip("no renameat2 here")
+    dst = tmp_path / "out"
+    copy_metadata = convert_module.copy_metadata
+
+    def meanwhile(*args):             # one of the conversion's own writing steps: the destination appears now
+        monkeypatch.setattr(convert_module, "copy_metadata", copy_metadata)
+        if made == "another conversion":
+            convert_checkpoint(bf16_checkpoint, str(dst), progress=False)
+        elif made == "file":
+            dst.write_text("theirs")
+        else:
+            dst.mkdir()
+            if made == "folder":
+                (dst / "theirs.txt").write_text("theirs")
+        copy_metadata(*args)
+
+    monkeypatch.setattr(convert_module, "copy_metadata", meanwhile)
+    capsys.readouterr()
+    assert main(["convert", bf16_checkpoint, str(dst)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"qwen-jax: error: {dst}: created by someone else"), err
+    if made == "file":
+        assert dst.read_text() == "theirs"
+    elif made == "another conversion":
+        assert qwen_jax.load(str(dst), dtype="float32").config.num_hidden_layers == 3
+    else:
+        assert os.listdir(dst) == ([] if made == "empty folder" else ["theirs.txt"])
+    assert os.listdir(tmp_path) == ["out"]          # the refused conversion's temporary folder is gone
+
+
 def test_reader_matches_the_safetensors_library(bf16_checkpoint):
     ours = SafetensorsFile(os.path.join(bf16_checkpoint, "model.safetensors"))
     theirs = load_file(os.path.join(bf16_checkpoint, "model.safetensors"))
