@@ -68,3 +68,37 @@ def test_lse_merge_of_disjoint_key_sets_equals_one_softmax():
     out, lse = merge_partials(parts)
     np.testing.assert_allclose(np.asarray(out), np.asarray(full[0]), atol=1e-6)
     np.testing.assert_allclose(np.asarray(lse), np.asarray(full[1]), atol=1e-6)
+
+
+@pytest.mark.parametrize("dca", [False, True])
+def test_the_default_cpu_attention_differentiates_to_the_reference_gradient(dca):
+    """``jax.grad`` through the default CPU attention (blockwise: a key loop with traced bounds) failed with JAX's
+    "Reverse-mode differentiation does not work for lax.while_loop"; its gradient is now the reference twin's, with
+    several query and key blocks, and through DCA's three phases."""
+    import jax
+
+    import qwen_jax
+    from conftest import hf_config
+    from qwen_jax.attention import AttentionSpec
+    from qwen_jax.config import DCAConfig, QwenConfig
+    config = QwenConfig.from_hf_dict(hf_config().to_dict())
+    if dca:
+        config = config.replace(dual_chunk_attention_config=DCAConfig(chunk_size=16, local_size=4,
+                                                                      original_max_position_embeddings=8))
+    params = qwen_jax.init_params(config, jax.random.key(3), jnp.float32)
+    tokens = jnp.asarray(np.random.default_rng(20).integers(0, 1000, (2, 40)), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(40, dtype=jnp.int32), (2, 40))
+
+    def loss(params, spec):
+        logits, _ = qwen_jax.forward(params, tokens, positions, qwen_jax.init_cache(config, 2, 64, jnp.float32), config,
+                                     spec=spec)
+        return jax.nn.log_softmax(logits).mean()
+
+    blockwise = AttentionSpec(block_q=8, block_k=16)
+    assert blockwise.resolved().impl == "blockwise"
+    got, want = (jax.grad(loss)(params, spec) for spec in (blockwise, AttentionSpec(impl="reference")))
+    flat_got, flat_want = jax.tree.leaves_with_path(got), jax.tree.leaves(want)
+    for (path, a), b in zip(flat_got, flat_want):
+        a, b = np.asarray(a), np.asarray(b)
+        assert np.abs(b).max() > 0, path
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * np.abs(b).max(), err_msg=jax.tree_util.keystr(path))

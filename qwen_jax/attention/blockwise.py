@@ -16,15 +16,53 @@ Shapes: ``queries`` one q [B, T, N, H] per phase (already rotated); k, v [B, K, 
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels.masks import MASK_VALUE, MaskSpec
+from pallas_kernels.reference import masked_attention
 from pallas_kernels.shapes import attention_dims, matmul_precision, pad_queries
 
 
 def blockwise_attention(queries: tuple, k, v, q_positions, kv_length, scale, *, mask: MaskSpec,
                         block_q: int = 512, block_k: int = 512, restrict=None):
+    if restrict is None:
+        return _differentiable(mask, block_q, block_k, tuple(queries), k, v, q_positions, kv_length, scale)
+    return _blockwise(queries, k, v, q_positions, kv_length, scale, mask=mask, block_q=block_q, block_k=block_k,
+                      restrict=restrict)
+
+
+# Reverse mode cannot go through the key loop (a fori_loop with traced bounds: JAX refuses it with "Reverse-mode
+# differentiation does not work for lax.while_loop"), so the gradient is the dense reference twin's: the forward
+# stays memory-linear, the backward materialises [B, N, T, S] logits as impl="reference" does. (Sparse prefill's
+# ``restrict`` closes over traced selections, which a custom_vjp cannot take as a static argument: not covered.)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _differentiable(mask, block_q, block_k, queries, k, v, q_positions, kv_length, scale):
+    return _blockwise(queries, k, v, q_positions, kv_length, scale, mask=mask, block_q=block_q, block_k=block_k)
+
+
+def _differentiable_fwd(mask, block_q, block_k, queries, k, v, q_positions, kv_length, scale):
+    out = _differentiable(mask, block_q, block_k, queries, k, v, q_positions, kv_length, scale)
+    return out, (queries, k, v, q_positions, kv_length, scale)
+
+
+def _differentiable_bwd(mask, block_q, block_k, saved, cotangents):
+    queries, k, v, q_positions, kv_length, scale = saved
+
+    def reference(queries, k, v, scale):
+        return masked_attention(queries, k, v, q_positions, kv_length, scale, mask=mask)
+
+    d_queries, dk, dv, d_scale = jax.vjp(reference, queries, k, v, scale)[1](cotangents)
+    return d_queries, dk, dv, None, None, d_scale
+
+
+_differentiable.defvjp(_differentiable_fwd, _differentiable_bwd)
+
+
+def _blockwise(queries: tuple, k, v, q_positions, kv_length, scale, *, mask: MaskSpec, block_q: int, block_k: int,
+               restrict=None):
     d = attention_dims(queries, k, mask)
     B, T, N, H, K, S, G = d.B, d.T, d.N, d.H, d.K, d.S, d.G
     bq, bk = min(block_q, T), min(block_k, S)
