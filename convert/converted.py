@@ -182,11 +182,15 @@ def restore_params(folder: str, target, *, as_numpy: bool = False):
     previous_hook = sys.unraisablehook
     sys.unraisablehook = _drop_orbax_leftovers(previous_hook)
     with ocp.StandardCheckpointer() as checkpointer:
-        with _quiet_absl(), _damaged(folder):  # orbax logs unreadable metadata as a warning and returns none
+        with _quiet_absl(), _damaged(folder, path):  # orbax logs unreadable metadata as a warning and returns none
             meta = checkpointer.metadata(path)
         stored = getattr(meta, "item_metadata", meta)
         stored = getattr(stored, "tree", stored)
         if stored is None:
+            # metadata reads every array's metadata at once: when one read fails, orbax returns none and its event
+            # loop closes with the sibling reads failed too, whose errors asyncio logs when collected (at exit, 70
+            # lines after the one-line error, or not, as the reads' timing falls)
+            _quiet_failed_reads(path)
             raise CheckpointError(f"{folder}: params/ is damaged (its parameter metadata cannot be read); "
                                   "convert the checkpoint again")
         _check_tree(stored, target, folder)
