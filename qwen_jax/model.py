@@ -171,8 +171,10 @@ def decode_step(params, tokens, positions, cache: KVCache, config: QwenConfig,
                 spec: attention.AttentionSpec = attention.DEFAULT_SPEC):
     """One token per row: ``tokens``, ``positions`` [B] int32 -> ``(logits [B, V] float32, cache)``. A row whose
     position is outside the cache's slots (decoding past its end) gets NaN logits (``outside_the_cache``); token ids
-    outside the vocabulary are refused where their values are known (``check_token_ids``)."""
-    check_token_ids(tokens, config.vocab_size)
+    outside the vocabulary are refused when they come from the host (``check_token_ids``). A device array's ids are
+    not read: that would wait for the previous step on every call (a loop feeding each step's argmax back would lose
+    the overlap of one step's dispatch with the last one's work), so a wrong id there gives NaN logits in its row."""
+    check_token_ids(tokens, config.vocab_size, read_device=False)
     return _decode_step(params, tokens, positions, cache, config, spec)
 
 
@@ -182,12 +184,13 @@ def _decode_step(params, tokens, positions, cache: KVCache, config: QwenConfig, 
     return outside_the_cache(logits, positions[:, None], cache), cache
 
 
-def check_token_ids(tokens, vocab_size: int):
+def check_token_ids(tokens, vocab_size: int, *, read_device: bool = True):
     """Refuse token ids outside ``[0, vocab_size)`` where their values are known: the embedding gives NaN for them
     (``Embed``), which reached the logits with no error. Ids on the host (numpy, lists) cost a min and a max there, a
     concrete jax array one small reduction on its device (and a wait for it). Traced ids (a step inside a caller's
-    ``jax.jit``) cannot be read: they pass, and their rows' logits come out NaN."""
-    if isinstance(tokens, jax.core.Tracer):
+    ``jax.jit``) cannot be read: they pass, and their rows' logits come out NaN; so do device arrays with
+    ``read_device=False``."""
+    if isinstance(tokens, jax.core.Tracer) or (isinstance(tokens, jax.Array) and not read_device):
         return
     if isinstance(tokens, jax.Array):
         if not tokens.size:

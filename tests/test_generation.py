@@ -106,8 +106,8 @@ def test_a_position_outside_the_cache_gives_nan_logits_not_a_write_clamped_into_
 @pytest.mark.parametrize("bad", [1024, 5000, -1, -1024, 2**32])
 def test_token_ids_outside_the_vocabulary_are_refused_in_one_line(model, bad):
     """An id outside [0, V) gave NaN logits with no error through forward, prefill, prefill_logits and decode_step
-    (-1 .. -V even finite ones: the embedding wrapped them to the table's end; 2**32 wrapped to 0 in int32); ids on
-    the host and concrete jax arrays are now refused before anything runs."""
+    (-1 .. -V even finite ones: the embedding wrapped them to the table's end; 2**32 wrapped to 0 in int32); host ids
+    and concrete jax arrays (decode_step: host ids only) are now refused before anything runs."""
     cfg = model.config
     tokens = np.random.default_rng(18).integers(0, 1000, (2, 8))
     tokens[1, 5] = bad
@@ -120,9 +120,9 @@ def test_token_ids_outside_the_vocabulary_are_refused_in_one_line(model, bad):
             qwen_jax.prefill(model.params, ids, np.array([8, 8]), qwen_jax.init_cache(cfg, 2, 32, jnp.float32), cfg)
         with pytest.raises(qwen_jax.QwenJaxError, match=message):
             qwen_jax.model.prefill_logits(model.params, ids, cfg)
-        with pytest.raises(qwen_jax.QwenJaxError, match=message):
-            qwen_jax.decode_step(model.params, jnp.asarray(ids)[:, 5] if bad != 2**32 else [0, bad], np.array([0, 0]),
-                                 qwen_jax.init_cache(cfg, 2, 32, jnp.float32), cfg)
+    with pytest.raises(qwen_jax.QwenJaxError, match=message):
+        qwen_jax.decode_step(model.params, tokens[:, 5] if bad != 2**32 else [0, bad], np.array([0, 0]),
+                             qwen_jax.init_cache(cfg, 2, 32, jnp.float32), cfg)
     with pytest.raises(qwen_jax.QwenJaxError, match=message):
         model.logits(tokens)
 
@@ -147,6 +147,10 @@ def test_traced_token_ids_outside_the_vocabulary_give_nan_logits_in_their_row(mo
     decode = jax.jit(qwen_jax.decode_step, static_argnames=("config",))
     step, _ = decode(model.params, jnp.asarray(tokens[:, 5]), jnp.asarray([0, 0]),
                      qwen_jax.init_cache(cfg, 2, 32, jnp.float32), config=cfg)
+    assert np.isnan(np.asarray(step[0])).all() and np.isfinite(np.asarray(step[1])).all()
+    # a device array given to decode_step is not read either (it would wait for the last step on every call)
+    step, _ = qwen_jax.decode_step(model.params, jnp.asarray(tokens[:, 5]), jnp.asarray([0, 0]),
+                                   qwen_jax.init_cache(cfg, 2, 32, jnp.float32), cfg)
     assert np.isnan(np.asarray(step[0])).all() and np.isfinite(np.asarray(step[1])).all()
 
 
