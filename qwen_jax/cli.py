@@ -39,7 +39,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="Qwen's sparse_attention_config.json with per-head budgets (implies --sparse)")
     p.add_argument("--window", type=int, default=None,
                    help="sliding-window baseline: keys this many positions back or more are invisible")
-    p.add_argument("--kv-cache-dtype", default=None, choices=("auto", "bfloat16", "float32", "fp8"),
+    p.add_argument("--kv-cache-dtype", default=None, choices=CACHE_DTYPE_NAMES,
                    help="KV cache storage: auto (the model dtype, default) or fp8 (float8_e4m3fn: half of bf16)")
     p.add_argument("--block-q", type=int, default=None, help="query tile of the attention (default: per implementation)")
     p.add_argument("--block-k", type=int, default=None, help="key tile of the attention (default: per implementation)")
@@ -263,6 +263,9 @@ BENCHMARKS = {"prefill": "qwen_jax.bench.prefill", "decode": "qwen_jax.bench.dec
               "stream": "qwen_jax.bench.stream", "prefix": "qwen_jax.bench.prefix"}
 
 
+# what qwen_jax.load's dtype= and kv_cache_dtype= take (their aliases aside)
+MODEL_DTYPES = ("auto", "bfloat16", "float32", "float16")
+CACHE_DTYPE_NAMES = ("auto", "bfloat16", "float32", "float16", "fp8")
 DTYPE_HELP = "parameter dtype (auto, the default: bfloat16 on GPU/TPU, float32 on CPU where it fits)"
 # the sampling flags' values when neither the flag nor --generation-config gives one: greedy
 SAMPLING_DEFAULTS = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0}
@@ -309,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--question", action="append", default=None, metavar="TEXT",
                    help="repeatable: prefill the prompt once, then answer each question after it in turn (the "
                         "prompt, a blank line, the question; with --chat, both in the user message)")
-    p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto", help=DTYPE_HELP)
+    p.add_argument("--dtype", choices=MODEL_DTYPES, default="auto", help=DTYPE_HELP)
     p.add_argument("--mesh", default=None, help='device mesh, e.g. "seq=4,tensor=2"')
     _add_model_options(p)
     _add_sampling(p)
@@ -319,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="HF checkpoint folder, converted folder, or hub repo id")
     p.add_argument("--lengths", required=True, help="comma-separated prompt lengths in tokens, e.g. 32k,128k")
     p.add_argument("--depths", default="0.1,0.3,0.5,0.7,0.9", help="comma-separated needle depths in [0, 1]")
-    p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto", help=DTYPE_HELP)
+    p.add_argument("--dtype", choices=MODEL_DTYPES, default="auto", help=DTYPE_HELP)
     p.add_argument("--mesh", default=None, help='device mesh, e.g. "seq=4,tensor=2"')
     p.add_argument("--seed", type=int, default=0, help="seed of the random 5-digit keys")
     p.add_argument("--json", default=None, help="write the results here")
@@ -330,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="HF checkpoint folder, converted folder, or hub repo id")
     p.add_argument("--length", required=True, help="prompt length in tokens, e.g. 128k (passkey-style filler)")
     p.add_argument("--prompt-file", default=None, help="use this text instead (cut to --length tokens)")
-    p.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto", help=DTYPE_HELP)
+    p.add_argument("--dtype", choices=MODEL_DTYPES, default="auto", help=DTYPE_HELP)
     p.add_argument("--json", default=None, help="write per-head recall and the summary here")
     p.add_argument("--png", default=None, help="write a layer x head heatmap here")
     p.add_argument("--save-selections", default=None, metavar="FILE.npz",
@@ -349,9 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--mesh", default=None, help='e.g. "seq=4,tensor=2" (default: one device)')
     p.add_argument("--prefill-chunk", type=int, default=32768)
-    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    p.add_argument("--dtype", choices=MODEL_DTYPES[1:], default="bfloat16")
     p.add_argument("--dense", action="store_true", help="plan dense prefill even where the config enables sparse")
-    p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "bfloat16", "float32", "fp8"),
+    p.add_argument("--kv-cache-dtype", default="auto", choices=CACHE_DTYPE_NAMES,
                    help="KV cache storage (auto: the model dtype)")
     p.add_argument("--attention", default="pallas", choices=("pallas", "blockwise", "reference"),
                    help="the attention path planned: pallas (the GPU/TPU kernels; default), or blockwise / reference "

@@ -392,3 +392,22 @@ def test_passkey_lengths_shorter_than_the_prompt_itself_are_refused(tiny_checkpo
     assert 30 < floor < 200
     assert main(["passkey", "--model", tiny_checkpoint[0], "--lengths", f"{floor - 1},300", "--dtype", "float32"]) == 1
     assert f"at least {floor} tokens" in capsys.readouterr().err
+
+
+def test_the_commands_take_every_dtype_load_takes(tiny_checkpoint):
+    """``qwen_jax.load(dtype="float16")`` and ``kv_cache_dtype="float16"`` work, but ``generate``, ``passkey``,
+    ``recall`` and ``plan`` refused float16 as an invalid choice; generate's float16 text is the API's."""
+    import qwen_jax
+    from qwen_jax.cli import build_parser
+    folder = tiny_checkpoint[0]
+    parser = build_parser()
+    for command in (["passkey", "--model", folder, "--lengths", "300"], ["recall", "--model", folder, "--length", "384"]):
+        args = parser.parse_args([*command, "--dtype", "float16", "--kv-cache-dtype", "float16"])
+        assert (args.dtype, args.kv_cache_dtype) == ("float16", "float16")
+    plan = run("plan", "--config", "qwen2.5-0.5b", "--tokens", "4k", "--dtype", "float16", "--kv-cache-dtype", "float16")
+    assert plan.returncode == 0, plan.stderr
+    expected = qwen_jax.load(folder, dtype="float16").generate("The sky is", max_new_tokens=6)[0]
+    result = run("generate", "--model", folder, "--prompt", "The sky is", "--max-new-tokens", "6", "--dtype", "float16",
+                 "--kv-cache-dtype", "float16")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected + "\n"
