@@ -69,7 +69,10 @@ def _read_text(path: str, flag: str) -> str:
     from qwen_jax.errors import QwenJaxError
     try:
         if path == "-":
-            return sys.stdin.read()
+            # the bytes, decoded strictly: sys.stdin's own decoding uses surrogateescape in a C or UTF-8 locale,
+            # so a non-UTF-8 byte became a lone surrogate the tokenizer refused with a TypeError traceback
+            # (newlines translated as text mode, and a file opened by path, translate them)
+            return sys.stdin.buffer.read().decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
         with open(path, encoding="utf-8") as f:
             return f.read()
     except UnicodeDecodeError as e:

@@ -411,3 +411,14 @@ def test_the_commands_take_every_dtype_load_takes(tiny_checkpoint):
                  "--kv-cache-dtype", "float16")
     assert result.returncode == 0, result.stderr
     assert result.stdout == expected + "\n"
+
+
+def test_non_utf8_standard_input_prompt_is_a_one_line_error(tiny_checkpoint):
+    # text=True decodes with surrogateescape in a C/UTF-8 locale's stdin, so no UnicodeDecodeError ever came
+    result = subprocess.run([sys.executable, "-m", "qwen_jax.cli", "generate", "--model", tiny_checkpoint[0],
+                             "--prompt-file", "-", "--max-new-tokens", "2"], capture_output=True,
+                            input=b"hi \xff\xfe binary")
+    err = result.stderr.decode()
+    assert result.returncode != 0
+    assert len([x for x in err.splitlines() if x.strip()]) == 1, err
+    assert "standard input" in err and "not UTF-8" in err, err
