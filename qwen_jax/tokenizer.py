@@ -50,7 +50,15 @@ class Tokenizer:
         return self._tok.token_to_id(token)
 
     def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+        try:
+            return self._tok.encode(text, add_special_tokens=False).ids
+        except TypeError:
+            # a lone surrogate (bytes decoded with surrogateescape) cannot be UTF-8 encoded: the tokenizers
+            # library failed with a bare 'TextInputSequence must be str'
+            if isinstance(text, str) and any("\ud800" <= c <= "\udfff" for c in text):
+                raise QwenJaxError("prompt text holds a lone surrogate (undecodable bytes?); it is not valid "
+                                   "Unicode text") from None
+            raise
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)

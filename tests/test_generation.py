@@ -633,3 +633,11 @@ def test_stream_benchmark_times_both_ways_of_growing_the_text(tiny_checkpoint, t
     assert [r["tokens"] for r in rows] == [64, 300]
     assert all(r[k] > 0 for r in rows for k in ("incremental ms/token", "last 64", "whole-row ms/token",
                                                  "whole-row last 64"))
+
+
+def test_prompt_with_lone_surrogate_is_a_one_line_error(tiny_checkpoint):
+    from qwen_jax.errors import QwenJaxError
+    from qwen_jax.tokenizer import Tokenizer
+    tok = Tokenizer(tiny_checkpoint[0])
+    with pytest.raises(QwenJaxError, match="surrogate"):
+        tok.encode("hi \udcff")
