@@ -24,7 +24,7 @@ class _Parser(argparse.ArgumentParser):
         return parsed
 
 
-def _add_model_options(p: argparse.ArgumentParser) -> None:
+def _add_model_options(p: argparse.ArgumentParser, sparse_threshold_default: str = "32768, Qwen's") -> None:
     p.add_argument("--prefill-chunk", type=int, default=None, help="prefill chunk size in tokens (default 32768)")
     p.add_argument("--attention", default=None,
                    help="attention implementation: pallas (the GPU/TPU kernels; default there), blockwise (default on "
@@ -34,7 +34,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sparse", action="store_true",
                    help="sparse prefill (MInference vertical-slash, needs --dca): default budgets (1000, 6096)")
     p.add_argument("--sparse-threshold", type=int, default=None,
-                   help="prompts longer than this run sparse (default 32768, Qwen's)")
+                   help=f"prompts longer than this run sparse (default {sparse_threshold_default})")
     p.add_argument("--sparse-config", default=None, metavar="FILE",
                    help="Qwen's sparse_attention_config.json with per-head budgets (implies --sparse)")
     p.add_argument("--window", type=int, default=None,
@@ -341,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--png", default=None, help="write a layer x head heatmap here")
     p.add_argument("--save-selections", default=None, metavar="FILE.npz",
                    help="keep every layer's sparse selections here (for python -m qwen_jax.bench.sparse --selections)")
-    _add_model_options(p)
+    _add_model_options(p, sparse_threshold_default="0 here: recall measures every prompt sparse")
 
     p = sub.add_parser("budgets", help="per-head sparse budgets (sparse_attention_config.json) from recall runs")
     p.add_argument("runs", nargs="+", metavar="RECALL.json",

@@ -422,3 +422,18 @@ def test_non_utf8_standard_input_prompt_is_a_one_line_error(tiny_checkpoint):
     assert result.returncode != 0
     assert len([x for x in err.splitlines() if x.strip()]) == 1, err
     assert "standard input" in err and "not UTF-8" in err, err
+
+
+def test_sparse_threshold_help_states_each_commands_default():
+    """recall measures every prompt sparse (threshold 0 unless given); its --help said Qwen's 32768, as generate's."""
+    import argparse
+
+    from qwen_jax.cli import build_parser
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+
+    def threshold_help(command):
+        return subparsers.choices[command]._option_string_actions["--sparse-threshold"].help
+
+    assert "(default 0" in threshold_help("recall") and "32768" not in threshold_help("recall")
+    for command in ("generate", "passkey"):
+        assert "(default 32768" in threshold_help(command)
