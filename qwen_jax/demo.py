@@ -197,8 +197,8 @@ def run_demo(prompt_tokens: int = 4096, new_tokens: int = 32, workdir: str | Non
         print(f"[4/6] dual chunk attention {dca_block}: the prompt spans "
               f"{-(-len(prompt) // dca.config.dual_chunk_attention_config.chunk_len)} DCA chunks")
         ok_dca = _generate_and_check(dca, prompt, new_tokens)
-        print("[5/6] blockwise DCA (memory-linear) against its dense twin, first 2048 tokens")
         head = np.asarray(prompt[:2048], np.int32)[None]
+        print(f"[5/6] blockwise DCA (memory-linear) against its dense twin, first {head.shape[1]} tokens")
         dense = qwen_jax.Model(dca.config, dca.params, attn_implementation="reference").logits(head)
         err = float(np.abs(dca.logits(head) - dense).max() / np.abs(dense).max())
         ok_twin = err <= 1e-5
