@@ -63,6 +63,13 @@ def test_usage_errors_name_the_commands_own_help_and_bench_has_one(capsys):
     assert e.value.code == 0 and capsys.readouterr().out.startswith("usage: qwen-jax bench prefill")
 
 
+def test_bench_stream_names_a_missing_model_folder(tmp_path):
+    from qwen_jax.bench import stream
+    from qwen_jax.errors import CheckpointError
+    with pytest.raises(CheckpointError, match="nope: no such folder"):      # (it said: no tokenizer.json)
+        stream.main(["--model", str(tmp_path / "nope"), "--tokens", "64"])
+
+
 def test_passkey_command_prints_a_table_and_writes_json(tiny_checkpoint, tmp_path):
     import json
     out = tmp_path / "pk.json"

@@ -30,6 +30,7 @@ def _per_token_ms(push, ids) -> tuple[float, float]:
 
 
 def main(argv=None) -> int:
+    from qwen_jax.api import resolve_checkpoint
     from qwen_jax.bench import output_problem, report
     from qwen_jax.generation import StopChecker, truncate_at_stop
     from qwen_jax.passkey import parse_length
@@ -44,7 +45,7 @@ def main(argv=None) -> int:
     lengths = [parse_length(x) for x in args.tokens.split(",")]
     if problem := output_problem(args.json):
         raise SystemExit(problem)
-    tok = Tokenizer(args.model)
+    tok = Tokenizer(resolve_checkpoint(args.model))      # a missing folder: "no such folder", not "no tokenizer.json"
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     text = "".join(open(f).read() for f in sorted(glob.glob(os.path.join(here, "*.py"))))
     ids = tok.encode(text)
