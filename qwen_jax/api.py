@@ -68,7 +68,8 @@ def default_dtype(config: QwenConfig, mesh=None) -> jnp.dtype:
 
 
 class Model:
-    """A loaded Qwen2 model: ``config``, ``params`` (plain pytree), ``tokenizer``, plus ``logits`` and ``generate``."""
+    """A loaded Qwen2 model: ``config``, ``params`` (plain pytree), ``tokenizer``, ``dtype``, ``generation_config``
+    (the checkpoint's recommended ``generate`` keywords), plus ``logits``, ``generate`` and ``cache_prefix``."""
 
     def __init__(self, config: QwenConfig, params: Any, tokenizer: Tokenizer | None = None, *, mesh=None,
                  eos_token_ids: Sequence[int] = (), attn_implementation: "attention.AttentionSpec | str | None" = None,
