@@ -106,6 +106,7 @@ ATTENTION = ["--lengths", "64", "--no-cudnn", "--kernels", "triton:64:64:1"]
 
 
 def _bad_arguments(tmp_path, hf_folder):
+    import jax
     missing = str(tmp_path / "no" / "such" / "folder" / "out.json")
     return [
         ("pallas_kernels.bench", [*ATTENTION, "--dca", "chunk_size=256,local_size=64"], "--dca 262144,8192"),
@@ -116,6 +117,9 @@ def _bad_arguments(tmp_path, hf_folder):
         ("qwen_jax.bench.sparse", ["--budgets", "x"], "bad --budgets 'x'"),
         ("qwen_jax.bench.sparse", ["--chunk", "0"], "--chunk 0: must be at least 1"),
         ("qwen_jax.bench.sparse", ["--json", missing], "does not exist"),
+        *([("qwen_jax.bench.sparse", ["--lengths", "1k"], "pass --no-dense"),       # a CPU: no cuDNN, no kernels
+           ("qwen_jax.bench.sparse", ["--lengths", "1k", "--no-dense"], "pass --interpret --kernels triton")]
+          if jax.default_backend() != "gpu" else []),
         ("qwen_jax.bench.sparse", ["--selections", missing, "--lengths", "1m", "--chunk", "131072"],
          "--selections takes the lengths, prefill chunk, DCA and inputs from its file: drop --lengths, --chunk"),
         ("qwen_jax.bench.prefill", [*PREFILL, "--json", missing], "does not exist"),

@@ -230,6 +230,13 @@ def main(argv=None) -> int:
                              " or triton")
     if args.interpret and mgpu:
         raise SystemExit("the mosaic_gpu kernel has no interpreter: pass --kernels triton with --interpret")
+    if jax.default_backend() != "gpu" and not args.estimate_only:     # (they failed deep inside, with a traceback)
+        if not args.no_dense:
+            raise SystemExit(f"the dense baseline is cuDNN's, which needs an NVIDIA GPU: on {jax.default_backend()!r} "
+                             "pass --no-dense (or --estimate-only)")
+        if not args.interpret:
+            raise SystemExit(f"the sparse kernels need a GPU: on {jax.default_backend()!r} pass --interpret "
+                             "--kernels triton (a smoke test)")
     N, K, H = args.heads, args.kv_heads, args.head_dim
     vs, ss = budget_pair
     budgets = sparse.Budgets((vs,) * N, (ss,) * N)
