@@ -39,7 +39,8 @@ def cache_length(tokens: int, max_new_tokens: int = 0) -> int:
 
 class KVCache(NamedTuple):
     """The KV cache: ``k`` and ``v``, one buffer per layer, each [B, K, S, H] (batch, kv heads: over a mesh with more
-    attention shards than kv heads, each once per shard that reads it; ``max_len`` slots; head dim), slot == position. Made by ``init_cache``; every step donates it and returns the updated one."""
+    attention shards than kv heads, each once per shard that reads it; ``max_len`` slots; head dim), slot ==
+    position. Made by ``init_cache``; every step donates it and returns the updated one."""
     k: tuple[jax.Array, ...]  # per layer [B, K, S, H]
     v: tuple[jax.Array, ...]
 

@@ -301,9 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="source folder")
     p.add_argument("dst", help="destination folder (must not exist)")
     p.add_argument("--to", choices=("jax", "hf"), default="jax", help="target format (default jax)")
-    # every cast convert_checkpoint takes (convert.CAST_DTYPES; not imported here, to keep --help quick)
-    p.add_argument("--dtype", choices=("bfloat16", "float32", "float16"), default=None,
-                   help="cast weights (default: keep)")
+    # every cast convert_checkpoint takes (convert.CAST_DTYPES: the model dtypes; not imported, to keep --help quick)
+    p.add_argument("--dtype", choices=MODEL_DTYPES[1:], default=None, help="cast weights (default: keep)")
 
     p = sub.add_parser("generate", help="generate text, streaming tokens as they come")
     p.add_argument("--model", required=True, help="HF checkpoint folder, converted folder, or hub repo id")
