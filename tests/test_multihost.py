@@ -30,8 +30,9 @@ def free_port() -> int:
 
 def launch(*args, log, out=None):
     """A worker process with 4 CPU devices; stderr (and stdout, unless ``out`` is given) to ``log``."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
-               PYTHONPATH=ROOT, PYTHONUNBUFFERED="1")
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]   # conftest's others
+    env = dict(os.environ, XLA_FLAGS=" ".join([*flags, "--xla_force_host_platform_device_count=4"]),
+               JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, PYTHONUNBUFFERED="1")
     return subprocess.Popen([sys.executable, WORKER, *map(str, args)], env=env, stdout=out or log, stderr=log)
 
 
