@@ -5,7 +5,7 @@ import os
 # 8 simulated CPU devices for mesh tests; must be set before jax initialises its backends. XLA's CPU compiler at
 # its lowest optimisation level and with its loop emitters instead of the fusion emitters: the suite spends most
 # of its time compiling small programs it runs once, and this compiles them about 35% sooner (a sparse prefill
-# test: 50 -> 32 s; the whole suite on 2 cores: 47.5 -> 29 minutes) at some cost where the work is running, not
+# test: 50 -> 32 s; `bash .ci/run` from a fresh clone on 2 cores: 47.6 -> 24.2 minutes) at some cost where the work is running, not
 # compiling (the real 0.5B's passkeys: 248 -> 436 s). The programs compute the same values, within the tests'
 # tolerances; the GPU runs and the benchmarks keep XLA's defaults.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
@@ -94,9 +94,11 @@ def _start_real_model_build():
         _REAL_MODEL_BUILD.update(proc=subprocess.Popen(command, stdout=logs[0], stderr=logs[1], text=True), logs=logs)
 
 
-# the longest test files (about 9, 5 and 4 minutes of the suite's 50 CPU minutes), then the real model's
+# the longest test files (about 9, 5 and 4 of the suite's 50 CPU minutes), the real model's, the TPU compilation (3.5
+# minutes where libtpu is installed, as in CI), then the next longest
 LONGEST_FIRST = ("test_sparse.py", "test_kernels.py", "test_mesh.py", "test_dca_real.py", "test_real_weights.py",
-                 "test_demo.py", "test_cli.py", "test_prefix.py", "test_multihost.py", "test_generation.py")
+                 "test_tpu_compile.py", "test_demo.py", "test_cli.py", "test_prefix.py", "test_multihost.py",
+                 "test_generation.py")
 
 
 @pytest.hookimpl(trylast=True)               # after -k / -m deselection: only for tests that will run
