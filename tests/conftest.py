@@ -5,9 +5,9 @@ import os
 # 8 simulated CPU devices for mesh tests; must be set before jax initialises its backends. XLA's CPU compiler at
 # its lowest optimisation level and with its loop emitters instead of the fusion emitters: the suite spends most
 # of its time compiling small programs it runs once, and this compiles them about 35% sooner (a sparse prefill
-# test: 50 -> 32 s; `bash .ci/run` from a fresh clone on 2 cores: 47.6 -> 24.2 minutes) at some cost where the work is running, not
-# compiling (the real 0.5B's passkeys: 248 -> 436 s). The programs compute the same values, within the tests'
-# tolerances; the GPU runs and the benchmarks keep XLA's defaults.
+# test: 50 -> 32 s; `bash .ci/run` from a fresh clone on 2 cores: 47.6 -> 24.2 minutes) at some cost where the
+# work is running, not compiling (the real 0.5B's passkeys: 248 -> 436 s). The programs compute the same values,
+# within the tests' tolerances; the GPU runs and the benchmarks keep XLA's defaults.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
                                    "--xla_cpu_use_fusion_emitters=false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -106,7 +106,7 @@ def pytest_collection_modifyitems(session, config, items):
     """Start building the real model as soon as a selected test needs it (about two minutes of downloading
     and converting on a fresh checkout), so the tests that run before it hide that time. Files known to take
     longest run first (``--dist loadfile`` hands out files in this order: no long file left to run alone at the
-    end), the real model's after two of them (by then the build is done)."""
+    end), the real model's after the three longest (by then its build is done)."""
     first = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: first.get(os.path.basename(str(item.fspath)), len(first)))   # stable: the rest as is
     if os.environ.get(REAL_MODEL_ENV):
