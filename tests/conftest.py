@@ -6,8 +6,9 @@ import os
 # its lowest optimisation level and with its loop emitters instead of the fusion emitters: the suite spends most
 # of its time compiling small programs it runs once, and this compiles them about 35% sooner (a sparse prefill
 # test: 50 -> 32 s; `bash .ci/run` from a fresh clone on 2 cores: 47.6 -> 24.2 minutes) at some cost where the
-# work is running, not compiling (the real 0.5B's passkeys: 248 -> 436 s). The programs compute the same values,
-# within the tests' tolerances; the GPU runs and the benchmarks keep XLA's defaults.
+# work is running, not compiling (a real 0.5B passkey prompt: 12 -> 36 s): test_dca_real.py and test_demo.py run
+# their commands in processes of their own with XLA's defaults. The programs compute the same values, within the
+# tests' tolerances; the GPU runs and the benchmarks keep XLA's defaults.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
                                    "--xla_cpu_use_fusion_emitters=false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
