@@ -102,6 +102,14 @@ LONGEST_FIRST = ("test_sparse.py", "test_kernels.py", "test_mesh.py", "test_dca_
                  "test_generation.py")
 
 
+def pytest_configure(config):
+    """Keep the order below under ``--dist loadfile``: pytest-xdist >= 3.6 otherwise hands out the files with the
+    most tests first, which left the real model's passkeys (2 tests) and the TPU compilation (1), about 3 and 3.5
+    CPU minutes, to start together at the end of the run."""
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
 @pytest.hookimpl(trylast=True)               # after -k / -m deselection: only for tests that will run
 def pytest_collection_modifyitems(session, config, items):
     """Start building the real model as soon as a selected test needs it (about two minutes of downloading
