@@ -97,13 +97,16 @@ def _init_boxed(config: QwenConfig, dtype, rng):
                                        method=Qwen2.logits)["params"]
 
 
-def _boxed_abstract(config: QwenConfig, dtype):
+@functools.lru_cache(maxsize=8)
+def _boxed_abstract(config: QwenConfig, dtype: jnp.dtype):
+    # traced once per (config, dtype): the 14B's 48 layers take ~6 s to trace on a CPU, and a load over a mesh,
+    # the memory planner and ``param_shardings`` each asked for the shapes and the axes (callers map, never mutate)
     return jax.eval_shape(functools.partial(_init_boxed, config, dtype), jax.random.key(0))
 
 
 def logical_axes(config: QwenConfig) -> Any:
     """Pytree (same structure as the params) of logical axis-name tuples, e.g. ("embed", "heads", "head_dim")."""
-    boxed = _boxed_abstract(config, jnp.float32)
+    boxed = _boxed_abstract(config, jnp.dtype(jnp.float32))
     return jax.tree.map(lambda b: tuple(b.names), boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
