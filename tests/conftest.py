@@ -19,6 +19,7 @@ os.environ.setdefault("QWEN_JAX_COMPILE_CACHE", "off")
 import json  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
+import sys  # noqa: E402
 import tempfile  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -103,7 +104,7 @@ LONGEST_FIRST = ("test_sparse.py", "test_kernels.py", "test_mesh.py", "test_dca_
 
 
 def pytest_configure(config):
-    """Keep the order below under ``--dist loadfile``: pytest-xdist >= 3.6 otherwise hands out the files with the
+    """Keep ``LONGEST_FIRST``'s order under ``--dist loadfile``: pytest-xdist >= 3.6 otherwise hands out the files with the
     most tests first, which left the real model's passkeys (2 tests) and the TPU compilation (1), about 3 and 3.5
     CPU minutes, to start together at the end of the run."""
     if hasattr(config.option, "loadscopereorder"):
@@ -142,6 +143,14 @@ def real_model_path():
     out, err = (log.read() for log in _REAL_MODEL_BUILD["logs"])
     assert code == 0, f"building the real model failed ({code}):\n{err[-3000:]}"
     return out.strip().splitlines()[-1]
+
+
+def run_cli_at_xla_defaults(*args, timeout=900):
+    """``qwen-jax ARGS`` in a process of its own with XLA's default CPU flags instead of the quick-compile ones
+    above, for the commands whose tests mostly run programs, not compile them (module comment at the top)."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    return subprocess.run([sys.executable, "-m", "qwen_jax.cli", *map(str, args)], env=env, capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def rel_err(a, b):

@@ -11,21 +11,16 @@ the suite's one test that runs more than it compiles, and conftest's quick-compi
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
+from conftest import run_cli_at_xla_defaults
 
 CHUNK, LOCAL, LENGTH = 256, 32, 1024
 
 
 def _passkey(model, out, *args):
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)    # XLA's defaults: compiled for speed (conftest's flags compile quickly)
-    run = subprocess.run([sys.executable, "-m", "qwen_jax.cli", "passkey", "--model", model, "--lengths", str(LENGTH),
-                          "--dtype", "float32", "--prefill-chunk", "1024", "--seed", "7", "--json", str(out), *args],
-                         env=env, capture_output=True, text=True, timeout=900)
+    run = run_cli_at_xla_defaults("passkey", "--model", model, "--lengths", LENGTH, "--dtype", "float32",
+                                  "--prefill-chunk", 1024, "--seed", 7, "--json", out, *args)
     assert run.returncode == 0, run.stderr[-3000:]
     print(run.stdout)
     return json.loads(out.read_text())["results"]

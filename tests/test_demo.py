@@ -1,8 +1,6 @@
 """``qwen-jax demo`` runs the whole pipeline offline and passes its own reference check."""
 
-import os
-import subprocess
-import sys
+from conftest import run_cli_at_xla_defaults
 
 from qwen_jax.demo import run_demo
 
@@ -10,10 +8,7 @@ from qwen_jax.demo import run_demo
 def test_demo_end_to_end(tmp_path):
     """The command itself, in a process of its own with XLA's default CPU flags: its 1000-token prompts run more
     than they compile (conftest's quick-compile flags: 82 s, these 65 s on two cores)."""
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
-    run = subprocess.run([sys.executable, "-m", "qwen_jax.cli", "demo", "--prompt-tokens", "1000", "--new-tokens", "8",
-                          "--workdir", str(tmp_path)], env=env, capture_output=True, text=True, timeout=900)
+    run = run_cli_at_xla_defaults("demo", "--prompt-tokens", 1000, "--new-tokens", 8, "--workdir", tmp_path)
     out = run.stdout
     assert run.returncode == 0, out + run.stderr[-3000:]
     assert out.count("greedy tokens identical: OK") == 2 and "(bit-exact): OK" in out, out
