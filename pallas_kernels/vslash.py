@@ -33,6 +33,7 @@ Shapes (G = segments per call, P = phases, N = query heads, nqb = T / 64 blocks)
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -214,7 +215,14 @@ def block_starts(q_offset, n_blocks: int):
 
 def build_index(sel: "Selection", q_offset, T: int, kv_length, mask: MaskSpec, block_k: int, n_keys: int) -> VSIndex:
     """Index tables (module docstring) for T queries from ``q_offset`` [B] (a multiple of 64) over a cache
-    of ``n_keys`` slots (static; the queries lie inside it)."""
+    of ``n_keys`` slots (static; the queries lie inside it). One program, also where it is called outside
+    jit (op by op it would dispatch and compile some hundred small ones)."""
+    return _build_index(sel, q_offset, T, kv_length, mask, block_k, n_keys, unroll_loops())
+
+
+@functools.partial(jax.jit, static_argnums=(2, 4, 5, 6, 7))
+def _build_index(sel, q_offset, T, kv_length, mask, block_k, n_keys, unroll) -> VSIndex:
+    del unroll          # read by the binary searches while tracing: part of the program's key
     B, G, N, P, D = sel.dist.shape
     nqb = -(-T // BAND)
     rel_start, rel_end, _ = run_tiles(sel.dist, sel.dist_count, block_k)
@@ -352,6 +360,7 @@ def random_selection(rng, shape, seg_begin, seg_end, *, max_dist: int, n_keys: i
     return Selection(*(jnp.asarray(x) for x in (dist, dn, cols, cn)), seg_begin, seg_end)
 
 
+@jax.jit
 def block_sparse_index(blocks, counts, q_offset, kv_length) -> tuple[VSIndex, jax.Array]:
     """The general block-sparse mask in the kernels' index format: query block ``i`` (64 rows from
     ``q_offset + 64 i``) sees, in phase ``p``, the 64-key blocks ``blocks[b, n, i, p, :counts[b, n, i, p]]``

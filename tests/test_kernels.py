@@ -343,22 +343,27 @@ def test_kernels_on_ragged_shapes(kernel, mask_name, G):
 
 @pytest.mark.parametrize("mask_name", sorted(MASKS))
 def test_interior_blocks_are_wholly_visible(mask_name):
-    """MaskSpec.interior (where kernels skip the mask) never claims a block with an invisible element."""
-    mask, bk = MASKS[mask_name], 8
+    """MaskSpec.interior (where kernels skip the mask) never claims a block with an invisible element: 300
+    random query spans (up to 41 rows) and cache lengths, every key of every claimed block checked."""
+    mask, bk, n_keys = MASKS[mask_name], 8, 512
     rng = np.random.default_rng(0)
-    claimed = dict.fromkeys(mask.phases, 0)
-    for _ in range(300):
-        first = int(rng.integers(0, 200))
-        last = first + int(rng.integers(0, 40))
-        kv_length = int(rng.integers(0, 260))
-        q_pos = jnp.arange(first, last + 1)[:, None]
-        for phase in mask.phases:
-            u0, u1 = (int(x) for x in mask.interior(phase, jnp.int32(first), jnp.int32(last), jnp.int32(kv_length), bk))
-            claimed[phase] += u1 - u0
-            for j in range(u0, u1):
-                k_pos = jnp.arange(j * bk, (j + 1) * bk)[None, :]
-                assert np.asarray(mask.visible(phase, q_pos, k_pos, kv_length)).all(), (phase, first, last, j)
-    assert all(n > 0 for n in claimed.values()), claimed  # the shortcut is really taken
+    first = rng.integers(0, 200, 300).astype(np.int32)
+    last = first + rng.integers(0, 40, 300).astype(np.int32)
+    kv_length = rng.integers(0, 260, 300).astype(np.int32)
+    rows, keys = jnp.arange(41, dtype=jnp.int32)[:, None], jnp.arange(n_keys, dtype=jnp.int32)[None]
+
+    def one(phase, first, last, kv_length):          # one span: (blocks claimed, end of the last, all visible)
+        u0, u1 = mask.interior(phase, first, last, kv_length, bk)
+        q_pos = first + rows
+        claimed = (q_pos <= last) & (keys // bk >= u0) & (keys // bk < u1)
+        return u1 - u0, u1, ~(claimed & ~mask.visible(phase, q_pos, keys, kv_length)).any()
+
+    for phase in mask.phases:
+        count, end, ok = map(np.asarray, jax.jit(jax.vmap(functools.partial(one, phase)))(first, last, kv_length))
+        assert np.all((count == 0) | (end * bk <= n_keys))                  # every claimed key was checked
+        bad = np.flatnonzero(~ok)
+        assert bad.size == 0, (phase, first[bad[:1]], last[bad[:1]], kv_length[bad[:1]])
+        assert count.sum() > 0, phase                                          # the shortcut is really taken
 
 
 def test_kernel_benchmark_refuses_unknown_mosaic_gpu_options():

@@ -429,6 +429,22 @@ def test_rows_over_and_under_the_threshold_in_one_batch(tiny_checkpoint):
     assert np.abs(np.asarray(dense_logits)[0] - both[0]).max() > 1e-4     # the long row really ran sparse
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _mgpu_decisions(mask, phase, block_k, n_keys, active, q0, c, kv_length, window, tile_ends):
+    """One consumer's decisions for one query block, as the kernel makes them (one program for what
+    would otherwise be many small eager ones): its rows' key ranges, its slash windows' ``(start, klo,
+    khi, kind)`` and its vertical tiles' kinds."""
+    from pallas_kernels import vslash_mgpu as vm
+    first = q0 + vslash.BAND * c
+    rows = first + jnp.arange(vslash.BAND)
+    a_rows, b_rows = mask.key_range(phase, rows, rows, kv_length)
+    span = vm.row_span(mask, phase, first, kv_length)
+    start, klo, khi = vm.slash_bounds(*window, q0, c, block_k, n_keys)
+    kind = vm.slash_kind(start, klo, khi, span, block_k, active)
+    vkind = vm.vertical_kind(*tile_ends, span, active)
+    return a_rows, b_rows, start, klo, khi, kind, vkind
+
+
 def mgpu_coverage(index, q_offset, kv_length, mask, T, S, block_k, qkv=None, consumers=2):
     """Replay the Mosaic GPU sparse kernel's schedule in numpy: how often each (phase, row, head, query,
     key) is computed unmasked, using the kernel's own tables and per-step decisions. Also counts steps
@@ -477,15 +493,13 @@ def mgpu_coverage(index, q_offset, kv_length, mask, T, S, block_k, qkv=None, con
         phase = mask.phases[p]
         t0, t1, v0, v1, g, *act = sched[b, n, qi, p, part, :5 + C]
         q0 = int(q_offset[b]) + 64 * C * qi
+        tiles = vpos[b, g, n, p].reshape(-1, W)
         for c in range(C):
-            first = q0 + 64 * c
-            rows = first + np.arange(64)
-            a_rows, b_rows = map(np.asarray, mask.key_range(phase, rows, rows, kv_length[b]))
-            span = vm.row_span(mask, phase, first, int(kv_length[b]))
+            rows = q0 + 64 * c + np.arange(64)
             out_rows = rows - q_offset[b]
-            ws, lo, hi, who = (win[b, g, n, p, :, f] for f in range(4))       # decide for all windows at once
-            start, klo, khi = map(np.asarray, vm.slash_bounds(ws, lo, hi, who, q0, c, W, S))
-            kind = np.asarray(vm.slash_kind(start, klo, khi, span, W, bool(act[c])))
+            window = tuple(win[b, g, n, p, :, f] for f in range(4))             # decide for all windows at once
+            a_rows, b_rows, start, klo, khi, kind, vkind = map(np.asarray, _mgpu_decisions(
+                mask, phase, W, S, bool(act[c]), q0, c, kv_length[b], window, (tiles[:, 0], tiles[:, -1])))
             start, klo, khi, kind = start[t0:t1], klo[t0:t1], khi[t0:t1], kind[t0:t1]
             assert ((0 <= start) & (start <= S - W) & (start % 8 == 0)).all()          # TMA into tiled smem
             for i in range(t1 - t0):
@@ -499,8 +513,6 @@ def mgpu_coverage(index, q_offset, kv_length, mask, T, S, block_k, qkv=None, con
                 cover[p, b, n, out_rows[:, None], pos[None]] += ok & (kind[i] != vm.SKIP)
                 if kind[i] != vm.SKIP:
                     step(b, n, out_rows, p, pos, ok | (kind[i] == vm.WHOLE))
-            tiles = vpos[b, g, n, p].reshape(-1, W)
-            vkind = np.asarray(vm.vertical_kind(tiles[:, 0], tiles[:, -1], span, bool(act[c])))
             for i in range(v0, v1):
                 kinds[int(vkind[i])] += 1
                 pos = np.where(keep[b, n, C * qi + c, p, i * W:(i + 1) * W] != 0, tiles[i], vslash.NO_KEY)
