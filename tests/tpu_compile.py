@@ -58,19 +58,32 @@ for mask_name, mask in MASKS.items():
                      tuple(sd((B, T, N, H), bf16) for _ in mask.phases), sd((B, K, S, H), kv), sd((B, K, S, H), kv),
                      sd((B,), i32), sd((B,), i32), sd((B,), f32))
 
-# The sparse kernel with Qwen's default budgets (6096 diagonals, 1000 columns) and a small one with head_dim 64.
+# The sparse attention with Qwen's default budgets (6096 diagonals, 1000 columns), Qwen2.5-7B heads: the kernel
+# given its index tables (their shapes from ``build_index``); and the whole entry point (index tables built, then
+# the kernel) with small budgets and head_dim 64. Building the tables for the default budgets compiles for a TPU in
+# ~50 s on 2 CPU cores (XLA's gathers and scans over 6096-entry lists, no Mosaic) and lowers in test_sparse.py.
+from pallas_kernels.vslash_tpu import vslash_attention_tpu  # noqa: E402
+
 for mask_name in ("causal", "dca"):
     mask = MASKS[mask_name]
     for N, K, H, D, V in [(28, 4, 128, 6096, 1000), (4, 2, 64, 128, 64)]:
         B, T, S, G, P = 1, 1024, 4096, 2, len(mask.phases)
+        attention = (tuple(sd((B, T, N, H), bf16) for _ in range(P)), sd((B, K, S, H), bf16), sd((B, K, S, H), bf16),
+                     sd((B,), i32), sd((B,), i32), sd((B,), f32))
+        selection = vslash.Selection(sd((B, G, N, P, D), i32), sd((B, G, N, P), i32), sd((B, G, N, P, V), i32),
+                                     sd((B, G, N, P), i32), sd((B, G), i32), sd((B, G), i32))
+        name = f"{mask_name} N={N} H={H} D={D} V={V}"
+        if D == 6096:
+            index = jax.eval_shape(functools.partial(vslash.build_index, T=T, mask=mask, block_k=vslash.BAND,
+                                                     n_keys=S), selection, attention[3], kv_length=attention[4])
+            compile_case(f"vslash_attention_tpu (the kernel) {name}",
+                         functools.partial(vslash_attention_tpu, mask=mask, interpret=None), *attention,
+                         jax.tree.map(lambda s: sd(s.shape, s.dtype), index), selection.col_count)
+            continue
 
-        def sparse(qs, k, v, qo, kl, sc, dist, dn, cols, cn, sb, se, mask=mask):
-            sel = vslash.Selection(dist, dn, cols, cn, sb, se)
+        def sparse(qs, k, v, qo, kl, sc, sel, mask=mask):
             return vslash_attention(qs, k, v, sel, q_offset=qo, kv_length=kl, scale=sc, mask=mask, impl="auto")
-        compile_case(f"vslash_attention {mask_name} N={N} H={H} D={D} V={V}", sparse,
-                     tuple(sd((B, T, N, H), bf16) for _ in range(P)), sd((B, K, S, H), bf16), sd((B, K, S, H), bf16),
-                     sd((B,), i32), sd((B,), i32), sd((B,), f32), sd((B, G, N, P, D), i32), sd((B, G, N, P), i32),
-                     sd((B, G, N, P, V), i32), sd((B, G, N, P), i32), sd((B, G), i32), sd((B, G), i32))
+        compile_case(f"vslash_attention {name}", sparse, *attention, selection)
 
 # The model's own steps: a DCA + sparse prefill layer and a decode step, fp8 cache, head_dim 64 (as the 0.5B).
 L, N, K, H, S, T = 2, 4, 2, 64, 512, 256
