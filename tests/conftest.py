@@ -145,12 +145,16 @@ def real_model_path():
     return out.strip().splitlines()[-1]
 
 
+def run_cli(*args, stdin=None, env=None, timeout=None):
+    """``qwen-jax ARGS`` in a process of its own (``python -m qwen_jax.cli``), stdout and stderr captured as text."""
+    return subprocess.run([sys.executable, "-m", "qwen_jax.cli", *map(str, args)], env=env, input=stdin,
+                          capture_output=True, text=True, timeout=timeout)
+
+
 def run_cli_at_xla_defaults(*args, timeout=900):
-    """``qwen-jax ARGS`` in a process of its own with XLA's default CPU flags instead of the quick-compile ones
-    above, for the commands whose tests mostly run programs, not compile them (module comment at the top)."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    return subprocess.run([sys.executable, "-m", "qwen_jax.cli", *map(str, args)], env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    """``run_cli`` with XLA's default CPU flags instead of the quick-compile ones above, for the commands whose
+    tests mostly run programs, not compile them (module comment at the top)."""
+    return run_cli(*args, env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, timeout=timeout)
 
 
 def rel_err(a, b):

@@ -6,10 +6,7 @@ import sys
 
 import jax
 import pytest
-
-
-def run(*args, stdin=None):
-    return subprocess.run([sys.executable, "-m", "qwen_jax.cli", *args], capture_output=True, text=True, input=stdin)
+from conftest import run_cli as run
 
 
 def test_generate_streams_the_same_text_as_the_api(tiny_checkpoint, tmp_path):

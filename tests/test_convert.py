@@ -4,8 +4,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import qwen_jax
-from conftest import make_hf_model, save_hf_checkpoint
+from conftest import make_hf_model, run_cli, save_hf_checkpoint
 from convert import CAST_DTYPES, convert_checkpoint, read_hf_params
 from convert.safetensors_io import SafetensorsFile
 from qwen_jax.cli import main
@@ -161,8 +159,7 @@ def _broken(tmp_path, bf16_checkpoint, how):
 def test_bad_checkpoint_gives_one_line_error_and_no_output(tmp_path, bf16_checkpoint, how, message):
     src = _broken(tmp_path, bf16_checkpoint, how)
     dst = tmp_path / "out"
-    result = subprocess.run([sys.executable, "-m", "qwen_jax.cli", "convert", src, str(dst)], capture_output=True,
-                            text=True)
+    result = run_cli("convert", src, dst)
     err = result.stderr.strip()
     assert result.returncode == 1
     assert len(err.splitlines()) == 1 and err.startswith("qwen-jax: error:") and message in err, err
@@ -265,10 +262,6 @@ def test_reader_matches_the_safetensors_library(bf16_checkpoint):
 # ----------------------------------------------------------------------------- converted folders, damaged
 
 
-def _cli(*argv):
-    return subprocess.run([sys.executable, "-m", "qwen_jax.cli", *argv], capture_output=True, text=True)
-
-
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory, bf16_checkpoint):
     dst = tmp_path_factory.mktemp("converted") / "jax"
@@ -289,7 +282,7 @@ def test_damaged_converted_checkpoint_gives_one_line_error(tmp_path, converted, 
             path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     else:
         shutil.rmtree(folder / "params" / "d")
-    result = _cli("convert", str(folder), str(tmp_path / "out"), "--to", "hf")
+    result = run_cli("convert", str(folder), str(tmp_path / "out"), "--to", "hf")
     err = result.stderr.strip()
     assert result.returncode == 1
     assert len(err.splitlines()) == 1 and err.startswith(f"qwen-jax: error: {folder}: ") and message in err, err

@@ -3,8 +3,6 @@ generation_config.json recommends (``Model.generation_config``, ``qwen-jax gener
 
 import json
 import shutil
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +10,7 @@ import numpy as np
 import pytest
 
 import qwen_jax
+from conftest import run_cli
 from qwen_jax import generation
 from qwen_jax.generation import generate_ids
 from qwen_jax.sampling import Sampling, penalize, sample, seen_in_prompts
@@ -199,10 +198,6 @@ def test_the_model_keeps_a_copy_of_its_generation_config(model):
     assert qwen_jax.Model(model.config, model.params).generation_config == {}
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "qwen_jax.cli", *args], capture_output=True, text=True)
-
-
 def test_cli_generation_config_starts_from_the_file_and_flags_override_it(tiny_checkpoint, tmp_path):
     recommended = dict(QWEN_INSTRUCT, repetition_penalty=1.3)
     folder = _checkpoint_with(tiny_checkpoint, tmp_path, recommended)
@@ -211,11 +206,11 @@ def test_cli_generation_config_starts_from_the_file_and_flags_override_it(tiny_c
     common = ("generate", "--model", folder, "--prompt", "The sky is", "--max-new-tokens", "10", "--dtype", "float32")
     greedy = api.generate("The sky is", max_new_tokens=10, **dict(api.generation_config, temperature=0.0))[0]
     assert greedy != api.generate("The sky is", max_new_tokens=10)[0]           # the file's penalty shows
-    result = _cli(*common, "--generation-config", "--temperature", "0")
+    result = run_cli(*common, "--generation-config", "--temperature", "0")
     assert result.returncode == 0, result.stderr
     assert result.stdout == greedy + "\n"
     sampled = api.generate("The sky is", max_new_tokens=10, seed=3, **api.generation_config)[0]
     assert sampled != greedy                                                   # the file's temperature shows
-    result = _cli(*common, "--generation-config", "--seed", "3")
+    result = run_cli(*common, "--generation-config", "--seed", "3")
     assert result.returncode == 0, result.stderr
     assert result.stdout == sampled + "\n"
