@@ -2,10 +2,9 @@
 compiling, and that a folder it cannot use costs one warning, not the run."""
 
 import os
-import subprocess
-import sys
 
 import pytest
+from conftest import run_cli
 
 from qwen_jax import compile_cache
 
@@ -49,9 +48,8 @@ def test_a_folder_that_cannot_be_made_warns_once_and_stays_off(tmp_path, no_jax_
 def _generate(folder, cache, extra_env=None):
     env = dict(os.environ, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", **(extra_env or {}))
     env[compile_cache.ENV] = cache
-    return subprocess.run([sys.executable, "-m", "qwen_jax.cli", "generate", "--model", folder, "--prompt",
-                           "The sky is", "--max-new-tokens", "6", "--dtype", "float32"],
-                          capture_output=True, text=True, env=env)
+    return run_cli("generate", "--model", folder, "--prompt", "The sky is", "--max-new-tokens", "6", "--dtype",
+                   "float32", env=env)
 
 
 def test_the_second_run_loads_what_the_first_compiled(tiny_checkpoint, tmp_path):

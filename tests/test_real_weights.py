@@ -1,13 +1,11 @@
 """Real pretrained weights (Qwen2.5-Coder-0.5B-Instruct from ../shared/real_models) against transformers."""
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
 
 import qwen_jax
+from conftest import run_cli
 
 TEXT = """The history of computing is longer than the history of computing hardware and modern computing
 technology and includes the history of methods intended for pen and paper or for chalk and slate, with or
@@ -146,9 +144,8 @@ def test_cli_generate_writes_the_transformers_greedy_continuation(real_model_pat
     with torch.no_grad():
         out = hf_model.generate(ids, max_new_tokens=48, do_sample=False)
     expected = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-    result = subprocess.run([sys.executable, "-m", "qwen_jax.cli", "generate", "--model", real_model_path,
-                             "--prompt", prompt, "--max-new-tokens", "48", "--dtype", "float32"],
-                            capture_output=True, text=True)
+    result = run_cli("generate", "--model", real_model_path, "--prompt", prompt, "--max-new-tokens", "48",
+                     "--dtype", "float32")
     assert result.returncode == 0, result.stderr
     print(f"\n{prompt}{result.stdout}")
     assert result.stdout == expected + "\n"
