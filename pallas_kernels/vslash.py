@@ -334,10 +334,25 @@ def allows(sel: Selection, p: int, positions, slots):
     return (band | vert).transpose(0, 2, 1, 3)
 
 
+def allows_in_blocks(sel: Selection, p: int, positions, slots):
+    """``allows`` for rows of consecutive positions (``positions[b, t] = positions[b, 0] + t``; a row that is
+    not, e.g. padding a caller masks out, gets some block's answer): a row's mask depends on it only through
+    its 64-row block (``q0``), so ``allows`` runs once per block that the rows touch and each row takes its
+    block's. Equal to ``allows`` for those rows, at ~1/64 of its work (a 1000-row reference mask: 2.2 -> 0.3 s)."""
+    T = positions.shape[1]
+    n_blocks = -(-T // BAND) + 1                          # T consecutive rows touch at most this many blocks
+    first = (positions[:, :1] // BAND) * BAND
+    starts = first + BAND * jnp.arange(n_blocks, dtype=jnp.int32)[None]                 # [B, n_blocks]
+    which = jnp.clip((positions - first) // BAND, 0, n_blocks - 1)                       # [B, T]
+    per_block = allows(sel, p, starts, slots)                                            # [B, N, n_blocks, S']
+    return jax.vmap(lambda m, w: m[:, w])(per_block, which)
+
+
 def dense_mask(sel: Selection, positions, n_keys: int):
-    """The sparse restriction for every phase: bool [P, B, N, T, n_keys] (the reference's ``restrict``)."""
+    """The sparse restriction for every phase: bool [P, B, N, T, n_keys] (the reference's ``restrict``) for
+    rows of consecutive positions [B, T] (``allows_in_blocks``)."""
     slots = jnp.arange(n_keys, dtype=jnp.int32)
-    return jnp.stack([allows(sel, p, positions, slots) for p in range(sel.dist.shape[3])])
+    return jnp.stack([allows_in_blocks(sel, p, positions, slots) for p in range(sel.dist.shape[3])])
 
 
 def random_selection(rng, shape, seg_begin, seg_end, *, max_dist: int, n_keys: int, empty_head: bool = True):

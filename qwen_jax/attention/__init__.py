@@ -216,7 +216,7 @@ def sparse_tiles(selection: vslash.Selection, q_positions, kv_length, n_keys: in
 
 def _sparse(q, queries, k_cache, v_cache, q_positions, kv_length, scale, mask, spec, selection):
     if spec.impl == "blockwise":
-        restrict = lambda p, pos, slots: vslash.allows(selection, p, pos, slots)  # noqa: E731
+        restrict = lambda p, pos, slots: vslash.allows_in_blocks(selection, p, pos, slots)  # noqa: E731
         out, lse = blockwise_attention(queries, k_cache, v_cache, q_positions, kv_length, scale, mask=mask,
                                        block_q=spec.block_q or 512, block_k=spec.block_k or 512, restrict=restrict)
     else:

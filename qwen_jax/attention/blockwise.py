@@ -11,7 +11,8 @@ Shapes: ``queries`` one q [B, T, N, H] per phase (already rotated); k, v [B, K, 
 ``lse = -inf``.
 
 ``restrict`` (optional) narrows the mask further: ``restrict(phase_index, positions [B, bq], slots [bk])
--> bool [B, N, bq, bk]`` (sparse prefill passes ``pallas_kernels.vslash.allows``).
+-> bool [B, N, bq, bk]`` (sparse prefill passes ``pallas_kernels.vslash.allows_in_blocks``; positions are consecutive
+per row).
 """
 
 from __future__ import annotations
