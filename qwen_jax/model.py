@@ -98,21 +98,25 @@ def _init_boxed(config: QwenConfig, dtype, rng):
 
 
 @functools.lru_cache(maxsize=8)
-def _boxed_abstract(config: QwenConfig, dtype: jnp.dtype):
-    # traced once per (config, dtype): the 14B's 48 layers take ~6 s to trace on a CPU, and a load over a mesh,
-    # the memory planner and ``param_shardings`` each asked for the shapes and the axes (callers map, never mutate)
-    return jax.eval_shape(functools.partial(_init_boxed, config, dtype), jax.random.key(0))
+def _boxed_abstract(config: QwenConfig):
+    # traced once per config: the 14B's 48 layers take ~6 s to trace on a CPU, the 0.5B's 24 ~2.7 s, and a load
+    # (the checkpoint's expected paths, then the placement), a load over a mesh, the memory planner and
+    # ``param_shardings`` each ask for the shapes and the axes (callers map, never mutate). Every parameter is
+    # created in the module's dtype (``layers._param``): float32 here, the dtype asked for set by
+    # ``abstract_params``.
+    return jax.eval_shape(functools.partial(_init_boxed, config, jnp.float32), jax.random.key(0))
 
 
 def logical_axes(config: QwenConfig) -> Any:
     """Pytree (same structure as the params) of logical axis-name tuples, e.g. ("embed", "heads", "head_dim")."""
-    boxed = _boxed_abstract(config, jnp.dtype(jnp.float32))
-    return jax.tree.map(lambda b: tuple(b.names), boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    return jax.tree.map(lambda b: tuple(b.names), _boxed_abstract(config),
+                        is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
 def abstract_params(config: QwenConfig, dtype=jnp.bfloat16) -> Any:
     """Pytree of ``jax.ShapeDtypeStruct``: every parameter's shape and dtype, nothing allocated."""
-    return nn.unbox(_boxed_abstract(config, jnp.dtype(dtype)))
+    dtype = jnp.dtype(dtype)
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), nn.unbox(_boxed_abstract(config)))
 
 
 def param_shardings(config: QwenConfig, mesh) -> Any:

@@ -25,6 +25,27 @@ def test_presets_are_the_published_architectures():
     assert set(PRESETS) >= {"qwen2.5-7b-1m", "qwen2.5-14b-1m"}
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_abstract_params_in_each_dtype_are_what_the_model_creates_in_it(tied):
+    """``abstract_params`` traces a config once (at float32) and sets the dtype asked for: every parameter must
+    be what tracing the model in that dtype creates, same paths, shapes and dtype."""
+    import functools
+
+    import jax.numpy as jnp
+    from flax import linen as nn
+
+    from qwen_jax.config import QwenConfig
+    from qwen_jax.model import _init_boxed
+    config = QwenConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=tied)
+    for dtype in (jnp.bfloat16, jnp.float16, jnp.float32):
+        traced = nn.unbox(jax.eval_shape(functools.partial(_init_boxed, config, jnp.dtype(dtype)), jax.random.key(0)))
+        got = abstract_params(config, dtype)
+        assert jax.tree.structure(got) == jax.tree.structure(traced)
+        assert jax.tree.leaves(got) == jax.tree.leaves(traced), dtype
+        assert {leaf.dtype for leaf in jax.tree.leaves(got)} == {jnp.dtype(dtype)}
+
+
 def test_plan_counts_weights_and_cache_exactly_and_shards_them():
     c = preset_config("qwen2.5-14b-1m")
     one = memory.plan(c, tokens=1 << 20)
