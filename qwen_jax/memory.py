@@ -21,9 +21,9 @@ On a CPU's attention paths (``blockwise``, ``reference``: jnp, whose dots XLA's 
 activations are float32 and the MLP's (gate and up; a float32 model's product too) or attention's (queries per
 phase, output), whichever is larger, besides the residual and the normed input; the workspace holds the layer's
 weights in float32, its K and V widened whole to float32 (sparse: the estimate's keys once more), the updated K
-and V copied once, and the path's own: each phase's picked diagonals and columns for a 512-query block (sparse
-blockwise), or the reference's [T, S] float32 logits per phase, masked logits and probabilities (sparse: each
-phase's mask besides). Against XLA's buffer assignment of the compiled layer program (with every other layer's
+and V copied once, and the path's own: each phase's picked diagonals and columns for the 64-row blocks of a
+512-query block (sparse blockwise; its logits tiles take the estimate's logits block's place), or the reference's
+[T, S] float32 logits per phase, masked logits and probabilities (sparse: each phase's bool mask besides). Against XLA's buffer assignment of the compiled layer program (with every other layer's
 weights and cache resident: 7B and 14B, 32K-1M tokens, chunks of 4K-128K, bf16 and fp8 caches, dense and sparse)
 these counts, the reserve aside, are 0-14% over.
 """
@@ -162,8 +162,9 @@ def plan(config: QwenConfig, *, tokens: int, batch: int = 1, mesh=None, chunk_si
         G = n_segments(Tc, dca.chunk_len)
         budgets = [layer_budgets(dca, i, c.num_attention_heads) for i in range(c.num_hidden_layers)]
         vs, ss = (max(max(getattr(b, kind)) for b in budgets) for kind in ("vertical", "slash"))  # the largest
+        estimate_block = B * N * LAST_Q * 16384 * 4 // n_a         # the estimate's logits of one key block
         workspace = (2 * B * G * N * S * 4 // n_a                  # vertical and slash scores
-                     + B * N * LAST_Q * 16384 * 4 // n_a           # logits of one key block
+                     + estimate_block
                      + 4 * B * N * S * 4 // n_a                     # top-k keys and running counts
                      + 2 * B * G * N * 3 * (S // 64 + 3) * 4 // n_a         # band tables of the index
                      + B * N * (Tc // 64 + 1) * 3 * (vs + 64) // n_a       # keep masks
@@ -186,13 +187,15 @@ def plan(config: QwenConfig, *, tokens: int, batch: int = 1, mesh=None, chunk_si
                       + 2 * kv)
         if attention == "reference":
             # [T, S] float32 tensors of every head: the masked logits, each phase's, the probabilities (sparse: each
-            # phase's mask besides, from int32 [T, S] slots, distances and searched columns)
-            workspace += (phases + 1 + (7 * phases if sparse else 0)) * B * N * Tc * S * 4 // n_a
+            # phase's bool mask besides, made per 64-row block and spread to the rows)
+            workspace += ((phases + 1) * 4 + (phases if sparse else 0)) * B * N * Tc * S // n_a
         elif sparse:
-            # each phase's picked diagonals and columns for the queries of a 512-query block (vslash.allows), made
-            # once per block outside the key loop; the logits tiles
+            # each phase's picked diagonals and columns for the 64-row blocks of a 512-query block
+            # (vslash.allows_in_blocks), made once per block outside the key loop; the logits tiles, in the
+            # estimate's logits block's place (the two are never live together)
             lists = max(sum(list_widths(b, S)) for b in budgets)
-            workspace += (phases * B * min(512, Tc) * N * lists * 4 + tiles) // n_a
+            workspace += ((phases * B * (min(512, Tc) // 64 + 1) * N * lists * 4 + tiles) // n_a
+                          - min(estimate_block, tiles // n_a))
     cache_heads = kv_heads // attention_degree(SimpleNamespace(shape=sizes))
     return MemoryPlan(weights, cache, activations, workspace, capacity, cache_heads, cache_item)
 
