@@ -20,12 +20,13 @@ measured peak next to them.
 On a CPU's attention paths (``blockwise``, ``reference``: jnp, whose dots XLA's CPU backend runs in float32) the
 activations are float32 and the MLP's (gate and up; a float32 model's product too) or attention's (queries per
 phase, output), whichever is larger, besides the residual and the normed input; the workspace holds the layer's
-weights in float32, its K and V widened whole to float32 (sparse: the estimate's keys once more), the updated K
-and V copied once, and the path's own: each phase's picked diagonals and columns for the 64-row blocks of a
-512-query block (sparse blockwise; its logits tiles take the estimate's logits block's place), or the reference's
-[T, S] float32 logits per phase, masked logits and probabilities (sparse: each phase's bool mask besides). Against XLA's buffer assignment of the compiled layer program (with every other layer's
-weights and cache resident: 7B and 14B, 32K-1M tokens, chunks of 4K-128K, bf16 and fp8 caches, dense and sparse)
-these counts, the reserve aside, are 0-14% over.
+weights in float32, its K and V widened whole to float32 (sparse: the estimate's keys once more), the updated K and
+V copied once, and the path's own: each phase's picked diagonals and columns for the 64-row blocks of a 512-query
+block (sparse blockwise; its logits tiles take the estimate's logits block's place), or the reference's [T, S]
+float32 logits per phase, masked logits and probabilities (sparse: each phase's bool mask besides). Against XLA's
+buffer assignment of the compiled layer program (with every other layer's weights and cache resident: 7B and 14B,
+32K-1M tokens, chunks of 4K-128K, bf16 and fp8 caches, dense and sparse) these counts, the reserve aside, are 0-14%
+over.
 """
 
 from __future__ import annotations
