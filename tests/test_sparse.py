@@ -191,7 +191,8 @@ def test_sparse_prefill_through_the_kernels_with_jax_enable_x64_equals_it_withou
     int64 and failed to trace (``lax.div requires arguments to have the same dtypes``); on a GPU, every decode step."""
     import qwen_jax
     from qwen_jax.attention import AttentionSpec
-    tokens = np.random.default_rng(9).integers(0, 1000, (1, 320))
+    # two whole chunks, over three DCA chunks: one program a kernel (a shorter last chunk compiles a second; 64 -> 40 s)
+    tokens = np.random.default_rng(9).integers(0, 1000, (1, 384))
     cfg = dict(DCA_TINY, sparse_attention_enabled=True, sparse_attention_threshold=0,
                sparse_attention_config=budgets_json(2, 4, 30, 50))
     base = qwen_jax.load(tiny_checkpoint[0], dtype="float32", dual_chunk_attention_config=cfg, prefill_chunk_size=192)
