@@ -76,9 +76,11 @@ def read_hf_params(folder: str, config: QwenConfig, *, dtype=None,
     out = []
     for key, rule, path in _progress(todo, "reading weights", progress):
         array = rule.to_jax(checkpoint.read(key), config)
-        if dtype is not None:
-            array = array.astype(dtype)
+        # laid out row-major in the stored dtype, then cast: numpy casts a transposed bfloat16 kernel to float32
+        # 2-15x slower than a row-major one (the real 0.5B's load: 3.5 -> 0.9 s of casting)
         array = np.ascontiguousarray(array)
+        if dtype is not None:
+            array = array.astype(dtype, copy=False)
         out.append((path, place(path, array) if place is not None else array))
     return keymap.unflatten(out)
 

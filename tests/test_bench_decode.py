@@ -9,14 +9,16 @@ from qwen_jax.cli import main
 
 
 def test_bench_decode_times_each_kernel_on_the_same_cache(tmp_path, capfd):
+    # one context (each compiles its own prefill and four decode steps: 94 s with a second, 1536), past the DCA
+    # chunk's 1792 keys and not a whole number of key blocks
     out = tmp_path / "decode.json"
-    assert main(["bench", "decode", "--config", "tiny-1m", "--random-weights", "--context", "1536,3000",
+    assert main(["bench", "decode", "--config", "tiny-1m", "--random-weights", "--context", "3000",
                  "--kernels", "auto,triton,xla,blockwise", "--steps", "2", "--batch", "2", "--kv-cache-dtype", "fp8",
                  "--interpret", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     rows = report["rows"]
     assert [(r["context"], r["kernel"]) for r in rows] == [
-        (L, k) for L in (1536, 3000) for k in ("auto", "triton", "xla", "blockwise")]
+        (3000, k) for k in ("auto", "triton", "xla", "blockwise")]
     for r in rows:
         assert r["ms/token"] > 0 and r["tokens/s"] > 0 and r["kv cache"] == "float8_e4m3fn" and r["batch"] == 2
         # a step reads the weights but of the untied [1024, 128] bf16 embedding table only its batch's 2 rows (it
@@ -24,8 +26,8 @@ def test_bench_decode_times_each_kernel_on_the_same_cache(tmp_path, capfd):
         assert r["bytes read per device"] == (report["params bytes"] - (1024 - 2) * 128 * 2
                                               + 2 * 2 * (2 * 2 * r["context"] * 32))
         assert len(r["first tokens"]) == 2
-    for L in (1536, 3000):      # the split-key kernel, the prefill kernel and the jnp paths pick the same tokens
-        assert len({json.dumps(r["first tokens"]) for r in rows if r["context"] == L}) == 1
+    # the split-key kernel, the prefill kernel and the jnp paths pick the same tokens
+    assert len({json.dumps(r["first tokens"]) for r in rows}) == 1
     assert "disagree" not in capfd.readouterr().err
 
 

@@ -27,23 +27,31 @@ def test_presets_are_the_published_architectures():
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_abstract_params_in_each_dtype_are_what_the_model_creates_in_it(tied):
-    """``abstract_params`` traces a config once (at float32) and sets the dtype asked for: every parameter must
-    be what tracing the model in that dtype creates, same paths, shapes and dtype."""
+    """``abstract_params`` traces a config once (at float32, one decoder layer, repeated) and sets the dtype asked
+    for: every parameter must be what tracing the whole model in that dtype creates, same paths, shapes, dtype and
+    logical axes, with DCA and per-layer sparse budgets in the config too."""
     import functools
 
     import jax.numpy as jnp
     from flax import linen as nn
 
-    from qwen_jax.config import QwenConfig
-    from qwen_jax.model import _init_boxed
-    config = QwenConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=tied)
+    from qwen_jax.config import DCAConfig, QwenConfig, _freeze
+    from qwen_jax.model import _init_boxed, logical_axes
+    budgets = _freeze([{str(h): ["vertical_and_slash", 64, 128, 0.9] for h in range(4)}] * 3)
+    dca = DCAConfig(chunk_size=192, local_size=64, sparse_attention_enabled=True, sparse_attention_config=budgets)
+    config = QwenConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=tied,
+                        dual_chunk_attention_config=dca)
     for dtype in (jnp.bfloat16, jnp.float16, jnp.float32):
-        traced = nn.unbox(jax.eval_shape(functools.partial(_init_boxed, config, jnp.dtype(dtype)), jax.random.key(0)))
+        boxed = jax.eval_shape(functools.partial(_init_boxed, config, jnp.dtype(dtype)), jax.random.key(0))
+        traced = nn.unbox(boxed)
         got = abstract_params(config, dtype)
+        assert list(got) == list(traced) and len([name for name in got if name.startswith("layers_")]) == 3
         assert jax.tree.structure(got) == jax.tree.structure(traced)
         assert jax.tree.leaves(got) == jax.tree.leaves(traced), dtype
         assert {leaf.dtype for leaf in jax.tree.leaves(got)} == {jnp.dtype(dtype)}
+    names = jax.tree.map(lambda b: tuple(b.names), boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    assert logical_axes(config) == names
 
 
 def test_plan_counts_weights_and_cache_exactly_and_shards_them():
