@@ -79,26 +79,33 @@ def uneven_checkpoint(tmp_path_factory):
     return save_hf_checkpoint(model, tmp_path_factory.mktemp("uneven") / "hf")
 
 
-@pytest.mark.parametrize("mesh", ["seq=8", "seq=4,tensor=2"])
-def test_heads_that_do_not_split_are_padded_and_equal_one_device(uneven_checkpoint, mesh):
+def _run_uneven(checkpoint, mesh=None):
+    """(model, logits of a 389-token prompt, 6 greedy tokens after a 203-token one), DCA and sparse prefill."""
     import qwen_jax
-    from qwen_jax.attention.parallel import attention_heads, pad_per_head
     from qwen_jax.generation import generate_ids
     rng = np.random.default_rng(13)
     tokens, prompt = rng.integers(0, 1000, (1, 389)), [list(rng.integers(0, 1000, 203))]
     cfg = dict(DCA, sparse_attention_enabled=True, sparse_attention_threshold=0, sparse_attention_config=budgets(2, 6))
+    model = qwen_jax.load(checkpoint, dtype="float32", mesh=mesh, dual_chunk_attention_config=cfg,
+                          prefill_chunk_size=128)
+    ids = generate_ids(model.params, model.config, prompt, max_new_tokens=6, spec=model.attention,
+                       prefill_chunk_size=128)
+    return model, model.logits(tokens), ids
 
-    def run(mesh=None):
-        model = qwen_jax.load(uneven_checkpoint, dtype="float32", mesh=mesh, dual_chunk_attention_config=cfg,
-                              prefill_chunk_size=128)
-        ids = generate_ids(model.params, model.config, prompt, max_new_tokens=6, spec=model.attention,
-                           prefill_chunk_size=128)
-        return model, model.logits(tokens), ids
 
-    _, ref, ref_ids = run()
+@pytest.fixture(scope="module")
+def uneven_reference(uneven_checkpoint):
+    """The one-device run, once for both meshes."""
+    return _run_uneven(uneven_checkpoint)[1:]
+
+
+@pytest.mark.parametrize("mesh", ["seq=8", "seq=4,tensor=2"])
+def test_heads_that_do_not_split_are_padded_and_equal_one_device(uneven_checkpoint, uneven_reference, mesh):
+    from qwen_jax.attention.parallel import attention_heads, pad_per_head
+    ref, ref_ids = uneven_reference
     with pytest.warns(UserWarning, match=r"6 attention heads do not split over tensor x seq = 8 devices: attention "
                                          r"runs 8 heads, zero heads padding each kv group \(33% more attention work\)"):
-        model, got, ids = run(mesh)
+        model, got, ids = _run_uneven(uneven_checkpoint, mesh)
     assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
     assert ids == ref_ids
     assert attention_heads(model.config, model.attention.mesh) == 8
