@@ -1,6 +1,8 @@
 """Shared fixtures: tiny HF checkpoints written by transformers (the oracle), and the real 0.5B model."""
 
 import os
+import subprocess
+import sys
 
 # 8 simulated CPU devices for mesh tests; must be set before jax initialises its backends. XLA's CPU compiler at
 # its lowest optimisation level and with its loop emitters instead of the fusion emitters: the suite spends most
@@ -9,8 +11,22 @@ import os
 # work is running, not compiling (a real 0.5B passkey prompt: 12 -> 36 s): test_dca_real.py and test_demo.py run
 # their commands in processes of their own with XLA's defaults. The programs compute the same values, within the
 # tests' tolerances; the GPU runs and the benchmarks keep XLA's defaults.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
-                                   "--xla_cpu_use_fusion_emitters=false")
+
+
+def _xla_knows(flag: str) -> bool:
+    """Whether this jaxlib's XLA takes ``flag``: an unknown flag in XLA_FLAGS aborts the process at its first backend,
+    and inside a test pytest has its output (jaxlib 0.11 has no ``--xla_cpu_use_fusion_emitters``: the suite ended
+    after one test, printing nothing, exit status 1). Asked once, in a process of its own (~1.5 s); pytest-xdist's
+    workers and the tests' subprocesses inherit the answer in XLA_FLAGS."""
+    env = dict(os.environ, XLA_FLAGS=flag, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], env=env, capture_output=True,
+                          timeout=120).returncode == 0
+
+
+if "XLA_FLAGS" not in os.environ:
+    _emitters = "--xla_cpu_use_fusion_emitters=false"
+    os.environ["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+                               + (f" {_emitters}" if _xla_knows(_emitters) else ""))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # the command line caches compiled programs under ~/.cache by default; tests run without (test_compile_cache.py
 # turns it on in folders of its own)
@@ -18,8 +34,6 @@ os.environ.setdefault("QWEN_JAX_COMPILE_CACHE", "off")
 
 import json  # noqa: E402
 import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 import tempfile  # noqa: E402
 
 import numpy as np  # noqa: E402
