@@ -51,7 +51,7 @@ def test_a_cache_made_on_another_device_than_the_parameters_is_moved_to_them(mod
     """``init_cache`` commits its buffers to JAX's default device (one program makes them all); parameters
     committed elsewhere take the cache there (prefill's ``placed_like``) and give the same logits."""
     from qwen_jax.cache import init_cache
-    other = jax.devices()[1]
+    other = (jax.devices() + jax.devices("cpu"))[1]            # a one-GPU host: a CPU device
     with jax.default_device(other):
         cache = init_cache(model.config, 1, 128, jnp.float32)
     assert {x.devices().pop() for x in cache.k + cache.v} == {other} and all(x.committed for x in cache.k)

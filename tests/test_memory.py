@@ -195,7 +195,8 @@ def test_decode_on_a_cpu_counts_the_float32_copies_of_narrower_weights_and_an_8b
     ("qwen2.5-7b-1m", "blockwise", True, 1 << 16, 4096, "float8_e4m3fn"),  # tiny, before: 0.07 of 0.26
     ("tiny-1m", "reference", True, 1 << 16, 2048, "bfloat16"),   # before: 0.07 of 45.3 ([T, S] masks and logits)
 ])
-def test_plan_covers_a_cpu_prefill_chunk_as_xla_compiles_it(preset, attention, sparse, tokens, chunk, cache):
+def test_plan_covers_a_cpu_prefill_chunk_as_xla_compiles_it(preset, attention, sparse, tokens, chunk, cache,
+                                                            monkeypatch):
     """On a CPU the jnp attention paths hold what the GPU kernels do not: float32 copies of the layer's weights and
     of its whole K and V (XLA's CPU dots read float32), the updated K and V copied once, the reference's [T, S]
     tensors. One layer's program of a prefill chunk (compiled for the CPU from abstract shapes) runs
@@ -210,6 +211,8 @@ def test_plan_covers_a_cpu_prefill_chunk_as_xla_compiles_it(preset, attention, s
     from qwen_jax.cache import cache_length
     from qwen_jax.model import _layer_step, program_layers
 
+    # what a CPU host picks where the paths ask the backend (on a GPU host the estimate would be its Triton kernel)
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
     config = mode_config(preset_config(preset), "sparse" if sparse else "dense")
     assert set(program_layers(config)) == {0}                      # every layer runs layer 0's program
     cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
