@@ -9,8 +9,8 @@ from qwen_jax.cli import main
 
 
 def test_bench_decode_times_each_kernel_on_the_same_cache(tmp_path, capfd):
-    # one context (each compiles its own prefill and four decode steps: 94 s with a second, 1536), past the DCA
-    # chunk's 1792 keys and not a whole number of key blocks
+    # one context (each compiles its own cache fill and four kernels' decode steps: 94 s with a second, 1536), past
+    # the DCA chunk's 1792 keys and not a whole number of key blocks
     out = tmp_path / "decode.json"
     assert main(["bench", "decode", "--config", "tiny-1m", "--random-weights", "--context", "3000",
                  "--kernels", "auto,triton,xla,blockwise", "--steps", "2", "--batch", "2", "--kv-cache-dtype", "fp8",
